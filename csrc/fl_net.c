@@ -1,0 +1,293 @@
+/* fastlisten: accept batches, wait-with-wakeup, TCP_INFO.  See fl_net.h. */
+#define _GNU_SOURCE
+#include "fl_net.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <string.h>
+#include <unistd.h>
+#include <netinet/tcp.h>
+#ifdef __linux__
+#include <sys/eventfd.h>
+#endif
+
+int
+fl_accept_error_class(int err)
+{
+    switch (err) {
+    case ECONNABORTED:
+    case ECONNRESET:
+#ifdef EPROTO
+    case EPROTO:
+#endif
+    case EPERM:        /* firewall rules (Linux accept(2)) */
+    case ETIMEDOUT:
+    /* accept(2): pending network errors passed on by Linux "should be
+     * treated like EAGAIN by retrying" */
+    case ENETDOWN:
+    case ENOPROTOOPT:
+    case EHOSTDOWN:
+#ifdef ENONET
+    case ENONET:
+#endif
+    case EHOSTUNREACH:
+    case EOPNOTSUPP:
+    case ENETUNREACH:
+        return FL_ERR_IGNORE;
+    case EMFILE:
+    case ENFILE:
+    case ENOBUFS:
+    case ENOMEM:
+        return FL_ERR_CAPACITY;
+    case EBADF:
+    case EINVAL:       /* not listening any more */
+    case ENOTSOCK:
+        return FL_ERR_CLOSED;
+    default:
+        return FL_ERR_OTHER;
+    }
+}
+
+int
+fl_socket(int family, int type, int proto)
+{
+    int fd;
+#ifdef SOCK_CLOEXEC
+    fd = socket(family, type | SOCK_CLOEXEC, proto);
+    if (fd >= 0 || errno != EINVAL)
+        return fd;
+    /* a kernel older than 2.6.27 rejects the flag: fall through */
+#endif
+    fd = socket(family, type, proto);
+    if (fd >= 0 && fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+int
+fl_set_nonblocking(int fd, int on)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0)
+        return -1;
+    flags = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
+    return fcntl(fd, F_SETFL, flags);
+}
+
+/* Accepted descriptors are close-on-exec and *blocking*: a socket.socket
+ * built on one then behaves like the stdlib's accept() result (timeout None,
+ * or the default timeout, which socket.socket applies itself). */
+int
+fl_accept4(int lfd, struct sockaddr *addr, socklen_t *addrlen)
+{
+    int fd;
+#if defined(__linux__) && defined(SOCK_CLOEXEC)
+    static int have_accept4 = 1;   /* racy but idempotent: only ever 1 -> 0 */
+    if (have_accept4) {
+        fd = accept4(lfd, addr, addrlen, SOCK_CLOEXEC);
+        if (fd >= 0 || errno != ENOSYS)
+            return fd;
+        have_accept4 = 0;          /* as CPython does: remember ENOSYS */
+    }
+#endif
+    fd = accept(lfd, addr, addrlen);
+    if (fd >= 0 && fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+int
+fl_wakeup_open(int *rfd, int *wfd)
+{
+#ifdef __linux__
+    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd >= 0) {
+        *rfd = *wfd = fd;
+        return 0;
+    }
+#endif
+    int p[2];
+    if (pipe(p) < 0)
+        return -1;
+    for (int i = 0; i < 2; i++) {
+        if (fcntl(p[i], F_SETFD, FD_CLOEXEC) < 0 || fl_set_nonblocking(p[i], 1) < 0) {
+            int saved = errno;
+            close(p[0]);
+            close(p[1]);
+            errno = saved;
+            return -1;
+        }
+    }
+    *rfd = p[0];
+    *wfd = p[1];
+    return 0;
+}
+
+/* Async-signal-safe; EAGAIN means a wake-up is already pending, which is
+ * just as good. */
+int
+fl_wakeup_signal(int wfd)
+{
+    unsigned long long one = 1;
+    ssize_t n;
+    do {
+        n = write(wfd, &one, sizeof one);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && errno != EAGAIN)
+        return -1;
+    return 0;
+}
+
+void
+fl_wakeup_drain(int rfd)
+{
+    char buf[64];
+    ssize_t n;
+    do {
+        n = read(rfd, buf, sizeof buf);
+    } while (n > 0 || (n < 0 && errno == EINTR));
+}
+
+static void
+fl_count_error(fl_stats *st, int err)
+{
+    if (err < 0 || err >= FL_ERRNO_SLOTS)
+        err = FL_ERRNO_SLOTS - 1;
+    st->errors[err]++;
+}
+
+/* Contract: called WITHOUT the GIL; touches no Python object.
+ * lfd must be non-blocking.  Waits until lfd or wfd is readable or
+ * timeout_ms passes (-1: forever), then accepts up to max connections into
+ * out[] until EAGAIN.  Returns how many are in out[] (the caller owns those
+ * descriptors).  *status says why the wait ended (FL_WAIT_*).  *err is 0, or
+ * the errno that ended the batch early: a capacity, closed or other-class
+ * error (ignorable ones are counted in st and skipped).  EINTR from poll()
+ * is reported as FL_WAIT_EINTR so the caller can run signal handlers with
+ * the GIL and call again with the remaining time. */
+int
+fl_wait_accept(int lfd, int wfd, int timeout_ms, fl_conn *out, int max,
+               fl_stats *st, int *status, int *err)
+{
+    struct pollfd pfd[2];
+    int n = 0, r;
+
+    *err = 0;
+    pfd[0].fd = lfd;
+    pfd[0].events = POLLIN;
+    pfd[0].revents = 0;
+    pfd[1].fd = wfd;
+    pfd[1].events = POLLIN;
+    pfd[1].revents = 0;
+
+    r = poll(pfd, 2, timeout_ms);
+    if (r < 0) {
+        if (errno == EINTR) {
+            *status = FL_WAIT_EINTR;
+            return 0;
+        }
+        *status = FL_WAIT_READY;
+        *err = errno;
+        return 0;
+    }
+    if (r == 0) {
+        *status = FL_WAIT_TIMEOUT;
+        return 0;
+    }
+    if (pfd[1].revents) {
+        /* a wake-up wins over pending connections: shutdown() means no
+         * more accepts */
+        fl_wakeup_drain(wfd);
+        *status = FL_WAIT_WOKEN;
+        return 0;
+    }
+    *status = FL_WAIT_READY;
+    if (pfd[0].revents & POLLNVAL) {
+        *err = EBADF;
+        return 0;
+    }
+
+    while (n < max) {
+        fl_conn *c = &out[n];
+        c->addrlen = sizeof c->addr;
+        int fd = fl_accept4(lfd, (struct sockaddr *)&c->addr, &c->addrlen);
+        if (fd >= 0) {
+            c->fd = fd;
+            n++;
+            continue;
+        }
+        int e = errno;
+        if (e == EAGAIN || e == EWOULDBLOCK)
+            break;
+        if (e == EINTR)
+            continue;
+        fl_count_error(st, e);
+        if (fl_accept_error_class(e) == FL_ERR_IGNORE)
+            continue;
+        if (fl_accept_error_class(e) == FL_ERR_CAPACITY) {
+            st->last_capacity_errno = e;
+            if (!st->in_capacity_episode) {
+                st->in_capacity_episode = 1;
+                st->capacity_episodes++;
+            }
+        }
+        *err = e;
+        break;
+    }
+    if (n > 0) {
+        st->accepted += (unsigned long long)n;
+        st->batches++;
+        if ((unsigned long long)n > st->max_batch)
+            st->max_batch = (unsigned long long)n;
+        if (*err == 0)
+            st->in_capacity_episode = 0;
+    }
+    return n;
+}
+
+/* Contract: called WITHOUT the GIL.  After a capacity error the pending
+ * connection stays queued and the listener stays readable, so polling it
+ * again would spin.  Sleep on the wake-up descriptor alone instead, so that
+ * a shutdown still ends the pause at once.  errno is preserved. */
+void
+fl_capacity_backoff(int wfd, int ms)
+{
+    int saved = errno;
+    struct pollfd pfd;
+    pfd.fd = wfd;
+    pfd.events = POLLIN;
+    pfd.revents = 0;
+    (void)poll(&pfd, 1, ms);   /* EINTR just ends the pause early */
+    errno = saved;
+}
+
+/* The accept queue of a listening TCP socket, as `ss -lnt` shows it:
+ * tcpi_unacked is the number queued now, tcpi_sacked the effective backlog.
+ * Returns -1 with errno ENOPROTOOPT where TCP_INFO does not exist. */
+int
+fl_tcp_queue(int fd, unsigned int *queued, unsigned int *backlog)
+{
+#if defined(__linux__) && defined(TCP_INFO)
+    struct tcp_info info;
+    socklen_t len = sizeof info;
+    memset(&info, 0, sizeof info);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) < 0)
+        return -1;
+    *queued = info.tcpi_unacked;
+    *backlog = info.tcpi_sacked;
+    return 0;
+#else
+    (void)fd; (void)queued; (void)backlog;
+    errno = ENOPROTOOPT;
+    return -1;
+#endif
+}

@@ -1,0 +1,66 @@
+/* fastlisten: the small portable C under the Cython core.
+ *
+ * Everything here is plain POSIX/Linux C that runs without the GIL and
+ * never touches a Python object.  Feature probes and platform differences
+ * (#ifdef) live here and nowhere else.  Every function reports failure the
+ * way the kernel does: -1 with errno set (or an errno value in *err), never
+ * by printing.
+ */
+#ifndef FL_NET_H
+#define FL_NET_H
+
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+
+/* errno values above this are counted in the last slot. */
+#define FL_ERRNO_SLOTS 160
+
+typedef struct {
+    unsigned long long accepted;      /* connections handed to the caller */
+    unsigned long long batches;       /* wake-ups that yielded >= 1 connection */
+    unsigned long long max_batch;     /* largest such batch */
+    unsigned long long capacity_episodes; /* runs of EMFILE/ENFILE/ENOBUFS/ENOMEM */
+    int in_capacity_episode;
+    int last_capacity_errno;
+    unsigned long long errors[FL_ERRNO_SLOTS]; /* accept errors by errno */
+} fl_stats;
+
+typedef struct {
+    int fd;
+    socklen_t addrlen;
+    struct sockaddr_storage addr;
+} fl_conn;
+
+/* How an accept() error should be treated (trio's classes). */
+enum {
+    FL_ERR_IGNORE = 0,   /* the peer gave up before we got to it: go on */
+    FL_ERR_CAPACITY = 1, /* out of descriptors or memory: back off, never spin */
+    FL_ERR_CLOSED = 2,   /* the listener is gone: stop */
+    FL_ERR_OTHER = 3     /* anything else: raise */
+};
+int fl_accept_error_class(int err);
+
+/* Results of fl_wait_accept besides the count. */
+enum {
+    FL_WAIT_READY = 0,    /* the listener was readable; the batch was drained */
+    FL_WAIT_TIMEOUT = 1,
+    FL_WAIT_WOKEN = 2,    /* the wake-up descriptor fired (and was drained) */
+    FL_WAIT_EINTR = 3     /* poll() was interrupted by a signal: run handlers, retry */
+};
+
+int fl_socket(int family, int type, int proto);
+int fl_set_nonblocking(int fd, int on);
+int fl_accept4(int lfd, struct sockaddr *addr, socklen_t *addrlen);
+
+int fl_wakeup_open(int *rfd, int *wfd);
+int fl_wakeup_signal(int wfd);
+void fl_wakeup_drain(int rfd);
+
+int fl_wait_accept(int lfd, int wfd, int timeout_ms, fl_conn *out, int max,
+                   fl_stats *st, int *status, int *err);
+void fl_capacity_backoff(int wfd, int ms);
+
+int fl_tcp_queue(int fd, unsigned int *queued, unsigned int *backlog);
+
+#endif

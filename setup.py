@@ -1,0 +1,61 @@
+"""Build fastlisten's one extension, fastlisten._core, from .pyx at install time.
+
+The extension is optional only where it cannot be built (no compiler, a
+platform the C does not support): then the package installs with its
+pure-Python core and says so.  FASTLISTEN_REQUIRE_EXTENSION=1 turns that
+fallback into a build failure (CI uses it).
+"""
+import glob
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class optional_build_ext(build_ext):
+    """build_ext that falls back to the pure-Python core on failure."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any build failure
+            self._fallback(exc)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            self._fallback(exc)
+
+    def _fallback(self, exc):
+        if os.environ.get("FASTLISTEN_REQUIRE_EXTENSION") == "1":
+            raise exc
+        sys.stderr.write(
+            f"WARNING: fastlisten._core could not be built ({exc}); "
+            "installing the pure-Python core (fastlisten.compiled is False).\n")
+
+
+def extensions():
+    if os.environ.get("FASTLISTEN_NO_EXTENSIONS") == "1" or not sys.platform.startswith("linux"):
+        return []
+    from Cython.Build import cythonize
+
+    debug = os.environ.get("FASTLISTEN_DEBUG") == "1"
+    directives = {"language_level": "3", "embedsignature": True}
+    macros = []
+    if debug:
+        directives.update(linetrace=True, profile=True)
+        macros.append(("CYTHON_TRACE_NOGIL", "1"))
+    ext = Extension(
+        "fastlisten._core",
+        sources=["src/fastlisten/_core.pyx"] + sorted(glob.glob("csrc/*.c")),
+        include_dirs=["csrc"],
+        define_macros=macros,
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    )
+    return cythonize([ext], compiler_directives=directives,
+                     include_path=["src"], annotate=debug)
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": optional_build_ext})

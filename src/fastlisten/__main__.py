@@ -1,0 +1,5 @@
+import sys
+
+from fastlisten.cli import main
+
+sys.exit(main())

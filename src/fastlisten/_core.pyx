@@ -1,0 +1,411 @@
+# cython: language_level=3, embedsignature=True
+"""The compiled core of fastlisten.
+
+It owns listening descriptors and makes the socket, bind, listen and
+accept4 system calls itself.  ``accept_many`` waits on the listener and a
+wake-up descriptor and then drains the accept queue in a single stretch
+without the GIL, so the GIL is taken once per batch, not once per connection.
+
+This module knows descriptors, addresses, errno and batches; it knows
+nothing of servers, handlers or configuration (that is the Python layer).
+``fastlisten._corepy`` is its pure-Python twin with the same API.
+"""
+
+cimport cython
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memset, memcpy, strlen
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+
+from fastlisten.includes.system cimport (
+    sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6, sockaddr_un,
+    socklen_t, AF_INET, AF_INET6, AF_UNIX, INET6_ADDRSTRLEN,
+    bind as c_bind, listen as c_listen, getsockname as c_getsockname,
+    setsockopt as c_setsockopt, getsockopt as c_getsockopt,
+    htons, ntohs, ntohl, htonl, inet_pton, inet_ntop, close as c_close,
+    errno, EBADF, EINTR, EINVAL,
+)
+from fastlisten.includes.fl_net cimport (
+    fl_stats, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
+    fl_wakeup_signal, fl_wakeup_drain, fl_wait_accept, fl_capacity_backoff,
+    fl_tcp_queue, fl_accept_error_class, FL_ERRNO_SLOTS,
+    FL_ERR_CAPACITY, FL_ERR_CLOSED, FL_ERR_IGNORE,
+    FL_WAIT_EINTR, FL_WAIT_WOKEN, FL_WAIT_TIMEOUT,
+)
+
+import os as _os
+import socket as _socket
+from time import monotonic as _monotonic
+
+from fastlisten._coreshared import (
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, check_max, timeout_ms, remaining,
+    closed_error, decode_unix_path, encode_unix_path,
+)
+
+cdef object _socket_class = _socket.socket
+cdef int _SOCK_STREAM = _socket.SOCK_STREAM
+
+
+cdef int _raise_errno(int err) except -1:
+    """Raise the OSError subclass the stdlib would raise for err."""
+    errno = err
+    PyErr_SetFromErrno(OSError)
+    return -1
+
+
+cdef object _addr_to_py(const sockaddr_storage *ss, socklen_t addrlen):
+    """A sockaddr as the stdlib's socket module reports it."""
+    cdef char buf[64]
+    cdef const sockaddr_in *sin
+    cdef const sockaddr_in6 *sin6
+    cdef const sockaddr_un *sun
+    cdef Py_ssize_t n
+    if ss.ss_family == AF_INET:
+        sin = <const sockaddr_in *>ss
+        inet_ntop(AF_INET, &sin.sin_addr, buf, sizeof(buf))
+        return (buf.decode('ascii'), ntohs(sin.sin_port))
+    if ss.ss_family == AF_INET6:
+        sin6 = <const sockaddr_in6 *>ss
+        inet_ntop(AF_INET6, &sin6.sin6_addr, buf, sizeof(buf))
+        return (buf.decode('ascii'), ntohs(sin6.sin6_port),
+                ntohl(sin6.sin6_flowinfo), sin6.sin6_scope_id)
+    if ss.ss_family == AF_UNIX:
+        sun = <const sockaddr_un *>ss
+        n = <Py_ssize_t>addrlen - <Py_ssize_t>(<char *>sun.sun_path - <char *>sun)
+        if n <= 0:
+            return ''
+        return decode_unix_path(sun.sun_path[:n])
+    return (ss.ss_family, b'')
+
+
+cdef int _addr_from_py(int family, object address, sockaddr_storage *ss,
+                       socklen_t *addrlen) except -1:
+    """Fill ss from a *numeric* address; the Python layer resolves names."""
+    cdef sockaddr_in *sin
+    cdef sockaddr_in6 *sin6
+    cdef sockaddr_un *sun
+    cdef bytes raw
+    memset(ss, 0, sizeof(sockaddr_storage))
+    if family == AF_INET or family == AF_INET6:
+        if not isinstance(address, tuple) or len(address) < 2:
+            raise TypeError(
+                f"an AF_INET{'6' if family == AF_INET6 else ''} address must be "
+                f"a (host, port) tuple, not {address!r}")
+        host = address[0]
+        port = address[1]
+        if not isinstance(port, int):
+            raise TypeError(f"port must be an int, not {type(port).__name__}: {port!r}")
+        if not 0 <= port <= 65535:
+            raise OverflowError(f"port must be 0-65535, not {port}")
+        raw = host.encode('ascii') if isinstance(host, str) else bytes(host)
+    if family == AF_INET:
+        sin = <sockaddr_in *>ss
+        sin.sin_family = AF_INET
+        sin.sin_port = htons(<unsigned short>port)
+        if inet_pton(AF_INET, raw, &sin.sin_addr) != 1:
+            raise ValueError(f"not a numeric IPv4 address: {host!r}")
+        addrlen[0] = sizeof(sockaddr_in)
+    elif family == AF_INET6:
+        if len(address) > 4:
+            raise TypeError(f"an AF_INET6 address has at most 4 items, not {address!r}")
+        sin6 = <sockaddr_in6 *>ss
+        sin6.sin6_family = AF_INET6
+        sin6.sin6_port = htons(<unsigned short>port)
+        sin6.sin6_flowinfo = htonl(address[2] if len(address) > 2 else 0)
+        sin6.sin6_scope_id = address[3] if len(address) > 3 else 0
+        if inet_pton(AF_INET6, raw, &sin6.sin6_addr) != 1:
+            raise ValueError(f"not a numeric IPv6 address: {host!r}")
+        addrlen[0] = sizeof(sockaddr_in6)
+    elif family == AF_UNIX:
+        raw = encode_unix_path(address)
+        sun = <sockaddr_un *>ss
+        if len(raw) > sizeof(sun.sun_path):
+            raise OSError(EINVAL, f"AF_UNIX path too long ({len(raw)} bytes, "
+                                  f"the limit is {sizeof(sun.sun_path)}): {address!r}")
+        sun.sun_family = AF_UNIX
+        memcpy(sun.sun_path, <char *>raw, len(raw))
+        addrlen[0] = <socklen_t>(<char *>sun.sun_path - <char *>sun) + len(raw)
+    else:
+        raise OSError(97, f"unsupported address family: {family!r}")  # EAFNOSUPPORT
+    return 0
+
+
+@cython.final
+cdef class RawListener:
+    """A listening socket's descriptor, owned by the core.
+
+    RawListener(family=AF_INET, type=SOCK_STREAM, proto=0, fileno=None, owned=True)
+
+    With ``fileno`` it adopts an existing socket instead of creating one;
+    ``owned=False`` leaves that descriptor open on ``close()`` (its owner,
+    say a ``socket.socket``, closes it).  The descriptor is made
+    non-blocking: ``accept_many`` relies on EAGAIN to end a batch.
+    """
+    cdef int _fd
+    cdef int _wake_r
+    cdef int _wake_w
+    cdef bint _owned
+    cdef int _busy              # accept_many calls in flight (GIL released)
+    cdef bint _close_pending    # close() asked while busy: the last one closes
+    cdef readonly int family
+    cdef readonly int type
+    cdef readonly int proto
+    cdef fl_stats _st
+    cdef fl_conn *_conns
+    cdef int _nconns
+    cdef int _backoff_ms
+
+    def __cinit__(self):
+        self._fd = -1
+        self._wake_r = -1
+        self._wake_w = -1
+        self._conns = NULL
+
+    def __init__(self, int family=AF_INET, int type=_SOCK_STREAM, int proto=0,
+                 fileno=None, *, bint owned=True):
+        cdef int fd
+        memset(&self._st, 0, sizeof(fl_stats))
+        self.family = family
+        self.type = type
+        self.proto = proto
+        self._owned = owned
+        self._backoff_ms = BACKOFF_FIRST_MS
+        if fl_wakeup_open(&self._wake_r, &self._wake_w) < 0:
+            PyErr_SetFromErrno(OSError)
+        if fileno is None:
+            fd = fl_socket(family, type, proto)
+            if fd < 0:
+                self._close_wakeup()
+                PyErr_SetFromErrno(OSError)
+            self._owned = True
+        else:
+            fd = fileno
+            if fd < 0:
+                self._close_wakeup()
+                raise ValueError(f"negative file descriptor: {fd}")
+        self._fd = fd
+        if fl_set_nonblocking(fd, 1) < 0:
+            err = errno
+            self._close_now()
+            _raise_errno(err)
+
+    def __dealloc__(self):
+        self._close_now()
+        free(self._conns)
+
+    cdef void _close_wakeup(self) noexcept:
+        if self._wake_r >= 0:
+            c_close(self._wake_r)
+        if self._wake_w >= 0 and self._wake_w != self._wake_r:
+            c_close(self._wake_w)
+        self._wake_r = self._wake_w = -1
+
+    cdef void _close_now(self) noexcept:
+        if self._fd >= 0 and self._owned:
+            c_close(self._fd)
+        self._fd = -1
+        self._close_wakeup()
+
+    cdef int _check_open(self) except -1:
+        if self._fd < 0 or self._close_pending:
+            raise closed_error()
+        return 0
+
+    @property
+    def closed(self):
+        """True once close() was called."""
+        return self._fd < 0 or self._close_pending
+
+    def fileno(self):
+        """The listening descriptor, or -1 once closed (like socket.fileno)."""
+        return -1 if self.closed else self._fd
+
+    def setsockopt(self, int level, int option, int value):
+        """setsockopt(2) with an int value."""
+        self._check_open()
+        if c_setsockopt(self._fd, level, option, &value, sizeof(int)) < 0:
+            PyErr_SetFromErrno(OSError)
+
+    def getsockopt(self, int level, int option):
+        """getsockopt(2) for an int value."""
+        cdef int value = 0
+        cdef socklen_t n = sizeof(int)
+        self._check_open()
+        if c_getsockopt(self._fd, level, option, &value, &n) < 0:
+            PyErr_SetFromErrno(OSError)
+        return value
+
+    def bind(self, address):
+        """bind(2) to a numeric address: (host, port), (host, port, flow, scope) or a path."""
+        cdef sockaddr_storage ss
+        cdef socklen_t n
+        self._check_open()
+        _addr_from_py(self.family, address, &ss, &n)
+        if c_bind(self._fd, <sockaddr *>&ss, n) < 0:
+            PyErr_SetFromErrno(OSError)
+
+    def listen(self, int backlog):
+        """listen(2); a negative backlog is clamped to 0, as socket.listen does."""
+        self._check_open()
+        if backlog < 0:
+            backlog = 0
+        if c_listen(self._fd, backlog) < 0:
+            PyErr_SetFromErrno(OSError)
+
+    def getsockname(self):
+        """The bound address, in the stdlib's form."""
+        cdef sockaddr_storage ss
+        cdef socklen_t n = sizeof(ss)
+        self._check_open()
+        memset(&ss, 0, sizeof(ss))
+        if c_getsockname(self._fd, <sockaddr *>&ss, &n) < 0:
+            PyErr_SetFromErrno(OSError)
+        return _addr_to_py(&ss, n)
+
+    def queue(self):
+        """(queued, backlog): the accept queue now and its effective size (TCP_INFO)."""
+        cdef unsigned int queued = 0, backlog = 0
+        self._check_open()
+        if fl_tcp_queue(self._fd, &queued, &backlog) < 0:
+            PyErr_SetFromErrno(OSError)
+        return (queued, backlog)
+
+    def wakeup(self):
+        """Make a blocked (or the next) accept_many return at once.  Thread-safe."""
+        if self._wake_w >= 0 and fl_wakeup_signal(self._wake_w) < 0:
+            PyErr_SetFromErrno(OSError)
+
+    cdef int _reserve(self, int n) except -1:
+        cdef fl_conn *p
+        if n > self._nconns:
+            p = <fl_conn *>realloc(self._conns, n * sizeof(fl_conn))
+            if p == NULL:
+                raise MemoryError()
+            self._conns = p
+            self._nconns = n
+        return 0
+
+    def accept_many(self, int max=64, timeout=None):
+        """Wait for connections and accept up to ``max`` of them.
+
+        Returns a list of ``(socket.socket, address)``, empty when the wait
+        timed out, when ``wakeup()`` was called, or after a capacity error
+        (EMFILE, ENFILE, ENOBUFS, ENOMEM), which pauses for a growing back-off
+        instead of spinning and leaves the connection queued.  ``timeout`` is
+        in seconds, None waits for ever.  Errors of a peer that gave up are
+        counted and skipped; others raise the stdlib's OSError subclass.
+        Signals interrupt the wait: their Python handlers run, and the wait
+        goes on with the time left unless a handler raised.
+        """
+        cdef int n = 0, status = 0, err = 0, ms, fd, wake, i, lfd
+        cdef fl_conn *conns
+        cdef fl_stats *st = &self._st
+        self._check_open()
+        check_max(max)
+        ms = timeout_ms(timeout)
+        deadline = None if timeout is None else _monotonic() + timeout
+        self._reserve(max)
+        self._busy += 1
+        try:
+            while True:
+                conns = self._conns
+                lfd = self._fd
+                wake = self._wake_r
+                with nogil:
+                    n = fl_wait_accept(lfd, wake, ms, conns, max, st, &status, &err)
+                    if n == 0 and err != 0 and fl_accept_error_class(err) == FL_ERR_CAPACITY:
+                        fl_capacity_backoff(wake, self._backoff_ms if ms < 0 or ms > self._backoff_ms else ms)
+                if status != FL_WAIT_EINTR:
+                    break
+                PyErr_CheckSignals()     # PEP 475: handlers run, may raise
+                if self._close_pending:
+                    break
+                if deadline is not None:
+                    ms = timeout_ms(remaining(deadline))
+        finally:
+            self._busy -= 1
+        if self._close_pending and self._busy == 0:
+            for i in range(n):
+                c_close(self._conns[i].fd)
+            self._close_now()
+            raise closed_error()
+        if n == 0:
+            if err == 0:
+                return []
+            if fl_accept_error_class(err) == FL_ERR_CAPACITY:
+                self._backoff_ms = min(self._backoff_ms * 2, BACKOFF_MAX_MS)
+                return []
+            _raise_errno(err)
+        self._backoff_ms = BACKOFF_FIRST_MS
+        return self._wrap(n)
+
+    cdef list _wrap(self, int n):
+        """socket.socket objects for the n descriptors in _conns, closing
+        every one not yet wrapped if building one fails."""
+        cdef int i = 0
+        cdef fl_conn *c
+        cdef list out = []
+        family = self.family
+        try:
+            for i in range(n):
+                c = &self._conns[i]
+                sock = _socket_class(family, _SOCK_STREAM, self.proto, c.fd)
+                c.fd = -1
+                out.append((sock, _addr_to_py(&c.addr, c.addrlen)))
+        except BaseException:
+            for j in range(i, n):
+                if self._conns[j].fd >= 0:
+                    c_close(self._conns[j].fd)
+            for s, _ in out:
+                s.close()
+            raise
+        return out
+
+    @property
+    def capacity_episodes(self):
+        """How many runs of capacity errors (EMFILE, ...) accept has met."""
+        return self._st.capacity_episodes
+
+    @property
+    def last_capacity_errno(self):
+        """The errno of the latest capacity error, 0 if none."""
+        return self._st.last_capacity_errno
+
+    def stats(self):
+        """Counters: accepted, batches, max_batch, capacity_episodes, errors {errno: n}."""
+        errors = {}
+        for i in range(FL_ERRNO_SLOTS):
+            if self._st.errors[i]:
+                errors[i] = self._st.errors[i]
+        return {
+            'accepted': self._st.accepted,
+            'batches': self._st.batches,
+            'max_batch': self._st.max_batch,
+            'capacity_episodes': self._st.capacity_episodes,
+            'errors': errors,
+        }
+
+    def close(self):
+        """Close the listener (and its wake-up descriptor).  Idempotent.
+
+        Called while another thread waits in accept_many, it wakes that
+        thread, which closes the descriptor once it is out of the kernel,
+        so that no descriptor number is ever reused under a running poll().
+        """
+        if self._fd < 0:
+            return
+        if self._busy:
+            self._close_pending = True
+            fl_wakeup_signal(self._wake_w)
+            return
+        self._close_now()
+
+    def detach(self):
+        """Stop owning the descriptor and return it (like socket.detach)."""
+        fd = self._fd
+        self._owned = False
+        self._close_now()
+        return fd
+
+    def __repr__(self):
+        return (f"<fastlisten._core.RawListener fd={self.fileno()} "
+                f"family={self.family}>")

@@ -1,0 +1,354 @@
+"""The pure-Python twin of ``fastlisten._core``: the same RawListener API
+built on the standard library's ``socket`` and ``select`` modules.
+
+Used when the extension is absent or ``FASTLISTEN_NO_EXTENSIONS=1``.  Every
+test runs against both; a behaviour difference between them is a bug.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket as _socket
+import threading
+from time import monotonic
+from typing import Any, Dict, List, Optional, Tuple
+
+from fastlisten._coreshared import (
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, CLOSED, IGNORABLE,
+    check_max, closed_error, decode_unix_path, encode_unix_path, remaining,
+    timeout_ms,
+)
+
+_ERRNO_SLOTS = 160
+_POLLIN = select.POLLIN
+_POLLNVAL = select.POLLNVAL
+
+
+def _open_wakeup() -> Tuple[int, int]:
+    if hasattr(os, "eventfd"):
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return fd, fd
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
+def _check_numeric(family: int, address: Any) -> Any:
+    """The same checks the compiled core's _addr_from_py makes."""
+    if family in (_socket.AF_INET, _socket.AF_INET6):
+        if not isinstance(address, tuple) or len(address) < 2:
+            six = "6" if family == _socket.AF_INET6 else ""
+            raise TypeError(
+                f"an AF_INET{six} address must be a (host, port) tuple, not {address!r}")
+        host, port = address[0], address[1]
+        if not isinstance(port, int):
+            raise TypeError(f"port must be an int, not {type(port).__name__}: {port!r}")
+        if not 0 <= port <= 65535:
+            raise OverflowError(f"port must be 0-65535, not {port}")
+        if family == _socket.AF_INET6 and len(address) > 4:
+            raise TypeError(f"an AF_INET6 address has at most 4 items, not {address!r}")
+        try:
+            _socket.inet_pton(family, host)
+        except (OSError, TypeError):
+            kind = "IPv6" if family == _socket.AF_INET6 else "IPv4"
+            raise ValueError(f"not a numeric {kind} address: {host!r}") from None
+        return address
+    if family == _socket.AF_UNIX:
+        raw = encode_unix_path(address)
+        if len(raw) > 108:
+            raise OSError(errno.EINVAL, f"AF_UNIX path too long ({len(raw)} bytes, "
+                                        f"the limit is 108): {address!r}")
+        return raw
+    raise OSError(errno.EAFNOSUPPORT, f"unsupported address family: {family!r}")
+
+
+class RawListener:
+    """A listening socket's descriptor (pure-Python core).
+
+    RawListener(family=AF_INET, type=SOCK_STREAM, proto=0, fileno=None, owned=True)
+
+    See ``fastlisten._core.RawListener``; this class behaves the same.
+    """
+
+    def __init__(self, family: int = _socket.AF_INET, type: int = _socket.SOCK_STREAM,
+                 proto: int = 0, fileno: Optional[int] = None, *, owned: bool = True) -> None:
+        self._sock: Optional[_socket.socket] = None
+        self._wake_r = self._wake_w = -1
+        self.family = int(family)
+        self.type = int(type)
+        self.proto = int(proto)
+        self._owned = owned if fileno is not None else True
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._close_pending = False
+        self._backoff_ms = BACKOFF_FIRST_MS
+        self._accepted = self._batches = self._max_batch = 0
+        self._capacity_episodes = 0
+        self._in_capacity_episode = False
+        self._last_capacity_errno = 0
+        self._errors: Dict[int, int] = {}
+        self._wake_r, self._wake_w = _open_wakeup()
+        try:
+            if fileno is None:
+                sock = _socket.socket(family, type, proto)
+            else:
+                if fileno < 0:
+                    raise ValueError(f"negative file descriptor: {fileno}")
+                sock = _socket.socket(family, type, proto, fileno=fileno)
+            try:
+                sock.setblocking(False)
+            except BaseException:
+                if self._owned:
+                    sock.close()
+                else:
+                    sock.detach()
+                raise
+        except BaseException:
+            self._close_wakeup()
+            raise
+        self._sock = sock
+
+    # -- lifecycle -----------------------------------------------------
+
+    def _close_wakeup(self) -> None:
+        if self._wake_r >= 0:
+            os.close(self._wake_r)
+        if self._wake_w >= 0 and self._wake_w != self._wake_r:
+            os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
+
+    def _close_now(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._owned:
+                sock.close()
+            else:
+                sock.detach()
+        self._close_wakeup()
+
+    def _open_sock(self) -> _socket.socket:
+        if self._sock is None or self._close_pending:
+            raise closed_error()
+        return self._sock
+
+    def __del__(self) -> None:
+        try:
+            self._close_now()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called."""
+        return self._sock is None or self._close_pending
+
+    def fileno(self) -> int:
+        """The listening descriptor, or -1 once closed (like socket.fileno)."""
+        return -1 if self.closed else self._sock.fileno()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """Close the listener (and its wake-up descriptor).  Idempotent; see
+        the compiled core for what happens while accept_many is waiting."""
+        with self._lock:
+            if self._sock is None:
+                return
+            if self._busy:
+                self._close_pending = True
+                self._signal()
+                return
+            self._close_now()
+
+    def detach(self) -> int:
+        """Stop owning the descriptor and return it (like socket.detach)."""
+        fd = self._sock.fileno() if self._sock is not None else -1
+        self._owned = False
+        self._close_now()
+        return fd
+
+    # -- set-up --------------------------------------------------------
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        """setsockopt(2) with an int value."""
+        self._open_sock().setsockopt(level, option, int(value))
+
+    def getsockopt(self, level: int, option: int) -> int:
+        """getsockopt(2) for an int value."""
+        return self._open_sock().getsockopt(level, option)
+
+    def bind(self, address: Any) -> None:
+        """bind(2) to a numeric address: (host, port), (host, port, flow, scope) or a path."""
+        sock = self._open_sock()
+        sock.bind(_check_numeric(self.family, address))
+
+    def listen(self, backlog: int) -> None:
+        """listen(2); a negative backlog is clamped to 0, as socket.listen does."""
+        self._open_sock().listen(max(int(backlog), 0) if isinstance(backlog, int) else backlog)
+
+    def getsockname(self) -> Any:
+        """The bound address, in the stdlib's form."""
+        name = self._open_sock().getsockname()
+        if self.family == _socket.AF_UNIX and isinstance(name, bytes):
+            return decode_unix_path(name)
+        return name
+
+    def queue(self) -> Tuple[int, int]:
+        """(queued, backlog): the accept queue now and its effective size (TCP_INFO)."""
+        sock = self._open_sock()
+        if not hasattr(_socket, "TCP_INFO"):
+            raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
+        info = sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, 104)
+        # struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss,
+        # rcv_mss, unacked, sacked, ...
+        unacked = int.from_bytes(info[24:28], "little")
+        sacked = int.from_bytes(info[28:32], "little")
+        return unacked, sacked
+
+    # -- the loop ------------------------------------------------------
+
+    def _signal(self) -> None:
+        try:
+            os.write(self._wake_w, (1).to_bytes(8, "little"))
+        except BlockingIOError:
+            pass   # a wake-up is already pending: just as good
+
+    def wakeup(self) -> None:
+        """Make a blocked (or the next) accept_many return at once.  Thread-safe."""
+        if self._wake_w >= 0:
+            self._signal()
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _count_error(self, err: int) -> None:
+        slot = err if 0 <= err < _ERRNO_SLOTS else _ERRNO_SLOTS - 1
+        self._errors[slot] = self._errors.get(slot, 0) + 1
+
+    def accept_many(self, max: int = 64, timeout: Optional[float] = None
+                    ) -> List[Tuple[_socket.socket, Any]]:
+        """Wait for connections and accept up to ``max`` of them (see the
+        compiled core's docstring: the same contract)."""
+        sock = self._open_sock()
+        check_max(max)
+        ms = timeout_ms(timeout)
+        deadline = None if timeout is None else monotonic() + timeout
+        lfd, wfd = sock.fileno(), self._wake_r
+        poller = select.poll()
+        poller.register(lfd, _POLLIN)
+        poller.register(wfd, _POLLIN)
+        with self._lock:
+            self._busy += 1
+        out: List[Tuple[_socket.socket, Any]] = []
+        err = 0
+        try:
+            # select.poll retries EINTR itself (PEP 475), after running the
+            # Python signal handlers, with the time left.
+            events = dict(poller.poll(ms))
+            if self._close_pending:
+                pass
+            elif wfd in events:
+                self._drain_wakeup()
+            elif lfd in events:
+                if events[lfd] & _POLLNVAL:
+                    err = errno.EBADF
+                else:
+                    err = self._drain(sock, max, out)
+        finally:
+            with self._lock:
+                self._busy -= 1
+                finish_close = self._close_pending and self._busy == 0
+        if finish_close:
+            for s, _ in out:
+                s.close()
+            with self._lock:
+                self._close_now()
+            raise closed_error()
+        if not out:
+            if err == 0:
+                return out
+            if err in CAPACITY:
+                pause = self._backoff_ms if ms < 0 else min(self._backoff_ms, ms)
+                select.select([wfd], [], [], pause / 1000)
+                self._backoff_ms = min(self._backoff_ms * 2, BACKOFF_MAX_MS)
+                return out
+            raise OSError(err, os.strerror(err))
+        self._backoff_ms = BACKOFF_FIRST_MS
+        del deadline
+        return out
+
+    def _drain(self, sock: _socket.socket, max: int,
+               out: List[Tuple[_socket.socket, Any]]) -> int:
+        """accept until EAGAIN or max; returns the errno that stopped early, or 0."""
+        family, proto = self.family, self.proto
+        err = 0
+        try:
+            while len(out) < max:
+                try:
+                    fd, addr = sock._accept()  # type: ignore[attr-defined]
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    e = exc.errno or 0
+                    self._count_error(e)
+                    if e in IGNORABLE:
+                        continue
+                    if e in CAPACITY:
+                        self._last_capacity_errno = e
+                        if not self._in_capacity_episode:
+                            self._in_capacity_episode = True
+                            self._capacity_episodes += 1
+                    err = e
+                    break
+                try:
+                    conn = _socket.socket(family, _socket.SOCK_STREAM, proto, fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if family == _socket.AF_UNIX and isinstance(addr, bytes):
+                    addr = decode_unix_path(addr)
+                out.append((conn, addr))
+        except BaseException:
+            for s, _ in out:
+                s.close()
+            del out[:]
+            raise
+        n = len(out)
+        if n:
+            self._accepted += n
+            self._batches += 1
+            if n > self._max_batch:
+                self._max_batch = n
+            if err == 0:
+                self._in_capacity_episode = False
+        return err
+
+    # -- counters ------------------------------------------------------
+
+    @property
+    def capacity_episodes(self) -> int:
+        """How many runs of capacity errors (EMFILE, ...) accept has met."""
+        return self._capacity_episodes
+
+    @property
+    def last_capacity_errno(self) -> int:
+        """The errno of the latest capacity error, 0 if none."""
+        return self._last_capacity_errno
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters: accepted, batches, max_batch, capacity_episodes, errors {errno: n}."""
+        return {
+            "accepted": self._accepted,
+            "batches": self._batches,
+            "max_batch": self._max_batch,
+            "capacity_episodes": self._capacity_episodes,
+            "errors": dict(sorted(self._errors.items())),
+        }
+
+    def __repr__(self) -> str:
+        return f"<fastlisten._corepy.RawListener fd={self.fileno()} family={self.family}>"

@@ -1,0 +1,86 @@
+"""Pieces both cores share: argument checks and conversions that are not on
+the per-connection path.  Kept in one place so that the compiled core and
+its pure-Python twin cannot drift apart on them."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from time import monotonic
+from typing import Optional, Union
+
+#: Largest batch one accept_many call takes (bounds the core's buffer).
+MAX_BATCH = 65536
+
+#: After a capacity error (EMFILE, ...) accept_many pauses this long, doubling
+#: on each further one up to BACKOFF_MAX_MS, instead of spinning on a
+#: listener that stays readable.
+BACKOFF_FIRST_MS = 10
+BACKOFF_MAX_MS = 1000
+
+#: errno values of accept() that mean "the peer gave up, go on"; "out of
+#: resources, back off"; "the listener is gone, stop".  (The C core has the
+#: same table in csrc/fl_net.c:fl_accept_error_class.)
+IGNORABLE = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED", "ECONNRESET", "EPROTO", "EPERM", "ETIMEDOUT",
+        "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)
+CAPACITY = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+CLOSED = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK))
+
+
+def check_max(n: int) -> None:
+    """Validate accept_many's ``max``."""
+    if not 1 <= n <= MAX_BATCH:
+        raise ValueError(f"max must be between 1 and {MAX_BATCH}, not {n}")
+
+
+def timeout_ms(timeout: Optional[float]) -> int:
+    """Seconds (None: for ever) as poll()'s milliseconds, rounded up so that a
+    wait never ends before its deadline."""
+    if timeout is None:
+        return -1
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be non-negative, not {timeout!r}")
+    ms = math.ceil(timeout * 1000)
+    return ms if ms < 2**31 - 1 else 2**31 - 2
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left until a monotonic deadline, never negative."""
+    left = deadline - monotonic()
+    return left if left > 0 else 0.0
+
+
+def closed_error() -> OSError:
+    """What using a closed listener raises: EBADF, as a closed socket does."""
+    return OSError(errno.EBADF, "Bad file descriptor: the listener is closed")
+
+
+def encode_unix_path(path: Union[str, bytes, "os.PathLike[str]"]) -> bytes:
+    """An AF_UNIX address as bytes (a leading NUL means Linux's abstract namespace)."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return bytes(path)
+    if isinstance(path, str) or hasattr(path, "__fspath__"):
+        return os.fsencode(path)
+    raise TypeError(f"an AF_UNIX address must be str, bytes or a path, not {path!r}")
+
+
+def decode_unix_path(raw: bytes) -> Union[str, bytes]:
+    """An AF_UNIX address as the socket module reports it: abstract names
+    stay bytes, file system paths become str."""
+    if raw[:1] == b"\0":
+        return raw
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raw = raw[:nul]
+    return os.fsdecode(raw)

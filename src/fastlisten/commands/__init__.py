@@ -1,0 +1,1 @@
+"""Subcommands of the fastlisten command line; see fastlisten.cli."""

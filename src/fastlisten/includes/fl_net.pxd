@@ -1,0 +1,43 @@
+# The C helpers in csrc/fl_net.c (see csrc/fl_net.h for their contracts).
+from fastlisten.includes.system cimport sockaddr, sockaddr_storage, socklen_t
+
+cdef extern from "fl_net.h" nogil:
+    int FL_ERRNO_SLOTS
+
+    ctypedef struct fl_stats:
+        unsigned long long accepted
+        unsigned long long batches
+        unsigned long long max_batch
+        unsigned long long capacity_episodes
+        int in_capacity_episode
+        int last_capacity_errno
+        unsigned long long errors[160]
+
+    ctypedef struct fl_conn:
+        int fd
+        socklen_t addrlen
+        sockaddr_storage addr
+
+    enum:
+        FL_ERR_IGNORE
+        FL_ERR_CAPACITY
+        FL_ERR_CLOSED
+        FL_ERR_OTHER
+
+    enum:
+        FL_WAIT_READY
+        FL_WAIT_TIMEOUT
+        FL_WAIT_WOKEN
+        FL_WAIT_EINTR
+
+    int fl_accept_error_class(int err)
+    int fl_socket(int family, int type, int proto)
+    int fl_set_nonblocking(int fd, int on)
+    int fl_accept4(int lfd, sockaddr *addr, socklen_t *addrlen)
+    int fl_wakeup_open(int *rfd, int *wfd)
+    int fl_wakeup_signal(int wfd)
+    void fl_wakeup_drain(int rfd)
+    int fl_wait_accept(int lfd, int wfd, int timeout_ms, fl_conn *out, int max,
+                       fl_stats *st, int *status, int *err)
+    void fl_capacity_backoff(int wfd, int ms)
+    int fl_tcp_queue(int fd, unsigned int *queued, unsigned int *backlog)
