@@ -409,3 +409,4 @@ cdef class RawListener:
     def __repr__(self):
         return (f"<fastlisten._core.RawListener fd={self.fileno()} "
                 f"family={self.family}>")
+include "_loadgen.pxi"

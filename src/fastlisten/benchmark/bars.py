@@ -1,0 +1,79 @@
+"""The performance bar fastlisten holds itself to (issue 5), checked against
+one run's figures.  Each bar is met, not met, or not measurable here (a
+server or scenario missing from the run); never asserted by a test."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from fastlisten.benchmark.runner import Report
+
+FL_SERVERS = ("fastlisten-tcp", "fastlisten-threading", "fastlisten-forking")
+
+
+def _get(report: "Report", scenario: str, server: str, key: str) -> Optional[float]:
+    row = report.results.get(scenario, {}).get(server)
+    return None if row is None else row.get(key)
+
+
+def _bar(name: str, target: str, met: Optional[bool], figure: str) -> Dict[str, Any]:
+    return {"bar": name, "target": target, "met": met, "figure": figure}
+
+
+def _fmt(x: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{suffix}"
+
+
+def evaluate(report: "Report", scenario: str = "daytime") -> List[Dict[str, Any]]:
+    """The bars, each as {bar, target, met (True/False/None), figure}."""
+    bars: List[Dict[str, Any]] = []
+    g = lambda server, key: _get(report, scenario, server, key)  # noqa: E731
+
+    # ThreadingTCPServer: rate and CPU per connection against the stdlib's
+    rx, cx = g("fastlisten-threading", "rate_x"), g("fastlisten-threading", "cpu_us_x")
+    bars.append(_bar("ThreadingTCPServer connections/s", ">= 2.5x stdlib",
+                     None if rx is None else rx >= 2.5,
+                     f"{_fmt(rx)}x ({_fmt(g('fastlisten-threading', 'rate'), ',.0f')} vs "
+                     f"{_fmt(g('stdlib-threading', 'rate'), ',.0f')} conn/s)"))
+    bars.append(_bar("ThreadingTCPServer CPU per connection", "<= 0.25x stdlib",
+                     None if cx is None else cx <= 0.25,
+                     f"{_fmt(cx)}x ({_fmt(g('fastlisten-threading', 'cpu_us'), '.1f')} vs "
+                     f"{_fmt(g('stdlib-threading', 'cpu_us'), '.1f')} us)"))
+
+    # TCPServer: against the native ceiling, and user CPU against the stdlib's
+    fl, nat = g("fastlisten-tcp", "cpu_us"), g("native", "cpu_us")
+    ratio = fl / nat if fl is not None and nat else None
+    bars.append(_bar("TCPServer CPU per connection", "<= 1.1x the C loop",
+                     None if ratio is None else ratio <= 1.1,
+                     f"{_fmt(ratio)}x ({_fmt(fl, '.1f')} vs {_fmt(nat, '.1f')} us)"))
+    ux = g("fastlisten-tcp", "cpu_user_us_x")
+    bars.append(_bar("TCPServer user CPU per connection", "<= 1/3 of stdlib",
+                     None if ux is None else ux <= 1 / 3,
+                     f"{_fmt(ux)}x ({_fmt(g('fastlisten-tcp', 'cpu_user_us'), '.1f')} vs "
+                     f"{_fmt(g('stdlib-tcp', 'cpu_user_us'), '.1f')} us)"))
+
+    # burst: no listen-queue overflow for any fastlisten server
+    burst = report.results.get("burst", {})
+    n = report.options.get("burst")
+    flows = {s: burst[s]["listen_overflows"] for s in FL_SERVERS if s in burst}
+    std = {s: burst[s]["listen_overflows"] for s in burst if s.startswith("stdlib-")}
+    bars.append(_bar(f"ListenOverflows in a {n}-connection burst", "0 for every fastlisten server",
+                     None if not flows else all(v == 0 for v in flows.values()),
+                     ", ".join(f"{s}: {v:g}" for s, v in {**flows, **std}.items()) or "n/a"))
+
+    # shutdown() latency
+    sd = {s: report.shutdown[s].get("p99_ms") for s in FL_SERVERS if s in report.shutdown}
+    met = None if not sd or None in sd.values() else all(v < 1.0 for v in sd.values())
+    std_sd = {s: report.shutdown[s].get("p99_ms") for s in report.shutdown if s.startswith("stdlib-")}
+    bars.append(_bar("shutdown() to serve_forever returning, p99", "< 1 ms", met,
+                     ", ".join(f"{s}: {_fmt(v, '.3f', ' ms')}" for s, v in {**sd, **std_sd}.items())
+                     or "n/a"))
+
+    # against the peers
+    for peer in ("uvloop", "gevent"):
+        p = g(peer, "cpu_us")
+        bars.append(_bar(f"TCPServer CPU per connection vs {peer}", "less",
+                         None if fl is None or p is None else fl < p,
+                         f"{_fmt(fl, '.1f')} vs {_fmt(p, '.1f')} us"))
+    return bars

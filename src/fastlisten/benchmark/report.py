@@ -1,0 +1,204 @@
+"""The report's forms: a terminal table, Markdown, JSON and a chart."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from fastlisten.benchmark.runner import Report
+
+HEADERS = ("server", "conn/s", "x std", "CPU us/conn", "x std", "user us", "x std",
+           "sys us", "p50 ms", "p99 ms", "max ms", "overflows", "drops", "errors", "timeouts")
+
+
+def _num(x: Optional[float], spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _spread(x: Optional[float]) -> str:
+    return "" if x is None else f" ±{x * 50:.0f}%"   # half the (max-min)/median range
+
+
+def _ratio(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def rows(report: Report, scenario: str) -> List[Tuple[str, ...]]:
+    """One table's rows (strings), in the order the servers were declared."""
+    out = []
+    for name, row in report.results.get(scenario, {}).items():
+        label = report.servers.get(name, {}).get("label", name)
+        out.append((
+            label,
+            _num(row["rate"], ",.0f") + _spread(row["rate_spread"]),
+            _ratio(row["rate_x"]),
+            _num(row["cpu_us"], ".1f") + _spread(row["cpu_us_spread"]),
+            _ratio(row["cpu_us_x"]),
+            _num(row["cpu_user_us"], ".1f"),
+            _ratio(row["cpu_user_us_x"]),
+            _num(row["cpu_sys_us"], ".1f"),
+            _num(row["p50_ms"], ".2f"),
+            _num(row["p99_ms"], ".2f"),
+            _num(row["max_ms"], ".1f"),
+            _num(row["listen_overflows"], "g"),
+            _num(row["listen_drops"], "g"),
+            str(row["errors"]),
+            str(row["timeouts"]),
+        ))
+    return out
+
+
+def _scenario_title(report: Report, scenario: str) -> str:
+    o = report.options
+    if scenario == "burst":
+        return f"{scenario}: {o['burst']} connections opened at once, x{o['repeats']} repeats"
+    return (f"{scenario}: {o['concurrency']} concurrent connections, started for "
+            f"{o['duration']:g} s per run (at most {o['total']:,}), x{o['repeats']} repeats")
+
+
+def machine_line(report: Report) -> str:
+    """The machine, on one line."""
+    m = report.machine
+    pins = report.options.get("pinned_cpus") or [None, None]
+    pin = (f"load generator on CPU {pins[0]}, server on CPU {pins[1]}"
+           if pins[0] is not None else "not pinned (fewer than 2 CPUs)")
+    return (f"{m['cpu']} ({m['cpus']} CPUs), {m['kernel']}, {m['python']}, "
+            f"fastlisten {m['fastlisten']} ({m['fastlisten_core']} core), "
+            f"somaxconn {m['somaxconn']}; {pin}")
+
+
+def _shutdown_rows(report: Report) -> List[Tuple[str, ...]]:
+    out = []
+    for name, row in report.shutdown.items():
+        label = report.servers.get(name, {}).get("label", name)
+        if "error" in row:
+            out.append((label, "error", "", "", "", ""))
+            continue
+        out.append((label, str(row["cycles"]), _num(row["p50_ms"], ".3f"),
+                    _num(row["p99_ms"], ".3f"), _num(row["max_ms"], ".3f"), _ratio(row["p99_x"])))
+    return out
+
+
+SHUTDOWN_HEADERS = ("server", "cycles", "p50 ms", "p99 ms", "max ms", "p99 x std")
+BAR_HEADERS = ("bar", "target", "result", "measured")
+
+
+def _bar_rows(report: Report) -> List[Tuple[str, ...]]:
+    verdict = {True: "met", False: "NOT met", None: "n/a"}
+    return [(b["bar"], b["target"], verdict[b["met"]], b["figure"]) for b in report.bars]
+
+
+def _text_table(headers: Sequence[str], body: List[Tuple[str, ...]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def _md_table(headers: Sequence[str], body: List[Tuple[str, ...]]) -> str:
+    head = "| " + " | ".join(headers) + " |"
+    sep = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(headers))) + "|"
+    return "\n".join([head, sep] + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def _sections(report: Report, table: Any, heading: Any) -> List[str]:
+    parts = []
+    for scenario in report.results:
+        parts += [heading(_scenario_title(report, scenario)),
+                  table(HEADERS, rows(report, scenario)), ""]
+    if report.shutdown:
+        parts += [heading(f"shutdown(): the call to serve_forever returning "
+                          f"(idle server, {report.options['shutdown_cycles']} cycles)"),
+                  table(SHUTDOWN_HEADERS, _shutdown_rows(report)), ""]
+    if report.bars:
+        parts += [heading("the bar (issue 5), from the daytime and burst runs above"),
+                  table(BAR_HEADERS, _bar_rows(report)), ""]
+    if report.skipped:
+        parts.append("Skipped: " + "; ".join(f"{k} ({v})" for k, v in report.skipped.items()))
+    if report.failures:
+        parts.append("FAILURES:\n" + "\n".join("  " + f for f in report.failures))
+    return parts
+
+
+NOTES = ("CPU us/conn: the server process's user+system CPU time (getrusage, children "
+         "included) over the run, divided by the connections it completed. "
+         "x std: ratio to the standard-library server of the same kind in this run "
+         "(peers and the C loop: to stdlib TCPServer). ±: half the spread of the repeats "
+         "around their median. overflows/drops: TcpExt ListenOverflows/ListenDrops during the run.")
+
+
+def to_text(report: Report) -> str:
+    """The report as the terminal shows it."""
+    parts = [f"fastlisten bench: {machine_line(report)}", ""]
+    parts += _sections(report, _text_table, lambda t: f"== {t}")
+    parts += ["", NOTES, f"({report.seconds:.0f} s)"]
+    return "\n".join(parts)
+
+
+def to_markdown(report: Report, command: str = "fastlisten bench") -> str:
+    """The report as Markdown (what the README's Benchmarks section shows)."""
+    parts = [f"Machine: {machine_line(report)}.  ",
+             f"Run {report.started_at}, {report.seconds:.0f} s, with `{command}`.", ""]
+    parts += _sections(report, _md_table, lambda t: f"**{t}**\n")
+    parts += ["", NOTES]
+    return "\n".join(parts) + "\n"
+
+
+def write_json(report: Report, path: str) -> None:
+    """The whole report, raw runs included, as JSON."""
+    with open(path, "w") as f:
+        json.dump(report.to_json(), f, indent=1, default=str)
+        f.write("\n")
+
+
+COLORS = {"fastlisten": "#1f77b4", "stdlib": "#9e9e9e", "peer": "#ff7f0e", "native": "#2ca02c"}
+
+
+def plot(report: Report, path: str, scenario: str = "daytime") -> None:
+    """One chart: server CPU per connection (user and system, stacked) and
+    connections per second, per server, for one scenario.  Needs matplotlib
+    (the ``bench`` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table: Dict[str, Dict[str, Any]] = report.results.get(scenario) or next(
+        iter(report.results.values()), {})
+    names = [n for n in table if table[n]["cpu_us"] is not None]
+    names.sort(key=lambda n: table[n]["cpu_us"], reverse=True)
+    labels = [report.servers[n]["label"] for n in names]
+    colors = [COLORS.get(report.servers[n]["group"], "#777") for n in names]
+    user = [table[n]["cpu_user_us"] for n in names]
+    system = [table[n]["cpu_sys_us"] for n in names]
+    rate = [table[n]["rate"] for n in names]
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2.2),
+                                   sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    y = range(len(names))
+    ax1.barh(y, user, color=colors, label="user")
+    ax1.barh(y, system, left=user, color=colors, alpha=0.45, label="system")
+    for i, (u, s) in enumerate(zip(user, system)):
+        ax1.text(u + s, i, f" {u + s:.1f}", va="center", fontsize=8)
+    ax1.set_yticks(list(y), labels)
+    totals = [u + s for u, s in zip(user, system)]
+    if totals and min(totals) > 0 and max(totals) / min(totals) > 30:
+        ax1.set_xscale("log")   # forking is 100x the rest: keep the others readable
+    ax1.set_xlabel("server CPU per connection, µs (solid: user, light: system) — lower is better"
+                   + (", log scale" if ax1.get_xscale() == "log" else ""))
+    ax2.barh(y, rate, color=colors)
+    for i, r in enumerate(rate):
+        ax2.text(r, i, f" {r:,.0f}", va="center", fontsize=8)
+    ax2.set_xlabel("connections per second — higher is better")
+    for ax in (ax1, ax2):
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.margins(x=0.18)
+    m = report.machine
+    fig.suptitle(f"fastlisten bench, {scenario} ({report.options['concurrency']} concurrent "
+                 f"connections): {m['cpu']}, {m['cpus']} CPUs, {m['kernel']}, {m['python']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

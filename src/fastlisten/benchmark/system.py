@@ -1,0 +1,79 @@
+"""What the benchmark reads from the machine: its description, the kernel's
+listen-queue counters, and which CPUs to pin the two sides to."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Dict, Optional, Tuple
+
+import fastlisten
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's guess otherwise)."""
+    text = _read("/proc/cpuinfo") or ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> Dict[str, object]:
+    """The machine a result came from: written beside every result."""
+    return {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "fastlisten": fastlisten.__version__,
+        "fastlisten_core": "compiled" if fastlisten.compiled else "pure Python",
+        "somaxconn": _int(_read("/proc/sys/net/core/somaxconn")),
+        "tcp_tw_reuse": _int(_read("/proc/sys/net/ipv4/tcp_tw_reuse")),
+        "ip_local_port_range": _read("/proc/sys/net/ipv4/ip_local_port_range"),
+        "executable": sys.executable,
+    }
+
+
+def _int(text: Optional[str]) -> Optional[int]:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def listen_counters() -> Dict[str, int]:
+    """TcpExt ListenOverflows and ListenDrops from /proc/net/netstat
+    (counts for this network namespace since boot; take deltas)."""
+    text = _read("/proc/net/netstat")
+    out = {"ListenOverflows": 0, "ListenDrops": 0}
+    if not text:
+        return out
+    lines = text.splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if not names.startswith("TcpExt:"):
+            continue
+        table = dict(zip(names.split()[1:], values.split()[1:]))
+        for key in out:
+            out[key] = int(table.get(key, 0))
+    return out
+
+
+def pick_cpus() -> Tuple[Optional[int], Optional[int]]:
+    """(load generator CPU, server CPU), or (None, None) with fewer than two."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]

@@ -1,0 +1,95 @@
+"""``fastlisten bench``: fastlisten against the standard library and its
+peers, side by side in one run, on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from fastlisten.benchmark.protocol import SCENARIOS
+from fastlisten.benchmark.servers import SERVERS
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``bench`` subcommand."""
+    p = subparsers.add_parser(
+        "bench", help="compare fastlisten with the stdlib and its peers on this machine",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small counts and one repeat: under a minute")
+    p.add_argument("--scenario", action="append", choices=SCENARIOS, dest="scenarios",
+                   help="run only this scenario (repeatable; default: all)")
+    p.add_argument("--server", action="append", choices=[s.name for s in SERVERS],
+                   dest="servers", help="run only this server (repeatable; default: all installed)")
+    p.add_argument("--repeats", type=int, help="runs per server and scenario (default 3; quick 1)")
+    p.add_argument("--count", type=int, dest="total",
+                   help="connections per run at most (default 1000000; quick 50000)")
+    p.add_argument("--duration", type=float, help="seconds during which each run starts connections (default 3; quick 0.5)")
+    p.add_argument("--concurrency", type=int, help="concurrent connections (default 32)")
+    p.add_argument("--burst", type=int, help="connections opened at once in 'burst' (default 1024)")
+    p.add_argument("--shutdown-cycles", type=int,
+                   help="shutdown() measurements per server (default 50; quick 5)")
+    p.add_argument("--no-pin", action="store_false", dest="pin",
+                   help="do not pin the server and the load generator to different CPUs")
+    p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
+    p.add_argument("--plot", metavar="PNG", help="draw the chart (needs matplotlib: fastlisten[bench])")
+    p.set_defaults(run=run)
+
+
+def _progress_printer() -> Any:
+    tty = sys.stderr.isatty()
+    t0 = time.monotonic()
+
+    def progress(done: int, total: int, what: str) -> None:
+        line = f"[{done}/{total}] {time.monotonic() - t0:5.0f}s  {what}"
+        if tty:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def finish() -> None:
+        if tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    progress.finish = finish  # type: ignore[attr-defined]
+    return progress
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison; print the table; write the files asked for."""
+    from fastlisten.benchmark import report as rep
+    from fastlisten.benchmark.runner import Options, run_benchmark
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fastlisten bench: --plot needs matplotlib: pip install 'fastlisten[bench]'",
+                  file=sys.stderr)
+            return 2
+    kw = {k: getattr(args, k) for k in ("scenarios", "servers", "repeats", "total", "duration",
+                                        "concurrency", "burst", "shutdown_cycles")
+          if getattr(args, k) is not None}
+    kw["pin"] = args.pin
+    opts = Options.quick(**kw) if args.quick else Options(**kw)
+    progress = _progress_printer()
+    try:
+        report = run_benchmark(opts, progress)
+    finally:
+        progress.finish()
+    print(rep.to_text(report))
+    command = "fastlisten bench" + (" --quick" if args.quick else "")
+    if args.json:
+        rep.write_json(report, args.json)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(rep.to_markdown(report, command))
+    if args.plot:
+        rep.plot(report, args.plot)
+    return 1 if report.failures else 0
