@@ -37,12 +37,13 @@ import socket as _socket
 from time import monotonic as _monotonic
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, check_max, timeout_ms, remaining,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, MAX_BATCH, check_max, timeout_ms, remaining,
     closed_error, decode_unix_path, encode_unix_path,
 )
 
 cdef object _socket_class = _socket.socket
 cdef int _SOCK_STREAM = _socket.SOCK_STREAM
+cdef int _MAX_BATCH = MAX_BATCH
 
 
 cdef int _raise_errno(int err) except -1:
@@ -300,10 +301,16 @@ cdef class RawListener:
         cdef fl_conn *conns
         cdef fl_stats *st = &self._st
         self._check_open()
-        check_max(max)
-        ms = timeout_ms(timeout)
-        deadline = None if timeout is None else _monotonic() + timeout
-        self._reserve(max)
+        if max < 1 or max > _MAX_BATCH:
+            check_max(max)                  # raises with the message
+        if timeout is None:                 # the server loop's case: no Python calls
+            ms = -1
+            deadline = None
+        else:
+            ms = timeout_ms(timeout)
+            deadline = _monotonic() + timeout
+        if max > self._nconns:
+            self._reserve(max)
         self._busy += 1
         try:
             while True:
