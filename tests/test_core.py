@@ -342,7 +342,9 @@ def test_a_signal_handler_that_raises_interrupts_a_blocked_wait():
 
 def test_ctrl_c_stops_a_blocked_accept_in_a_real_process():
     script = textwrap.dedent("""
-        import sys, fastlisten
+        import signal, sys, fastlisten
+        # as in a terminal, whatever the test runner's parent did to SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         lst = fastlisten.listen(("127.0.0.1", 0))
         print("ready", flush=True)
         try:
