@@ -233,9 +233,10 @@ _POLL_SYSCALLS = {"x86_64": {7, 271}, "aarch64": {73}}.get(_ARCH, set())
 _ACCEPT_SYSCALLS = {"x86_64": {43, 288}, "aarch64": {202, 242}}.get(_ARCH, set())
 
 
-def _in_syscall(tid, numbers):
+def _in_syscall(tid, numbers, pid="self"):
+    """Whether thread tid (of process pid) is blocked in one of the syscalls."""
     try:
-        with open(f"/proc/self/task/{tid}/syscall") as f:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
             first = f.read().split()[0]
     except (OSError, IndexError):
         return False
@@ -340,6 +341,7 @@ def test_a_signal_handler_that_raises_interrupts_a_blocked_wait():
         signal.signal(signal.SIGALRM, old)
 
 
+@needs_syscall_table
 def test_ctrl_c_stops_a_blocked_accept_in_a_real_process():
     script = textwrap.dedent("""
         import signal, sys, fastlisten
@@ -356,6 +358,7 @@ def test_ctrl_c_stops_a_blocked_accept_in_a_real_process():
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
+        wait_for(lambda: _in_syscall(proc.pid, _POLL_SYSCALLS, pid=proc.pid))
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=10)
     finally:
