@@ -530,3 +530,33 @@ def test_out_of_descriptors_backs_off_instead_of_spinning_and_recovers():
     assert result["errors"] == {str(errno.EMFILE): 5}   # one accept4 per call: no spin
     assert result["cpu_share"] < 0.5             # it slept rather than spun
     assert len(result["logs"]) == 1 and "Too many open files" in result["logs"][0]
+
+
+def test_two_threads_accepting_from_one_listener_share_the_queue_cleanly():
+    n = 200
+    with fastlisten.listen(LOOPBACK) as lst:
+        got, lock, stop = [], threading.Lock(), threading.Event()
+
+        def worker():
+            while not stop.is_set():
+                batch = lst.accept_many(8, timeout=5)
+                with lock:
+                    got.extend(batch)
+                    if len(got) >= n:
+                        stop.set()
+                        lst.wakeup()
+                        lst.wakeup()
+
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        clients = connect_n(lst.address, n)
+        for t in threads:
+            t.join(30)
+        try:
+            addrs = [a for _, a in got]
+            assert len(addrs) == n == len(set(addrs))
+            assert set(addrs) == {c.getsockname() for c in clients}
+        finally:
+            close_all(got)
+            close_all(clients)
