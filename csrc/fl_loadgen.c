@@ -298,9 +298,9 @@ fl_loadgen_run(const fl_lg_config *cfg, fl_lg_result *res,
         }
         for (i = 0; i < n; i++)
             fl_lg_event(&r, (int)events[i].data.u64, events[i].events);
+        now = fl_now_ns();
         if (n > 0)
-            t_last = fl_now_ns();
-        now = t_last ? t_last : fl_now_ns();
+            t_last = now;
         if (now >= t_next_scan) {
             long long limit = (long long)cfg->timeout_ms * 1000000LL;
             for (i = 0; i < conc; i++) {

@@ -10,6 +10,12 @@ if TYPE_CHECKING:
     from fastlisten.benchmark.runner import Report
 
 FL_SERVERS = ("fastlisten-tcp", "fastlisten-threading", "fastlisten-forking")
+STD_SERVERS = ("stdlib-tcp", "stdlib-threading", "stdlib-forking")
+
+
+def _join(values: Any, spec: str) -> str:
+    vals = list(values)
+    return "/".join(_fmt(v, spec) for v in vals) if vals else "n/a"
 
 
 def _get(report: "Report", scenario: str, server: str, key: str) -> Optional[float]:
@@ -57,18 +63,19 @@ def evaluate(report: "Report", scenario: str = "daytime") -> List[Dict[str, Any]
     burst = report.results.get("burst", {})
     n = report.options.get("burst")
     flows = {s: burst[s]["listen_overflows"] for s in FL_SERVERS if s in burst}
-    std = {s: burst[s]["listen_overflows"] for s in burst if s.startswith("stdlib-")}
+    std = {s: burst[s]["listen_overflows"] for s in STD_SERVERS if s in burst}
     bars.append(_bar(f"ListenOverflows in a {n}-connection burst", "0 for every fastlisten server",
                      None if not flows else all(v == 0 for v in flows.values()),
-                     ", ".join(f"{s}: {v:g}" for s, v in {**flows, **std}.items()) or "n/a"))
+                     f"fastlisten {_join(flows.values(), 'g')}; stdlib {_join(std.values(), 'g')}"
+                     " (TCP/Threading/Forking)"))
 
     # shutdown() latency
     sd = {s: report.shutdown[s].get("p99_ms") for s in FL_SERVERS if s in report.shutdown}
     met = None if not sd or None in sd.values() else all(v < 1.0 for v in sd.values())
-    std_sd = {s: report.shutdown[s].get("p99_ms") for s in report.shutdown if s.startswith("stdlib-")}
+    std_sd = {s: report.shutdown[s].get("p99_ms") for s in STD_SERVERS if s in report.shutdown}
     bars.append(_bar("shutdown() to serve_forever returning, p99", "< 1 ms", met,
-                     ", ".join(f"{s}: {_fmt(v, '.3f', ' ms')}" for s, v in {**sd, **std_sd}.items())
-                     or "n/a"))
+                     f"fastlisten {_join(sd.values(), '.3f')} ms; "
+                     f"stdlib {_join(std_sd.values(), '.0f')} ms (TCP/Threading/Forking)"))
 
     # against the peers
     for peer in ("uvloop", "gevent"):

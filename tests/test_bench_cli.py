@@ -1,0 +1,117 @@
+"""``fastlisten bench`` end to end on a small count: every scenario, every
+installed server, the JSON shape, no errors.  Timing is never asserted."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastlisten.benchmark import bars, runner
+from fastlisten.benchmark.protocol import SCENARIOS
+from fastlisten.benchmark.servers import SERVERS, unavailable_reason
+
+SMALL = ["--quick", "--count", "300", "--duration", "0.2", "--concurrency", "4",
+         "--burst", "5", "--shutdown-cycles", "1"]
+
+
+def test_bench_quick_end_to_end(tmp_path):
+    out_json, out_md, out_png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    cmd = [sys.executable, "-m", "fastlisten", "bench", *SMALL,
+           "--json", str(out_json), "--markdown", str(out_md)]
+    plotting = importlib.util.find_spec("matplotlib") is not None
+    if plotting:
+        cmd += ["--plot", str(out_png)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=55)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "== daytime" in proc.stdout and "the bar" in proc.stdout
+    assert "[1/" in proc.stderr        # the progress display
+
+    report = json.loads(out_json.read_text())
+    assert set(report) >= {"machine", "options", "servers", "skipped", "results",
+                           "shutdown", "bars", "failures"}
+    assert report["failures"] == []
+    assert {"cpu", "kernel", "python", "somaxconn"} <= set(report["machine"])
+    available = [s.name for s in SERVERS if unavailable_reason(s) is None]
+    assert sorted(report["servers"]) == sorted(available)
+    assert sorted(report["skipped"]) == sorted(s.name for s in SERVERS if s.name not in available)
+    assert list(report["results"]) == list(SCENARIOS)
+    for scenario, table in report["results"].items():
+        assert sorted(table) == sorted(available), scenario
+        for name, row in table.items():
+            where = f"{scenario}/{name}"
+            assert row["repeats"] == 1 and len(row["runs"]) == 1, where
+            assert row["completed"] > 0 and row["errors"] == 0 and row["timeouts"] == 0, where
+            for key in ("rate", "cpu_us", "cpu_user_us", "cpu_sys_us", "p50_ms", "p99_ms",
+                        "max_ms", "listen_overflows", "listen_drops"):
+                assert isinstance(row[key], (int, float)), (where, key)
+            assert "rate_x" in row and "cpu_us_x" in row, where
+    if "stdlib-tcp" in available:
+        assert report["results"]["daytime"]["stdlib-tcp"]["rate_x"] == 1.0
+    socketservers = [s.name for s in SERVERS if s.cls and s.name in available]
+    assert sorted(report["shutdown"]) == sorted(socketservers)
+    for row in report["shutdown"].values():
+        assert row["cycles"] == 1 and row["p99_ms"] >= 0
+    assert len(report["bars"]) == 8
+    for bar in report["bars"]:
+        assert set(bar) == {"bar", "target", "met", "figure"} and bar["met"] in (True, False, None)
+
+    md = out_md.read_text()
+    assert "| server | conn/s |" in md and "Machine:" in md
+    if plotting:
+        assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unknown_server():
+    proc = subprocess.run([sys.executable, "-m", "fastlisten", "bench", "--server", "nosuch"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def _row(**kw):
+    base = dict(rate=1000.0, cpu_us=10.0, cpu_user_us=5.0, cpu_sys_us=5.0, p50_ms=0.1,
+                p99_ms=1.0, listen_overflows=0)
+    base.update(kw)
+    return base
+
+
+def _report(results, shutdown):
+    for table in results.values():
+        runner.add_ratios(table)
+    return runner.Report(machine={}, options={"burst": 1024}, servers={}, skipped={},
+                         results=results, shutdown=shutdown)
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_bars_verdicts(good):
+    k = 1 if good else 3          # good: every target met; bad: every one missed
+    daytime = {
+        "native": _row(cpu_us=8.0),
+        "fastlisten-tcp": _row(cpu_us=8.5 * k, cpu_user_us=1.0 * k),
+        "stdlib-tcp": _row(cpu_us=12.0, cpu_user_us=5.0),
+        "fastlisten-threading": _row(rate=30000.0 / k, cpu_us=15.0 * k),
+        "stdlib-threading": _row(rate=10000.0, cpu_us=80.0),
+        "uvloop": _row(cpu_us=20.0),
+        "gevent": _row(cpu_us=24.0),
+    }
+    burst = {"fastlisten-tcp": _row(listen_overflows=0 if good else 3),
+             "stdlib-tcp": _row(listen_overflows=900)}
+    shutdown = {"fastlisten-tcp": {"p99_ms": 0.1 if good else 2.0},
+                "stdlib-tcp": {"p99_ms": 490.0}}
+    verdicts = [b["met"] for b in bars.evaluate(_report({"daytime": daytime, "burst": burst},
+                                                        shutdown))]
+    assert verdicts == [good] * 8
+
+
+def test_bars_not_measurable_without_fastlisten_servers():
+    daytime = {"stdlib-tcp": _row(), "stdlib-threading": _row()}
+    assert all(b["met"] is None for b in bars.evaluate(_report({"daytime": daytime}, {})))
+
+
+def test_summarise_median_and_spread():
+    runs = [dict(_row(rate=r), started=1, completed=1, errors=0, timeouts=0, aborted=0,
+                 max_ms=float(r), first_errno=0, cpu_us=None) for r in (100.0, 300.0, 200.0)]
+    s = runner.summarise(runs)
+    assert s["rate"] == 200.0 and s["rate_spread"] == 1.0
+    assert s["cpu_us"] is None and s["max_ms"] == 300.0 and s["completed"] == 3
