@@ -109,9 +109,15 @@ def _sections(report: Report, table: Any, heading: Any) -> List[str]:
     for scenario in report.results:
         parts += [heading(_scenario_title(report, scenario)),
                   table(HEADERS, rows(report, scenario)), ""]
+        others = [r["other_cpus"] for r in report.results[scenario].values()
+                  if r.get("other_cpus") is not None]
+        if others and max(others) >= 0.1:
+            parts += [f"(CPU used by other processes while these loads ran: median "
+                      f"{sorted(others)[len(others) // 2]:.2f}, max {max(others):.2f} CPUs; "
+                      f"rates are disturbed by it more than CPU per connection is)", ""]
     if report.shutdown:
         parts += [heading(f"shutdown(): the call to serve_forever returning "
-                          f"(idle server, {report.options['shutdown_cycles']} cycles)"),
+                          f"(idle server, one process per server)"),
                   table(SHUTDOWN_HEADERS, _shutdown_rows(report)), ""]
     if report.bars:
         parts += [heading("the bar (issue 5), from the daytime and burst runs above"),

@@ -42,6 +42,7 @@ def machine() -> Dict[str, object]:
         "tcp_tw_reuse": _int(_read("/proc/sys/net/ipv4/tcp_tw_reuse")),
         "ip_local_port_range": _read("/proc/sys/net/ipv4/ip_local_port_range"),
         "executable": sys.executable,
+        "loadavg_1min": loadavg(),
     }
 
 
@@ -67,6 +68,22 @@ def listen_counters() -> Dict[str, int]:
         for key in out:
             out[key] = int(table.get(key, 0))
     return out
+
+
+def busy_seconds() -> Optional[float]:
+    """CPU seconds all CPUs have spent busy since boot (/proc/stat), or None."""
+    text = _read("/proc/stat")
+    if not text or not text.startswith("cpu "):
+        return None
+    f = [int(x) for x in text.splitlines()[0].split()[1:]]
+    busy = sum(f[:3]) + sum(f[5:8])   # user nice system + irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def loadavg() -> Optional[float]:
+    """The 1-minute load average."""
+    text = _read("/proc/loadavg")
+    return float(text.split()[0]) if text else None
 
 
 def pick_cpus() -> Tuple[Optional[int], Optional[int]]:
