@@ -72,14 +72,16 @@ def _shutdown_rows(report: Report) -> List[Tuple[str, ...]]:
     for name, row in report.shutdown.items():
         label = report.servers.get(name, {}).get("label", name)
         if "error" in row:
-            out.append((label, "error", "", "", "", ""))
+            out.append((label, "error", "", "", "", "", ""))
             continue
         out.append((label, str(row["cycles"]), _num(row["p50_ms"], ".3f"),
-                    _num(row["p99_ms"], ".3f"), _num(row["max_ms"], ".3f"), _ratio(row["p99_x"])))
+                    _num(row["p99_ms"], ".3f"), _num(row["max_ms"], ".3f"), _ratio(row["p99_x"]),
+                    _num(row.get("p99_on_cpu_ms"), ".3f")))
     return out
 
 
-SHUTDOWN_HEADERS = ("server", "cycles", "p50 ms", "p99 ms", "max ms", "p99 x std")
+SHUTDOWN_HEADERS = ("server", "cycles", "p50 ms", "p99 ms", "max ms", "p99 x std",
+                    "p99 ms less CPU wait")
 BAR_HEADERS = ("bar", "target", "result", "measured")
 
 
@@ -133,7 +135,9 @@ NOTES = ("CPU us/conn: the server process's user+system CPU time (getrusage, chi
          "included) over the run, divided by the connections it completed. "
          "x std: ratio to the standard-library server of the same kind in this run "
          "(peers and the C loop: to stdlib TCPServer). ±: half the spread of the repeats "
-         "around their median. overflows/drops: TcpExt ListenOverflows/ListenDrops during the run.")
+         "around their median. overflows/drops: TcpExt ListenOverflows/ListenDrops during the run. "
+         "shutdown 'less CPU wait': the latency minus the time its two threads were runnable "
+         "but waiting for a CPU held by other processes (/proc/.../schedstat).")
 
 
 def to_text(report: Report) -> str:

@@ -158,12 +158,22 @@ def _idle_in_kernel(tid: int, limit: float = 0.2) -> None:
         time.sleep(0.001)
 
 
-def shutdown_latencies(spec: ServerSpec, cycles: int) -> List[float]:
-    """Seconds from shutdown() to serve_forever returning, for an idle
-    server, cycles times (each on a fresh server)."""
+def _runq_wait_s(path: str) -> float:
+    """Seconds a thread has spent runnable but waiting for a CPU (schedstat)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def shutdown_latencies(spec: ServerSpec, cycles: int) -> List[Tuple[float, float]]:
+    """(seconds from shutdown() to serve_forever returning, seconds of it the
+    two threads involved spent waiting for a CPU other processes held), for
+    an idle server, cycles times (each on a fresh server)."""
     module, cls = _server_class(spec)
     handler = handler_for(module, "daytime")
-    out: List[float] = []
+    out: List[Tuple[float, float]] = []
     for _ in range(cycles):
         server = cls((HOST, 0), handler)
         ready = threading.Event()
@@ -175,6 +185,7 @@ def shutdown_latencies(spec: ServerSpec, cycles: int) -> List[float]:
             ready.set()
             server.serve_forever()
             returned.append(time.perf_counter())
+            returned.append(_runq_wait_s("/proc/thread-self/schedstat"))
 
         t = threading.Thread(target=run, name="bench-serve")
         t.start()
@@ -183,10 +194,14 @@ def shutdown_latencies(spec: ServerSpec, cycles: int) -> List[float]:
             _idle_in_kernel(tids[0])
             # a random phase inside the server's wait, as a real caller has
             time.sleep(random.uniform(0.0, 0.02))
+            serve_wait0 = _runq_wait_s(f"/proc/self/task/{tids[0]}/schedstat")
+            my_wait0 = _runq_wait_s("/proc/thread-self/schedstat")
             t0 = time.perf_counter()
             server.shutdown()
             t.join()
-            out.append(returned[0] - t0)
+            waited = (returned[1] - serve_wait0) + (
+                _runq_wait_s("/proc/thread-self/schedstat") - my_wait0)
+            out.append((returned[0] - t0, max(0.0, waited)))
         finally:
             t.join()
             server.server_close()
