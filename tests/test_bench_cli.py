@@ -44,7 +44,7 @@ def test_bench_quick_end_to_end(tmp_path):
             assert row["repeats"] == 1 and len(row["runs"]) == 1, where
             assert row["completed"] > 0 and row["errors"] == 0 and row["timeouts"] == 0, where
             for key in ("rate", "cpu_us", "cpu_user_us", "cpu_sys_us", "p50_ms", "p99_ms",
-                        "max_ms", "listen_overflows", "listen_drops"):
+                        "max_ms", "listener_drops", "listen_overflows", "listen_drops"):
                 assert isinstance(row[key], (int, float)), (where, key)
             assert "rate_x" in row and "cpu_us_x" in row, where
     if "stdlib-tcp" in available:
@@ -69,9 +69,17 @@ def test_bench_rejects_unknown_server():
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
+@pytest.mark.parametrize("bad", [["--count", "0"], ["--burst", "70000"], ["--duration", "-1"],
+                                 ["--repeats", "0"]])
+def test_bench_rejects_out_of_range(bad, capsys):
+    from fastlisten.cli import main
+    assert main(["bench", *bad]) == 2
+    assert "must be" in capsys.readouterr().err
+
+
 def _row(**kw):
     base = dict(rate=1000.0, cpu_us=10.0, cpu_user_us=5.0, cpu_sys_us=5.0, p50_ms=0.1,
-                p99_ms=1.0, listen_overflows=0)
+                p99_ms=1.0, listen_overflows=0, listener_drops=0)
     base.update(kw)
     return base
 
@@ -95,8 +103,8 @@ def test_bars_verdicts(good):
         "uvloop": _row(cpu_us=20.0),
         "gevent": _row(cpu_us=24.0),
     }
-    burst = {"fastlisten-tcp": _row(listen_overflows=0 if good else 3),
-             "stdlib-tcp": _row(listen_overflows=900)}
+    burst = {"fastlisten-tcp": _row(listen_overflows=7, listener_drops=0 if good else 3),
+             "stdlib-tcp": _row(listener_drops=900)}
     shutdown = {"fastlisten-tcp": {"p99_ms": 0.1 if good else 2.0},
                 "stdlib-tcp": {"p99_ms": 490.0}}
     verdicts = [b["met"] for b in bars.evaluate(_report({"daytime": daytime, "burst": burst},

@@ -173,3 +173,25 @@ def test_reference_server(scenario):
             os.close(stop_w)
     assert (res.completed, res.errors) == (100, 0)
     assert out == [{"accepted": 100, "errors": 0}]
+
+
+def test_listener_drops_counts_this_listener_only():
+    from helpers import wait_for
+    from fastlisten.benchmark.serve import listener_drops
+    with socket.socket() as full, socket.socket() as other:
+        for s, backlog in ((full, 1), (other, 64)):
+            s.bind(("127.0.0.1", 0))
+            s.listen(backlog)
+        assert listener_drops(full) == 0 and listener_drops(other) == 0
+        clients = []
+        try:
+            for _ in range(8):          # nobody accepts: the queue of 1 overflows
+                c = socket.socket()
+                c.setblocking(False)
+                c.connect_ex(full.getsockname())
+                clients.append(c)
+            wait_for(lambda: listener_drops(full) > 0)
+            assert listener_drops(other) == 0
+        finally:
+            for c in clients:
+                c.close()

@@ -8,7 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from fastlisten.benchmark.runner import Report
 
 HEADERS = ("server", "conn/s", "x std", "CPU us/conn", "x std", "user us", "x std",
-           "sys us", "p50 ms", "p99 ms", "max ms", "overflows", "drops", "errors", "timeouts")
+           "sys us", "p50 ms", "p99 ms", "max ms", "queue drops", "overflows*",
+           "errors", "timeouts")
 
 
 def _num(x: Optional[float], spec: str) -> str:
@@ -40,8 +41,8 @@ def rows(report: Report, scenario: str) -> List[Tuple[str, ...]]:
             _num(row["p50_ms"], ".2f"),
             _num(row["p99_ms"], ".2f"),
             _num(row["max_ms"], ".1f"),
+            _num(row.get("listener_drops"), "g"),
             _num(row["listen_overflows"], "g"),
-            _num(row["listen_drops"], "g"),
             str(row["errors"]),
             str(row["timeouts"]),
         ))
@@ -135,7 +136,9 @@ NOTES = ("CPU us/conn: the server process's user+system CPU time (getrusage, chi
          "included) over the run, divided by the connections it completed. "
          "x std: ratio to the standard-library server of the same kind in this run "
          "(peers and the C loop: to stdlib TCPServer). ±: half the spread of the repeats "
-         "around their median. overflows/drops: TcpExt ListenOverflows/ListenDrops during the run. "
+         "around their median. queue drops: connections the server's own listening socket dropped "
+         "because its accept queue was full (SO_MEMINFO sk_drops). overflows*: TcpExt "
+         "ListenOverflows during the run, for the whole machine (other processes count too). "
          "shutdown 'less CPU wait': the latency minus the time its two threads were runnable "
          "but waiting for a CPU held by other processes (/proc/.../schedstat).")
 

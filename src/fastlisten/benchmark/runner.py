@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from fastlisten.benchmark.loadgen import run_load
 from fastlisten.benchmark.protocol import SCENARIOS
@@ -137,6 +137,11 @@ def _pinned(cpu: Optional[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def _marked(child: _Child) -> Tuple[float, float, Optional[int]]:
+    u, s, d = child.expect("MARK", 30)
+    return float(u), float(s), None if d == "-" else int(d)
+
+
 def run_once(spec: ServerSpec, scenario: str, opts: Options,
              cpus: Sequence[Optional[int]]) -> Dict[str, Any]:
     """One load against one fresh server process; the raw figures."""
@@ -145,7 +150,7 @@ def run_once(spec: ServerSpec, scenario: str, opts: Options,
     try:
         port = int(child.expect("READY", 60)[0])
         child.send("mark")
-        u0, s0 = map(float, child.expect("MARK", 30))
+        u0, s0, d0 = _marked(child)
         before = listen_counters()
         burst = scenario == "burst"
         busy0, wall0, mine0 = busy_seconds(), time.monotonic(), time.thread_time()
@@ -158,7 +163,7 @@ def run_once(spec: ServerSpec, scenario: str, opts: Options,
         busy1, wall1, mine1 = busy_seconds(), time.monotonic(), time.thread_time()
         after = listen_counters()
         child.send("mark")
-        u1, s1 = map(float, child.expect("MARK", 30))
+        u1, s1, d1 = _marked(child)
         child.send("stop")
         sd = child.expect("DONE", 60)[2]
         if child.proc.wait(timeout=60) != 0:
@@ -180,6 +185,7 @@ def run_once(spec: ServerSpec, scenario: str, opts: Options,
         cpu_user_us=user / n * 1e6 if n else None,
         cpu_sys_us=system / n * 1e6 if n else None,
         cpu_us=(user + system) / n * 1e6 if n else None,
+        listener_drops=None if d0 is None or d1 is None else d1 - d0,
         listen_overflows=after["ListenOverflows"] - before["ListenOverflows"],
         listen_drops=after["ListenDrops"] - before["ListenDrops"],
         shutdown_ms=None if sd == "-" else float(sd) * 1000.0,
@@ -190,7 +196,7 @@ def run_once(spec: ServerSpec, scenario: str, opts: Options,
 
 #: Figures summarised over repeats by their median (and spread).
 MEDIAN_KEYS = ("rate", "cpu_us", "cpu_user_us", "cpu_sys_us", "p50_ms", "p99_ms",
-               "listen_overflows", "listen_drops", "other_cpus")
+               "listener_drops", "listen_overflows", "listen_drops", "other_cpus")
 #: Figures summed over repeats.
 SUM_KEYS = ("started", "completed", "errors", "timeouts", "aborted")
 #: Figures that get a ratio to the same-kind stdlib server.
@@ -313,6 +319,17 @@ class Report:
         return asdict(self)
 
 
+def _ensure_descriptors(n: int) -> None:
+    """Raise this process's soft RLIMIT_NOFILE to n (up to the hard limit):
+    a burst holds that many client sockets at once."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n if hard == resource.RLIM_INFINITY else min(n, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        _log.debug("RLIMIT_NOFILE raised from %d to %d", soft, want)
+
+
 def run_benchmark(opts: Options, progress: Optional[Progress] = None) -> Report:
     """Run the comparison described by opts and return the report."""
     t_start = time.monotonic()
@@ -325,6 +342,7 @@ def run_benchmark(opts: Options, progress: Optional[Progress] = None) -> Report:
             skipped[spec.name] = reason
         else:
             specs.append(spec)
+    _ensure_descriptors(max(opts.burst, opts.concurrency) + 256)
     cpus = pick_cpus() if opts.pin else (None, None)
     results: Dict[str, Dict[str, Dict[str, Any]]] = {}
     failures: List[str] = []

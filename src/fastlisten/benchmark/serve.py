@@ -5,8 +5,9 @@ NAME (see ``fastlisten.benchmark.servers``) on 127.0.0.1, port 0, with its
 default settings, prints ``READY <port>`` and serves until told to stop.
 Commands arrive one per line on stdin:
 
-``mark``   answer ``MARK <user_s> <sys_s>``: CPU time of this process and its
-           reaped children so far (getrusage);
+``mark``   answer ``MARK <user_s> <sys_s> <drops or ->``: CPU time of this
+           process and its reaped children so far (getrusage), and the
+           connections its listener has dropped (SO_MEMINFO);
 ``stop``   stop the server (socketserver kinds: ``shutdown()``, timed from the
            call to ``serve_forever`` returning), close it (which reaps forked
            children), answer ``DONE <user_s> <sys_s> <shutdown_s or ->`` and exit.
@@ -69,9 +70,27 @@ class _Commands:
         return b"\n" in self.buf
 
 
-def _mark() -> None:
+#: getsockopt(SOL_SOCKET, SO_MEMINFO): nine u32, the last one sk_drops, which
+#: on a listener counts the connections its full accept queue dropped (the
+#: kernel's tcp_listendrop), for this socket alone, unlike /proc/net/netstat.
+SO_MEMINFO = 55
+SK_MEMINFO_DROPS = 8
+
+
+def listener_drops(sock: Any) -> Optional[int]:
+    """Connections the listening socket sock has dropped, or None if unknown."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
+        return int.from_bytes(raw[4 * SK_MEMINFO_DROPS:4 * SK_MEMINFO_DROPS + 4],
+                              sys.byteorder)
+    except (OSError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def _mark(listener: Any) -> None:
     u, s = cpu_times()
-    _say(f"MARK {u:.6f} {s:.6f}")
+    drops = listener_drops(listener)
+    _say(f"MARK {u:.6f} {s:.6f} {'-' if drops is None else drops}")
 
 
 def _done(shutdown_s: Optional[float]) -> None:
@@ -123,7 +142,7 @@ def serve_socketserver(spec: ServerSpec, scenario: str) -> None:
         while True:
             cmd = cmds.next()
             if cmd == "mark":
-                _mark()
+                _mark(server.socket)
             elif cmd == "stop":
                 called.append(time.perf_counter())
                 server.shutdown()
@@ -240,7 +259,7 @@ def serve_asyncio(scenario: str, use_uvloop: bool) -> None:
             while True:
                 cmd = cmds.next()
                 if cmd == "mark":
-                    _mark()
+                    _mark(server.sockets[0])
                 elif cmd == "stop":
                     loop.remove_reader(0)
                     stop.set()
@@ -300,7 +319,7 @@ def serve_gevent(scenario: str) -> None:
                 gevent.socket.wait_read(0)
             cmd = cmds.next()
             if cmd == "mark":
-                _mark()
+                _mark(server.socket)
             elif cmd == "stop":
                 stop.set()
                 return
@@ -330,7 +349,7 @@ def serve_native(scenario: str) -> None:
                 core.refserver_serve(lst.fileno(), 0, scenario, reply)
             cmd = cmds.next()
             if cmd == "mark":
-                _mark()
+                _mark(lst)
             elif cmd == "stop":
                 break
     _done(None)
