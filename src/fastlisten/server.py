@@ -354,35 +354,39 @@ if hasattr(os, "fork"):
                 self.collect_children()
             super().process_request(request, client_address)
 
-    class ForkingUDPServer(ForkingMixIn, UDPServer):
+    class ForkingUDPServer(ForkingMixIn, UDPServer, _std.ForkingUDPServer):
         """UDPServer with ForkingMixIn."""
 
-    class ForkingTCPServer(ForkingMixIn, TCPServer):
+    class ForkingTCPServer(ForkingMixIn, TCPServer, _std.ForkingTCPServer):
         """TCPServer with ForkingMixIn."""
 
 
-class ThreadingUDPServer(ThreadingMixIn, UDPServer):
+class ThreadingUDPServer(ThreadingMixIn, UDPServer, _std.ThreadingUDPServer):
     """UDPServer with ThreadingMixIn."""
 
 
-class ThreadingTCPServer(ThreadingMixIn, TCPServer):
+class ThreadingTCPServer(ThreadingMixIn, TCPServer, _std.ThreadingTCPServer):
     """TCPServer with ThreadingMixIn."""
 
 
 if hasattr(socket, "AF_UNIX"):
 
-    class ThreadingUnixStreamServer(ThreadingMixIn, UnixStreamServer):
+    class ThreadingUnixStreamServer(ThreadingMixIn, UnixStreamServer,
+                                    _std.ThreadingUnixStreamServer):
         """UnixStreamServer with ThreadingMixIn."""
 
-    class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer):
+    class ThreadingUnixDatagramServer(ThreadingMixIn, UnixDatagramServer,
+                                      _std.ThreadingUnixDatagramServer):
         """UnixDatagramServer with ThreadingMixIn."""
 
     if hasattr(os, "fork") and "ForkingUnixStreamServer" in _std.__all__:
 
-        class ForkingUnixStreamServer(ForkingMixIn, UnixStreamServer):
+        class ForkingUnixStreamServer(ForkingMixIn, UnixStreamServer,
+                                      _std.ForkingUnixStreamServer):
             """UnixStreamServer with ForkingMixIn."""
 
-        class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer):
+        class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer,
+                                        _std.ForkingUnixDatagramServer):
             """UnixDatagramServer with ForkingMixIn."""
 
 
