@@ -405,3 +405,32 @@ def test_forking_server_reaps_children(ss):
         for _ in range(3):
             assert ask(server.server_address) == b"ping\n"
     assert not server.active_children
+
+
+def test_signal_handler_exception_ends_serve_forever(ss):
+    import signal
+
+    class Stop(Exception):
+        pass
+
+    def on_alarm(signum, frame):
+        raise Stop
+
+    server = ss.TCPServer(("127.0.0.1", 0), EchoLine)
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Stop):
+            server.serve_forever(poll_interval=None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert os.get_blocking(server.socket.fileno())
+    # the server still works afterwards
+    c = socket.create_connection(server.server_address, timeout=LIMIT)
+    c.sendall(b"after\n")
+    server.handle_request()
+    assert c.recv(10) == b"after\n"
+    c.close()
+    server.server_close()
+

@@ -235,3 +235,20 @@ def test_install_makes_later_imports_use_fastlisten():
                           timeout=60, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "hello"
+
+
+def test_server_close_from_a_handler_thread():
+    # The stdlib raises RuntimeError here (it joins the current thread).
+    closed = threading.Event()
+
+    class Closing(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.server.server_close()
+            closed.set()
+
+    server = fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Closing)
+    c = socket.create_connection(server.server_address, timeout=LIMIT)
+    server.handle_request()
+    assert closed.wait(LIMIT)
+    assert server.socket.fileno() == -1
+    c.close()

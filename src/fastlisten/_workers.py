@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Any, Callable, Deque, Optional, Set, Tuple
 
 __all__ = ["WorkerPool"]
@@ -103,18 +104,20 @@ class WorkerPool:
             self._room.notify_all()
 
     def join(self, timeout: Optional[float] = None) -> None:
-        """close(), then wait for every job to finish and every thread to exit."""
+        """close(), then wait (up to ``timeout`` seconds; None: for ever) for
+        every job to finish and every other thread of the pool to exit."""
         self.close()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.current_thread()
         while True:
             with self._cond:
-                threads = list(self._threads)
-            if not threads:
+                others = [t for t in self._threads if t is not me]
+            if not others:
                 return
-            for t in threads:
-                if t is not threading.current_thread():
-                    t.join(timeout)
-            if timeout is not None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 return
+            others[0].join(left)
 
     def _start_thread(self, job: _Job) -> None:
         # Called with the lock held.
