@@ -434,3 +434,24 @@ def test_signal_handler_exception_ends_serve_forever(ss):
     c.close()
     server.server_close()
 
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forking_handler_raising(ss):
+    class Boom(socketserver.BaseRequestHandler):
+        def handle(self):
+            if self.request.recv(10) == b"boom":
+                raise ValueError("in the child")
+            self.request.sendall(b"ok")
+
+    class Quiet(ss.ForkingTCPServer):
+        def handle_error(self, request, client_address):
+            pass   # in the child: keep the test output clean
+
+    server = Quiet(("127.0.0.1", 0), Boom)
+    with serving(server):
+        assert ask(server.server_address, b"boom") == b""
+        assert ask(server.server_address, b"fine") == b"ok"
+    assert not server.active_children
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)     # no zombie left behind

@@ -252,3 +252,26 @@ def test_server_close_from_a_handler_thread():
     assert closed.wait(LIMIT)
     assert server.socket.fileno() == -1
     c.close()
+
+
+def test_a_base_with_its_own_loop_keeps_it():
+    calls = []
+
+    class OwnLoop(socketserver.TCPServer):
+        def serve_forever(self, poll_interval=0.5):
+            calls.append("serve_forever")
+            super().serve_forever(poll_interval)
+
+        def shutdown(self):
+            calls.append("shutdown")
+            super().shutdown()
+
+    class Mixed(fastlisten.ThreadingMixIn, OwnLoop):
+        pass
+
+    server = Mixed(("127.0.0.1", 0), EchoLine)
+    with serving(server, poll_interval=0.01):
+        assert ask(server.server_address) == b"ping\n"
+        assert server._fl_waker is None       # the stdlib's loop, not the core's
+    assert calls == ["serve_forever", "shutdown"]
+    assert not fastlisten.ThreadingTCPServer._fl_defer

@@ -84,9 +84,17 @@ class _FastLoop:
     accept_batch_size = 64
 
     _fl_waker: Any = None   # the running loop's wake-up source, if any
+    _fl_defer = False       # a base class below brings its own loop: use it
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        # class S(fastlisten.ThreadingMixIn, SomeServer): if SomeServer (or
+        # any class after this one in the MRO, short of the stdlib's
+        # BaseServer) has its own serve_forever or shutdown, keep its pair.
+        below = cls.__mro__[cls.__mro__.index(_FastLoop) + 1:]
+        cls._fl_defer = any(
+            name in vars(klass) for klass in below if klass is not _std.BaseServer
+            for name in ("serve_forever", "shutdown"))
         # The stdlib's backlog of 5 overflows under a few dozen clients: use the
         # kernel's somaxconn, unless some class between here and the stdlib's
         # TCPServer chose its own value.
@@ -102,6 +110,8 @@ class _FastLoop:
         poll_interval is how often service_actions() runs while idle;
         shutdown() does not wait for it.
         """
+        if self._fl_defer:
+            return super().serve_forever(poll_interval)  # type: ignore[misc]
         self._BaseServer__is_shut_down.clear()  # type: ignore[attr-defined]
         try:
             if not self._fl_serve_batches(poll_interval):
@@ -116,6 +126,8 @@ class _FastLoop:
         The loop wakes at once, whatever its poll_interval.  Called from the
         thread that runs serve_forever, this deadlocks (as in the stdlib).
         """
+        if self._fl_defer:
+            return super().shutdown()  # type: ignore[misc]
         self._BaseServer__shutdown_request = True
         with _wake_lock:
             if self._fl_waker is not None:
