@@ -275,3 +275,31 @@ def test_a_base_with_its_own_loop_keeps_it():
         assert server._fl_waker is None       # the stdlib's loop, not the core's
     assert calls == ["serve_forever", "shutdown"]
     assert not fastlisten.ThreadingTCPServer._fl_defer
+
+
+def test_install_serves_logging_config_listen():
+    code = textwrap.dedent("""
+        import json, logging, socket, struct
+        import fastlisten
+        fastlisten.install()
+        import logging.config
+        assert issubclass(logging.config.ThreadingTCPServer, fastlisten.ThreadingTCPServer)
+
+        t = logging.config.listen(0)
+        t.start()
+        assert t.ready.wait(10)
+        config = json.dumps({"version": 1, "incremental": True,
+                             "loggers": {"probe": {"level": "ERROR"}}}).encode()
+        with socket.create_connection(("127.0.0.1", t.port), timeout=10) as c:
+            c.sendall(struct.pack(">L", len(config)) + config)
+            c.shutdown(socket.SHUT_WR)
+            c.recv(1)          # the server closes once it has applied the config
+        logging.config.stopListening()
+        t.join(10)
+        assert not t.is_alive()
+        print(logging.getLevelName(logging.getLogger("probe").level))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ERROR"
