@@ -303,3 +303,11 @@ def test_install_serves_logging_config_listen():
                           timeout=60, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ERROR"
+
+
+def test_worker_pool_arguments():
+    with pytest.raises(ValueError):
+        WorkerPool(max_threads=0)
+    with pytest.raises(ValueError):
+        WorkerPool(max_threads=2, max_queued=0)
+    assert WorkerPool(max_threads=3).max_queued == 3

@@ -43,7 +43,9 @@ class WorkerPool:
         self.daemon = daemon
         self.idle_timeout = idle_timeout
         self.max_threads = max_threads
-        self.max_queued = max_threads if max_queued is None else max_queued
+        if max_queued is not None and max_queued < 1:
+            raise ValueError(f"max_queued must be None or at least 1, not {max_queued}")
+        self.max_queued = max_queued if max_queued is not None else (max_threads or 1)
         self._cond = threading.Condition(threading.Lock())   # workers wait on it
         self._room = threading.Condition(self._cond)          # submit() waits on it (same lock)
         self._jobs: Deque[_Job] = collections.deque()
@@ -84,7 +86,7 @@ class WorkerPool:
                 if self.max_threads is None or len(self._threads) < self.max_threads:
                     self._start_thread((fn, args))
                     return True
-                if len(self._jobs) < max(self.max_queued, 1):
+                if len(self._jobs) < self.max_queued:
                     self._jobs.append((fn, args))
                     return True
                 if cancelled is not None and cancelled():
