@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from time import monotonic
 from typing import Any, List, Optional, Tuple, Union
 
 from fastlisten._backend import RawListener
@@ -219,10 +220,7 @@ class Listener:
     def accept(self, timeout: Optional[float] = None) -> Tuple[socket.socket, Any]:
         """Accept one connection, waiting up to ``timeout`` seconds (None: for
         ever); raises ``socket.timeout`` (TimeoutError) when it expires."""
-        deadline = None
-        if timeout is not None:
-            from time import monotonic
-            deadline = monotonic() + timeout
+        deadline = None if timeout is None else monotonic() + timeout
         while True:
             left = None if deadline is None else remaining(deadline)
             batch = self.accept_many(1, left)
