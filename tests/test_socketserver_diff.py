@@ -102,8 +102,9 @@ def recorder(base):
     return Recording
 
 
-def test_hooks_called_in_stdlib_order(ss):
-    S = recorder(ss.TCPServer)
+@pytest.mark.parametrize("name", ["TCPServer", "ThreadingTCPServer"])
+def test_hooks_called_in_stdlib_order(ss, name):
+    S = recorder(getattr(ss, name))
     with serving(S(("127.0.0.1", 0), EchoLine)) as server:
         assert ask(server.server_address) == b"ping\n"
         assert ask(server.server_address) == b"ping\n"
@@ -455,3 +456,41 @@ def test_forking_handler_raising(ss):
     assert not server.active_children
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)     # no zombie left behind
+
+
+def test_serve_forever_again_after_shutdown(ss):
+    server = ss.ThreadingTCPServer(("127.0.0.1", 0), EchoLine)
+    for _ in range(2):
+        t = threading.Thread(target=server.serve_forever, args=(0.01,))
+        t.start()
+        assert ask(server.server_address) == b"ping\n"
+        server.shutdown()
+        t.join(LIMIT)
+        assert not t.is_alive()
+    server.server_close()
+
+
+class RecordingSocket(socket.socket):
+    """A socket.socket subclass whose accept() must be the one called."""
+
+    accepts = 0
+
+    def accept(self):
+        type(self).accepts += 1
+        return super().accept()
+
+
+def test_socket_subclass_accept_is_used(ss):
+    class Wrapped(ss.TCPServer):
+        def __init__(self, address, handler):
+            super().__init__(address, handler, bind_and_activate=False)
+            plain = self.socket
+            self.socket = RecordingSocket(plain.family, plain.type, fileno=plain.detach())
+            self.server_bind()
+            self.server_activate()
+
+    RecordingSocket.accepts = 0
+    with serving(Wrapped(("127.0.0.1", 0), EchoLine)) as server:
+        assert ask(server.server_address) == b"ping\n"
+        assert ask(server.server_address) == b"ping\n"
+    assert RecordingSocket.accepts == 2
