@@ -60,7 +60,7 @@ class Options:
     @classmethod
     def quick(cls, **kw: Any) -> "Options":
         """Small counts, one repeat: under a minute, for CI and a first look."""
-        base = dict(repeats=1, total=50_000, duration=0.5, timeout=1.5, shutdown_cycles=5)
+        base = dict(repeats=1, total=50_000, duration=0.5, timeout=1.2, shutdown_cycles=5)
         base.update(kw)
         return cls(**base)
 
