@@ -62,6 +62,14 @@ def test_bench_quick_end_to_end(tmp_path):
     if plotting:
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the saved report shows again without measuring anything
+    again = tmp_path / "again.md"
+    proc = subprocess.run([sys.executable, "-m", "fastlisten", "bench", "--from-json",
+                           str(out_json), "--markdown", str(again)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert again.read_text() == md and "[1/" not in proc.stderr
+
 
 def test_bench_rejects_unknown_server():
     proc = subprocess.run([sys.executable, "-m", "fastlisten", "bench", "--server", "nosuch"],

@@ -21,7 +21,9 @@ def _spread(x: Optional[float]) -> str:
 
 
 def _ratio(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:.2f}x"
+    if x is None:
+        return "-"
+    return f"{x:.2f}x" if x >= 0.1 else f"{x:.2g}x"
 
 
 def rows(report: Report, scenario: str) -> List[Tuple[str, ...]]:
@@ -191,16 +193,23 @@ def plot(report: Report, path: str, scenario: str = "daytime") -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2.2),
                                    sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     y = range(len(names))
+    totals = [table[n]["cpu_us"] for n in names]
     ax1.barh(y, user, color=colors, label="user")
     ax1.barh(y, system, left=user, color=colors, alpha=0.45, label="system")
-    for i, (u, s) in enumerate(zip(user, system)):
-        ax1.text(u + s, i, f" {u + s:.1f}", va="center", fontsize=8)
     ax1.set_yticks(list(y), labels)
-    totals = [u + s for u, s in zip(user, system)]
-    if totals and min(totals) > 0 and max(totals) / min(totals) > 30:
-        ax1.set_xscale("log")   # forking is 100x the rest: keep the others readable
-    ax1.set_xlabel("server CPU per connection, µs (solid: user, light: system) — lower is better"
-                   + (", log scale" if ax1.get_xscale() == "log" else ""))
+    # A forking server costs 100x the others: clip it rather than squash the rest.
+    middle = sorted(totals)[len(totals) // 2] if totals else 0.0
+    small = [t for t in totals if t <= 10 * middle]
+    cap = max(small) * 1.25 if small else None
+    clipped = cap is not None and max(totals) > 2 * cap
+    if clipped:
+        ax1.set_xlim(0, cap)
+    for i, t in enumerate(totals):
+        off = clipped and t > cap
+        ax1.text(min(t, cap) if off else t, i, f" {t:,.1f}" + (" (off scale)" if off else ""),
+                 va="center", ha="right" if off else "left", fontsize=8,
+                 color="white" if off else "black")
+    ax1.set_xlabel("server CPU per connection, µs (solid: user, light: system) — lower is better")
     ax2.barh(y, rate, color=colors)
     for i, r in enumerate(rate):
         ax2.text(r, i, f" {r:,.0f}", va="center", fontsize=8)

@@ -318,6 +318,11 @@ class Report:
         """A JSON-able dict of the whole report."""
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "Report":
+        """The report a ``--json`` file holds."""
+        return cls(**data)
+
 
 def _ensure_descriptors(n: int) -> None:
     """Raise this process's soft RLIMIT_NOFILE to n (up to the hard limit):

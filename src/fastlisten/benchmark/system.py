@@ -40,7 +40,7 @@ def machine() -> Dict[str, object]:
         "fastlisten_core": "compiled" if fastlisten.compiled else "pure Python",
         "somaxconn": _int(_read("/proc/sys/net/core/somaxconn")),
         "tcp_tw_reuse": _int(_read("/proc/sys/net/ipv4/tcp_tw_reuse")),
-        "ip_local_port_range": _read("/proc/sys/net/ipv4/ip_local_port_range"),
+        "ip_local_port_range": " ".join((_read("/proc/sys/net/ipv4/ip_local_port_range") or "").split()),
         "executable": sys.executable,
         "loadavg_1min": loadavg(),
     }

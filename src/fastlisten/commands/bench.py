@@ -36,6 +36,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
     p.add_argument("--plot", metavar="PNG", help="draw the chart (needs matplotlib: fastlisten[bench])")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="measure nothing: show (and --markdown/--plot) a report saved with --json")
     p.set_defaults(run=run)
 
 
@@ -85,13 +87,21 @@ def run(args: argparse.Namespace) -> int:
           if getattr(args, k) is not None}
     kw["pin"] = args.pin
     opts = Options.quick(**kw) if args.quick else Options(**kw)
-    progress = _progress_printer()
-    try:
-        report = run_benchmark(opts, progress)
-    finally:
-        progress.finish()
+    if args.from_json:
+        import json
+        with open(args.from_json) as f:
+            report = rep.Report.from_json(json.load(f))
+    else:
+        progress = _progress_printer()
+        try:
+            report = run_benchmark(opts, progress)
+        finally:
+            progress.finish()
     print(rep.to_text(report))
     command = "fastlisten bench" + (" --quick" if args.quick else "")
+    if args.from_json:
+        quick = report.options.get("repeats") == 1
+        command = "fastlisten bench" + (" --quick" if quick else "")
     if args.json:
         rep.write_json(report, args.json)
     if args.markdown:
