@@ -13,7 +13,10 @@ from fastlisten.benchmark.protocol import SCENARIOS
 from fastlisten.benchmark.servers import SERVERS, unavailable_reason
 
 SMALL = ["--quick", "--count", "300", "--duration", "0.2", "--concurrency", "4",
-         "--burst", "5", "--shutdown-cycles", "1"]
+         "--burst", "5", "--shutdown-cycles", "1", "--timeout", "10"]
+# (4 clients and a burst of 5 fit socketserver's backlog of 5: no SYN is
+# dropped, so no run waits for a retransmission; a slow CI machine gets 10 s
+# per connection before anything counts as a timeout.)
 
 
 def test_bench_quick_end_to_end(tmp_path):

@@ -29,6 +29,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--duration", type=float, help="seconds during which each run starts connections (default 3; quick 0.5)")
     p.add_argument("--concurrency", type=int, help="concurrent connections (default 32)")
     p.add_argument("--burst", type=int, help="connections opened at once in 'burst' (default 1024)")
+    p.add_argument("--timeout", type=float,
+                   help="seconds one connection may take before it counts as a timeout "
+                        "(default 5; quick 1.2)")
     p.add_argument("--shutdown-cycles", type=int,
                    help="shutdown() measurements per server (default 200, the stdlib's at most 20; quick 5)")
     p.add_argument("--no-pin", action="store_false", dest="pin",
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     limits = {"repeats": (1, 100), "total": (1, 10_000_000), "duration": (0.01, 600),
-              "concurrency": (1, 65535), "burst": (1, 65535), "shutdown_cycles": (0, 100_000)}
+              "concurrency": (1, 65535), "burst": (1, 65535), "shutdown_cycles": (0, 100_000),
+              "timeout": (0.01, 600)}
     for key, (lo, hi) in limits.items():
         value = getattr(args, key)
         if value is not None and not lo <= value <= hi:
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     kw = {k: getattr(args, k) for k in ("scenarios", "servers", "repeats", "total", "duration",
-                                        "concurrency", "burst", "shutdown_cycles")
+                                        "concurrency", "burst", "shutdown_cycles", "timeout")
           if getattr(args, k) is not None}
     kw["pin"] = args.pin
     opts = Options.quick(**kw) if args.quick else Options(**kw)
