@@ -204,9 +204,10 @@ def plot(report: Report, path: str, scenario: str = "daytime") -> None:
     clipped = cap is not None and max(totals) > 2 * cap
     if clipped:
         ax1.set_xlim(0, cap)
-    for i, t in enumerate(totals):
+    ends = [max(t, u + s) for t, u, s in zip(totals, user, system)]
+    for i, (t, end) in enumerate(zip(totals, ends)):
         off = clipped and t > cap
-        ax1.text(min(t, cap) if off else t, i, f" {t:,.1f}" + (" (off scale)" if off else ""),
+        ax1.text(cap if off else end, i, f" {t:,.1f}" + (" (off scale)" if off else ""),
                  va="center", ha="right" if off else "left", fontsize=8,
                  color="white" if off else "black")
     ax1.set_xlabel("server CPU per connection, µs (solid: user, light: system) — lower is better")
