@@ -12,13 +12,11 @@ import os
 import select
 import socket as _socket
 import threading
-from time import monotonic
 from typing import Any, Dict, List, Optional, Tuple
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, CLOSED, IGNORABLE,
-    check_max, closed_error, decode_unix_path, encode_unix_path, remaining,
-    timeout_ms,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, IGNORABLE, check_max,
+    closed_error, decode_unix_path, encode_unix_path, timeout_ms,
 )
 
 _ERRNO_SLOTS = 160
@@ -237,7 +235,6 @@ class RawListener:
         sock = self._open_sock()
         check_max(max)
         ms = timeout_ms(timeout)
-        deadline = None if timeout is None else monotonic() + timeout
         lfd, wfd = sock.fileno(), self._wake_r
         poller = select.poll()
         poller.register(lfd, _POLLIN)
@@ -279,7 +276,6 @@ class RawListener:
                 return out
             raise OSError(err, os.strerror(err))
         self._backoff_ms = BACKOFF_FIRST_MS
-        del deadline
         return out
 
     def _drain(self, sock: _socket.socket, max: int,

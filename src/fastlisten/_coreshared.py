@@ -19,8 +19,8 @@ MAX_BATCH = 65536
 BACKOFF_FIRST_MS = 10
 BACKOFF_MAX_MS = 1000
 
-#: errno values of accept() that mean "the peer gave up, go on"; "out of
-#: resources, back off"; "the listener is gone, stop".  (The C core has the
+#: errno values of accept() that mean "the peer gave up, go on" and "out of
+#: resources, back off"; every other errno is raised.  (The C core has the
 #: same table in csrc/fl_net.c:fl_accept_error_class.)
 IGNORABLE = frozenset(
     getattr(errno, name)
@@ -32,7 +32,6 @@ IGNORABLE = frozenset(
     if hasattr(errno, name)
 )
 CAPACITY = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-CLOSED = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK))
 
 
 def check_max(n: int) -> None:

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import threading
+from time import monotonic
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from fastlisten import sysinfo
@@ -342,10 +343,7 @@ class Listener:
     def accept(self, timeout: Optional[float] = None) -> Tuple[socket.socket, Any]:
         """Accept one connection, waiting up to ``timeout`` seconds (None: for
         ever); raises ``socket.timeout`` (TimeoutError) when it expires."""
-        deadline = None
-        if timeout is not None:
-            from time import monotonic
-            deadline = monotonic() + timeout
+        deadline = None if timeout is None else monotonic() + timeout
         while True:
             left = None if deadline is None else remaining(deadline)
             batch = self.accept_many(1, left)

@@ -1,0 +1,527 @@
+"""The core: lifecycle, batches, the GIL, signals, wake-ups, errors.
+
+Each test runs against the core in use (compiled, or the pure-Python twin
+under FASTLISTEN_NO_EXTENSIONS=1): the two must behave the same.
+"""
+
+import errno
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import fastlisten
+from fastlisten import Listener
+from helpers import queued, wait_for
+
+LOOPBACK = ("127.0.0.1", 0)
+
+
+def somaxconn():
+    with open("/proc/sys/net/core/somaxconn") as f:
+        return int(f.read())
+
+
+def connect_n(address, n):
+    return [socket.create_connection(address, timeout=5) for _ in range(n)]
+
+
+def close_all(pairs_or_socks):
+    for item in pairs_or_socks:
+        (item[0] if isinstance(item, tuple) else item).close()
+
+
+# -- the package ----------------------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("FASTLISTEN_NO_EXTENSIONS") == "1"
+                    or not sys.platform.startswith("linux"),
+                    reason="the pure-Python core is asked for or expected here")
+def test_compiled_core_in_use_after_install():
+    assert fastlisten.compiled
+    from fastlisten import _core
+    assert fastlisten._backend.RawListener is _core.RawListener
+
+
+@pytest.mark.skipif(os.environ.get("FASTLISTEN_NO_EXTENSIONS") != "1",
+                    reason="only when the pure-Python core is asked for")
+def test_pure_python_core_when_asked():
+    assert not fastlisten.compiled
+    from fastlisten import _corepy
+    assert fastlisten._backend.RawListener is _corepy.RawListener
+
+
+# -- the lifecycle ----------------------------------------------------------
+
+def test_step_by_step_lifecycle_and_port_zero():
+    lst = Listener(socket.AF_INET)
+    try:
+        assert lst.backlog is None
+        lst.bind(LOOPBACK)
+        host, port = lst.address
+        assert host == "127.0.0.1" and 0 < port < 65536
+        lst.listen(16)
+        assert lst.backlog == 16
+        with socket.create_connection(lst.address, timeout=5) as client:
+            conn, addr = lst.accept(timeout=5)
+            with conn:
+                assert isinstance(conn, socket.socket)
+                assert addr == client.getsockname()
+                assert conn.getpeername() == client.getsockname()
+                assert (conn.family, conn.type, conn.proto) == (socket.AF_INET, socket.SOCK_STREAM, 0)
+                assert conn.gettimeout() is None          # blocking, like socket.accept()
+                assert not conn.get_inheritable()         # SOCK_CLOEXEC
+                client.sendall(b"ping")
+                assert conn.recv(4) == b"ping"
+    finally:
+        lst.close()
+    assert lst.closed and lst.fileno() == -1
+    lst.close()                                           # idempotent
+
+
+def test_default_timeout_applies_to_accepted_sockets():
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(3.5)
+    try:
+        with fastlisten.listen(LOOPBACK) as lst, socket.create_connection(lst.address):
+            conn, _ = lst.accept(timeout=5)
+            with conn:
+                assert conn.gettimeout() == 3.5
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def test_ipv6_and_unix_listeners(tmp_path):
+    with fastlisten.listen(("::1", 0)) as lst6, socket.create_connection(lst6.address[:2]) as c:
+        assert lst6.family == socket.AF_INET6
+        conn, addr = lst6.accept(timeout=5)
+        with conn:
+            assert addr == c.getsockname() and len(addr) == 4
+    path = str(tmp_path / "s")
+    with fastlisten.listen(path) as lstu:
+        assert lstu.address == path
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(path)
+            conn, addr = lstu.accept(timeout=5)
+            with conn:
+                assert addr == "" and conn.family == socket.AF_UNIX
+    abstract = b"\0fastlisten-test-%d" % os.getpid()
+    with fastlisten.listen(abstract) as lsta:
+        assert lsta.address == abstract
+
+
+def test_hostname_is_resolved():
+    with fastlisten.listen(("localhost", 0), family=socket.AF_INET) as lst:
+        assert lst.address[0] == "127.0.0.1"
+
+
+def test_closing_the_listener_leaves_accepted_sockets_working():
+    lst = fastlisten.listen(LOOPBACK)
+    client = socket.create_connection(lst.address, timeout=5)
+    conn, _ = lst.accept(timeout=5)
+    lst.close()
+    with client, conn:
+        conn.sendall(b"still here")
+        assert client.recv(64) == b"still here"
+        client.sendall(b"and back")
+        assert conn.recv(64) == b"and back"
+
+
+# -- the backlog --------------------------------------------------------------
+
+def test_default_backlog_is_the_kernels_somaxconn():
+    assert fastlisten.default_backlog() == somaxconn()
+    with fastlisten.listen(LOOPBACK) as lst:
+        assert lst.queue() == (0, somaxconn())   # TCP_INFO: what ss -lnt shows
+        assert lst.backlog == somaxconn()
+
+
+def test_negative_backlog_clamps_to_zero_like_socket_listen():
+    with fastlisten.listen(LOOPBACK, backlog=-5) as lst:
+        assert lst.queue()[1] == 0
+        assert lst.backlog == 0
+
+
+def test_backlog_above_somaxconn_is_truncated_by_the_kernel():
+    with fastlisten.listen(LOOPBACK, backlog=somaxconn() * 4) as lst:
+        assert lst.backlog == somaxconn()
+
+
+# -- batches ----------------------------------------------------------------
+
+def test_a_batch_of_pending_connections_is_drained_in_one_call():
+    with fastlisten.listen(LOOPBACK) as lst:
+        clients = connect_n(lst.address, 20)
+        try:
+            wait_for(lambda: queued(lst) == 20)
+            batch = lst.accept_many(64, timeout=5)
+            try:
+                assert len(batch) == 20
+                assert sorted(a for _, a in batch) == sorted(c.getsockname() for c in clients)
+                assert queued(lst) == 0
+                stats = lst.stats()
+                assert stats["accepted"] == 20 and stats["batches"] == 1
+                assert stats["max_batch"] == 20
+            finally:
+                close_all(batch)
+        finally:
+            close_all(clients)
+
+
+def test_accept_many_takes_no_more_than_max():
+    with fastlisten.listen(LOOPBACK) as lst:
+        clients = connect_n(lst.address, 10)
+        try:
+            wait_for(lambda: queued(lst) == 10)
+            first = lst.accept_many(4, timeout=5)
+            rest = lst.accept_many(64, timeout=5)
+            assert (len(first), len(rest)) == (4, 6)
+            close_all(first + rest)
+        finally:
+            close_all(clients)
+
+
+def test_timeout_returns_an_empty_batch():
+    with fastlisten.listen(LOOPBACK) as lst:
+        assert lst.accept_many(8, timeout=0) == []
+        assert lst.accept_many(8, timeout=0.01) == []
+        with pytest.raises(socket.timeout):
+            lst.accept(timeout=0.01)
+
+
+def test_wakeup_from_another_thread_ends_a_blocked_wait():
+    with fastlisten.listen(LOOPBACK) as lst:
+        tid = []
+        result = []
+        t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()),
+                                             result.append(lst.accept_many(8, timeout=30))))
+        t.start()
+        wait_for(lambda: tid and _in_syscall(tid[0], _POLL_SYSCALLS))
+        lst.wakeup()
+        t.join(10)
+        assert not t.is_alive() and result == [[]]
+
+
+def test_wakeup_before_the_wait_makes_it_return_at_once():
+    with fastlisten.listen(LOOPBACK) as lst:
+        lst.wakeup()
+        lst.wakeup()   # several pending wake-ups are one
+        assert lst.accept_many(8, timeout=30) == []
+
+
+def test_wakeup_wins_over_pending_connections():
+    # shutdown() relies on this: once woken, nothing more is accepted.
+    with fastlisten.listen(LOOPBACK) as lst, socket.create_connection(lst.address):
+        wait_for(lambda: queued(lst) == 1)
+        lst.wakeup()
+        assert lst.accept_many(8, timeout=5) == []
+        close_all(lst.accept_many(8, timeout=5))
+
+
+# -- the GIL ------------------------------------------------------------------
+
+# x86_64 and aarch64 syscall numbers, read from /proc/<tid>/syscall.
+_ARCH = platform.machine()
+_POLL_SYSCALLS = {"x86_64": {7, 271}, "aarch64": {73}}.get(_ARCH, set())
+_ACCEPT_SYSCALLS = {"x86_64": {43, 288}, "aarch64": {202, 242}}.get(_ARCH, set())
+
+
+def _in_syscall(tid, numbers):
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            first = f.read().split()[0]
+    except (OSError, IndexError):
+        return False
+    return first.isdigit() and int(first) in numbers
+
+
+needs_syscall_table = pytest.mark.skipif(
+    not _POLL_SYSCALLS or not os.access("/proc/self/task", os.R_OK),
+    reason=f"no syscall table for {_ARCH} or no /proc")
+
+
+@needs_syscall_table
+def test_gil_is_released_while_waiting():
+    """Another Python thread runs while the accept loop sits in poll().
+
+    If the wait held the GIL, this (main) thread could not run while the
+    waiter is inside poll(), so it could never observe it there: it would
+    only get to run after the 20 s wait ended.
+    """
+    with fastlisten.listen(LOOPBACK) as lst:
+        tid, done = [], threading.Event()
+
+        def waiter():
+            tid.append(threading.get_native_id())
+            lst.accept_many(8, timeout=20)
+            done.set()
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        seen_blocked = False
+        while not done.is_set() and not seen_blocked:
+            seen_blocked = bool(tid) and _in_syscall(tid[0], _POLL_SYSCALLS)
+        lst.wakeup()
+        t.join(30)
+        assert seen_blocked
+
+
+def test_gil_is_released_while_draining_a_batch():
+    """Another Python thread keeps making progress while accept_many drains
+    a batch of pending connections.
+
+    The switch interval is raised so that the interpreter never takes the
+    GIL away by force: the spinner can then only run while this thread lets
+    go of the GIL of its own accord, which it does only inside accept_many.
+    """
+    n = min(2000, somaxconn())
+    with fastlisten.listen(LOOPBACK) as lst:
+        clients = connect_n(lst.address, n)
+        try:
+            wait_for(lambda: queued(lst) == n)
+            count, stop, started = [0], threading.Event(), threading.Event()
+
+            def spinner():
+                started.set()
+                while not stop.is_set():
+                    count[0] += 1
+                    if count[0] % 64 == 0:
+                        time.sleep(0)     # hand the GIL back when asked
+
+            old = sys.getswitchinterval()
+            sys.setswitchinterval(30)
+            t = threading.Thread(target=spinner)
+            try:
+                t.start()
+                started.wait(10)
+                before = count[0]
+                batch = lst.accept_many(n, timeout=5)
+                after = count[0]
+            finally:
+                stop.set()
+                sys.setswitchinterval(old)
+                t.join(30)
+            close_all(batch)
+        finally:
+            close_all(clients)
+    assert len(batch) == n          # one call drained the whole queue
+    assert after > before           # and the spinner ran meanwhile
+
+
+# -- signals ------------------------------------------------------------------
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signals are delivered to the main thread")
+def test_a_signal_handler_that_raises_interrupts_a_blocked_wait():
+    def handler(signum, frame):
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        with fastlisten.listen(LOOPBACK) as lst:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with pytest.raises(Interrupted):
+                lst.accept_many(8, timeout=30)
+            assert not lst.closed     # usable again after the interruption
+            assert lst.accept_many(8, timeout=0) == []
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_ctrl_c_stops_a_blocked_accept_in_a_real_process():
+    script = textwrap.dedent("""
+        import sys, fastlisten
+        lst = fastlisten.listen(("127.0.0.1", 0))
+        print("ready", flush=True)
+        try:
+            lst.accept()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(0)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and out.strip() == "interrupted"
+
+
+def test_eintr_is_retried_with_the_time_left():
+    calls = []
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: calls.append(signum))
+    try:
+        with fastlisten.listen(LOOPBACK) as lst:
+            signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)   # repeatedly
+            try:
+                result = lst.accept_many(8, timeout=0.2)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        assert result == []
+        assert calls                # handlers ran, and the wait went on
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
+# -- closing ------------------------------------------------------------------
+
+@needs_syscall_table
+def test_close_from_another_thread_ends_a_blocked_wait_and_closes_the_fd():
+    lst = fastlisten.listen(LOOPBACK)
+    fd = lst.fileno()
+    errors, tid = [], []
+
+    def waiter():
+        tid.append(threading.get_native_id())
+        try:
+            lst.accept_many(8, timeout=30)
+        except OSError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    wait_for(lambda: tid and _in_syscall(tid[0], _POLL_SYSCALLS))
+    lst.close()
+    t.join(10)
+    assert not t.is_alive()
+    assert [e.errno for e in errors] == [errno.EBADF]
+    assert lst.closed
+    with pytest.raises(OSError):
+        os.fstat(fd)   # really closed (the fixture would also see the leak)
+
+
+def test_a_closed_listener_used_again_raises_ebadf():
+    lst = fastlisten.listen(LOOPBACK)
+    lst.close()
+    for use in (lambda: lst.accept_many(1, 0), lambda: lst.accept(0),
+                lambda: lst.bind(LOOPBACK), lambda: lst.listen(), lambda: lst.queue(),
+                lambda: lst.address):
+        with pytest.raises(OSError) as info:
+            use()
+        assert info.value.errno == errno.EBADF
+
+
+# -- bad input ------------------------------------------------------------------
+
+@pytest.mark.parametrize("port", [65536, -1, 10**20])
+def test_out_of_range_port_is_an_overflow_error_naming_it(port):
+    with pytest.raises(OverflowError, match=str(port)):
+        fastlisten.listen(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("address, exc", [
+    (("127.0.0.1", "80"), TypeError),
+    (("127.0.0.1", 1.5), TypeError),
+    (("127.0.0.1",), TypeError),
+    ((None, 0), TypeError),
+    (42, TypeError),
+])
+def test_malformed_addresses_raise_clear_errors(address, exc):
+    with pytest.raises(exc, match="address|port|host"):
+        fastlisten.listen(address)
+
+
+def test_unknown_address_family():
+    with pytest.raises(OSError) as info:
+        Listener(12345)
+    assert info.value.errno == errno.EAFNOSUPPORT and "12345" in str(info.value)
+    with pytest.raises(TypeError):
+        Listener("inet")
+
+
+@pytest.mark.parametrize("backlog", ["5", 2.5, None.__class__])
+def test_non_numeric_backlog_is_a_type_error_naming_it(backlog):
+    lst = Listener()
+    try:
+        lst.bind(LOOPBACK)
+        with pytest.raises(TypeError, match="backlog"):
+            lst.listen(backlog)
+    finally:
+        lst.close()
+
+
+@pytest.mark.parametrize("max_", [0, -1, 10**6])
+def test_bad_batch_size(max_):
+    with fastlisten.listen(LOOPBACK) as lst:
+        with pytest.raises((ValueError, OverflowError)):
+            lst.accept_many(max_, 0)
+
+
+@pytest.mark.parametrize("timeout, exc", [(-1, ValueError), (float("nan"), ValueError),
+                                          ("1", TypeError)])
+def test_bad_timeout(timeout, exc):
+    with fastlisten.listen(LOOPBACK) as lst:
+        with pytest.raises(exc, match="timeout"):
+            lst.accept_many(1, timeout)
+
+
+def test_failed_bind_leaks_nothing_and_keeps_errno():
+    with fastlisten.listen(LOOPBACK) as first:
+        with pytest.raises(OSError) as info:
+            fastlisten.listen(first.address, reuse_address=False)
+        assert info.value.errno == errno.EADDRINUSE
+        assert isinstance(info.value, OSError)
+
+
+# -- capacity errors --------------------------------------------------------------
+
+def test_out_of_descriptors_backs_off_instead_of_spinning_and_recovers():
+    """EMFILE leaves the connection queued; accept_many pauses instead of
+    spinning on a listener that stays readable, logs once, and accepts the
+    connection once descriptors are free again.  Run in a child process, as
+    it lowers RLIMIT_NOFILE."""
+    script = textwrap.dedent("""
+        import json, logging, os, resource, socket, time
+        import fastlisten
+        records = []
+        class H(logging.Handler):
+            def emit(self, r): records.append(r.getMessage())
+        logging.getLogger("fastlisten").addHandler(H())
+        lst = fastlisten.listen(("127.0.0.1", 0))
+        client = socket.create_connection(lst.address)
+        while lst.queue()[0] != 1:
+            time.sleep(0.001)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 2, hard))
+        filler = []
+        try:
+            while True:
+                filler.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        wall, cpu = time.monotonic(), time.thread_time()
+        empty = [lst.accept_many(8) for _ in range(5)]
+        wall, cpu = time.monotonic() - wall, time.thread_time() - cpu
+        for fd in filler:
+            os.close(fd)
+        batch = lst.accept_many(8, timeout=5)
+        print(json.dumps({"empty": [len(b) for b in empty], "recovered": len(batch),
+                          "errors": lst.stats()["errors"], "logs": records,
+                          "cpu_share": cpu / wall, "queued": lst.queue()[0]}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["empty"] == [0] * 5            # returned, did not block for ever
+    assert result["recovered"] == 1 and result["queued"] == 0
+    assert result["errors"] == {str(errno.EMFILE): 5}   # one accept4 per call: no spin
+    assert result["cpu_share"] < 0.5             # it slept rather than spun
+    assert len(result["logs"]) == 1 and "Too many open files" in result["logs"][0]
