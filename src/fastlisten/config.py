@@ -227,9 +227,10 @@ class ListenConfig:
             if len(address) not in (2, 4):
                 raise TypeError(f"address must be (host, port) or a path, not {address!r}")
             host, port = address[0], address[1]
+            if not isinstance(host, str):   # as socket.bind: '' (not None) is every interface
+                raise TypeError(f"the host of address {address!r} must be a str "
+                                f"('' for every interface), not {type(host).__name__}")
             if len(address) == 4 and address[3]:
-                if not isinstance(host, str):
-                    raise TypeError(f"host must be a str, not {type(host).__name__}: {host!r}")
                 host = f"{host}%{address[3]}"
             return cls(host=host, port=port, **options)
         if isinstance(address, (str, bytes)) or hasattr(address, "__fspath__"):
