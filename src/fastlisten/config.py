@@ -32,7 +32,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-__all__ = ["ListenConfig", "systemd_fds", "parse_bind", "check_backlog"]
+__all__ = ["ListenConfig", "systemd_fds", "parse_bind", "check_backlog",
+           "add_arguments", "from_args"]
 
 _C_INT_MAX = 2**31 - 1
 _UNIX_PATH_MAX = 108
@@ -526,3 +527,70 @@ def _apply(sock: Any, opts: Tuple[Opt, ...], what: str) -> None:
         except OSError as exc:
             raise type(exc)(exc.errno, f"{exc.strerror or os.strerror(exc.errno or 0)}: "
                                        f"{label} on the {what} was refused") from None
+
+
+# -- the command line ---------------------------------------------------------
+
+def add_arguments(parser: Any, default_bind: str = "127.0.0.1:0") -> None:
+    """Add the listener options to an argparse parser (``fastlisten serve``
+    and any other command that listens); :func:`from_args` turns the parsed
+    arguments into a ListenConfig, which checks them."""
+    def octal(text: str) -> int:
+        return int(text, 8)
+
+    g = parser.add_argument_group("listener")
+    g.add_argument("--bind", metavar="ADDR", default=None,
+                   help=f"HOST:PORT, [IPv6]:PORT, :PORT (every interface), or a Unix "
+                        f"socket path (unix:PATH or anything with a /); default {default_bind}")
+    g.add_argument("--fd", metavar="N|systemd", default=None,
+                   help="take over an open listening socket: a descriptor number, or "
+                        "'systemd' for socket activation (LISTEN_FDS/LISTEN_PID)")
+    g.add_argument("--family", choices=("ipv4", "ipv6", "unix"), default=None,
+                   help="address family (default: what --bind implies)")
+    g.add_argument("--dualstack", action="store_true",
+                   help="an IPv6 listener on [::] serves IPv4 too (else IPv6-only)")
+    g.add_argument("--backlog", type=int, default=None,
+                   help="accept queue size (default: net.core.somaxconn)")
+    g.add_argument("--no-reuse-address", dest="reuse_address", action="store_false",
+                   help="do not set SO_REUSEADDR")
+    g.add_argument("--reuse-port", action="store_true",
+                   help="set SO_REUSEPORT (several servers share the port)")
+    g.add_argument("--nodelay", action="store_true", help="TCP_NODELAY on connections")
+    g.add_argument("--keepalive", action="store_true", help="SO_KEEPALIVE on connections")
+    g.add_argument("--rcvbuf", type=int, default=None, metavar="BYTES", help="SO_RCVBUF")
+    g.add_argument("--sndbuf", type=int, default=None, metavar="BYTES", help="SO_SNDBUF")
+    g.add_argument("--defer-accept", type=int, default=None, metavar="SECONDS",
+                   help="TCP_DEFER_ACCEPT: wake only once the client has sent data")
+    g.add_argument("--fastopen", type=int, default=None, metavar="QLEN",
+                   help="TCP_FASTOPEN: queue length of pending fast-open requests")
+    g.add_argument("--unix-mode", type=octal, default=None, metavar="OCTAL",
+                   help="file mode of a Unix socket, e.g. 660")
+    g.add_argument("--keep-stale", dest="unlink_stale", action="store_false",
+                   help="do not remove a stale Unix socket file before binding")
+    parser.set_defaults(_default_bind=default_bind)
+
+
+def from_args(args: Any) -> ListenConfig:
+    """A ListenConfig from arguments added by :func:`add_arguments` (raises
+    what ListenConfig raises for a bad value)."""
+    where: Dict[str, Any] = {}
+    fd: Optional[Union[int, str]] = None
+    if args.fd is not None:
+        fd = args.fd if args.fd == "systemd" else _cli_int("--fd", args.fd)
+        if args.bind is not None:
+            raise ValueError("give --bind or --fd, not both")
+    else:
+        where = parse_bind(args.bind if args.bind is not None else args._default_bind)
+    return ListenConfig(
+        fd=fd, family=args.family, dualstack=args.dualstack, backlog=args.backlog,
+        reuse_address=args.reuse_address, reuse_port=args.reuse_port,
+        nodelay=args.nodelay, keepalive=args.keepalive, rcvbuf=args.rcvbuf,
+        sndbuf=args.sndbuf, defer_accept=args.defer_accept, fastopen=args.fastopen,
+        unix_mode=args.unix_mode, unlink_stale=args.unlink_stale, **where)
+
+
+def _cli_int(option: str, text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise ValueError(f"{option} must be a number or 'systemd', not {text!r}") from None
