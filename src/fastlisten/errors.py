@@ -75,11 +75,10 @@ def _tcp_listeners(port: int) -> List[Tuple[str, int]]:
     """(address, inode) of the listening TCP sockets on ``port``."""
     found: List[Tuple[str, int]] = []
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        try:
-            with open(f"/proc/net/{name}", "r", encoding="ascii") as f:
-                lines = f.read().splitlines()[1:]
-        except (OSError, UnicodeDecodeError):
+        text = sysinfo.read_proc(f"/proc/net/{name}")
+        if text is None:
             continue
+        lines = text.splitlines()[1:]
         for line in lines:
             parts = line.split()
             if len(parts) < 10 or parts[3] != _TCP_LISTEN:
@@ -99,8 +98,8 @@ def _unix_listeners(path: str) -> List[Tuple[str, int]]:
     """(path, inode) of the listening Unix sockets bound to ``path``."""
     found: List[Tuple[str, int]] = []
     try:
-        with open("/proc/net/unix", "r", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()[1:]
+        with open("/proc/net/unix", "rb") as f:
+            lines = [os.fsdecode(line) for line in f.read().splitlines()[1:]]
     except OSError:
         return found
     for line in lines:

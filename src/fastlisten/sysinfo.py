@@ -22,13 +22,22 @@ __all__ = [
 _SYSCTL = "/proc/sys/net"
 
 
+def read_proc(path: str) -> Optional[str]:
+    """The text of a /proc file, None when unreadable.  Read as bytes and
+    decoded without a codec lookup, so that it works even where the
+    ``encodings`` package cannot be imported any more (after dropping
+    privileges, at interpreter shutdown)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("latin-1")
+    except OSError:
+        return None
+
+
 def _read_sysctl(name: str) -> Optional[str]:
     """The text of /proc/sys/net/<name>, stripped; None when unreadable."""
-    try:
-        with open(os.path.join(_SYSCTL, name), "r", encoding="ascii") as f:
-            return f.read().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
+    text = read_proc(os.path.join(_SYSCTL, name))
+    return None if text is None else text.strip()
 
 
 def _read_int(name: str) -> Optional[int]:
@@ -110,11 +119,10 @@ def listen_counters() -> Dict[str, Optional[int]]:
     and ``ListenDrops`` (all SYNs dropped at a listener) from
     /proc/net/netstat, counted since boot in this network namespace."""
     out: Dict[str, Optional[int]] = {"ListenOverflows": None, "ListenDrops": None}
-    try:
-        with open("/proc/net/netstat", "r", encoding="ascii") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError):
+    text = read_proc("/proc/net/netstat")
+    if text is None:
         return out
+    lines = text.splitlines()
     # Pairs of lines: "TcpExt: name name ..." then "TcpExt: value value ...".
     for names, values in zip(lines[::2], lines[1::2]):
         if not names.startswith("TcpExt:"):
@@ -202,11 +210,7 @@ def report() -> Dict[str, Any]:
 
 def _ipv4_from_fib_trie() -> List[str]:
     """Local IPv4 addresses from /proc/net/fib_trie ("host LOCAL" leaves)."""
-    try:
-        with open("/proc/net/fib_trie", "r", encoding="ascii") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
+    lines = (read_proc("/proc/net/fib_trie") or "").splitlines()
     found: List[str] = []
     last_addr = None
     for line in lines:
@@ -248,11 +252,7 @@ def _ipv4_from_ioctl() -> List[str]:
 
 def _ipv6_from_proc() -> List[str]:
     """Local IPv6 addresses from /proc/net/if_inet6 (link-local ones with %iface)."""
-    try:
-        with open("/proc/net/if_inet6", "r", encoding="ascii") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
+    lines = (read_proc("/proc/net/if_inet6") or "").splitlines()
     found: List[str] = []
     for line in lines:
         parts = line.split()
