@@ -308,8 +308,10 @@ class ListenConfig:
             put("fastopen", _check_int("fastopen", self.fastopen, 0,
                                        what=" (queue length)"))
         if self.unix_mode is not None:
-            put("unix_mode", _check_int("unix_mode", self.unix_mode, 0, 0o7777,
-                                        what=" (file mode, e.g. 0o660)"))
+            mode = _check_int("unix_mode", self.unix_mode, 0, what=" (file mode, e.g. 0o660)")
+            if mode > 0o7777:
+                raise ValueError(f"unix_mode={oct(mode)} is not a file mode (0 to 0o7777)")
+            put("unix_mode", mode)
             if family != socket.AF_UNIX or self.fd is not None:
                 raise ValueError(f"unix_mode={oct(self.unix_mode)} needs a Unix socket path")
             if isinstance(self.path, bytes) and self.path[:1] == b"\0":

@@ -30,9 +30,9 @@ import signal
 import socket
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import queue
 from time import monotonic
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from fastlisten import config as _config
 from fastlisten.errors import format_address
@@ -43,6 +43,10 @@ _log = logging.getLogger("fastlisten.serve")
 
 #: Most connections taken per wake-up.
 _BATCH = 64
+
+#: The signals serve handles.  Every thread but the main one blocks them, so
+#: that the kernel delivers them where Python runs its handlers.
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -107,11 +111,21 @@ def format_counters(c: Dict[str, Any]) -> str:
 
 
 class CommandServer:
-    """The server ``fastlisten serve`` runs: one accept loop over a Listener,
-    dispatching each connection to a thread pool or a forked process.
+    """The server ``fastlisten serve`` runs: an accept loop over a Listener
+    dispatching each connection to a pool of threads or a forked process.
+
+    Two roles, so that no signal is ever lost: an *acceptor* thread waits in
+    ``accept_many`` (signals blocked there, as in the workers), and the main
+    thread supervises: it sleeps on a self-pipe that the C-level signal
+    handler writes to (``signal.set_wakeup_fd``), so a signal arriving at any
+    instant wakes it, runs the Python handlers, logs counters, reaps
+    children, and wakes the acceptor through ``Listener.wakeup()``.  (A
+    signal that lands just before a thread enters poll() would otherwise
+    wait for the next connection.)
 
     Handlers see it as their ``server``: ``server_address``, ``listener``,
-    ``handler``.  Methods for the caller: serve(), stop(), close().
+    ``handler``.  Methods for the caller: serve() (from the main thread),
+    stop(), request_stats(), close().
     """
 
     def __init__(self, listener: Listener, handler: Callable[..., Any], *,
@@ -135,41 +149,39 @@ class CommandServer:
         self._stopping = False
         self._force = False
         self._stats_requested = False
-        self._lock = threading.Lock()
+        self._slots = threading.Condition()     # guards the four below
         self._in_flight = 0
         self._conns: Set[socket.socket] = set()
         self._children: Set[int] = set()
-        self._pool: Optional[ThreadPoolExecutor] = None
-        # A self-pipe: finished handlers, exited children and signals write
-        # to it so that a loop waiting for a free slot wakes at once.
+        self._accept_error: Optional[BaseException] = None
+        self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._threads: List[threading.Thread] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    # -- signals (run in the main thread between bytecodes: flags and wake-ups only)
+    # -- requests (signal handlers call these: flags and a wake-up only) --
 
     def stop(self) -> None:
-        """Stop accepting and shut down (a second call: end handlers now).
-        Safe from a signal handler and from any thread."""
+        """Stop accepting and shut down; a second call ends running handlers
+        at once.  Safe from a signal handler and from any thread."""
         if self._stopping:
             self._force = True
         self._stopping = True
         self._wake()
 
     def request_stats(self) -> None:
-        """Log the counters at the next turn of the loop (SIGUSR1)."""
+        """Log the counters at once (SIGUSR1)."""
         self._stats_requested = True
         self._wake()
 
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"!")
-        except (BlockingIOError, OSError):
-            pass
-        try:
-            self.listener.wakeup()
         except OSError:
-            pass
+            pass    # full: a wake-up is pending anyway; closed: we are done
 
-    def _wait_wake(self, timeout: Optional[float]) -> None:
+    def _sleep(self, timeout: Optional[float]) -> None:
+        """Wait until something wrote to the self-pipe (a signal, a handler
+        done, stop()) or ``timeout`` passed; Python signal handlers run."""
         select.select([self._wake_r], [], [], timeout)
         try:
             while os.read(self._wake_r, 4096):
@@ -177,24 +189,25 @@ class CommandServer:
         except BlockingIOError:
             pass
 
-    # -- the loop ------------------------------------------------------
+    # -- the supervisor (main thread) --------------------------------------
 
     def serve(self) -> None:
-        """Accept and dispatch until stop(); then let handlers finish."""
-        if not self.forking:
-            self._pool = ThreadPoolExecutor(self.limit, thread_name_prefix="fastlisten-serve")
+        """Serve until stop(); then let running handlers finish (``grace``)."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:    # threads inherit the mask: only the main thread takes signals
+            if not self.forking:
+                for i in range(self.limit):
+                    self._start(self._worker, f"fastlisten-serve-{i}")
+            acceptor = self._start(self._accept_loop, "fastlisten-serve-accept")
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         next_stats = None if self.stats_interval is None else monotonic() + self.stats_interval
         try:
             while not self._stopping:
                 timeout = None if next_stats is None else max(next_stats - monotonic(), 0.0)
+                self._sleep(timeout)
                 if self.forking:
                     self._reap()
-                free = self.limit - self._in_flight
-                if free <= 0:
-                    self._wait_wake(timeout)      # a handler finishing wakes us
-                else:
-                    for conn, addr in self.listener.accept_many(min(free, _BATCH), timeout):
-                        self._dispatch(conn, addr)
                 if next_stats is not None and monotonic() >= next_stats:
                     self._stats_requested = True
                     next_stats = monotonic() + self.stats_interval  # type: ignore[operator]
@@ -202,11 +215,41 @@ class CommandServer:
                     self._stats_requested = False
                     _log.info("counters: %s", format_counters(self.counters()))
         finally:
+            self._stopping = True
+            with self._slots:
+                self._slots.notify_all()
+            self.listener.wakeup()
+            acceptor.join()
             self._finish()
+        if self._accept_error is not None:
+            raise self._accept_error
+
+    def _start(self, target: Callable[[], None], name: str) -> threading.Thread:
+        t = threading.Thread(target=target, name=name)
+        t.start()
+        self._threads.append(t)
+        return t
 
     def counters(self) -> Dict[str, Any]:
         """The listener's counters (see Listener.counters)."""
         return self.listener.counters()
+
+    # -- the acceptor thread ------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        try:
+            while True:
+                with self._slots:
+                    while self._in_flight >= self.limit and not self._stopping:
+                        self._slots.wait()      # a handler finishing notifies
+                    free = self.limit - self._in_flight
+                if self._stopping:
+                    return
+                for conn, addr in self.listener.accept_many(min(free, _BATCH)):
+                    self._dispatch(conn, addr)
+        except BaseException as exc:   # noqa: BLE001 - reported by serve()
+            self._accept_error = exc
+            self.stop()
 
     def _dispatch(self, conn: socket.socket, addr: Any) -> None:
         if self._stopping:
@@ -215,15 +258,27 @@ class CommandServer:
         if self.forking:
             self._fork(conn, addr)
             return
-        with self._lock:
+        with self._slots:
             self._in_flight += 1
             self._conns.add(conn)
-        try:
-            self._pool.submit(self._run_thread, conn, addr)  # type: ignore[union-attr]
-        except BaseException:
-            self._done(conn)
-            conn.close()
-            raise
+        self._jobs.put((conn, addr))
+
+    # -- threads --------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            conn, addr = job
+            try:
+                self._handle(conn, addr)
+            finally:
+                with self._slots:
+                    self._in_flight -= 1
+                    self._conns.discard(conn)
+                    self._slots.notify()
+                self._wake()
 
     def _handle(self, conn: socket.socket, addr: Any) -> None:
         """Run the handler on one connection, then shut it down as
@@ -240,30 +295,23 @@ class CommandServer:
                 pass
             conn.close()
 
-    def _run_thread(self, conn: socket.socket, addr: Any) -> None:
-        try:
-            self._handle(conn, addr)
-        finally:
-            self._done(conn)
-            try:
-                os.write(self._wake_w, b".")
-            except (BlockingIOError, OSError):
-                pass
-
-    def _done(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            self._conns.discard(conn)
+    # -- processes ------------------------------------------------------------
 
     def _fork(self, conn: socket.socket, addr: Any) -> None:
-        pid = os.fork()
+        with self._slots:      # counted before the child can exit and be reaped
+            self._in_flight += 1
+            pid = os.fork()
+            if pid:
+                self._children.add(pid)
         if pid == 0:   # the child: handle this one connection and leave
             status = 1
             try:
+                signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGINT, signal.SIGUSR1):
                     signal.signal(sig, signal.SIG_IGN)   # the parent decides when we stop
                 for sig in (signal.SIGTERM, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 self.listener.close()
@@ -276,67 +324,77 @@ class CommandServer:
                 finally:
                     os._exit(status)
         conn.close()
-        self._children.add(pid)
-        self._in_flight += 1
         self.listener.handler_started()
 
     def _reap(self) -> None:
-        while self._children:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                pid = 0
-                for child in list(self._children):   # reaped elsewhere: forget them
-                    self._children.discard(child)
-                    self._child_gone()
-            if pid == 0:
-                return
-            if pid in self._children:
-                self._children.discard(pid)
-                self._child_gone()
+        """Collect exited children (main thread, woken by SIGCHLD)."""
+        while True:
+            with self._slots:
+                if not self._children:
+                    return
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    pid, gone = 0, len(self._children)
+                    self._children.clear()   # reaped by someone else
+                    self._in_flight -= gone
+                    for _ in range(gone):
+                        self.listener.handler_finished()
+                    self._slots.notify_all()
+                    return
+                if pid == 0:
+                    return
+                if pid in self._children:
+                    self._children.discard(pid)
+                    self._in_flight -= 1
+                    self.listener.handler_finished()
+                    self._slots.notify()
 
-    def _child_gone(self) -> None:
-        self._in_flight -= 1
-        self.listener.handler_finished()
-
-    # -- shutting down ----------------------------------------------------
+    # -- shutting down ----------------------------------------------------------
 
     def _finish(self) -> None:
         """Stop listening, give handlers the grace period, then end them."""
         self.listener.close()
         deadline = monotonic() + self.grace
         while self._busy() and not self._force and monotonic() < deadline:
-            self._wait_wake(max(deadline - monotonic(), 0.0))
+            self._sleep(max(deadline - monotonic(), 0.0))
         if self._busy():
             _log.info("ending %d running handler(s)", self._in_flight)
             self._end_handlers()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        while self._children:
-            try:
-                pid, _ = os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-            if pid in self._children:
-                self._children.discard(pid)
-                self._child_gone()
+        for t in self._threads:
+            if t.name != "fastlisten-serve-accept":
+                self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        deadline: Optional[float] = monotonic() + 5.0
+        while self._busy():       # children told to end: wait (SIGCHLD wakes us)
+            if deadline is not None and monotonic() >= deadline:
+                with self._slots:
+                    children = list(self._children)
+                for pid in children:     # ignored SIGTERM: no more asking
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                deadline = None
+            self._sleep(None if deadline is None else max(deadline - monotonic(), 0.0))
 
     def _busy(self) -> bool:
         if self.forking:
             self._reap()
-        return self._in_flight > 0
+        with self._slots:
+            return self._in_flight > 0
 
     def _end_handlers(self) -> None:
-        if self.forking:
-            for pid in list(self._children):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            return
-        with self._lock:
+        with self._slots:
             conns = list(self._conns)
+            children = list(self._children)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for conn in conns:   # their recv() returns b"", their send() fails: handlers end
             try:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -344,7 +402,7 @@ class CommandServer:
                 pass
 
     def close(self) -> None:
-        """Release the server's own descriptors (the listener is closed by serve())."""
+        """Release the server's own descriptors (serve() closes the listener)."""
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -373,21 +431,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastlisten serve: error: {exc}", file=sys.stderr)
         return 2
     mode = (f"{server.limit} processes" if server.forking else f"{server.limit} threads")
-    print(f"listening on {format_address(listener.address)}", flush=True)
-    _log.info("serving %s on %s (%s, backlog %s, %s core); SIGUSR1 logs counters, "
-              "SIGINT/SIGTERM stop", args.handler, format_address(listener.address), mode,
-              listener.backlog, "compiled" if _compiled() else "pure-Python")
     previous = {}
     handlers = {signal.SIGINT: lambda s, f: server.stop(),
                 signal.SIGTERM: lambda s, f: server.stop(),
-                signal.SIGUSR1: lambda s, f: server.request_stats()}
-    if server.forking:
-        handlers[signal.SIGCHLD] = lambda s, f: server._wake()
+                signal.SIGUSR1: lambda s, f: server.request_stats(),
+                signal.SIGCHLD: lambda s, f: None}   # the wake-up fd does the work
+    old_wakeup_fd = None
     try:
         for sig, fn in handlers.items():
             previous[sig] = signal.signal(sig, fn)
+        old_wakeup_fd = signal.set_wakeup_fd(server._wake_w, warn_on_full_buffer=False)
+        # Only now, with the handlers in place, tell the world we are up.
+        print(f"listening on {format_address(listener.address)}", flush=True)
+        _log.info("serving %s on %s (%s, backlog %s, %s core); SIGUSR1 logs counters, "
+                  "SIGINT/SIGTERM stop", args.handler, format_address(listener.address),
+                  mode, listener.backlog, "compiled" if _compiled() else "pure-Python")
         server.serve()
     finally:
+        if old_wakeup_fd is not None:
+            signal.set_wakeup_fd(old_wakeup_fd)
         for sig, old in previous.items():
             signal.signal(sig, old)
         server.close()
