@@ -236,9 +236,10 @@ _POLL_SYSCALLS = {"x86_64": {7, 271}, "aarch64": {73}}.get(_ARCH, set())
 _ACCEPT_SYSCALLS = {"x86_64": {43, 288}, "aarch64": {202, 242}}.get(_ARCH, set())
 
 
-def _in_syscall(tid, numbers):
+def _in_syscall(tid, numbers, pid="self"):
+    """Whether thread tid (of process pid) is blocked in one of the syscalls."""
     try:
-        with open(f"/proc/self/task/{tid}/syscall") as f:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
             first = f.read().split()[0]
     except (OSError, IndexError):
         return False
@@ -343,9 +344,12 @@ def test_a_signal_handler_that_raises_interrupts_a_blocked_wait():
         signal.signal(signal.SIGALRM, old)
 
 
+@needs_syscall_table
 def test_ctrl_c_stops_a_blocked_accept_in_a_real_process():
     script = textwrap.dedent("""
-        import sys, fastlisten
+        import signal, sys, fastlisten
+        # as in a terminal, whatever the test runner's parent did to SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         lst = fastlisten.listen(("127.0.0.1", 0))
         try:
             print("ready", flush=True)   # inside the try: SIGINT may land right after it
@@ -357,6 +361,7 @@ def test_ctrl_c_stops_a_blocked_accept_in_a_real_process():
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
+        wait_for(lambda: _in_syscall(proc.pid, _POLL_SYSCALLS, pid=proc.pid))
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=10)
     finally:
@@ -529,3 +534,33 @@ def test_out_of_descriptors_backs_off_instead_of_spinning_and_recovers():
     assert result["errors"] == {str(errno.EMFILE): 5}   # one accept4 per call: no spin
     assert result["cpu_share"] < 0.5             # it slept rather than spun
     assert len(result["logs"]) == 1 and "Too many open files" in result["logs"][0]
+
+
+def test_two_threads_accepting_from_one_listener_share_the_queue_cleanly():
+    n = 200
+    with fastlisten.listen(LOOPBACK) as lst:
+        got, lock, stop = [], threading.Lock(), threading.Event()
+
+        def worker():
+            while not stop.is_set():
+                batch = lst.accept_many(8, timeout=5)
+                with lock:
+                    got.extend(batch)
+                    if len(got) >= n:
+                        stop.set()
+                        lst.wakeup()
+                        lst.wakeup()
+
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        clients = connect_n(lst.address, n)
+        for t in threads:
+            t.join(30)
+        try:
+            addrs = [a for _, a in got]
+            assert len(addrs) == n == len(set(addrs))
+            assert set(addrs) == {c.getsockname() for c in clients}
+        finally:
+            close_all(got)
+            close_all(clients)

@@ -37,12 +37,13 @@ import socket as _socket
 from time import monotonic as _monotonic
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, check_max, timeout_ms, remaining,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, MAX_BATCH, check_max, timeout_ms, remaining,
     closed_error, decode_unix_path, encode_unix_path,
 )
 
 cdef object _socket_class = _socket.socket
 cdef int _SOCK_STREAM = _socket.SOCK_STREAM
+cdef int _MAX_BATCH = MAX_BATCH
 
 
 cdef int _raise_errno(int err) except -1:
@@ -129,6 +130,28 @@ cdef int _addr_from_py(int family, object address, sockaddr_storage *ss,
     return 0
 
 
+cdef list _wrap(fl_conn *conns, int n, int family, int proto):
+    """socket.socket objects for the n accepted descriptors in conns; if
+    building one fails, every descriptor not yet wrapped is closed."""
+    cdef int i = 0, j
+    cdef fl_conn *c
+    cdef list out = []
+    try:
+        for i in range(n):
+            c = &conns[i]
+            sock = _socket_class(family, _SOCK_STREAM, proto, c.fd)
+            c.fd = -1
+            out.append((sock, _addr_to_py(&c.addr, c.addrlen)))
+    except BaseException:
+        for j in range(i, n):
+            if conns[j].fd >= 0:
+                c_close(conns[j].fd)
+        for s, _ in out:
+            s.close()
+        raise
+    return out
+
+
 @cython.final
 cdef class RawListener:
     """A listening socket's descriptor, owned by the core.
@@ -163,6 +186,8 @@ cdef class RawListener:
     def __init__(self, int family=AF_INET, int type=_SOCK_STREAM, int proto=0,
                  fileno=None, *, bint owned=True):
         cdef int fd
+        if self._fd >= 0 or self._wake_r >= 0:
+            raise RuntimeError("RawListener.__init__ called twice")
         memset(&self._st, 0, sizeof(fl_stats))
         self.family = family
         self.type = type
@@ -298,67 +323,64 @@ cdef class RawListener:
         """
         cdef int n = 0, status = 0, err = 0, ms, fd, wake, i, lfd
         cdef fl_conn *conns
+        cdef fl_conn *private
         cdef fl_stats *st = &self._st
         self._check_open()
-        check_max(max)
-        ms = timeout_ms(timeout)
-        deadline = None if timeout is None else _monotonic() + timeout
-        self._reserve(max)
+        if max < 1 or max > _MAX_BATCH:
+            check_max(max)                  # raises with the message
+        if timeout is None:                 # the server loop's case: no Python calls
+            ms = -1
+            deadline = None
+        else:
+            ms = timeout_ms(timeout)
+            deadline = _monotonic() + timeout
+        # The listener's own buffer serves one caller at a time; a second
+        # thread accepting concurrently gets a buffer of its own.
+        private = NULL
+        if self._busy:
+            private = <fl_conn *>malloc(max * sizeof(fl_conn))
+            if private == NULL:
+                raise MemoryError()
+            conns = private
+        else:
+            if max > self._nconns:
+                self._reserve(max)
+            conns = self._conns
         self._busy += 1
         try:
-            while True:
-                conns = self._conns
-                lfd = self._fd
-                wake = self._wake_r
-                with nogil:
-                    n = fl_wait_accept(lfd, wake, ms, conns, max, st, &status, &err)
-                    if n == 0 and err != 0 and fl_accept_error_class(err) == FL_ERR_CAPACITY:
-                        fl_capacity_backoff(wake, self._backoff_ms if ms < 0 or ms > self._backoff_ms else ms)
-                if status != FL_WAIT_EINTR:
-                    break
-                PyErr_CheckSignals()     # PEP 475: handlers run, may raise
-                if self._close_pending:
-                    break
-                if deadline is not None:
-                    ms = timeout_ms(remaining(deadline))
+            try:
+                while True:
+                    lfd = self._fd
+                    wake = self._wake_r
+                    with nogil:
+                        n = fl_wait_accept(lfd, wake, ms, conns, max, st, &status, &err)
+                        if n == 0 and err != 0 and fl_accept_error_class(err) == FL_ERR_CAPACITY:
+                            fl_capacity_backoff(wake, self._backoff_ms if ms < 0 or ms > self._backoff_ms else ms)
+                    if status != FL_WAIT_EINTR:
+                        break
+                    PyErr_CheckSignals()     # PEP 475: handlers run, may raise
+                    if self._close_pending:
+                        break
+                    if deadline is not None:
+                        ms = timeout_ms(remaining(deadline))
+            finally:
+                self._busy -= 1
+            if self._close_pending and self._busy == 0:
+                for i in range(n):
+                    c_close(conns[i].fd)
+                self._close_now()
+                raise closed_error()
+            if n == 0:
+                if err == 0:
+                    return []
+                if fl_accept_error_class(err) == FL_ERR_CAPACITY:
+                    self._backoff_ms = min(self._backoff_ms * 2, BACKOFF_MAX_MS)
+                    return []
+                _raise_errno(err)
+            self._backoff_ms = BACKOFF_FIRST_MS
+            return _wrap(conns, n, self.family, self.proto)
         finally:
-            self._busy -= 1
-        if self._close_pending and self._busy == 0:
-            for i in range(n):
-                c_close(self._conns[i].fd)
-            self._close_now()
-            raise closed_error()
-        if n == 0:
-            if err == 0:
-                return []
-            if fl_accept_error_class(err) == FL_ERR_CAPACITY:
-                self._backoff_ms = min(self._backoff_ms * 2, BACKOFF_MAX_MS)
-                return []
-            _raise_errno(err)
-        self._backoff_ms = BACKOFF_FIRST_MS
-        return self._wrap(n)
-
-    cdef list _wrap(self, int n):
-        """socket.socket objects for the n descriptors in _conns, closing
-        every one not yet wrapped if building one fails."""
-        cdef int i = 0
-        cdef fl_conn *c
-        cdef list out = []
-        family = self.family
-        try:
-            for i in range(n):
-                c = &self._conns[i]
-                sock = _socket_class(family, _SOCK_STREAM, self.proto, c.fd)
-                c.fd = -1
-                out.append((sock, _addr_to_py(&c.addr, c.addrlen)))
-        except BaseException:
-            for j in range(i, n):
-                if self._conns[j].fd >= 0:
-                    c_close(self._conns[j].fd)
-            for s, _ in out:
-                s.close()
-            raise
-        return out
+            free(private)
 
     @property
     def capacity_episodes(self):
