@@ -71,8 +71,18 @@ def _hex_to_ip(family: int, text: str) -> str:
     return socket.inet_ntop(family, raw)
 
 
-def _tcp_listeners(port: int) -> List[Tuple[str, int]]:
-    """(address, inode) of the listening TCP sockets on ``port``."""
+_WILDCARDS = ("0.0.0.0", "::")
+
+
+def _conflicts(ours: str, theirs: str) -> bool:
+    """Whether a listener on ``theirs`` can be why ``ours`` is in use (same
+    port): the same address, or either is a wildcard."""
+    return ours == theirs or ours in _WILDCARDS or theirs in _WILDCARDS
+
+
+def _tcp_listeners(port: int, host: Optional[str] = None) -> List[Tuple[str, int]]:
+    """(address, inode) of the listening TCP sockets on ``port`` (that
+    conflict with ``host``, when given)."""
     found: List[Tuple[str, int]] = []
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         text = sysinfo.read_proc(f"/proc/net/{name}")
@@ -87,8 +97,10 @@ def _tcp_listeners(port: int) -> List[Tuple[str, int]]:
                 addr_hex, port_hex = parts[1].split(":")
                 if int(port_hex, 16) != port:
                     continue
-                found.append((format_address((_hex_to_ip(family, addr_hex), port)),
-                              int(parts[9])))
+                ip = _hex_to_ip(family, addr_hex)
+                if host is not None and not _conflicts(host, ip):
+                    continue
+                found.append((format_address((ip, port)), int(parts[9])))
             except (ValueError, OSError):
                 continue
     return found
@@ -156,6 +168,7 @@ def _command_of(pid: int) -> str:
                 text = os.fsdecode(f.read().strip())
         except OSError:
             text = "?"
+    text = " ".join(text.split())
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -167,7 +180,8 @@ def find_holders(family: int, address: Any) -> List[Dict[str, Any]]:
         path = address if isinstance(address, str) else os.fsdecode(address)
         sockets = _unix_listeners(path)
     else:
-        sockets = _tcp_listeners(int(address[1]))
+        host = address[0].split("%", 1)[0] if isinstance(address[0], str) else None
+        sockets = _tcp_listeners(int(address[1]), host)
     if not sockets:
         return []
     inodes = {ino: addr for addr, ino in sockets}
@@ -210,8 +224,8 @@ def _explain_addrinuse(family: int, address: Any) -> str:
                 "(port 0 lets the kernel pick a free one)")
     if family == socket.AF_UNIX:
         return f"{where} is already in use"
-    return (f"{where}: no socket listens on port {address[1]}: "
-            "it is bound by a socket that does not listen or held by a connection "
+    return (f"{where}: no listening socket holds it, so it is bound by a socket "
+            "that does not listen, or held by a connection "
             "(TIME_WAIT). reuse_address=True (the default) rebinds over TIME_WAIT; "
             "otherwise choose another port, or port 0")
 
