@@ -115,6 +115,27 @@ def test_a_second_bind_of_a_used_port_is_eaddrinuse_naming_the_holder():
         assert f"pid {os.getpid()}" in text and "python" in text.lower()
 
 
+def test_eaddrinuse_without_a_listener_says_what_else_holds_the_port():
+    with socket.socket() as bound:            # bound, never listening
+        bound.bind(LOOPBACK)
+        with pytest.raises(OSError) as info:
+            rebind(bound.getsockname(), reuse_address=False)
+    assert info.value.errno == errno.EADDRINUSE
+    assert "no listening socket holds it" in str(info.value)
+    assert "TIME_WAIT" in str(info.value)
+
+
+@needs_ipv6
+def test_eaddrinuse_names_an_ipv6_holder_and_a_wildcard_one():
+    with fastlisten.listen(("::1", 0)) as v6:
+        with pytest.raises(OSError, match=rf"listening on \[::1\]:{v6.address[1]}"):
+            rebind(("::1", v6.address[1]))
+    with fastlisten.listen(("0.0.0.0", 0)) as anyv4:
+        port = anyv4.address[1]
+        with pytest.raises(OSError, match=rf"pid {os.getpid()} .* listening on 0.0.0.0:{port}"):
+            rebind(("127.0.0.1", port))
+
+
 def test_eaddrinuse_names_a_holder_in_another_process():
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""

@@ -60,7 +60,8 @@ def format_address(address: Any) -> str:
 
 # -- who holds an address ---------------------------------------------------
 
-_TCP_LISTEN = "0A"
+_TCP_LISTEN = b"0A"
+_TCP_SYN_RECV = b"03"
 _SO_ACCEPTCON = 0x10000
 
 
@@ -85,24 +86,33 @@ def _tcp_listeners(port: int, host: Optional[str] = None) -> List[Tuple[str, int
     conflict with ``host``, when given)."""
     found: List[Tuple[str, int]] = []
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        text = sysinfo.read_proc(f"/proc/net/{name}")
-        if text is None:
+        try:
+            f = open(f"/proc/net/{name}", "rb")
+        except OSError:
             continue
-        lines = text.splitlines()[1:]
-        for line in lines:
-            parts = line.split()
-            if len(parts) < 10 or parts[3] != _TCP_LISTEN:
-                continue
-            try:
-                addr_hex, port_hex = parts[1].split(":")
-                if int(port_hex, 16) != port:
+        with f:
+            f.readline()   # the header
+            # The kernel lists listening sockets first, then the connection
+            # table (which a busy host fills with TIME_WAIT): stop there.
+            # (Kernels before 4.4 interleave their SYN_RECV requests.)
+            for raw in f:
+                parts = raw.split()
+                if len(parts) < 10:
+                    break
+                if parts[3] != _TCP_LISTEN:
+                    if parts[3] == _TCP_SYN_RECV:
+                        continue
+                    break
+                try:
+                    addr_hex, port_hex = parts[1].split(b":")
+                    if int(port_hex, 16) != port:
+                        continue
+                    ip = _hex_to_ip(family, addr_hex.decode("ascii", "replace"))
+                    if host is not None and not _conflicts(host, ip):
+                        continue
+                    found.append((format_address((ip, port)), int(parts[9])))
+                except (ValueError, OSError):
                     continue
-                ip = _hex_to_ip(family, addr_hex)
-                if host is not None and not _conflicts(host, ip):
-                    continue
-                found.append((format_address((ip, port)), int(parts[9])))
-            except (ValueError, OSError):
-                continue
     return found
 
 
