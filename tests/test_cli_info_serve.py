@@ -200,3 +200,16 @@ def test_serve_explains_a_port_in_use():
         out = run("serve", "daytime", "--bind", f"127.0.0.1:{port}")
     assert out.returncode == 1
     assert f"pid {os.getpid()}" in out.stderr and "EphemeralPortWarning" in out.stderr
+
+
+def test_stats_interval_logs_the_counters_periodically():
+    server = Served("discard", "--bind", "127.0.0.1:0", "--stats-interval", "0.05")
+    try:
+        seen = 0
+        while seen < 2:     # bounded by the test timeout; stderr ends if serve dies
+            line = server.proc.stderr.readline()
+            assert line, "serve ended before logging its counters"
+            seen += "counters: accepted=0 " in line
+    finally:
+        rc, err = server.stop(signal.SIGTERM)
+    assert rc == 0, err
