@@ -75,6 +75,7 @@ INVALID = [
     (dict(path="/tmp/s.sock", unix_mode=0o10000), ValueError, "0o10000"),
     (dict(path="/tmp/s.sock", unix_mode="600"), TypeError, "'600'"),
     (dict(path=b"\0abstract", unix_mode=0o600), ValueError, "abstract"),
+    (dict(path="\0abstract", unix_mode=0o600), ValueError, "abstract"),
     (dict(path="/tmp/s.sock", nodelay=True), ValueError, "nodelay"),
     (dict(path="/tmp/s.sock", keepalive=True), ValueError, "keepalive"),
     (dict(path="/tmp/s.sock", defer_accept=1), ValueError, "defer_accept"),

@@ -48,19 +48,20 @@ _FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 #: Options that only mean something for TCP.
 _TCP_ONLY = ("reuse_port", "nodelay", "keepalive", "defer_accept", "fastopen")
 
+#: (level, option, value, "name=value") for setsockopt
 Opt = Tuple[int, int, int, str]
 
 #: Linux copies a listener's TCP_NODELAY and SO_KEEPALIVE (with its timer)
 #: into every connection accept() returns (sk_clone_lock copies the socket,
 #: tcp_create_openreq_child arms keep-alive), so setting them once on the
 #: listener costs no system call per connection.
-_ACCEPT_INHERITS = sys.platform.startswith("linux")   # (level, option, value, "name=value") for setsockopt
+_ACCEPT_INHERITS = sys.platform.startswith("linux")
 
 
 def _family_name(family: Optional[int]) -> str:
     try:
         return socket.AddressFamily(family).name  # type: ignore[arg-type]
-    except ValueError:
+    except (ValueError, TypeError):
         return repr(family)
 
 
@@ -111,7 +112,8 @@ def systemd_fds(unset_environment: bool = True) -> List[int]:
     to how many descriptors it passed, numbered from 3 (sd_listen_fds(3)).
     Returns ``[3, 4, ...]``, or [] when nothing was passed to *this*
     process.  The variables are removed from the environment by default so
-    that child processes do not take the descriptors for theirs.
+    that child processes do not take the descriptors for theirs, and, as
+    sd_listen_fds() does, the descriptors are made close-on-exec.
     """
     pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
     if unset_environment:
@@ -125,7 +127,13 @@ def systemd_fds(unset_environment: bool = True) -> List[int]:
         n = int(count)
     except ValueError:
         return []
-    return list(range(3, 3 + max(n, 0)))
+    fds = list(range(3, 3 + max(n, 0)))
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass    # not open: adopting it will say so
+    return fds
 
 
 def parse_bind(text: str) -> Dict[str, Any]:
@@ -314,7 +322,7 @@ class ListenConfig:
             put("unix_mode", mode)
             if family != socket.AF_UNIX or self.fd is not None:
                 raise ValueError(f"unix_mode={oct(self.unix_mode)} needs a Unix socket path")
-            if isinstance(self.path, bytes) and self.path[:1] == b"\0":
+            if os.fsencode(self.path)[:1] == b"\0":  # type: ignore[arg-type]
                 raise ValueError("unix_mode: an abstract socket has no file to chmod")
 
         if family == socket.AF_UNIX:

@@ -85,8 +85,13 @@ def resolve(family: int, address: Address) -> Address:
         try:
             socket.inet_pton(family, host)
         except OSError:
-            infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0,
-                                       socket.AI_PASSIVE)
+            try:
+                infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0,
+                                           socket.AI_PASSIVE)
+            except socket.gaierror as exc:
+                kind = "IPv6" if family == socket.AF_INET6 else "IPv4"
+                raise socket.gaierror(exc.errno, f"{exc.strerror}: no {kind} address for "
+                                                 f"host {host!r}") from None
             sockaddr = infos[0][4]
             host = sockaddr[0]
             if family == socket.AF_INET6 and not rest:
