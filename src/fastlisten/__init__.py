@@ -11,7 +11,12 @@ from fastlisten.errors import (
 from fastlisten._backend import compiled
 from fastlisten.listener import Listener, listen, default_backlog
 
+from fastlisten.server import *  # noqa: F401,F403  (the drop-in socketserver)
+from fastlisten.server import __all__ as _server_all
+from fastlisten._install import install
+
 __all__ = ["compiled", "Listener", "listen", "default_backlog"]
+__all__ += ["install"] + _server_all
 __version__ = "0.1.0"
 __all__ += ["ListenConfig", "FastlistenWarning", "EphemeralPortWarning",
             "BacklogTruncatedWarning", "OptionIneffectiveWarning"]

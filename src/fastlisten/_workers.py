@@ -1,0 +1,177 @@
+"""A pool of reused threads for ``ThreadingMixIn``.
+
+The standard library starts one thread per connection.  This pool keeps
+finished threads waiting for the next job instead:
+
+- a new thread starts only when every existing one is busy (so, unbounded
+  by default, a handler that waits on another connection never deadlocks);
+- an idle thread retires after ``idle_timeout`` seconds;
+- with ``max_threads`` set, jobs beyond it wait in a FIFO queue of at most
+  ``max_queued`` jobs; ``submit`` blocks while that queue is full (so the
+  accept loop stops and the kernel's backlog holds further connections)
+  until a thread frees up or ``interrupt()`` finds it cancelled;
+- an exception that is not an ``Exception`` (``SystemExit``,
+  ``KeyboardInterrupt``) ends the thread that ran the job, as it ends a
+  thread of the stdlib, so ``threading.excepthook`` sees it;
+- bookkeeping is bounded: the pool remembers its live threads only.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, Callable, Deque, Optional, Set, Tuple
+
+__all__ = ["WorkerPool"]
+
+_Job = Tuple[Callable[..., Any], Tuple[Any, ...]]
+
+
+class WorkerPool:
+    """Run jobs on reused threads; see the module docstring.
+
+    Methods for the caller: submit(), interrupt(), close(), join(), len().
+    """
+
+    def __init__(self, *, name: str = "fastlisten-worker", daemon: bool = False,
+                 idle_timeout: float = 5.0, max_threads: Optional[int] = None,
+                 max_queued: Optional[int] = None) -> None:
+        if max_threads is not None and max_threads < 1:
+            raise ValueError(f"max_threads must be None or at least 1, not {max_threads}")
+        self._name = name
+        self.daemon = daemon
+        self.idle_timeout = idle_timeout
+        self.max_threads = max_threads
+        if max_queued is not None and max_queued < 1:
+            raise ValueError(f"max_queued must be None or at least 1, not {max_queued}")
+        self.max_queued = max_queued if max_queued is not None else (max_threads or 1)
+        self._cond = threading.Condition(threading.Lock())   # workers wait on it
+        self._room = threading.Condition(self._cond)          # submit() waits on it (same lock)
+        self._jobs: Deque[_Job] = collections.deque()
+        self._threads: Set[threading.Thread] = set()
+        self._idle = 0          # threads waiting for a job
+        self._busy = 0          # jobs running now
+        self._closed = False
+        self._serial = 0
+
+    def __len__(self) -> int:
+        """The number of live threads."""
+        with self._cond:
+            return len(self._threads)
+
+    @property
+    def busy(self) -> int:
+        """Jobs running now."""
+        return self._busy
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a thread (only ever non-zero with max_threads)."""
+        return len(self._jobs)
+
+    def submit(self, fn: Callable[..., Any], *args: Any,
+               cancelled: Optional[Callable[[], bool]] = None) -> bool:
+        """Run ``fn(*args)`` on a pool thread.  Returns False, without running
+        it, if the pool is closed, or if ``cancelled()`` is true when a wait
+        for room in the queue begins or is interrupted (see interrupt())."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return False
+                if self._idle > len(self._jobs):
+                    self._jobs.append((fn, args))
+                    self._cond.notify()
+                    return True
+                if self.max_threads is None or len(self._threads) < self.max_threads:
+                    self._start_thread((fn, args))
+                    return True
+                if len(self._jobs) < self.max_queued:
+                    self._jobs.append((fn, args))
+                    return True
+                if cancelled is not None and cancelled():
+                    return False
+                self._room.wait()
+
+    def interrupt(self) -> None:
+        """Wake a submit() waiting for room, so that it checks ``cancelled``."""
+        with self._cond:
+            self._room.notify_all()
+
+    def close(self) -> None:
+        """Take no more jobs; queued ones still run, then the threads exit."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            self._room.notify_all()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """close(), then wait (up to ``timeout`` seconds; None: for ever) for
+        every job to finish and every other thread of the pool to exit."""
+        self.close()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.current_thread()
+        while True:
+            with self._cond:
+                others = [t for t in self._threads if t is not me]
+            if not others:
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            others[0].join(left)
+
+    def _start_thread(self, job: _Job) -> None:
+        # Called with the lock held.
+        self._serial += 1
+        t = threading.Thread(target=self._run, args=(job,),
+                             name=f"{self._name}-{self._serial}", daemon=self.daemon)
+        self._threads.add(t)
+        self._busy += 1
+        try:
+            t.start()
+        except BaseException:
+            self._threads.discard(t)
+            self._busy -= 1
+            raise
+
+    def _next_job(self) -> Optional[_Job]:
+        """Wait for a job; None means retire.  Called with the lock held."""
+        self._idle += 1
+        try:
+            while not self._jobs:
+                if self._closed:
+                    return None
+                if not self._cond.wait(self.idle_timeout) and not self._jobs:
+                    return None
+            job = self._jobs.popleft()
+            self._room.notify()   # a submit() may wait for room
+            return job
+        finally:
+            self._idle -= 1
+
+    def _run(self, job: Optional[_Job]) -> None:
+        me = threading.current_thread()
+        try:
+            while job is not None:
+                fn, args = job
+                job = None
+                try:
+                    fn(*args)
+                finally:
+                    # Drop references before waiting, so that a finished
+                    # request's objects can be collected at once.
+                    del fn, args
+                    with self._cond:
+                        self._busy -= 1
+                with self._cond:
+                    job = self._next_job()
+                    if job is not None:
+                        self._busy += 1
+        finally:
+            with self._cond:
+                self._threads.discard(me)
+                # A thread ended by SystemExit & co. must not strand queued jobs.
+                if len(self._jobs) > self._idle:
+                    self._start_thread(self._jobs.popleft())
+                self._cond.notify_all()

@@ -1,0 +1,313 @@
+"""What fastlisten's socketserver does beyond (or differently from) the
+standard library: the core's loop, immediate shutdown, reused threads, the
+backlog, install()."""
+
+import http.server
+import os
+import socket
+import socketserver
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import fastlisten
+from fastlisten import server as flserver
+from fastlisten._backend import RawListener
+from fastlisten._workers import WorkerPool
+
+from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
+
+
+def test_names_match_the_running_stdlib():
+    assert flserver.__all__ == socketserver.__all__
+    for name in socketserver.__all__:
+        ours = getattr(fastlisten, name)
+        assert getattr(flserver, name) is ours
+        if isinstance(ours, type) and name.endswith(("Server", "MixIn")):
+            assert ours is not getattr(socketserver, name)
+            assert issubclass(ours, getattr(socketserver, name)), name
+    assert fastlisten.StreamRequestHandler is socketserver.StreamRequestHandler
+
+
+def test_isinstance_against_both_modules():
+    with fastlisten.ThreadingTCPServer(("127.0.0.1", 0), EchoLine) as server:
+        for module in (socketserver, fastlisten):
+            assert isinstance(server, module.TCPServer)
+            assert isinstance(server, module.BaseServer)
+            assert isinstance(server, module.ThreadingMixIn)
+
+
+def _backlog_of(sock):
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int.from_bytes(info[28:32], "little")   # tcpi_sacked: the backlog
+
+
+def test_request_queue_size_is_somaxconn_unless_a_subclass_sets_it():
+    class Own(fastlisten.TCPServer):
+        request_queue_size = 7
+
+    class OwnStd(socketserver.TCPServer):
+        request_queue_size = 9
+
+    class Mixed(fastlisten.ThreadingMixIn, http.server.HTTPServer):
+        pass
+
+    class MixedOwn(fastlisten.ThreadingMixIn, OwnStd):
+        pass
+
+    expected = fastlisten.default_backlog()
+    for cls, backlog in ((fastlisten.TCPServer, expected), (Own, 7),
+                         (Mixed, expected), (MixedOwn, 9)):
+        with cls(("127.0.0.1", 0), EchoLine) as server:
+            assert server.request_queue_size == backlog
+            assert _backlog_of(server.socket) == backlog, cls
+
+
+def _waker_while_serving(server):
+    with serving(server):
+        wait_for(lambda: server._fl_waker is not None)
+        kind = type(server._fl_waker)
+        assert ask(server.server_address) == b"ping\n"
+    assert server._fl_waker is None
+    return kind
+
+
+def test_the_core_serves_stream_servers_and_mixins_over_stdlib_bases():
+    class Mixed(fastlisten.ThreadingMixIn, socketserver.TCPServer):
+        pass
+
+    for cls in (fastlisten.TCPServer, fastlisten.ThreadingTCPServer, Mixed):
+        assert _waker_while_serving(cls(("127.0.0.1", 0), EchoLine)) is RawListener
+
+
+def test_overridden_get_request_keeps_the_stdlib_loop():
+    class Custom(fastlisten.TCPServer):
+        def get_request(self):
+            return super().get_request()
+
+    assert _waker_while_serving(Custom(("127.0.0.1", 0), EchoLine)) is flserver._PipeWaker
+
+
+@pytest.mark.parametrize("cls", [fastlisten.TCPServer, fastlisten.UDPServer])
+def test_shutdown_does_not_wait_for_poll_interval(cls):
+    # poll_interval=None: the loop would wait for ever for a connection;
+    # shutdown() must still end it (the test's time limit catches a hang).
+    server = cls(("127.0.0.1", 0), socketserver.BaseRequestHandler)
+    t = threading.Thread(target=server.serve_forever, args=(None,))
+    t.start()
+    wait_for(lambda: server._fl_waker is not None)
+    server.shutdown()
+    t.join(LIMIT)
+    server.server_close()
+    assert not t.is_alive()
+
+
+def test_threads_are_reused():
+    idents = []
+
+    class Handler(EchoLine):
+        def handle(self):
+            idents.append(threading.get_ident())
+            super().handle()
+
+    server = fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    with serving(server):
+        for _ in range(5):
+            assert ask(server.server_address) == b"ping\n"
+            # the one thread is back in the pool before the next connection
+            wait_for(lambda: server._fl_pool.busy == 0)
+        assert len(server._threads) == 1
+    assert len(set(idents)) == 1
+
+
+def test_idle_threads_retire():
+    class S(fastlisten.ThreadingTCPServer):
+        thread_idle_timeout = 0.01
+
+    server = S(("127.0.0.1", 0), EchoLine)
+    with serving(server):
+        assert ask(server.server_address) == b"ping\n"
+        wait_for(lambda: len(server._threads) == 0)
+        assert ask(server.server_address) == b"ping\n"
+
+
+def test_daemon_threads():
+    seen = []
+
+    class Handler(EchoLine):
+        def handle(self):
+            seen.append(threading.current_thread().daemon)
+            super().handle()
+
+    class S(fastlisten.ThreadingTCPServer):
+        daemon_threads = True
+
+    server = S(("127.0.0.1", 0), Handler)
+    with serving(server):
+        assert ask(server.server_address) == b"ping\n"
+    assert seen == [True]
+    # daemon threads are not joined by server_close(); they retire on close
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("S-worker")])
+
+
+def test_max_threads_queues_in_order_and_shutdown_drops_the_waiting_one():
+    release = threading.Event()
+    order = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            order.append(self.rfile.readline())
+            release.wait(LIMIT)
+
+    class Capped(fastlisten.ThreadingTCPServer):
+        max_threads = 1
+        max_queued = 1
+
+    server = Capped(("127.0.0.1", 0), Handler)
+    clients = []
+    with serving(server):
+        for i in range(3):
+            c = socket.create_connection(server.server_address, timeout=LIMIT)
+            c.sendall(b"%d\n" % i)
+            clients.append(c)
+            if i == 0:
+                wait_for(lambda: order == [b"0\n"])
+            if i == 1:
+                wait_for(lambda: server._fl_pool.queued == 1)
+        assert len(server._threads) == 1
+        server.shutdown()      # the loop may be blocked waiting for room: it returns
+        release.set()
+    assert order == [b"0\n", b"1\n"]
+    for c in clients:
+        c.close()
+
+
+def test_worker_pool_survives_a_job_raising_system_exit(monkeypatch):
+    hooked = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: hooked.append(args.exc_type))
+    done = []
+    gate = threading.Event()
+    pool = WorkerPool(max_threads=1, max_queued=5)
+
+    def exiting():
+        gate.wait(LIMIT)
+        raise SystemExit
+
+    assert pool.submit(exiting)
+    assert pool.submit(done.append, 1)     # queued behind the exiting job
+    gate.set()
+    pool.join(LIMIT)
+    assert done == [1] and hooked == [SystemExit]
+    assert not pool.submit(done.append, 2)  # closed
+
+
+def test_install_makes_later_imports_use_fastlisten():
+    code = textwrap.dedent("""
+        import sys
+        import fastlisten
+        fastlisten.install()
+        import socketserver, http.server, threading, urllib.request
+        assert socketserver is fastlisten.server
+        assert issubclass(http.server.ThreadingHTTPServer, fastlisten.ThreadingMixIn)
+
+        class Hello(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"hello")
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+        t = threading.Thread(target=server.serve_forever)
+        t.start()
+        url = "http://127.0.0.1:%d/" % server.server_address[1]
+        with urllib.request.urlopen(url, timeout=10) as r:
+            print(r.read().decode())
+        server.shutdown()
+        t.join()
+        server.server_close()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "hello"
+
+
+def test_server_close_from_a_handler_thread():
+    # The stdlib raises RuntimeError here (it joins the current thread).
+    closed = threading.Event()
+
+    class Closing(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.server.server_close()
+            closed.set()
+
+    server = fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Closing)
+    c = socket.create_connection(server.server_address, timeout=LIMIT)
+    server.handle_request()
+    assert closed.wait(LIMIT)
+    assert server.socket.fileno() == -1
+    c.close()
+
+
+def test_a_base_with_its_own_loop_keeps_it():
+    calls = []
+
+    class OwnLoop(socketserver.TCPServer):
+        def serve_forever(self, poll_interval=0.5):
+            calls.append("serve_forever")
+            super().serve_forever(poll_interval)
+
+        def shutdown(self):
+            calls.append("shutdown")
+            super().shutdown()
+
+    class Mixed(fastlisten.ThreadingMixIn, OwnLoop):
+        pass
+
+    server = Mixed(("127.0.0.1", 0), EchoLine)
+    with serving(server, poll_interval=0.01):
+        assert ask(server.server_address) == b"ping\n"
+        assert server._fl_waker is None       # the stdlib's loop, not the core's
+    assert calls == ["serve_forever", "shutdown"]
+    assert not fastlisten.ThreadingTCPServer._fl_defer
+
+
+def test_install_serves_logging_config_listen():
+    code = textwrap.dedent("""
+        import json, logging, socket, struct
+        import fastlisten
+        fastlisten.install()
+        import logging.config
+        assert issubclass(logging.config.ThreadingTCPServer, fastlisten.ThreadingTCPServer)
+
+        t = logging.config.listen(0)
+        t.start()
+        assert t.ready.wait(10)
+        config = json.dumps({"version": 1, "incremental": True,
+                             "loggers": {"probe": {"level": "ERROR"}}}).encode()
+        with socket.create_connection(("127.0.0.1", t.port), timeout=10) as c:
+            c.sendall(struct.pack(">L", len(config)) + config)
+            c.shutdown(socket.SHUT_WR)
+            c.recv(1)          # the server closes once it has applied the config
+        logging.config.stopListening()
+        t.join(10)
+        assert not t.is_alive()
+        print(logging.getLevelName(logging.getLogger("probe").level))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ERROR"
+
+
+def test_worker_pool_arguments():
+    with pytest.raises(ValueError):
+        WorkerPool(max_threads=0)
+    with pytest.raises(ValueError):
+        WorkerPool(max_threads=2, max_queued=0)
+    assert WorkerPool(max_threads=3).max_queued == 3
