@@ -155,7 +155,8 @@ class CommandServer:
         self._children: Set[int] = set()
         self._accept_error: Optional[BaseException] = None
         self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._threads: List[threading.Thread] = []
+        self._threads: List[threading.Thread] = []   # workers, made by the acceptor
+        self._idle = 0                                # workers waiting for a job
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- requests (signal handlers call these: flags and a wake-up only) --
@@ -193,12 +194,13 @@ class CommandServer:
 
     def serve(self) -> None:
         """Serve until stop(); then let running handlers finish (``grace``)."""
+        # Threads inherit the signal mask of the thread that starts them:
+        # the acceptor starts the workers, so only the main thread takes signals.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        try:    # threads inherit the mask: only the main thread takes signals
-            if not self.forking:
-                for i in range(self.limit):
-                    self._start(self._worker, f"fastlisten-serve-{i}")
-            acceptor = self._start(self._accept_loop, "fastlisten-serve-accept")
+        try:
+            acceptor = threading.Thread(target=self._accept_loop,
+                                        name="fastlisten-serve-accept")
+            acceptor.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         next_stats = None if self.stats_interval is None else monotonic() + self.stats_interval
@@ -223,12 +225,6 @@ class CommandServer:
             self._finish()
         if self._accept_error is not None:
             raise self._accept_error
-
-    def _start(self, target: Callable[[], None], name: str) -> threading.Thread:
-        t = threading.Thread(target=target, name=name)
-        t.start()
-        self._threads.append(t)
-        return t
 
     def counters(self) -> Dict[str, Any]:
         """The listener's counters (see Listener.counters)."""
@@ -261,6 +257,14 @@ class CommandServer:
         with self._slots:
             self._in_flight += 1
             self._conns.add(conn)
+            spawn = self._idle == 0 and len(self._threads) < self.limit
+            if spawn:           # threads are made as the load asks, then reused
+                self._idle += 1
+        if spawn:
+            t = threading.Thread(target=self._worker,
+                                 name=f"fastlisten-serve-{len(self._threads)}")
+            t.start()
+            self._threads.append(t)
         self._jobs.put((conn, addr))
 
     # -- threads --------------------------------------------------------------
@@ -270,12 +274,15 @@ class CommandServer:
             job = self._jobs.get()
             if job is None:
                 return
+            with self._slots:
+                self._idle -= 1
             conn, addr = job
             try:
                 self._handle(conn, addr)
             finally:
                 with self._slots:
                     self._in_flight -= 1
+                    self._idle += 1
                     self._conns.discard(conn)
                     self._slots.notify()
                 self._wake()
@@ -361,9 +368,8 @@ class CommandServer:
         if self._busy():
             _log.info("ending %d running handler(s)", self._in_flight)
             self._end_handlers()
-        for t in self._threads:
-            if t.name != "fastlisten-serve-accept":
-                self._jobs.put(None)
+        for _ in self._threads:
+            self._jobs.put(None)
         for t in self._threads:
             t.join()
         self._threads = []
