@@ -239,8 +239,9 @@ def test_a_backlog_of_n_holds_n_plus_one_handshakes_and_queue_says_so(backlog):
             # are dropped and their clients sit in SYN-SENT.
             wait_for(lambda: lst.queue()[0] >= backlog + 1)
             assert lst.queue() == (backlog + 1, backlog)
-            wait_for(lambda: len(select.select([], clients, [], 0)[1]) >= backlog + 1)
-            assert len(select.select([], clients, [], 0)[1]) == backlog + 1
+            if sysinfo.tcp_abort_on_overflow() != 1:   # else the rest are reset
+                wait_for(lambda: len(select.select([], clients, [], 0)[1]) >= backlog + 1)
+                assert len(select.select([], clients, [], 0)[1]) == backlog + 1
             if overflows_before is not None:
                 wait_for(lambda: sysinfo.listen_counters()["ListenOverflows"] > overflows_before)
                 assert lst.counters()["listen_overflows_since_open"] >= 1
