@@ -351,8 +351,8 @@ def test_ctrl_c_stops_a_blocked_accept_in_a_real_process():
         # as in a terminal, whatever the test runner's parent did to SIGINT
         signal.signal(signal.SIGINT, signal.default_int_handler)
         lst = fastlisten.listen(("127.0.0.1", 0))
+        print("ready", flush=True)
         try:
-            print("ready", flush=True)   # inside the try: SIGINT may land right after it
             lst.accept()
         except KeyboardInterrupt:
             print("interrupted", flush=True)
