@@ -17,7 +17,6 @@ from fastlisten import sysinfo
 from fastlisten.errors import (
     BacklogTruncatedWarning, EphemeralPortWarning, OptionIneffectiveWarning,
 )
-from fastlisten.listener import Listener
 
 from helpers import wait_for
 
@@ -217,7 +216,7 @@ def test_a_privileged_port_is_eacces_with_the_ways_out():
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"{errno.EACCES} ")
-    assert "127.0.0.1:80" in out.stdout and f"ip_unprivileged_port_start" in out.stdout
+    assert "127.0.0.1:80" in out.stdout and "ip_unprivileged_port_start" in out.stdout
     assert "CAP_NET_BIND_SERVICE" in out.stdout
 
 

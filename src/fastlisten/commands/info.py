@@ -62,7 +62,7 @@ def _lines(report: Dict[str, Any]) -> List[str]:
         f"  ip_local_port_range (ephemeral)  {eph_text}",
         f"  ip_local_reserved_ports          {reserved}",
         f"  ip_unprivileged_port_start       {_unknown(start)}"
-        + (f" (ports below need root or CAP_NET_BIND_SERVICE)" if start else ""),
+        + (" (ports below need root or CAP_NET_BIND_SERVICE)" if start else ""),
         f"  tcp_fastopen                     {tfo_text}",
         "",
         "Counters since boot (this network namespace)",
