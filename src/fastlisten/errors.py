@@ -326,7 +326,7 @@ def warn(message: str, category: type = FastlistenWarning) -> None:
 
     package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
     level = 2
-    frame = sys._getframe(1)
+    frame: Optional[Any] = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
         frame = frame.f_back
         level += 1

@@ -195,7 +195,7 @@ class Listener:
                              "only stream sockets listen")
         if config.family is not None and config.family != family:
             raise ValueError(f"{where} is an {family.name} socket, but family is "
-                             f"{socket.AddressFamily(config.family).name}")
+                             f"{socket.AddressFamily(int(config.family)).name}")
         if not listening and (name in ("", b"") or (isinstance(name, tuple) and not name[1])):
             raise ValueError(f"{where} is neither listening nor bound: bind it first, "
                              "or pass host/port instead")
@@ -250,7 +250,7 @@ class Listener:
         this machine has, why the port is privileged.
         """
         family = self._raw.family
-        numeric = resolve(family, address)
+        numeric: Any = resolve(family, address)
         if family != socket.AF_UNIX:
             warn_if_ephemeral(numeric[1])
         try:

@@ -362,9 +362,9 @@ class CommandServer:
     def _finish(self) -> None:
         """Stop listening, give handlers the grace period, then end them."""
         self.listener.close()
-        deadline = monotonic() + self.grace
-        while self._busy() and not self._force and monotonic() < deadline:
-            self._sleep(max(deadline - monotonic(), 0.0))
+        grace_end = monotonic() + self.grace
+        while self._busy() and not self._force and monotonic() < grace_end:
+            self._sleep(max(grace_end - monotonic(), 0.0))
         if self._busy():
             _log.info("ending %d running handler(s)", self._in_flight)
             self._end_handlers()
