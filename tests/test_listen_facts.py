@@ -306,18 +306,26 @@ def test_closing_the_listener_leaves_accepted_connections_working():
 
 
 def test_nodelay_and_keepalive_reach_accepted_connections():
-    with fastlisten.listen(LOOPBACK, nodelay=True, keepalive=True, rcvbuf=65536) as lst:
+    with fastlisten.listen(LOOPBACK, nodelay=True, keepalive=True, rcvbuf=65536,
+                           sndbuf=65536) as lst:
         with socket.create_connection(lst.address, timeout=5):
             conn, _ = lst.accept(timeout=5)
             with conn:
                 assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                 assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
                 assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 65536
+                assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 65536
     with fastlisten.listen(LOOPBACK) as plain:
         with socket.create_connection(plain.address, timeout=5):
             conn, _ = plain.accept(timeout=5)
             with conn:
                 assert not conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_reuse_address_is_on_by_default_and_can_be_turned_off():
+    with fastlisten.listen(LOOPBACK) as on, fastlisten.listen(LOOPBACK, reuse_address=False) as off:
+        assert on.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        assert not off.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="no TCP_DEFER_ACCEPT")
