@@ -151,7 +151,10 @@ def test_negative_backlog_clamps_to_zero_like_socket_listen():
 
 
 def test_backlog_above_somaxconn_is_truncated_by_the_kernel():
-    with fastlisten.listen(LOOPBACK, backlog=somaxconn() * 4) as lst:
+    from fastlisten.errors import BacklogTruncatedWarning  # issue 4: it warns now
+    with pytest.warns(BacklogTruncatedWarning):
+        lst = fastlisten.listen(LOOPBACK, backlog=somaxconn() * 4)
+    with lst:
         assert lst.backlog == somaxconn()
 
 
@@ -478,8 +481,9 @@ def test_bad_timeout(timeout, exc):
 
 
 def test_failed_bind_leaks_nothing_and_keeps_errno():
+    from fastlisten.errors import EphemeralPortWarning  # issue 4: a kernel-picked port warns
     with fastlisten.listen(LOOPBACK) as first:
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError) as info, pytest.warns(EphemeralPortWarning):
             fastlisten.listen(first.address, reuse_address=False)
         assert info.value.errno == errno.EADDRINUSE
         assert isinstance(info.value, OSError)

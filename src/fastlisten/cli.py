@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 #: Subcommands, in the order ``--help`` lists them.
-COMMANDS = ["demo"]
+COMMANDS = ["demo", "info", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
