@@ -280,11 +280,10 @@ if hasattr(socket, "AF_UNIX"):
         """socketserver.UnixDatagramServer with an immediate shutdown()."""
 
 
-class _NoPool:
-    """What ``_threads`` is before the first request: empty."""
-
-    def __len__(self) -> int:
-        return 0
+class _BusyThreads(list):
+    """A snapshot of the threads handling a request now, which is what the
+    stdlib's ``_threads`` lists.  Its join() does nothing: server_close()
+    waits for the pool itself."""
 
     def join(self) -> None:
         pass
@@ -313,8 +312,10 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
 
     @property
     def _threads(self) -> Any:  # type: ignore[override]
-        """The live handler threads (len()), as the stdlib's ``_threads``."""
-        return self._fl_pool if self._fl_pool is not None else _NoPool()
+        """The threads handling a request now, as the stdlib's ``_threads``
+        lists them (idle pool threads are not in it)."""
+        pool = self._fl_pool
+        return _BusyThreads(pool.busy_threads() if pool is not None else ())
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Run process_request_thread(request, client_address) on a pool thread."""
