@@ -496,3 +496,16 @@ def test_socket_subclass_accept_is_used(ss):
         assert ask(server.server_address) == b"ping\n"
         assert ask(server.server_address) == b"ping\n"
     assert RecordingSocket.accepts == 2
+
+
+@pytest.mark.parametrize("poll_interval", [0, -1])
+def test_poll_interval_zero_or_negative(ss, poll_interval):
+    ticks = threading.Semaphore(0)
+
+    class Ticking(ss.TCPServer):
+        def service_actions(self):
+            ticks.release()
+
+    with serving(Ticking(("127.0.0.1", 0), EchoLine), poll_interval=poll_interval) as server:
+        assert ticks.acquire(timeout=LIMIT)
+        assert ask(server.server_address) == b"ping\n"

@@ -176,11 +176,13 @@ class _FastLoop:
         # socket object is told again what it is set to when the loop ends.
         raw = RawListener(sock.family, sock.type, sock.proto, fileno=sock.fileno(),
                           owned=False)
+        # As selectors do: a negative timeout means "do not wait".
+        timeout = None if poll_interval is None else max(float(poll_interval), 0.0)
         self._fl_publish(raw)
         try:
             while not self._BaseServer__shutdown_request:
                 try:
-                    batch = raw.accept_many(self.accept_batch_size, poll_interval)
+                    batch = raw.accept_many(self.accept_batch_size, timeout)
                 except OSError:
                     return False
                 if batch:
