@@ -176,11 +176,13 @@ class _FastLoop:
         # socket object is told again what it is set to when the loop ends.
         raw = RawListener(sock.family, sock.type, sock.proto, fileno=sock.fileno(),
                           owned=False)
+        # As selectors do: a negative timeout means "do not wait".
+        timeout = None if poll_interval is None else max(float(poll_interval), 0.0)
         self._fl_publish(raw)
         try:
             while not self._BaseServer__shutdown_request:
                 try:
-                    batch = raw.accept_many(self.accept_batch_size, poll_interval)
+                    batch = raw.accept_many(self.accept_batch_size, timeout)
                 except OSError:
                     return False
                 if batch:
@@ -280,11 +282,10 @@ if hasattr(socket, "AF_UNIX"):
         """socketserver.UnixDatagramServer with an immediate shutdown()."""
 
 
-class _NoPool:
-    """What ``_threads`` is before the first request: empty."""
-
-    def __len__(self) -> int:
-        return 0
+class _BusyThreads(list):
+    """A snapshot of the threads handling a request now, which is what the
+    stdlib's ``_threads`` lists.  Its join() does nothing: server_close()
+    waits for the pool itself."""
 
     def join(self) -> None:
         pass
@@ -313,8 +314,10 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
 
     @property
     def _threads(self) -> Any:  # type: ignore[override]
-        """The live handler threads (len()), as the stdlib's ``_threads``."""
-        return self._fl_pool if self._fl_pool is not None else _NoPool()
+        """The threads handling a request now, as the stdlib's ``_threads``
+        lists them (idle pool threads are not in it)."""
+        pool = self._fl_pool
+        return _BusyThreads(pool.busy_threads() if pool is not None else ())
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Run process_request_thread(request, client_address) on a pool thread."""
