@@ -15,7 +15,7 @@ import pytest
 
 import fastlisten
 from fastlisten import server as flserver
-from fastlisten._backend import RawListener
+from fastlisten import Listener
 from fastlisten._workers import WorkerPool
 
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
@@ -80,7 +80,7 @@ def test_the_core_serves_stream_servers_and_mixins_over_stdlib_bases():
         pass
 
     for cls in (fastlisten.TCPServer, fastlisten.ThreadingTCPServer, Mixed):
-        assert _waker_while_serving(cls(("127.0.0.1", 0), EchoLine)) is RawListener
+        assert _waker_while_serving(cls(("127.0.0.1", 0), EchoLine)) is Listener
 
 
 def test_overridden_get_request_keeps_the_stdlib_loop():
@@ -333,3 +333,23 @@ def test_idle_threads_do_not_hold_the_interpreter_at_exit():
                           timeout=30, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1"
+
+
+def test_bind_failure_explains_itself_and_keeps_errno():
+    import errno as _errno
+    import os as _os
+
+    holder = fastlisten.TCPServer(("127.0.0.1", 0), socketserver.BaseRequestHandler)
+    try:
+        port = holder.server_address[1]
+
+        class NoReuse(fastlisten.TCPServer):
+            allow_reuse_address = False
+
+        with pytest.raises(OSError) as info:
+            NoReuse(("127.0.0.1", port), socketserver.BaseRequestHandler)
+        assert info.value.errno == _errno.EADDRINUSE
+        assert isinstance(info.value, OSError)
+        assert str(port) in str(info.value) and str(_os.getpid()) in str(info.value)
+    finally:
+        holder.server_close()

@@ -102,7 +102,10 @@ def resolve(family: int, address: Address) -> Address:
 class Listener:
     """A listening TCP (or Unix stream) socket served by fastlisten's core.
 
-    Listener(family=AF_INET, *, fileno=None)
+    Listener(family=AF_INET, *, fileno=None, owned=True)
+
+    ``fileno`` adopts an existing socket's descriptor; with ``owned=False``
+    close() leaves that descriptor open for its owner (a socket.socket).
 
     Methods for the caller: bind(), listen(), accept(), accept_many(),
     wakeup(), queue(), counters(), fileno(), close(); also a context
@@ -116,7 +119,7 @@ class Listener:
     """
 
     def __init__(self, family: int = socket.AF_INET, *, fileno: Optional[int] = None,
-                 type: int = socket.SOCK_STREAM, proto: int = 0) -> None:
+                 type: int = socket.SOCK_STREAM, proto: int = 0, owned: bool = True) -> None:
         if isinstance(family, bool) or not isinstance(family, int):
             raise TypeError(f"family must be an address family, not {family!r}")
         if family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
@@ -124,7 +127,7 @@ class Listener:
                               "(use AF_INET, AF_INET6 or AF_UNIX)")
         if type != socket.SOCK_STREAM:
             raise OSError(94, f"fastlisten listens on stream sockets only, not type {type!r}")
-        self._raw = RawListener(family, type, proto, fileno)
+        self._raw = RawListener(family, type, proto, fileno, owned=owned)
         self._backlog: Optional[int] = None
         self._listening = False
         self._logged_episodes = 0
