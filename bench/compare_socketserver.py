@@ -138,18 +138,21 @@ def main(argv: Any = None) -> int:
             results[name].append(measure_rate(cls, args.connections, args.clients, args.threads))
     shutdown = {name: measure_shutdown(cls) for name, cls in servers}
 
-    print(f"core: {'compiled' if fastlisten.compiled else 'pure Python'}; "
+    print(f"core: {'compiled' if fastlisten.compiled else 'pure Python'}; medians of "
           f"{args.connections} connections x {args.rounds} rounds, "
           f"{args.clients} client processes x {args.threads} threads; CPUs: {os.cpu_count()}")
-    print(f"{'server':<14}{'conn/s':>10}{'server CPU us/conn':>20}{'errors':>8}"
-          f"{'shutdown ms':>13}")
+    print(f"{'server':<14}{'conn/s':>10}{'(min-max)':>16}{'server CPU us/conn':>20}"
+          f"{'errors':>8}{'shutdown ms':>13}")
     summary = {}
     for name, _ in servers:
         rate = statistics.median(r["rate"] for r in results[name])
         cpu = statistics.median(r["cpu_us"] for r in results[name])
         errs = sum(r["errors"] for r in results[name])
         summary[name] = (rate, cpu)
-        print(f"{name:<14}{rate:>10.0f}{cpu:>20.1f}{errs:>8.0f}{shutdown[name] * 1e3:>13.3f}")
+        lo = min(r["rate"] for r in results[name])
+        hi = max(r["rate"] for r in results[name])
+        print(f"{name:<14}{rate:>10.0f}{f'({lo:.0f}-{hi:.0f})':>16}{cpu:>20.1f}"
+              f"{errs:>8.0f}{shutdown[name] * 1e3:>13.3f}")
     r1, c1 = summary["fastlisten"]
     for base in ("socketserver", "stdlib+backlog"):
         r0, c0 = summary[base]

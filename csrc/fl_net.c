@@ -5,7 +5,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <netinet/tcp.h>
 #ifdef __linux__
@@ -173,10 +175,15 @@ fl_count_error(fl_stats *st, int err)
  * the errno that ended the batch early: a capacity, closed or other-class
  * error (ignorable ones are counted in st and skipped).  EINTR from poll()
  * is reported as FL_WAIT_EINTR so the caller can run signal handlers with
- * the GIL and call again with the remaining time. */
+ * the GIL and call again with the remaining time.
+ *
+ * wait_mask, when not NULL, is the signal mask to wait with (ppoll): the
+ * caller blocks signals, runs the Python handlers of any that already came,
+ * and passes the mask it had, so that a signal arriving between that check
+ * and the wait still interrupts the wait instead of being lost. */
 int
-fl_wait_accept(int lfd, int wfd, int timeout_ms, fl_conn *out, int max,
-               fl_stats *st, int *status, int *err)
+fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
+               fl_conn *out, int max, fl_stats *st, int *status, int *err)
 {
     struct pollfd pfd[2];
     int n = 0, r;
@@ -189,7 +196,17 @@ fl_wait_accept(int lfd, int wfd, int timeout_ms, fl_conn *out, int max,
     pfd[1].events = POLLIN;
     pfd[1].revents = 0;
 
-    r = poll(pfd, 2, timeout_ms);
+    if (wait_mask != NULL) {
+        struct timespec ts, *tsp = NULL;
+        if (timeout_ms >= 0) {
+            ts.tv_sec = timeout_ms / 1000;
+            ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
+            tsp = &ts;
+        }
+        r = ppoll(pfd, 2, tsp, wait_mask);
+    } else {
+        r = poll(pfd, 2, timeout_ms);
+    }
     if (r < 0) {
         if (errno == EINTR) {
             *status = FL_WAIT_EINTR;
@@ -252,6 +269,27 @@ fl_wait_accept(int lfd, int wfd, int timeout_ms, fl_conn *out, int max,
             st->in_capacity_episode = 0;
     }
     return n;
+}
+
+/* Block every signal that can be blocked and is not synchronous (a fault
+ * must still kill the process at once); *old receives the mask before.
+ * Returns 0, or an errno value (pthread_sigmask's convention). */
+int
+fl_block_signals(sigset_t *old)
+{
+    sigset_t all;
+    sigfillset(&all);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
+    return pthread_sigmask(SIG_BLOCK, &all, old);
+}
+
+int
+fl_restore_signals(const sigset_t *old)
+{
+    return pthread_sigmask(SIG_SETMASK, old, NULL);
 }
 
 /* Contract: called WITHOUT the GIL.  After a capacity error the pending

@@ -12,6 +12,7 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
+#include <signal.h>
 
 /* errno values above this are counted in the last slot. */
 #define FL_ERRNO_SLOTS 160
@@ -57,8 +58,10 @@ int fl_wakeup_open(int *rfd, int *wfd);
 int fl_wakeup_signal(int wfd);
 void fl_wakeup_drain(int rfd);
 
-int fl_wait_accept(int lfd, int wfd, int timeout_ms, fl_conn *out, int max,
-                   fl_stats *st, int *status, int *err);
+int fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
+                   fl_conn *out, int max, fl_stats *st, int *status, int *err);
+int fl_block_signals(sigset_t *old);
+int fl_restore_signals(const sigset_t *old);
 void fl_capacity_backoff(int wfd, int ms);
 
 int fl_tcp_queue(int fd, unsigned int *queued, unsigned int *backlog);

@@ -10,7 +10,7 @@ import xmlrpc.server
 import pytest
 
 import fastlisten
-from fastlisten._backend import RawListener
+from fastlisten import Listener
 
 from test_socketserver_diff import LIMIT, serving, wait_for
 
@@ -21,7 +21,7 @@ def _url(server, path="/"):
 
 def _served_by_core(server):
     wait_for(lambda: server._fl_waker is not None)
-    return type(server._fl_waker) is RawListener
+    return type(server._fl_waker) is Listener
 
 
 class Hello(http.server.BaseHTTPRequestHandler):

@@ -106,8 +106,10 @@ def recorder(base):
 def test_hooks_called_in_stdlib_order(ss, name):
     S = recorder(getattr(ss, name))
     with serving(S(("127.0.0.1", 0), EchoLine)) as server:
-        assert ask(server.server_address) == b"ping\n"
-        assert ask(server.server_address) == b"ping\n"
+        for i in (1, 2):
+            assert ask(server.server_address) == b"ping\n"
+            # the client sees EOF at shutdown_request's SHUT_WR, before close_request
+            wait_for(lambda: server.calls.count("close_request") == i)
     one = ["verify_request", "process_request", "finish_request",
            "shutdown_request", "close_request"]
     assert server.calls == one + one
@@ -494,3 +496,16 @@ def test_socket_subclass_accept_is_used(ss):
         assert ask(server.server_address) == b"ping\n"
         assert ask(server.server_address) == b"ping\n"
     assert RecordingSocket.accepts == 2
+
+
+@pytest.mark.parametrize("poll_interval", [0, -1])
+def test_poll_interval_zero_or_negative(ss, poll_interval):
+    ticks = threading.Semaphore(0)
+
+    class Ticking(ss.TCPServer):
+        def service_actions(self):
+            ticks.release()
+
+    with serving(Ticking(("127.0.0.1", 0), EchoLine), poll_interval=poll_interval) as server:
+        assert ticks.acquire(timeout=LIMIT)
+        assert ask(server.server_address) == b"ping\n"

@@ -15,7 +15,7 @@ import pytest
 
 import fastlisten
 from fastlisten import server as flserver
-from fastlisten._backend import RawListener
+from fastlisten import Listener
 from fastlisten._workers import WorkerPool
 
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
@@ -80,7 +80,7 @@ def test_the_core_serves_stream_servers_and_mixins_over_stdlib_bases():
         pass
 
     for cls in (fastlisten.TCPServer, fastlisten.ThreadingTCPServer, Mixed):
-        assert _waker_while_serving(cls(("127.0.0.1", 0), EchoLine)) is RawListener
+        assert _waker_while_serving(cls(("127.0.0.1", 0), EchoLine)) is Listener
 
 
 def test_overridden_get_request_keeps_the_stdlib_loop():
@@ -119,7 +119,8 @@ def test_threads_are_reused():
             assert ask(server.server_address) == b"ping\n"
             # the one thread is back in the pool before the next connection
             wait_for(lambda: server._fl_pool.busy == 0)
-        assert len(server._threads) == 1
+        assert len(server._fl_pool) == 1
+        assert len(server._threads) == 0     # none busy
     assert len(set(idents)) == 1
 
 
@@ -130,7 +131,7 @@ def test_idle_threads_retire():
     server = S(("127.0.0.1", 0), EchoLine)
     with serving(server):
         assert ask(server.server_address) == b"ping\n"
-        wait_for(lambda: len(server._threads) == 0)
+        wait_for(lambda: len(server._fl_pool) == 0)
         assert ask(server.server_address) == b"ping\n"
 
 
@@ -177,7 +178,7 @@ def test_max_threads_queues_in_order_and_shutdown_drops_the_waiting_one():
                 wait_for(lambda: order == [b"0\n"])
             if i == 1:
                 wait_for(lambda: server._fl_pool.queued == 1)
-        assert len(server._threads) == 1
+        assert len(server._fl_pool) == 1 and len(server._threads) == 1
         server.shutdown()      # the loop may be blocked waiting for room: it returns
         release.set()
     assert order == [b"0\n", b"1\n"]
@@ -311,3 +312,44 @@ def test_worker_pool_arguments():
     with pytest.raises(ValueError):
         WorkerPool(max_threads=2, max_queued=0)
     assert WorkerPool(max_threads=3).max_queued == 3
+
+
+def test_idle_threads_do_not_hold_the_interpreter_at_exit():
+    # An unclosed server: at exit the interpreter joins non-daemon threads;
+    # idle pool threads must leave then, not after thread_idle_timeout.
+    code = textwrap.dedent("""
+        import socket
+        import fastlisten
+
+        class S(fastlisten.ThreadingTCPServer):
+            thread_idle_timeout = 3600
+
+        server = S(("127.0.0.1", 0), fastlisten.StreamRequestHandler)
+        with socket.create_connection(server.server_address):
+            server.handle_request()
+        print(len(server._fl_pool))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1"
+
+
+def test_bind_failure_explains_itself_and_keeps_errno():
+    import errno as _errno
+    import os as _os
+
+    holder = fastlisten.TCPServer(("127.0.0.1", 0), socketserver.BaseRequestHandler)
+    try:
+        port = holder.server_address[1]
+
+        class NoReuse(fastlisten.TCPServer):
+            allow_reuse_address = False
+
+        with pytest.raises(OSError) as info:
+            NoReuse(("127.0.0.1", port), socketserver.BaseRequestHandler)
+        assert info.value.errno == _errno.EADDRINUSE
+        assert isinstance(info.value, OSError)
+        assert str(port) in str(info.value) and str(_os.getpid()) in str(info.value)
+    finally:
+        holder.server_close()

@@ -15,6 +15,8 @@ cimport cython
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memset, memcpy, strlen
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.pythread cimport PyThread_get_thread_ident
+from posix.signal cimport sigset_t
 
 from fastlisten.includes.system cimport (
     sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6, sockaddr_un,
@@ -27,13 +29,14 @@ from fastlisten.includes.system cimport (
 from fastlisten.includes.fl_net cimport (
     fl_stats, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
     fl_wakeup_signal, fl_wakeup_drain, fl_wait_accept, fl_capacity_backoff,
-    fl_tcp_queue, fl_accept_error_class, FL_ERRNO_SLOTS,
+    fl_tcp_queue, fl_accept_error_class, fl_block_signals, fl_restore_signals,
+    FL_ERRNO_SLOTS,
     FL_ERR_CAPACITY, FL_ERR_CLOSED, FL_ERR_IGNORE,
     FL_WAIT_EINTR, FL_WAIT_WOKEN, FL_WAIT_TIMEOUT,
 )
 
-import os as _os
 import socket as _socket
+import threading as _threading
 from time import monotonic as _monotonic
 
 from fastlisten._coreshared import (
@@ -44,6 +47,8 @@ from fastlisten._coreshared import (
 cdef object _socket_class = _socket.socket
 cdef int _SOCK_STREAM = _socket.SOCK_STREAM
 cdef int _MAX_BATCH = MAX_BATCH
+# Python runs signal handlers in the main thread only.
+cdef unsigned long _main_thread = _threading.main_thread().ident
 
 
 cdef int _raise_errno(int err) except -1:
@@ -325,6 +330,9 @@ cdef class RawListener:
         cdef fl_conn *conns
         cdef fl_conn *private
         cdef fl_stats *st = &self._st
+        cdef sigset_t old_mask
+        cdef const sigset_t *wait_mask
+        cdef bint main = PyThread_get_thread_ident() == _main_thread
         self._check_open()
         if max < 1 or max > _MAX_BATCH:
             check_max(max)                  # raises with the message
@@ -352,8 +360,24 @@ cdef class RawListener:
                 while True:
                     lfd = self._fd
                     wake = self._wake_r
+                    # In the main thread, a signal that arrives after Python
+                    # last ran its handlers but before poll() would be lost
+                    # until the next connection: block signals, run handlers
+                    # of those already here, and let ppoll() unblock them
+                    # atomically for the wait.
+                    wait_mask = NULL
+                    if main and fl_block_signals(&old_mask) == 0:
+                        wait_mask = &old_mask
+                        try:
+                            PyErr_CheckSignals()
+                        except BaseException:
+                            fl_restore_signals(&old_mask)
+                            raise
                     with nogil:
-                        n = fl_wait_accept(lfd, wake, ms, conns, max, st, &status, &err)
+                        n = fl_wait_accept(lfd, wake, ms, wait_mask, conns, max, st,
+                                           &status, &err)
+                        if wait_mask != NULL:
+                            fl_restore_signals(wait_mask)
                         if n == 0 and err != 0 and fl_accept_error_class(err) == FL_ERR_CAPACITY:
                             fl_capacity_backoff(wake, self._backoff_ms if ms < 0 or ms > self._backoff_ms else ms)
                     if status != FL_WAIT_EINTR:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import errno
 import os
 import select
+import signal
 import socket as _socket
 import threading
+from time import monotonic
 from typing import Any, Dict, List, Optional, Tuple
 
 from fastlisten._coreshared import (
     BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, IGNORABLE, check_max,
-    closed_error, decode_unix_path, encode_unix_path, timeout_ms,
+    closed_error, decode_unix_path, encode_unix_path, remaining, timeout_ms,
 )
 
 _ERRNO_SLOTS = 160
@@ -32,6 +34,15 @@ def _open_wakeup() -> Tuple[int, int]:
     os.set_blocking(r, False)
     os.set_blocking(w, False)
     return r, w
+
+
+def _drain_fd(fd: int) -> None:
+    """Read a non-blocking wake-up descriptor empty."""
+    try:
+        while os.read(fd, 64):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _check_numeric(family: int, address: Any) -> Any:
@@ -75,6 +86,7 @@ class RawListener:
                  proto: int = 0, fileno: Optional[int] = None, *, owned: bool = True) -> None:
         self._sock: Optional[_socket.socket] = None
         self._wake_r = self._wake_w = -1
+        self._sig_r = self._sig_w = -1     # the signal.set_wakeup_fd pipe
         self.family = int(family)
         self.type = int(type)
         self.proto = int(proto)
@@ -89,6 +101,15 @@ class RawListener:
         self._last_capacity_errno = 0
         self._errors: Dict[int, int] = {}
         self._wake_r, self._wake_w = _open_wakeup()
+        try:
+            # Made now, not at the first wait: a process out of descriptors
+            # must still be able to accept once one is free.
+            self._sig_r, self._sig_w = os.pipe()
+            os.set_blocking(self._sig_r, False)
+            os.set_blocking(self._sig_w, False)
+        except BaseException:
+            self._close_wakeup()
+            raise
         try:
             if fileno is None:
                 sock = _socket.socket(family, type, proto)
@@ -112,11 +133,9 @@ class RawListener:
     # -- lifecycle -----------------------------------------------------
 
     def _close_wakeup(self) -> None:
-        if self._wake_r >= 0:
-            os.close(self._wake_r)
-        if self._wake_w >= 0 and self._wake_w != self._wake_r:
-            os.close(self._wake_w)
-        self._wake_r = self._wake_w = -1
+        for fd in {self._wake_r, self._wake_w, self._sig_r, self._sig_w} - {-1}:
+            os.close(fd)
+        self._wake_r = self._wake_w = self._sig_r = self._sig_w = -1
 
     def _close_now(self) -> None:
         sock, self._sock = self._sock, None
@@ -218,11 +237,7 @@ class RawListener:
             self._signal()
 
     def _drain_wakeup(self) -> None:
-        try:
-            while os.read(self._wake_r, 64):
-                pass
-        except BlockingIOError:
-            pass
+        _drain_fd(self._wake_r)
 
     def _count_error(self, err: int) -> None:
         slot = err if 0 <= err < _ERRNO_SLOTS else _ERRNO_SLOTS - 1
@@ -244,9 +259,7 @@ class RawListener:
         out: List[Tuple[_socket.socket, Any]] = []
         err = 0
         try:
-            # select.poll retries EINTR itself (PEP 475), after running the
-            # Python signal handlers, with the time left.
-            events = dict(poller.poll(ms))
+            events = self._wait(poller, ms)
             if self._close_pending:
                 pass
             elif wfd in events:
@@ -277,6 +290,46 @@ class RawListener:
             raise OSError(err, os.strerror(err))
         self._backoff_ms = BACKOFF_FIRST_MS
         return out
+
+    def _wait(self, poller: "select.poll", ms: int) -> Dict[int, int]:
+        """poll() the listener and the wake-up descriptor, as the C core does.
+
+        select.poll retries EINTR itself (PEP 475) after running the Python
+        signal handlers.  A signal that arrives after the interpreter last
+        ran handlers but before poll() starts would be lost until the next
+        connection; in the main thread, a signal.set_wakeup_fd pipe polled
+        alongside closes that gap (unless the application already set its
+        own wake-up fd, as asyncio does: then its fd is left alone).
+        """
+        sig_r = self._arm_signal_pipe()
+        deadline = None if ms < 0 else monotonic() + ms / 1000
+        try:
+            if sig_r >= 0:
+                poller.register(sig_r, _POLLIN)
+            while True:
+                events = dict(poller.poll(ms))
+                if sig_r not in events:
+                    return events
+                # the handlers ran as poll() returned; none raised: go on
+                _drain_fd(sig_r)
+                del events[sig_r]
+                if events:
+                    return events
+                if deadline is not None:
+                    ms = timeout_ms(remaining(deadline))
+        finally:
+            if sig_r >= 0:
+                signal.set_wakeup_fd(-1)
+
+    def _arm_signal_pipe(self) -> int:
+        """Make our pipe the signal wake-up fd; -1 if that is not ours to do."""
+        if threading.current_thread() is not threading.main_thread():
+            return -1
+        previous = signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+        if previous not in (-1, self._sig_w):
+            signal.set_wakeup_fd(previous)
+            return -1
+        return self._sig_r
 
     def _drain(self, sock: _socket.socket, max: int,
                out: List[Tuple[_socket.socket, Any]]) -> int:

@@ -13,7 +13,8 @@ finished threads waiting for the next job instead:
 - an exception that is not an ``Exception`` (``SystemExit``,
   ``KeyboardInterrupt``) ends the thread that ran the job, as it ends a
   thread of the stdlib, so ``threading.excepthook`` sees it;
-- bookkeeping is bounded: the pool remembers its live threads only.
+- bookkeeping is bounded: the pool remembers its live threads only;
+- at interpreter exit, idle threads leave at once (busy ones finish first).
 """
 
 from __future__ import annotations
@@ -21,11 +22,30 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Any, Callable, Deque, Optional, Set, Tuple
+import weakref
+from typing import Any, Callable, Deque, List, Optional, Set, Tuple
 
 __all__ = ["WorkerPool"]
 
 _Job = Tuple[Callable[..., Any], Tuple[Any, ...]]
+
+#: Every pool, so that idle threads can leave at interpreter exit.
+_pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+def _close_all_pools() -> None:
+    # Runs before the interpreter joins non-daemon threads: idle ones exit
+    # now instead of after idle_timeout; busy ones finish their job first,
+    # as the stdlib's per-request threads do.
+    for pool in list(_pools):
+        pool.close()
+
+
+# threading._register_atexit (3.9+, what concurrent.futures uses) runs
+# before threading._shutdown joins the threads; atexit would run after.
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_close_all_pools)
 
 
 class WorkerPool:
@@ -50,10 +70,11 @@ class WorkerPool:
         self._room = threading.Condition(self._cond)          # submit() waits on it (same lock)
         self._jobs: Deque[_Job] = collections.deque()
         self._threads: Set[threading.Thread] = set()
+        self._busy: Set[threading.Thread] = set()   # threads running a job now
         self._idle = 0          # threads waiting for a job
-        self._busy = 0          # jobs running now
         self._closed = False
         self._serial = 0
+        _pools.add(self)
 
     def __len__(self) -> int:
         """The number of live threads."""
@@ -63,7 +84,12 @@ class WorkerPool:
     @property
     def busy(self) -> int:
         """Jobs running now."""
-        return self._busy
+        return len(self._busy)
+
+    def busy_threads(self) -> List[threading.Thread]:
+        """The threads running a job now."""
+        with self._cond:
+            return list(self._busy)
 
     @property
     def queued(self) -> int:
@@ -84,14 +110,16 @@ class WorkerPool:
                     self._cond.notify()
                     return True
                 if self.max_threads is None or len(self._threads) < self.max_threads:
-                    self._start_thread((fn, args))
-                    return True
+                    thread = self._new_thread((fn, args))
+                    break
                 if len(self._jobs) < self.max_queued:
                     self._jobs.append((fn, args))
                     return True
                 if cancelled is not None and cancelled():
                     return False
                 self._room.wait()
+        self._start(thread)
+        return True
 
     def interrupt(self) -> None:
         """Wake a submit() waiting for room, so that it checks ``cancelled``."""
@@ -121,29 +149,37 @@ class WorkerPool:
                 return
             others[0].join(left)
 
-    def _start_thread(self, job: _Job) -> None:
-        # Called with the lock held.
+    def _new_thread(self, job: _Job) -> threading.Thread:
+        """A thread for job, counted as live and busy.  Called with the lock
+        held; start it with _start() once the lock is released (start()
+        waits for the thread, which must not keep finishing ones from the
+        lock)."""
         self._serial += 1
         t = threading.Thread(target=self._run, args=(job,),
                              name=f"{self._name}-{self._serial}", daemon=self.daemon)
         self._threads.add(t)
-        self._busy += 1
+        self._busy.add(t)
+        return t
+
+    def _start(self, t: threading.Thread) -> None:
         try:
             t.start()
         except BaseException:
-            self._threads.discard(t)
-            self._busy -= 1
+            with self._cond:
+                self._threads.discard(t)
+                self._busy.discard(t)
             raise
 
     def _next_job(self) -> Optional[_Job]:
         """Wait for a job; None means retire.  Called with the lock held."""
         self._idle += 1
+        deadline = time.monotonic() + self.idle_timeout
         try:
             while not self._jobs:
-                if self._closed:
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0:
                     return None
-                if not self._cond.wait(self.idle_timeout) and not self._jobs:
-                    return None
+                self._cond.wait(left)
             job = self._jobs.popleft()
             self._room.notify()   # a submit() may wait for room
             return job
@@ -163,15 +199,18 @@ class WorkerPool:
                     # request's objects can be collected at once.
                     del fn, args
                     with self._cond:
-                        self._busy -= 1
+                        self._busy.discard(me)
                 with self._cond:
                     job = self._next_job()
                     if job is not None:
-                        self._busy += 1
+                        self._busy.add(me)
         finally:
+            replacement = None
             with self._cond:
                 self._threads.discard(me)
+                self._busy.discard(me)
                 # A thread ended by SystemExit & co. must not strand queued jobs.
                 if len(self._jobs) > self._idle:
-                    self._start_thread(self._jobs.popleft())
-                self._cond.notify_all()
+                    replacement = self._new_thread(self._jobs.popleft())
+            if replacement is not None:
+                self._start(replacement)

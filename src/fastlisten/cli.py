@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 #: Subcommands, in the order ``--help`` lists them.
-COMMANDS = ["demo", "bench"]
+COMMANDS = ["demo", "info", "serve", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

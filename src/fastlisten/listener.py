@@ -9,20 +9,28 @@
     conn, addr = lst.accept()    # an ordinary socket.socket
     lst.close()
 
-This layer resolves host names, checks arguments and logs; the core
-(``fastlisten._backend.RawListener``) makes the system calls.
+Or describe it once with a :class:`fastlisten.config.ListenConfig` and call
+``Listener.from_config(cfg)``.  This layer resolves host names, checks
+choices (warnings for an ephemeral port or a truncated backlog), explains
+bind errors and counts; the core (``fastlisten._backend.RawListener``) makes
+the system calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import threading
 from time import monotonic
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from fastlisten import sysinfo
 from fastlisten._backend import RawListener
 from fastlisten._coreshared import remaining
+from fastlisten.config import ListenConfig, check_backlog
+from fastlisten.errors import effective_backlog, explain_bind_error, warn_if_ephemeral
 
 __all__ = ["Listener", "listen", "default_backlog", "Address"]
 
@@ -30,34 +38,12 @@ _log = logging.getLogger("fastlisten")
 
 Address = Union[Tuple[Any, ...], str, bytes, "os.PathLike[str]"]
 
-_SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
-
-
 def default_backlog() -> int:
     """The kernel's ``net.core.somaxconn``, read now (the largest backlog
     listen() honours; larger values are silently truncated to it).  Falls
     back to ``socket.SOMAXCONN`` where /proc cannot tell."""
-    try:
-        with open(_SOMAXCONN_PATH, "rb") as f:
-            value = int(f.read().strip())
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
-    return value if value > 0 else socket.SOMAXCONN
-
-
-def _check_backlog(backlog: Any) -> int:
-    if isinstance(backlog, bool) or not isinstance(backlog, int):
-        try:
-            backlog = backlog.__index__()
-        except AttributeError:
-            raise TypeError(
-                f"backlog must be an integer, not {type(backlog).__name__}: {backlog!r}"
-            ) from None
-    # socket.listen clamps negatives to 0 and so do we; C int overflow is
-    # the stdlib's OverflowError.
-    if backlog > 2**31 - 1:
-        raise OverflowError(f"backlog {backlog} does not fit in a C int")
-    return max(backlog, 0)
+    value = sysinfo.somaxconn()
+    return value if value is not None and value > 0 else socket.SOMAXCONN
 
 
 def _family_of(address: Address) -> int:
@@ -99,8 +85,13 @@ def resolve(family: int, address: Address) -> Address:
         try:
             socket.inet_pton(family, host)
         except OSError:
-            infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0,
-                                       socket.AI_PASSIVE)
+            try:
+                infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0,
+                                           socket.AI_PASSIVE)
+            except socket.gaierror as exc:
+                kind = "IPv6" if family == socket.AF_INET6 else "IPv4"
+                raise socket.gaierror(exc.errno, f"{exc.strerror}: no {kind} address for "
+                                                 f"host {host!r}") from None
             sockaddr = infos[0][4]
             host = sockaddr[0]
             if family == socket.AF_INET6 and not rest:
@@ -111,26 +102,122 @@ def resolve(family: int, address: Address) -> Address:
 class Listener:
     """A listening TCP (or Unix stream) socket served by fastlisten's core.
 
-    Listener(family=AF_INET, *, fileno=None)
+    Listener(family=AF_INET, *, fileno=None, owned=True)
+
+    ``fileno`` adopts an existing socket's descriptor; with ``owned=False``
+    close() leaves that descriptor open for its owner (a socket.socket).
 
     Methods for the caller: bind(), listen(), accept(), accept_many(),
-    wakeup(), queue(), fileno(), close(); also a context manager.
-    Accepted connections are ordinary ``socket.socket`` objects,
-    independent of the listener: closing it leaves them working.
+    wakeup(), queue(), counters(), fileno(), close(); also a context
+    manager.  ``Listener.from_config(cfg)`` builds one from a
+    :class:`~fastlisten.config.ListenConfig`.  Accepted connections are
+    ordinary ``socket.socket`` objects, independent of the listener:
+    closing it leaves them working.
+
+    Methods for servers built on it: handler_started()/handler_finished()
+    (or ``with listener.handling():``) keep the "handlers running" counter.
     """
 
     def __init__(self, family: int = socket.AF_INET, *, fileno: Optional[int] = None,
-                 type: int = socket.SOCK_STREAM, proto: int = 0) -> None:
-        if not isinstance(family, int):
+                 type: int = socket.SOCK_STREAM, proto: int = 0, owned: bool = True) -> None:
+        if isinstance(family, bool) or not isinstance(family, int):
             raise TypeError(f"family must be an address family, not {family!r}")
         if family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
             raise OSError(97, f"unsupported address family: {family!r} "
                               "(use AF_INET, AF_INET6 or AF_UNIX)")
         if type != socket.SOCK_STREAM:
             raise OSError(94, f"fastlisten listens on stream sockets only, not type {type!r}")
-        self._raw = RawListener(family, type, proto, fileno)
+        self._raw = RawListener(family, type, proto, fileno, owned=owned)
         self._backlog: Optional[int] = None
+        self._listening = False
         self._logged_episodes = 0
+        #: The ListenConfig this listener was built from (None when built by hand).
+        self.config: Optional[ListenConfig] = None
+        self._unix_file: Optional[Tuple[bytes, int, int, int]] = None  # path, dev, ino, pid
+        self._count_lock = threading.Lock()
+        self._handlers = 0
+        self._handlers_peak = 0
+        self._deepest = 0
+        self._system_at_open = sysinfo.listen_counters()
+
+    # -- building from a configuration ----------------------------------
+
+    @classmethod
+    def from_config(cls, config: ListenConfig) -> "Listener":
+        """Create, configure, bind and listen as ``config`` says (or take
+        over its ``fd``).  Warns (EphemeralPortWarning,
+        BacklogTruncatedWarning) about risky choices; bind errors explain
+        themselves; on any failure the descriptor is closed (a passed-in
+        ``fd`` is left open: it is still the caller's)."""
+        if not isinstance(config, ListenConfig):
+            raise TypeError(f"config must be a ListenConfig, not {type(config).__name__}")
+        if config.fd is not None:
+            return cls._adopt(config)
+        family = config.family
+        lst = cls(family)  # type: ignore[arg-type]
+        try:
+            lst.config = config
+            config.apply_listener_options(lst)
+            if family == socket.AF_UNIX:
+                if config.unlink_stale and config.stale_unix_socket():
+                    _log.info("removing stale socket file %s (nobody listens on it)",
+                              config.path)
+                    os.unlink(config.path)  # type: ignore[arg-type]
+                lst.bind(config.path)  # type: ignore[arg-type]
+                if config.unix_mode is not None:
+                    os.chmod(config.path, config.unix_mode)  # type: ignore[arg-type]
+            else:
+                lst.bind((config.bind_host, config.port))
+            lst.listen(config.backlog)
+        except BaseException:
+            lst.close()
+            raise
+        return lst
+
+    @classmethod
+    def _adopt(cls, config: ListenConfig) -> "Listener":
+        fd = config.resolve_fd()
+        assert fd is not None
+        try:
+            probe = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"{exc.strerror}: fd={config.fd!r} ({fd}) is not "
+                                       "an open socket") from None
+        try:
+            family, stype = probe.family, probe.type
+            listening = bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+            name = probe.getsockname()
+        finally:
+            probe.detach()
+        where = f"fd={config.fd!r} ({fd})"
+        if family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            raise ValueError(f"{where} is an {family.name} socket; fastlisten listens on "
+                             "AF_INET, AF_INET6 and AF_UNIX")
+        if stype != socket.SOCK_STREAM:
+            raise ValueError(f"{where} is a {socket.SocketKind(stype).name} socket; "
+                             "only stream sockets listen")
+        if config.family is not None and config.family != family:
+            raise ValueError(f"{where} is an {family.name} socket, but family is "
+                             f"{socket.AddressFamily(int(config.family)).name}")
+        if not listening and (name in ("", b"") or (isinstance(name, tuple) and not name[1])):
+            raise ValueError(f"{where} is neither listening nor bound: bind it first, "
+                             "or pass host/port instead")
+        if family == socket.AF_UNIX and any(
+                getattr(config, n) not in (None, False) for n in
+                ("nodelay", "keepalive", "defer_accept", "fastopen")):
+            raise ValueError(f"{where} is a Unix socket: TCP options do not apply")
+        lst = cls(family, fileno=fd)
+        try:
+            lst.config = config
+            config.apply_listener_options(lst)
+            if not listening or config.backlog is not None:
+                lst.listen(config.backlog)
+            else:
+                lst._listening = True
+        except BaseException:
+            lst._raw.detach()   # still the caller's descriptor: leave it open
+            raise
+        return lst
 
     # -- the lifecycle -------------------------------------------------
 
@@ -158,16 +245,39 @@ class Listener:
 
     def bind(self, address: Address) -> None:
         """Bind to ``address``: (host, port) or a Unix path; port 0 lets the
-        kernel choose (read it back from ``address``)."""
-        self._raw.bind(resolve(self._raw.family, address))
+        kernel choose (read it back from ``address``).
+
+        A fixed port in the ephemeral range warns (EphemeralPortWarning).
+        EADDRINUSE, EADDRNOTAVAIL and EACCES keep their OSError subclass and
+        errno and explain themselves: who holds the address, which addresses
+        this machine has, why the port is privileged.
+        """
+        family = self._raw.family
+        numeric: Any = resolve(family, address)
+        if family != socket.AF_UNIX:
+            warn_if_ephemeral(numeric[1])
+        try:
+            self._raw.bind(numeric)
+        except OSError as exc:
+            raise explain_bind_error(exc, family, numeric) from None
+        if family == socket.AF_UNIX:
+            raw = os.fsencode(numeric)
+            if raw[:1] != b"\0":
+                try:
+                    st = os.stat(raw)
+                    self._unix_file = (raw, st.st_dev, st.st_ino, os.getpid())
+                except OSError:
+                    pass
 
     def listen(self, backlog: Optional[int] = None) -> None:
         """Start listening.  ``backlog`` defaults to the kernel's somaxconn;
-        the kernel truncates larger values to it (``backlog`` then reports
-        the effective value) and a negative one is clamped to 0."""
-        requested = default_backlog() if backlog is None else _check_backlog(backlog)
+        the kernel truncates larger values to it (with a
+        BacklogTruncatedWarning; ``backlog`` then reports the effective
+        value) and a negative one is clamped to 0."""
+        requested = default_backlog() if backlog is None else check_backlog(backlog)
         self._raw.listen(requested)
-        self._backlog = min(requested, default_backlog())
+        self._listening = True
+        self._backlog = effective_backlog(requested)
 
     @property
     def address(self) -> Any:
@@ -177,8 +287,8 @@ class Listener:
     @property
     def backlog(self) -> Optional[int]:
         """The effective backlog (the kernel truncates to somaxconn), or None
-        before listen()."""
-        if self._backlog is not None and self._raw.family != socket.AF_UNIX:
+        before listen() (and for an adopted Unix listener, which cannot tell)."""
+        if self._listening and self._raw.family != socket.AF_UNIX:
             try:
                 return self._raw.queue()[1]
             except OSError:
@@ -188,7 +298,10 @@ class Listener:
     def queue(self) -> Tuple[int, int]:
         """(queued, backlog): connections waiting in the accept queue now,
         and the queue's effective size (Linux TCP_INFO, as ``ss -lnt``)."""
-        return self._raw.queue()
+        queued, backlog = self._raw.queue()
+        if queued > self._deepest:
+            self._deepest = queued
+        return queued, backlog
 
     def accept_many(self, max: int = 64, timeout: Optional[float] = None
                     ) -> List[Tuple[socket.socket, Any]]:
@@ -200,6 +313,24 @@ class Listener:
         batch = self._raw.accept_many(max, timeout)
         if self._raw.capacity_episodes != self._logged_episodes:
             self._log_capacity()
+        n = len(batch)
+        if n:
+            depth = n
+            if n >= max and self._raw.family != socket.AF_UNIX:
+                # A full batch left some behind: they were queued too.
+                try:
+                    depth += self._raw.queue()[0]
+                except OSError:
+                    pass
+            if depth > self._deepest:
+                self._deepest = depth
+            config = self.config
+            if config is not None and config.accepted_options:
+                for conn, _ in batch:
+                    try:
+                        config.apply_connection_options(conn)
+                    except OSError as exc:   # the peer is gone already; its handler will see
+                        _log.debug("options on accepted connection: %s", exc)
         return batch
 
     def _log_capacity(self) -> None:
@@ -234,14 +365,84 @@ class Listener:
         from any thread."""
         self._raw.wakeup()
 
+    # -- counters --------------------------------------------------------
+
     def stats(self) -> dict:
-        """Counters of this listener's life: accepted, batches, max_batch,
+        """Counters of the core: accepted, batches, max_batch,
         capacity_episodes and errors by errno."""
         return self._raw.stats()
 
+    def handler_started(self) -> None:
+        """Count a handler as running (servers call this; thread-safe)."""
+        with self._count_lock:
+            self._handlers += 1
+            if self._handlers > self._handlers_peak:
+                self._handlers_peak = self._handlers
+
+    def handler_finished(self) -> None:
+        """Count a handler as done (pairs with handler_started)."""
+        with self._count_lock:
+            self._handlers -= 1
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """``with listener.handling(): handle(conn)`` keeps handlers_running."""
+        self.handler_started()
+        try:
+            yield
+        finally:
+            self.handler_finished()
+
+    def counters(self) -> Dict[str, Any]:
+        """Counters of this listener's life, and the system's.
+
+        ``accepted``, ``batches``, ``max_batch`` (largest batch),
+        ``capacity_episodes``, ``errors`` ({errno: count} of accept errors),
+        ``handlers_running`` and ``handlers_peak``, ``queued`` (in the accept
+        queue now; None for Unix sockets), ``backlog``, ``deepest_queue``
+        (the most seen waiting at once: at a batch or a queue() call), and
+        the system-wide ``listen_overflows``/``listen_drops`` (kernel
+        ListenOverflows/ListenDrops since boot; ``*_since_open`` since this
+        listener was created) -- when they rise, the kernel dropped
+        handshakes because an accept queue was full.
+        """
+        out: Dict[str, Any] = dict(self._raw.stats())
+        queued: Optional[int] = None
+        if not self.closed and self._listening and self._raw.family != socket.AF_UNIX:
+            try:
+                queued = self.queue()[0]
+            except OSError:
+                pass
+        system = sysinfo.listen_counters()
+        before = self._system_at_open
+        with self._count_lock:
+            out["handlers_running"] = self._handlers
+            out["handlers_peak"] = self._handlers_peak
+        out["queued"] = queued
+        out["backlog"] = None if self.closed else self.backlog
+        out["deepest_queue"] = self._deepest
+        for key, name in (("listen_overflows", "ListenOverflows"), ("listen_drops", "ListenDrops")):
+            now, then = system.get(name), before.get(name)
+            out[key] = now
+            out[key + "_since_open"] = None if now is None or then is None else now - then
+        return out
+
+    # -- the end ---------------------------------------------------------
+
     def close(self) -> None:
-        """Stop listening.  Idempotent; connections already accepted stay open."""
+        """Stop listening.  Idempotent; connections already accepted stay open.
+        A Unix socket file this listener created is removed (only by the
+        process that bound it, and only if it is still the same file)."""
         self._raw.close()
+        unix, self._unix_file = self._unix_file, None
+        if unix is not None:
+            path, dev, ino, pid = unix
+            try:
+                st = os.stat(path)
+                if pid == os.getpid() and (st.st_dev, st.st_ino) == (dev, ino):
+                    os.unlink(path)
+            except OSError:
+                pass
 
     def __enter__(self) -> "Listener":
         return self
@@ -254,37 +455,20 @@ class Listener:
         return f"<fastlisten.Listener {state}>"
 
 
-def listen(address: Address, *, family: Optional[int] = None,
-           backlog: Optional[int] = None, reuse_address: bool = True,
-           reuse_port: bool = False, dualstack: bool = False) -> Listener:
+def listen(address: Optional[Address] = None, **options: Any) -> Listener:
     """Create, bind and listen in one call; returns a Listener.
 
-    ``address`` is (host, port) or a Unix socket path; the family follows
-    from it unless given.  ``backlog`` defaults to the kernel's somaxconn.
-    ``reuse_address`` (SO_REUSEADDR, on by default as in
-    socket.create_server) lets a restarted server bind while old
-    connections sit in TIME_WAIT; ``reuse_port`` sets SO_REUSEPORT;
-    ``dualstack`` makes an IPv6 listener on '::' serve IPv4 too.
-    On any failure the descriptor is closed before the error propagates.
+    ``address`` is (host, port) or a Unix socket path (the family follows
+    from it unless given), or None with ``fd=``.  ``options`` are those of
+    :class:`fastlisten.config.ListenConfig`: ``family``, ``backlog``
+    (default: the kernel's somaxconn), ``reuse_address`` (SO_REUSEADDR, on
+    by default as in socket.create_server, so a restarted server binds
+    while old connections sit in TIME_WAIT), ``reuse_port``,
+    ``dualstack`` (an IPv6 listener on '::' serves IPv4 too; else
+    IPv6-only), ``nodelay``, ``keepalive``, ``rcvbuf``, ``sndbuf``,
+    ``defer_accept``, ``fastopen``, ``fd`` (an open listening socket, or
+    'systemd'), ``unix_mode``, ``unlink_stale``.  Values are checked before
+    anything is opened; on any later failure the descriptor is closed
+    before the error propagates.
     """
-    if family is None:
-        family = _family_of(address)
-    lst = Listener(family)
-    try:
-        if family != socket.AF_UNIX:
-            if reuse_address:
-                lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                if not hasattr(socket, "SO_REUSEPORT"):
-                    raise ValueError("reuse_port: SO_REUSEPORT is not available here")
-                lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dualstack else 1)
-            elif dualstack:
-                raise ValueError("dualstack needs an IPv6 address such as ('::', port)")
-        lst.bind(address)
-        lst.listen(backlog)
-    except BaseException:
-        lst.close()
-        raise
-    return lst
+    return Listener.from_config(ListenConfig.from_address(address, **options))

@@ -31,9 +31,9 @@ import socketserver as _std
 import threading
 from typing import Any, List, Optional, Tuple
 
-from fastlisten._backend import RawListener
+from fastlisten.errors import explain_bind_error
 from fastlisten._workers import WorkerPool
-from fastlisten.listener import default_backlog
+from fastlisten.listener import Listener, default_backlog
 
 # The request handlers behave the same: they are the stdlib's classes.
 BaseRequestHandler = _std.BaseRequestHandler
@@ -174,20 +174,21 @@ class _FastLoop:
         sock = self.socket  # type: ignore[attr-defined]
         # The core adopts the descriptor and makes it non-blocking; the
         # socket object is told again what it is set to when the loop ends.
-        raw = RawListener(sock.family, sock.type, sock.proto, fileno=sock.fileno(),
-                          owned=False)
-        self._fl_publish(raw)
+        listener = Listener(sock.family, fileno=sock.fileno(), proto=sock.proto, owned=False)
+        # As selectors do: a negative timeout means "do not wait".
+        timeout = None if poll_interval is None else max(float(poll_interval), 0.0)
+        self._fl_publish(listener)
         try:
             while not self._BaseServer__shutdown_request:
                 try:
-                    batch = raw.accept_many(self.accept_batch_size, poll_interval)
+                    batch = listener.accept_many(self.accept_batch_size, timeout)
                 except OSError:
                     return False
                 if batch:
                     self._fl_handle_batch(batch)
                 self.service_actions()  # type: ignore[attr-defined]
         finally:
-            self._fl_unpublish(raw)
+            self._fl_unpublish(listener)
             if sock.fileno() >= 0:
                 try:
                     sock.settimeout(sock.gettimeout())
@@ -264,7 +265,16 @@ class TCPServer(BaseServer, _std.TCPServer):
 
     ``self.socket`` is an ordinary socket.socket, created before
     server_bind(); request_queue_size defaults to the kernel's somaxconn.
+    A failing bind raises the same OSError, errno intact, with a message
+    that explains it (who holds the port, which addresses exist, ...).
     """
+
+    def server_bind(self) -> None:
+        """Bind the socket (the stdlib's server_bind), explaining failures."""
+        try:
+            super().server_bind()
+        except OSError as exc:
+            raise explain_bind_error(exc, self.address_family, self.server_address) from None
 
 
 class UDPServer(TCPServer, _std.UDPServer):
@@ -280,11 +290,10 @@ if hasattr(socket, "AF_UNIX"):
         """socketserver.UnixDatagramServer with an immediate shutdown()."""
 
 
-class _NoPool:
-    """What ``_threads`` is before the first request: empty."""
-
-    def __len__(self) -> int:
-        return 0
+class _BusyThreads(list):
+    """A snapshot of the threads handling a request now, which is what the
+    stdlib's ``_threads`` lists.  Its join() does nothing: server_close()
+    waits for the pool itself."""
 
     def join(self) -> None:
         pass
@@ -313,8 +322,10 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
 
     @property
     def _threads(self) -> Any:  # type: ignore[override]
-        """The live handler threads (len()), as the stdlib's ``_threads``."""
-        return self._fl_pool if self._fl_pool is not None else _NoPool()
+        """The threads handling a request now, as the stdlib's ``_threads``
+        lists them (idle pool threads are not in it)."""
+        pool = self._fl_pool
+        return _BusyThreads(pool.busy_threads() if pool is not None else ())
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Run process_request_thread(request, client_address) on a pool thread."""

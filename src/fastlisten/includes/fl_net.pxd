@@ -1,4 +1,6 @@
 # The C helpers in csrc/fl_net.c (see csrc/fl_net.h for their contracts).
+from posix.signal cimport sigset_t
+
 from fastlisten.includes.system cimport sockaddr, sockaddr_storage, socklen_t
 
 cdef extern from "fl_net.h" nogil:
@@ -37,7 +39,9 @@ cdef extern from "fl_net.h" nogil:
     int fl_wakeup_open(int *rfd, int *wfd)
     int fl_wakeup_signal(int wfd)
     void fl_wakeup_drain(int rfd)
-    int fl_wait_accept(int lfd, int wfd, int timeout_ms, fl_conn *out, int max,
-                       fl_stats *st, int *status, int *err)
+    int fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
+                       fl_conn *out, int max, fl_stats *st, int *status, int *err)
+    int fl_block_signals(sigset_t *old)
+    int fl_restore_signals(const sigset_t *old)
     void fl_capacity_backoff(int wfd, int ms)
     int fl_tcp_queue(int fd, unsigned int *queued, unsigned int *backlog)

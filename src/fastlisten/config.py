@@ -1,0 +1,606 @@
+"""One validated listener configuration: :class:`ListenConfig`.
+
+Every option of a fastlisten listener is defined and checked here, once, and
+used by ``fastlisten.listen(...)``, the socketserver classes and the command
+line alike::
+
+    cfg = ListenConfig(host="127.0.0.1", port=0, nodelay=True)
+    lst = fastlisten.Listener.from_config(cfg)      # or fastlisten.listen(...)
+
+A bad value raises what the standard library raises for the same mistake
+(``TypeError`` for a wrong type, ``OverflowError`` for a port outside
+0-65535 or an int too big for C, ``ValueError`` for other out-of-range or
+contradictory values, ``OSError(ENOPROTOOPT)`` for an option this platform
+lacks), naming the value.  Building a ListenConfig opens nothing, so a bad
+value can never leak a descriptor.
+
+For code that owns its own ``socket.socket`` (socketserver's
+``server_bind``), :meth:`ListenConfig.apply_listener_options` sets the
+listener's options on it before bind, and
+:meth:`ListenConfig.apply_connection_options` sets TCP_NODELAY/keep-alive on
+each accepted connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import socket
+import stat
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+__all__ = ["ListenConfig", "systemd_fds", "parse_bind", "check_backlog",
+           "add_arguments", "from_args"]
+
+_C_INT_MAX = 2**31 - 1
+_UNIX_PATH_MAX = 108
+
+_FAMILY_NAMES = {
+    "ipv4": socket.AF_INET, "inet": socket.AF_INET, "4": socket.AF_INET,
+    "ipv6": socket.AF_INET6, "inet6": socket.AF_INET6, "6": socket.AF_INET6,
+    "unix": socket.AF_UNIX,
+}
+_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+
+#: Options that only mean something for TCP.
+_TCP_ONLY = ("reuse_port", "nodelay", "keepalive", "defer_accept", "fastopen")
+
+#: (level, option, value, "name=value") for setsockopt
+Opt = Tuple[int, int, int, str]
+
+#: Linux copies a listener's TCP_NODELAY and SO_KEEPALIVE (with its timer)
+#: into every connection accept() returns (sk_clone_lock copies the socket,
+#: tcp_create_openreq_child arms keep-alive), so setting them once on the
+#: listener costs no system call per connection.
+_ACCEPT_INHERITS = sys.platform.startswith("linux")
+
+
+def _family_name(family: Optional[int]) -> str:
+    try:
+        return socket.AddressFamily(family).name  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return repr(family)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__}: {value!r}")
+
+
+def _check_int(name: str, value: Any, low: int, high: int = _C_INT_MAX,
+               what: str = "") -> int:
+    """An int option in [low, high]: TypeError, ValueError below, OverflowError above."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = value.__index__()
+        except AttributeError:
+            raise TypeError(
+                f"{name} must be an integer{what}, not {type(value).__name__}: {value!r}"
+            ) from None
+    if value > high:
+        raise OverflowError(f"{name}={value} is too large: the largest is {high}")
+    if value < low:
+        if value < -_C_INT_MAX - 1:
+            raise OverflowError(f"{name}={value} is too small for a C int")
+        raise ValueError(f"{name}={value} is out of range: it must be >= {low}{what}")
+    return int(value)
+
+
+def check_backlog(backlog: Any) -> int:
+    """A listen() backlog checked as ``socket.listen`` checks it: an integer
+    (else TypeError) that fits a C int (else OverflowError); a negative one
+    is clamped to 0."""
+    return max(_check_int("backlog", backlog, -_C_INT_MAX - 1), 0)
+
+
+def _platform_option(option: str, constant: str) -> int:
+    value = getattr(socket, constant, None)
+    if value is None:
+        raise OSError(errno.ENOPROTOOPT,
+                      f"{os.strerror(errno.ENOPROTOOPT)}: {option} needs socket.{constant}, "
+                      "which this platform does not have (Linux has it)")
+    return value
+
+
+def systemd_fds(unset_environment: bool = True) -> List[int]:
+    """Descriptors passed by systemd-style socket activation.
+
+    The parent sets ``LISTEN_PID`` to this process's pid and ``LISTEN_FDS``
+    to how many descriptors it passed, numbered from 3 (sd_listen_fds(3)).
+    Returns ``[3, 4, ...]``, or [] when nothing was passed to *this*
+    process.  The variables are removed from the environment by default so
+    that child processes do not take the descriptors for theirs, and, as
+    sd_listen_fds() does, the descriptors are made close-on-exec.
+    """
+    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
+    if unset_environment:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+    if not pid or not count:
+        return []
+    try:
+        if int(pid) != os.getpid():
+            return []
+        n = int(count)
+    except ValueError:
+        return []
+    fds = list(range(3, 3 + max(n, 0)))
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass    # not open: adopting it will say so
+    return fds
+
+
+def parse_bind(text: str) -> Dict[str, Any]:
+    """ListenConfig keywords from a command-line address.
+
+    ``127.0.0.1:4481`` and ``[::1]:4481`` give host and port; ``:4481`` or
+    ``4481`` every interface; ``unix:/run/app.sock`` or anything with a
+    ``/`` a Unix socket path.  Raises ValueError naming a malformed one.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"bind address must be a str, not {type(text).__name__}: {text!r}")
+    if text.startswith("unix:"):
+        return {"path": text[5:]}
+    if "/" in text:
+        return {"path": text}
+    host: Optional[str]
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1:close + 2] != ":":
+            raise ValueError(f"bind address {text!r}: write IPv6 as [address]:port, "
+                             "e.g. [::1]:4481")
+        host, port_text = text[1:close], text[close + 2:]
+    elif text.count(":") > 1:
+        raise ValueError(f"bind address {text!r}: write IPv6 as [address]:port, "
+                         "e.g. [::1]:4481")
+    elif ":" in text:
+        host, port_text = text.rsplit(":", 1)
+    else:
+        host, port_text = "", text
+    try:
+        port = int(port_text, 10)
+    except ValueError:
+        raise ValueError(f"bind address {text!r}: the port must be a number, "
+                         f"not {port_text!r}") from None
+    return {"host": host or None, "port": port}
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """The configuration of one listening socket, validated on creation.
+
+    Where to listen (one of):
+
+    - ``host``/``port``: an IP address or name (None or '' means every
+      interface, 0.0.0.0 or ::) and a port 0-65535 (0: the kernel picks).
+    - ``path``: a Unix socket path (a leading NUL: the abstract namespace).
+      ``unlink_stale`` removes a leftover socket file nobody listens on
+      before binding (never a file that is not a socket, never a live
+      socket); ``unix_mode`` chmods the socket file after bind.
+    - ``fd``: an already-open listening (or bound) socket descriptor, which
+      the listener takes over; ``"systemd"`` takes the first descriptor of
+      systemd-style socket activation (``LISTEN_FDS``/``LISTEN_PID``).
+
+    ``family``: ``AF_INET``, ``AF_INET6`` or ``AF_UNIX`` (or "ipv4", "ipv6",
+    "unix"); by default the address decides.  IPv6 listeners are IPv6-only
+    unless ``dualstack=True`` (then ``::`` serves IPv4 too).
+
+    The listener: ``backlog`` (None: net.core.somaxconn; negative clamps to
+    0), ``reuse_address`` (SO_REUSEADDR, default on), ``reuse_port``
+    (SO_REUSEPORT), ``rcvbuf``/``sndbuf`` (SO_RCVBUF/SO_SNDBUF bytes,
+    inherited by accepted connections), ``defer_accept`` (TCP_DEFER_ACCEPT:
+    seconds to wait for the client's first data), ``fastopen``
+    (TCP_FASTOPEN: queue length of pending fast-open requests).
+
+    Each accepted connection: ``nodelay`` (TCP_NODELAY), ``keepalive``
+    (SO_KEEPALIVE).
+    """
+
+    host: Optional[str] = None
+    port: int = 0
+    path: Optional[Union[str, bytes, "os.PathLike[str]"]] = None
+    fd: Optional[Union[int, str]] = None
+    family: Optional[Union[int, str]] = None
+    dualstack: bool = False
+    backlog: Optional[int] = None
+    reuse_address: bool = True
+    reuse_port: bool = False
+    nodelay: bool = False
+    keepalive: bool = False
+    rcvbuf: Optional[int] = None
+    sndbuf: Optional[int] = None
+    defer_accept: Optional[int] = None
+    fastopen: Optional[int] = None
+    unix_mode: Optional[int] = None
+    unlink_stale: bool = True
+
+    _listener_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
+    _conn_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
+
+    # -- construction ----------------------------------------------------
+
+    @classmethod
+    def from_address(cls, address: Any = None, **options: Any) -> "ListenConfig":
+        """A config from the address forms ``socket.bind`` takes: a
+        ``(host, port)`` tuple (an IPv6 4-tuple's scope id becomes
+        ``host%scope``) or a Unix path; ``None`` with ``fd=``."""
+        if address is None:
+            return cls(**options)
+        if isinstance(address, tuple):
+            if len(address) not in (2, 4):
+                raise TypeError(f"address must be (host, port) or a path, not {address!r}")
+            host, port = address[0], address[1]
+            if not isinstance(host, str):   # as socket.bind: '' (not None) is every interface
+                raise TypeError(f"the host of address {address!r} must be a str "
+                                f"('' for every interface), not {type(host).__name__}")
+            if len(address) == 4 and address[3]:
+                host = f"{host}%{address[3]}"
+            return cls(host=host, port=port, **options)
+        if isinstance(address, (str, bytes)) or hasattr(address, "__fspath__"):
+            return cls(path=address, **options)
+        raise TypeError(f"address must be a (host, port) tuple or a path, "
+                        f"not {type(address).__name__}: {address!r}")
+
+    def replace(self, **changes: Any) -> "ListenConfig":
+        """A copy with some options changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        for name in ("dualstack", "reuse_address", "reuse_port", "nodelay",
+                     "keepalive", "unlink_stale"):
+            _check_bool(name, getattr(self, name))
+
+        family = self.family
+        if family is not None:
+            if isinstance(family, str):
+                if family.lower() not in _FAMILY_NAMES:
+                    raise ValueError(f"family must be one of ipv4, ipv6, unix "
+                                     f"(or socket.AF_*), not {family!r}")
+                family = _FAMILY_NAMES[family.lower()]
+            elif isinstance(family, bool) or not isinstance(family, int):
+                raise TypeError(f"family must be an address family, "
+                                f"not {type(family).__name__}: {family!r}")
+            if family not in _FAMILIES:
+                raise OSError(errno.EAFNOSUPPORT,
+                              f"{os.strerror(errno.EAFNOSUPPORT)}: family "
+                              f"{_family_name(family)} (use AF_INET, AF_INET6 or AF_UNIX)")
+            family = socket.AddressFamily(family)
+
+        # where: exactly one of host/port, path, fd
+        if self.fd is not None:
+            self._check_fd()
+            if self.host is not None or self.port != 0 or self.path is not None:
+                raise ValueError(f"fd={self.fd!r} is already bound: give no host, port "
+                                 f"or path with it (got host={self.host!r}, "
+                                 f"port={self.port!r}, path={self.path!r})")
+        elif self.path is not None:
+            put("path", self._check_path())
+            if self.host is not None or self.port != 0:
+                raise ValueError(f"a Unix socket path ({self.path!r}) takes no host or "
+                                 f"port (got host={self.host!r}, port={self.port!r})")
+            if family is None:
+                family = socket.AF_UNIX
+            elif family != socket.AF_UNIX:
+                raise ValueError(f"path={self.path!r} is a Unix socket, "
+                                 f"but family is {_family_name(family)}")
+        else:
+            if isinstance(self.port, bool) or not isinstance(self.port, int):
+                raise TypeError(f"port must be an integer 0-65535, "
+                                f"not {type(self.port).__name__}: {self.port!r}")
+            if not 0 <= self.port <= 65535:
+                raise OverflowError(f"port must be 0-65535, not {self.port}")
+            family = self._check_host(family)
+
+        if self.dualstack and family not in (None, socket.AF_INET6):
+            raise ValueError(f"dualstack=True needs an IPv6 listener (such as host='::'), "
+                             f"not family {_family_name(family)}")
+        put("family", family)
+
+        if self.backlog is not None:
+            # socket.listen clamps a negative backlog to 0; we do the same.
+            put("backlog", check_backlog(self.backlog))
+        for name in ("rcvbuf", "sndbuf"):
+            if getattr(self, name) is not None:
+                put(name, _check_int(name, getattr(self, name), 1, what=" (bytes)"))
+        if self.defer_accept is not None:
+            put("defer_accept", _check_int("defer_accept", self.defer_accept, 0,
+                                           what=" (seconds)"))
+        if self.fastopen is not None:
+            put("fastopen", _check_int("fastopen", self.fastopen, 0,
+                                       what=" (queue length)"))
+        if self.unix_mode is not None:
+            mode = _check_int("unix_mode", self.unix_mode, 0, what=" (file mode, e.g. 0o660)")
+            if mode > 0o7777:
+                raise ValueError(f"unix_mode={oct(mode)} is not a file mode (0 to 0o7777)")
+            put("unix_mode", mode)
+            if family != socket.AF_UNIX or self.fd is not None:
+                raise ValueError(f"unix_mode={oct(self.unix_mode)} needs a Unix socket path")
+            if os.fsencode(self.path)[:1] == b"\0":  # type: ignore[arg-type]
+                raise ValueError("unix_mode: an abstract socket has no file to chmod")
+
+        if family == socket.AF_UNIX:
+            for name in _TCP_ONLY:
+                value = getattr(self, name)
+                if value not in (None, False):
+                    raise ValueError(f"{name}={value!r} is a TCP option: a Unix socket "
+                                     "has no use for it")
+        conn_opts = self._connection_options()
+        listener_opts = self._listener_options(family)
+        if _ACCEPT_INHERITS:
+            listener_opts, conn_opts = listener_opts + conn_opts, ()
+        put("_listener_opts", listener_opts)
+        put("_conn_opts", conn_opts)
+
+    def _check_fd(self) -> None:
+        fd = self.fd
+        if isinstance(fd, str):
+            if fd != "systemd":
+                raise ValueError(f"fd must be a descriptor number or 'systemd', not {fd!r}")
+            return
+        _check_int("fd", fd, 0, what=" (an open socket descriptor)")
+
+    def _check_path(self) -> Union[str, bytes]:
+        path = self.path
+        if hasattr(path, "__fspath__"):
+            path = os.fspath(path)  # type: ignore[arg-type]
+        if not isinstance(path, (str, bytes)):
+            raise TypeError(f"path must be str, bytes or os.PathLike, "
+                            f"not {type(path).__name__}: {path!r}")
+        raw = os.fsencode(path)
+        if not raw:
+            raise ValueError("path must not be empty (a leading NUL means an "
+                             "abstract socket: b'\\0name')")
+        if raw[:1] != b"\0" and b"\0" in raw:
+            raise ValueError(f"embedded null byte in path {path!r}")
+        if len(raw) > _UNIX_PATH_MAX - (raw[:1] != b"\0"):
+            raise OSError(errno.EINVAL, f"AF_UNIX path too long ({len(raw)} bytes, the "
+                                        f"limit is {_UNIX_PATH_MAX - 1}): {path!r}")
+        return path
+
+    def _check_host(self, family: Optional[int]) -> Optional[int]:
+        host = self.host
+        if host is None or host == "":
+            if family is None:
+                family = socket.AF_INET6 if self.dualstack else socket.AF_INET
+            if family == socket.AF_UNIX:
+                raise ValueError("family AF_UNIX needs path=, not host/port")
+            return family
+        if not isinstance(host, str):
+            raise TypeError(f"host must be a str (an address or a name), "
+                            f"not {type(host).__name__}: {host!r}")
+        if "\0" in host or host.strip() != host or len(host) > 253 + 16:
+            raise ValueError(f"host {host!r} is not an address or a host name")
+        numeric = None
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            try:
+                socket.inet_pton(fam, host.split("%", 1)[0] if fam == socket.AF_INET6 else host)
+                numeric = fam
+                break
+            except OSError:
+                continue
+        if family == socket.AF_UNIX:
+            raise ValueError(f"family AF_UNIX needs path=, not host {host!r}")
+        if numeric is not None:
+            if family is not None and family != numeric:
+                raise ValueError(f"host {host!r} is an {_family_name(numeric)} address, "
+                                 f"but family is {_family_name(family)}")
+            return socket.AddressFamily(numeric)
+        if "%" in host or ":" in host:
+            raise ValueError(f"host {host!r} is neither an IPv4 nor an IPv6 address")
+        return family if family is not None else socket.AF_INET
+
+    def _listener_options(self, family: Optional[int]) -> Tuple[Opt, ...]:
+        opts: List[Opt] = []
+        sol, tcp = socket.SOL_SOCKET, socket.IPPROTO_TCP
+        bindable = self.fd is None and family != socket.AF_UNIX
+        if bindable and self.reuse_address:
+            opts.append((sol, socket.SO_REUSEADDR, 1, "reuse_address=True"))
+        if self.reuse_port:
+            if self.fd is not None:
+                raise ValueError("reuse_port must be set before bind; "
+                                 f"fd={self.fd!r} is bound already")
+            opts.append((sol, _platform_option("reuse_port", "SO_REUSEPORT"), 1,
+                         "reuse_port=True"))
+        if bindable and family == socket.AF_INET6:
+            opts.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.dualstack else 1,
+                         f"dualstack={self.dualstack}"))
+        if self.rcvbuf is not None:
+            opts.append((sol, socket.SO_RCVBUF, self.rcvbuf, f"rcvbuf={self.rcvbuf}"))
+        if self.sndbuf is not None:
+            opts.append((sol, socket.SO_SNDBUF, self.sndbuf, f"sndbuf={self.sndbuf}"))
+        if self.defer_accept is not None:
+            opts.append((tcp, _platform_option("defer_accept", "TCP_DEFER_ACCEPT"),
+                         self.defer_accept, f"defer_accept={self.defer_accept}"))
+        if self.fastopen is not None:
+            opts.append((tcp, _platform_option("fastopen", "TCP_FASTOPEN"),
+                         self.fastopen, f"fastopen={self.fastopen}"))
+        return tuple(opts)
+
+    def _connection_options(self) -> Tuple[Opt, ...]:
+        opts: List[Opt] = []
+        if self.nodelay:
+            opts.append((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1, "nodelay=True"))
+        if self.keepalive:
+            opts.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1, "keepalive=True"))
+        return tuple(opts)
+
+    # -- use -------------------------------------------------------------
+
+    @property
+    def address(self) -> Any:
+        """Where to bind: (host, port) with '' for every interface, or the
+        Unix path; None for ``fd=``."""
+        if self.fd is not None:
+            return None
+        if self.family == socket.AF_UNIX:
+            return self.path
+        return (self.host or "", self.port)
+
+    @property
+    def bind_host(self) -> str:
+        """The host to bind, with '' made explicit: 0.0.0.0 or ::."""
+        if self.host:
+            return self.host
+        return "::" if self.family == socket.AF_INET6 else "0.0.0.0"
+
+    @property
+    def accepted_options(self) -> bool:
+        """True when accepted connections need apply_connection_options()
+        (nodelay or keepalive asked, on a system that does not copy them
+        from the listener)."""
+        return bool(self._conn_opts)
+
+    def apply_listener_options(self, sock: Any) -> None:
+        """Set this config's listener options on ``sock`` before bind:
+        SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY, buffer sizes,
+        TCP_DEFER_ACCEPT, TCP_FASTOPEN; on Linux also TCP_NODELAY and
+        SO_KEEPALIVE, which accepted connections inherit from the listener.
+
+        ``sock`` is a ``socket.socket``, a raw descriptor (int) or anything
+        with ``setsockopt(level, option, int)`` (a Listener).  A refused
+        option raises the kernel's OSError with a message naming it.
+        """
+        if self.fastopen:
+            from fastlisten import sysinfo
+            from fastlisten.errors import OptionIneffectiveWarning, warn
+
+            mode = sysinfo.tcp_fastopen()
+            if mode is not None and not mode & 2:
+                warn(f"fastopen={self.fastopen}: the kernel has server-side TCP Fast "
+                     f"Open off (net.ipv4.tcp_fastopen={mode}); clients' data will not "
+                     "ride on the SYN until you set it to 3 "
+                     "(sysctl -w net.ipv4.tcp_fastopen=3)", OptionIneffectiveWarning)
+        _apply(sock, self._listener_opts, "listener")
+
+    def apply_connection_options(self, conn: Any) -> None:
+        """Set TCP_NODELAY / SO_KEEPALIVE on an accepted connection, as
+        configured.  Nothing to do on Linux, where connections inherit them
+        from the listener (see apply_listener_options); call it anyway."""
+        if self._conn_opts:
+            _apply(conn, self._conn_opts, "accepted connection")
+
+    def resolve_fd(self) -> Optional[int]:
+        """The descriptor ``fd`` names: the number itself, or for
+        ``'systemd'`` the first socket-activation descriptor (raises
+        OSError(EBADF) when this process was passed none)."""
+        if self.fd != "systemd":
+            return self.fd  # type: ignore[return-value]
+        fds = systemd_fds()
+        if not fds:
+            raise OSError(errno.EBADF,
+                          f"{os.strerror(errno.EBADF)}: fd='systemd' but no socket was "
+                          f"passed to this process (pid {os.getpid()}): LISTEN_PID and "
+                          "LISTEN_FDS are unset or name another process. Run it under "
+                          "systemd socket activation (or systemd-socket-activate)")
+        return fds[0]
+
+    def stale_unix_socket(self) -> bool:
+        """True when ``path`` is a leftover socket file that nobody listens
+        on (connect is refused): safe to remove before bind."""
+        if self.family != socket.AF_UNIX or self.path is None:
+            return False
+        raw = os.fsencode(self.path)  # type: ignore[arg-type]
+        if raw[:1] == b"\0":
+            return False
+        try:
+            if not stat.S_ISSOCK(os.lstat(raw).st_mode):
+                return False
+        except OSError:
+            return False
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.setblocking(False)
+            err = probe.connect_ex(raw)
+        finally:
+            probe.close()
+        return err == errno.ECONNREFUSED
+
+
+def _apply(sock: Any, opts: Tuple[Opt, ...], what: str) -> None:
+    if isinstance(sock, int):
+        target = socket.socket(fileno=sock)
+        try:
+            _apply(target, opts, what)
+        finally:
+            target.detach()
+        return
+    for level, option, value, label in opts:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"{exc.strerror or os.strerror(exc.errno or 0)}: "
+                                       f"{label} on the {what} was refused") from None
+
+
+# -- the command line ---------------------------------------------------------
+
+def add_arguments(parser: Any, default_bind: str = "127.0.0.1:0") -> None:
+    """Add the listener options to an argparse parser (``fastlisten serve``
+    and any other command that listens); :func:`from_args` turns the parsed
+    arguments into a ListenConfig, which checks them."""
+    def octal(text: str) -> int:
+        return int(text, 8)
+
+    g = parser.add_argument_group("listener")
+    g.add_argument("--bind", metavar="ADDR", default=None,
+                   help=f"HOST:PORT, [IPv6]:PORT, :PORT (every interface), or a Unix "
+                        f"socket path (unix:PATH or anything with a /); default {default_bind}")
+    g.add_argument("--fd", metavar="N|systemd", default=None,
+                   help="take over an open listening socket: a descriptor number, or "
+                        "'systemd' for socket activation (LISTEN_FDS/LISTEN_PID)")
+    g.add_argument("--family", choices=("ipv4", "ipv6", "unix"), default=None,
+                   help="address family (default: what --bind implies)")
+    g.add_argument("--dualstack", action="store_true",
+                   help="an IPv6 listener on [::] serves IPv4 too (else IPv6-only)")
+    g.add_argument("--backlog", type=int, default=None,
+                   help="accept queue size (default: net.core.somaxconn)")
+    g.add_argument("--no-reuse-address", dest="reuse_address", action="store_false",
+                   help="do not set SO_REUSEADDR")
+    g.add_argument("--reuse-port", action="store_true",
+                   help="set SO_REUSEPORT (several servers share the port)")
+    g.add_argument("--nodelay", action="store_true", help="TCP_NODELAY on connections")
+    g.add_argument("--keepalive", action="store_true", help="SO_KEEPALIVE on connections")
+    g.add_argument("--rcvbuf", type=int, default=None, metavar="BYTES", help="SO_RCVBUF")
+    g.add_argument("--sndbuf", type=int, default=None, metavar="BYTES", help="SO_SNDBUF")
+    g.add_argument("--defer-accept", type=int, default=None, metavar="SECONDS",
+                   help="TCP_DEFER_ACCEPT: wake only once the client has sent data")
+    g.add_argument("--fastopen", type=int, default=None, metavar="QLEN",
+                   help="TCP_FASTOPEN: queue length of pending fast-open requests")
+    g.add_argument("--unix-mode", type=octal, default=None, metavar="OCTAL",
+                   help="file mode of a Unix socket, e.g. 660")
+    g.add_argument("--keep-stale", dest="unlink_stale", action="store_false",
+                   help="do not remove a stale Unix socket file before binding")
+    parser.set_defaults(_default_bind=default_bind)
+
+
+def from_args(args: Any) -> ListenConfig:
+    """A ListenConfig from arguments added by :func:`add_arguments` (raises
+    what ListenConfig raises for a bad value)."""
+    where: Dict[str, Any] = {}
+    fd: Optional[Union[int, str]] = None
+    if args.fd is not None:
+        fd = args.fd if args.fd == "systemd" else _cli_int("--fd", args.fd)
+        if args.bind is not None:
+            raise ValueError("give --bind or --fd, not both")
+    else:
+        where = parse_bind(args.bind if args.bind is not None else args._default_bind)
+    return ListenConfig(
+        fd=fd, family=args.family, dualstack=args.dualstack, backlog=args.backlog,
+        reuse_address=args.reuse_address, reuse_port=args.reuse_port,
+        nodelay=args.nodelay, keepalive=args.keepalive, rcvbuf=args.rcvbuf,
+        sndbuf=args.sndbuf, defer_accept=args.defer_accept, fastopen=args.fastopen,
+        unix_mode=args.unix_mode, unlink_stale=args.unlink_stale, **where)
+
+
+def _cli_int(option: str, text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise ValueError(f"{option} must be a number or 'systemd', not {text!r}") from None

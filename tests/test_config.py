@@ -1,0 +1,223 @@
+"""ListenConfig: every option checked once, with the stdlib's exception type
+for the same mistake, naming the value; never a crash, a hang or a leaked
+descriptor (the autouse fixture in conftest.py checks descriptors)."""
+
+import errno
+import socket
+import warnings
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import fastlisten
+from fastlisten.config import ListenConfig, from_args, parse_bind, systemd_fds
+from fastlisten.errors import FastlistenWarning
+
+HUGE = 2**40
+
+# (options, exception, text the message must contain)
+INVALID = [
+    # where
+    (dict(host=5), TypeError, "host"),
+    (dict(host=b"127.0.0.1"), TypeError, "host"),
+    (dict(host="::1::2"), ValueError, "::1::2"),
+    (dict(host="a\0b"), ValueError, "host"),
+    (dict(host=" 127.0.0.1"), ValueError, "127.0.0.1"),
+    (dict(host="127.0.0.1", family="ipv6"), ValueError, "127.0.0.1"),
+    (dict(host="::1", family=socket.AF_INET), ValueError, "::1"),
+    (dict(port="80"), TypeError, "'80'"),
+    (dict(port=80.0), TypeError, "80.0"),
+    (dict(port=True), TypeError, "True"),
+    (dict(port=None), TypeError, "None"),
+    (dict(port=-1), OverflowError, "-1"),
+    (dict(port=65536), OverflowError, "65536"),
+    (dict(port=HUGE), OverflowError, str(HUGE)),
+    (dict(path=5), TypeError, "path"),
+    (dict(path=""), ValueError, "path"),
+    (dict(path="a\0b"), ValueError, "null"),
+    (dict(path="/tmp/" + "x" * 200), OSError, "too long"),
+    (dict(path="/tmp/s.sock", port=80), ValueError, "s.sock"),
+    (dict(path="/tmp/s.sock", host="127.0.0.1"), ValueError, "s.sock"),
+    (dict(path="/tmp/s.sock", family="ipv4"), ValueError, "AF_INET"),
+    (dict(fd=-1), ValueError, "-1"),
+    (dict(fd="3"), ValueError, "'3'"),
+    (dict(fd=3.0), TypeError, "3.0"),
+    (dict(fd=HUGE), OverflowError, str(HUGE)),
+    (dict(fd=3, host="127.0.0.1"), ValueError, "fd=3"),
+    (dict(fd=3, port=80), ValueError, "fd=3"),
+    (dict(fd=3, reuse_port=True), ValueError, "reuse_port"),
+    # family
+    (dict(family="ipx"), ValueError, "'ipx'"),
+    (dict(family=12345), OSError, "12345"),
+    (dict(family=2.0), TypeError, "2.0"),
+    (dict(family=True), TypeError, "True"),
+    (dict(family="unix", host="127.0.0.1"), ValueError, "127.0.0.1"),
+    (dict(dualstack="yes"), TypeError, "'yes'"),
+    (dict(dualstack=1), TypeError, "dualstack"),
+    (dict(dualstack=True, host="127.0.0.1"), ValueError, "AF_INET"),
+    # the listener
+    (dict(backlog="5"), TypeError, "'5'"),
+    (dict(backlog=5.0), TypeError, "5.0"),
+    (dict(backlog=2**31), OverflowError, str(2**31)),
+    (dict(backlog=-HUGE), OverflowError, str(-HUGE)),
+    (dict(rcvbuf=0), ValueError, "rcvbuf=0"),
+    (dict(rcvbuf=-1), ValueError, "rcvbuf=-1"),
+    (dict(rcvbuf="1k"), TypeError, "'1k'"),
+    (dict(sndbuf=2**31), OverflowError, str(2**31)),
+    (dict(sndbuf=0.5), TypeError, "0.5"),
+    (dict(defer_accept=-1), ValueError, "defer_accept=-1"),
+    (dict(defer_accept=1.5), TypeError, "1.5"),
+    (dict(defer_accept=HUGE), OverflowError, str(HUGE)),
+    (dict(fastopen=-1), ValueError, "fastopen=-1"),
+    (dict(fastopen="5"), TypeError, "'5'"),
+    (dict(fastopen=2**32), OverflowError, str(2**32)),
+    (dict(unix_mode=0o600), ValueError, "0o600"),   # not a Unix socket
+    (dict(path="/tmp/s.sock", unix_mode=0o10000), ValueError, "0o10000"),
+    (dict(path="/tmp/s.sock", unix_mode="600"), TypeError, "'600'"),
+    (dict(path=b"\0abstract", unix_mode=0o600), ValueError, "abstract"),
+    (dict(path="\0abstract", unix_mode=0o600), ValueError, "abstract"),
+    (dict(path="/tmp/s.sock", nodelay=True), ValueError, "nodelay"),
+    (dict(path="/tmp/s.sock", keepalive=True), ValueError, "keepalive"),
+    (dict(path="/tmp/s.sock", defer_accept=1), ValueError, "defer_accept"),
+    (dict(path="/tmp/s.sock", fastopen=1), ValueError, "fastopen"),
+    (dict(path="/tmp/s.sock", reuse_port=True), ValueError, "reuse_port"),
+] + [
+    (dict({name: value}), TypeError, name)
+    for name in ("reuse_address", "reuse_port", "nodelay", "keepalive", "unlink_stale")
+    for value in ("no", None, 0)
+]
+
+
+@pytest.mark.parametrize("options, exc, text", INVALID,
+                         ids=[repr(o)[:60] for o, _, _ in INVALID])
+def test_invalid_values_raise_the_stdlib_exception_naming_them(options, exc, text):
+    with pytest.raises(exc) as info:
+        ListenConfig(**options)
+    assert type(info.value) is exc or (exc is OSError and isinstance(info.value, OSError))
+    assert text in str(info.value)
+    # the same through listen(): nothing opened, nothing leaked
+    with pytest.raises(exc):
+        fastlisten.listen(**options)
+
+
+def test_every_option_has_an_invalid_case():
+    tried = {name for options, _, _ in INVALID for name in options}
+    fields = {f for f in ListenConfig.__dataclass_fields__ if not f.startswith("_")}
+    assert fields <= tried
+
+
+def test_a_platform_without_an_option_fails_with_a_clear_message(monkeypatch):
+    monkeypatch.delattr(socket, "TCP_DEFER_ACCEPT")
+    with pytest.raises(OSError, match="TCP_DEFER_ACCEPT") as info:
+        ListenConfig(defer_accept=5)
+    assert info.value.errno == errno.ENOPROTOOPT
+
+
+def test_valid_values_are_normalised():
+    cfg = ListenConfig(host="::1", backlog=-3, family="ipv6")
+    assert cfg.family == socket.AF_INET6 and cfg.backlog == 0
+    assert ListenConfig().family == socket.AF_INET and ListenConfig().bind_host == "0.0.0.0"
+    assert ListenConfig(dualstack=True).bind_host == "::"
+    assert ListenConfig.from_address(("127.0.0.1", 80)).address == ("127.0.0.1", 80)
+    assert ListenConfig.from_address("/tmp/x.sock").family == socket.AF_UNIX
+    assert ListenConfig(host="localhost").family == socket.AF_INET
+    cfg = ListenConfig(port=80, nodelay=True)
+    assert cfg.replace(port=81).port == 81 and cfg.replace(port=81).nodelay
+    with pytest.raises(OverflowError):
+        cfg.replace(port=70000)
+
+
+def test_options_apply_to_a_plain_socket_and_a_raw_descriptor():
+    cfg = ListenConfig(host="127.0.0.1", rcvbuf=32768, nodelay=True)
+    with socket.socket() as s:
+        cfg.apply_listener_options(s)
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 32768
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with socket.socket() as s:
+        cfg.apply_listener_options(s.fileno())
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        cfg.apply_connection_options(s)      # harmless either way
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:4481", dict(host="127.0.0.1", port=4481)),
+    ("[::1]:7", dict(host="::1", port=7)),
+    (":8000", dict(host=None, port=8000)),
+    ("8000", dict(host=None, port=8000)),
+    ("localhost:0", dict(host="localhost", port=0)),
+    ("unix:rel.sock", dict(path="rel.sock")),
+    ("/run/app.sock", dict(path="/run/app.sock")),
+])
+def test_parse_bind(text, expected):
+    assert parse_bind(text) == expected
+
+
+@pytest.mark.parametrize("text", ["::1:80", "[::1]80", "[::1", "host:http", "host:", ""])
+def test_parse_bind_rejects_malformed_addresses(text):
+    with pytest.raises(ValueError, match="bind address"):
+        parse_bind(text)
+
+
+def test_from_args_refuses_bind_with_fd():
+    import argparse
+    from fastlisten.config import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = from_args(parser.parse_args(["--bind", "[::1]:0", "--nodelay"]))
+    assert cfg.host == "::1" and cfg.nodelay
+    with pytest.raises(ValueError, match="not both"):
+        from_args(parser.parse_args(["--bind", ":80", "--fd", "3"]))
+    with pytest.raises(ValueError, match="--fd"):
+        from_args(parser.parse_args(["--fd", "three"]))
+
+
+def test_systemd_fds_only_for_this_process(monkeypatch):
+    import os
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    assert systemd_fds(unset_environment=False) == [3, 4]
+    assert systemd_fds() == [3, 4] and "LISTEN_FDS" not in os.environ
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    assert systemd_fds() == []
+
+
+# -- fuzzing: anything at all for each option -------------------------------------
+
+JUNK = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+    st.integers(min_value=-3, max_value=70000), st.floats(allow_nan=True),
+    st.text(max_size=12), st.binary(max_size=12), st.lists(st.integers(), max_size=2),
+    st.sampled_from(["systemd", "ipv4", "ipv6", "unix", "::", "127.0.0.1", "0o600"]),
+)
+# port is fuzzed without binding: a random fixed port might belong to someone else
+OPENED = ["family", "dualstack", "backlog", "reuse_address", "reuse_port", "nodelay",
+          "keepalive", "rcvbuf", "sndbuf", "defer_accept", "fastopen", "unix_mode",
+          "unlink_stale"]
+EXPECTED = (TypeError, ValueError, OverflowError, OSError)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(OPENED), value=JUNK)
+def test_fuzzed_options_give_a_listener_or_a_clear_error(name, value):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            lst = fastlisten.listen(("127.0.0.1", 0), **{name: value})
+        except EXPECTED as exc:
+            assert str(exc)
+        else:
+            lst.close()
+    assert all(issubclass(w.category, FastlistenWarning) for w in caught), caught
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["host", "port", "path", "fd", "family"]), value=JUNK)
+def test_fuzzed_addresses_give_a_config_or_a_clear_error(name, value):
+    try:
+        ListenConfig(**{name: value})
+    except EXPECTED as exc:
+        assert str(exc)
