@@ -353,3 +353,37 @@ def test_bind_failure_explains_itself_and_keeps_errno():
         assert str(port) in str(info.value) and str(_os.getpid()) in str(info.value)
     finally:
         holder.server_close()
+
+
+def test_stock_hooks_take_the_inline_path_with_the_same_behaviour():
+    """A server that overrides no per-connection hook skips their chain; the
+    handler, handle_error and the socket see what the hooks would do."""
+    errors = []
+
+    class Boom(socketserver.BaseRequestHandler):
+        def handle(self):
+            data = self.request.recv(10)
+            if data == b"boom":
+                raise ValueError("handler failed")
+            self.request.sendall(b"ok")
+
+    class Server(fastlisten.TCPServer):
+        def handle_error(self, request, client_address):
+            errors.append((request.fileno() >= 0, client_address))
+
+    server = Server(("127.0.0.1", 0), Boom)
+    assert server._fl_stock_hooks()
+    with serving(server):
+        assert ask(server.server_address, b"boom") == b""     # closed after handle_error
+        assert ask(server.server_address, b"fine") == b"ok"   # and serving goes on
+    assert len(errors) == 1 and errors[0][0]                   # called before the close
+
+    class Hooked(Server):
+        def verify_request(self, request, client_address):
+            return True
+
+    hooked = Hooked(("127.0.0.1", 0), Boom, bind_and_activate=False)
+    try:
+        assert not hooked._fl_stock_hooks()
+    finally:
+        hooked.server_close()

@@ -17,6 +17,8 @@ from libc.string cimport memset, memcpy, strlen
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.pythread cimport PyThread_get_thread_ident
 from posix.signal cimport sigset_t
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from libc.math cimport ceil
 
 from fastlisten.includes.system cimport (
     sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6, sockaddr_un,
@@ -37,10 +39,9 @@ from fastlisten.includes.fl_net cimport (
 
 import socket as _socket
 import threading as _threading
-from time import monotonic as _monotonic
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, MAX_BATCH, check_max, timeout_ms, remaining,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, MAX_BATCH, check_max, timeout_ms,
     closed_error, decode_unix_path, encode_unix_path,
 )
 
@@ -58,6 +59,13 @@ cdef int _SOCK_STREAM = _socket.SOCK_STREAM
 cdef int _MAX_BATCH = MAX_BATCH
 # Python runs signal handlers in the main thread only.
 cdef unsigned long _main_thread = _threading.main_thread().ident
+
+
+cdef inline double _now() noexcept nogil:
+    """CLOCK_MONOTONIC in seconds (time.monotonic's clock)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
 cdef int _raise_errno(int err) except -1:
@@ -342,6 +350,7 @@ cdef class RawListener:
         goes on with the time left unless a handler raised.
         """
         cdef int n = 0, status = 0, err = 0, ms, fd, wake, i, lfd
+        cdef double deadline = 0.0, left
         cdef fl_conn *conns
         cdef fl_conn *private
         cdef fl_stats *st = &self._st
@@ -351,12 +360,16 @@ cdef class RawListener:
         self._check_open()
         if max < 1 or max > _MAX_BATCH:
             check_max(max)                  # raises with the message
-        if timeout is None:                 # the server loop's case: no Python calls
+        # Timeouts are converted in C: a server loop calls this once per
+        # batch, with None or its poll_interval.
+        if timeout is None:
             ms = -1
-            deadline = None
         else:
-            ms = timeout_ms(timeout)
-            deadline = _monotonic() + timeout
+            if type(timeout) is float and 0.0 <= <double>timeout <= 1e6:
+                ms = <int>ceil(<double>timeout * 1000.0)
+            else:
+                ms = timeout_ms(timeout)    # checks and explains anything else
+            deadline = _now() + <double>timeout
         # The listener's own buffer serves one caller at a time; a second
         # thread accepting concurrently gets a buffer of its own.
         private = NULL
@@ -400,8 +413,9 @@ cdef class RawListener:
                     PyErr_CheckSignals()     # PEP 475: handlers run, may raise
                     if self._close_pending:
                         break
-                    if deadline is not None:
-                        ms = timeout_ms(remaining(deadline))
+                    if ms > 0:
+                        left = deadline - _now()
+                        ms = <int>ceil(left * 1000.0) if left > 0 else 0
             finally:
                 self._busy -= 1
             if self._close_pending and self._busy == 0:

@@ -29,7 +29,7 @@ import selectors
 import socket
 import socketserver as _std
 import threading
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from fastlisten.errors import explain_bind_error
 from fastlisten._workers import WorkerPool
@@ -65,6 +65,17 @@ class _PipeWaker:
     def close(self) -> None:
         os.close(self._r)
         os.close(self._w)
+
+
+def _shutdown_and_close(request: socket.socket) -> None:
+    """The stdlib TCPServer's shutdown_request and close_request."""
+    try:
+        # SHUT_WR first: the peer sees EOF now, even while a makefile()
+        # object still holds the socket open
+        request.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the peer is gone already (ENOTCONN)
+    request.close()
 
 
 def _stock(cls: type, name: str, stdlib_owner: type) -> bool:
@@ -177,6 +188,7 @@ class _FastLoop:
         listener = Listener(sock.family, fileno=sock.fileno(), proto=sock.proto, owned=False)
         # As selectors do: a negative timeout means "do not wait".
         timeout = None if poll_interval is None else max(float(poll_interval), 0.0)
+        handle_one = self._fl_handle_inline if self._fl_stock_hooks() else self._fl_handle_accepted
         self._fl_publish(listener)
         try:
             while not self._BaseServer__shutdown_request:
@@ -185,7 +197,7 @@ class _FastLoop:
                 except OSError:
                     return False
                 if batch:
-                    self._fl_handle_batch(batch)
+                    self._fl_handle_batch(batch, handle_one)
                 self.service_actions()  # type: ignore[attr-defined]
         finally:
             self._fl_unpublish(listener)
@@ -196,7 +208,8 @@ class _FastLoop:
                     pass
         return True
 
-    def _fl_handle_batch(self, batch: List[Tuple[socket.socket, Any]]) -> None:
+    def _fl_handle_batch(self, batch: List[Tuple[socket.socket, Any]],
+                         handle_one: Callable[[socket.socket, Any], None]) -> None:
         for i, (request, client_address) in enumerate(batch):
             if self._BaseServer__shutdown_request:
                 # Not handed to the server yet: treat them as if still queued
@@ -205,11 +218,33 @@ class _FastLoop:
                     rest.close()
                 return
             try:
-                self._fl_handle_accepted(request, client_address)
+                handle_one(request, client_address)
             except BaseException:
                 for rest, _ in batch[i + 1:]:
                     rest.close()
                 raise
+
+    def _fl_stock_hooks(self) -> bool:
+        """True when every per-connection hook is the stdlib TCPServer's own,
+        so that _fl_handle_inline may stand in for the chain of them."""
+        cls = type(self)
+        return all(_stock(cls, name, _std.TCPServer) for name in (
+            "verify_request", "process_request", "finish_request",
+            "shutdown_request", "close_request"))
+
+    def _fl_handle_inline(self, request: socket.socket, client_address: Any) -> None:
+        """What the stock hooks do for one connection, without the five
+        Python calls of verify_request -> process_request -> finish_request
+        -> shutdown_request -> close_request: the handler, handle_error for
+        an Exception, then SHUT_WR and close."""
+        try:
+            self.RequestHandlerClass(request, client_address, self)  # type: ignore[attr-defined]
+        except Exception:
+            self.handle_error(request, client_address)  # type: ignore[attr-defined]
+        except BaseException:
+            _shutdown_and_close(request)
+            raise
+        _shutdown_and_close(request)
 
     def _fl_handle_accepted(self, request: socket.socket, client_address: Any) -> None:
         """The stdlib's _handle_request_noblock, after its get_request()."""
