@@ -51,6 +51,19 @@ fl_accept_error_class(int err)
     }
 }
 
+/* Mark fd close-on-exec, or close it (errno kept) and return -1. */
+static int
+fl_cloexec_or_close(int fd)
+{
+    if (fd >= 0 && fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
 int
 fl_socket(int family, int type, int proto)
 {
@@ -61,14 +74,7 @@ fl_socket(int family, int type, int proto)
         return fd;
     /* a kernel older than 2.6.27 rejects the flag: fall through */
 #endif
-    fd = socket(family, type, proto);
-    if (fd >= 0 && fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return -1;
-    }
-    return fd;
+    return fl_cloexec_or_close(socket(family, type, proto));
 }
 
 int
@@ -97,14 +103,7 @@ fl_accept4(int lfd, struct sockaddr *addr, socklen_t *addrlen)
         have_accept4 = 0;          /* as CPython does: remember ENOSYS */
     }
 #endif
-    fd = accept(lfd, addr, addrlen);
-    if (fd >= 0 && fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return -1;
-    }
-    return fd;
+    return fl_cloexec_or_close(accept(lfd, addr, addrlen));
 }
 
 int

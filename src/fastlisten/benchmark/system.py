@@ -9,14 +9,12 @@ import sys
 from typing import Dict, Optional, Tuple
 
 import fastlisten
+from fastlisten import sysinfo
 
 
 def _read(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    text = sysinfo.read_proc(path)
+    return None if text is None else text.strip()
 
 
 def cpu_model() -> str:
@@ -38,9 +36,9 @@ def machine() -> Dict[str, object]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "fastlisten": fastlisten.__version__,
         "fastlisten_core": "compiled" if fastlisten.compiled else "pure Python",
-        "somaxconn": _int(_read("/proc/sys/net/core/somaxconn")),
+        "somaxconn": sysinfo.somaxconn(),
         "tcp_tw_reuse": _int(_read("/proc/sys/net/ipv4/tcp_tw_reuse")),
-        "ip_local_port_range": " ".join((_read("/proc/sys/net/ipv4/ip_local_port_range") or "").split()),
+        "ip_local_port_range": "-".join(map(str, sysinfo.ephemeral_port_range() or ())),
         "executable": sys.executable,
         "loadavg_1min": loadavg(),
     }
@@ -54,20 +52,8 @@ def _int(text: Optional[str]) -> Optional[int]:
 
 
 def listen_counters() -> Dict[str, int]:
-    """TcpExt ListenOverflows and ListenDrops from /proc/net/netstat
-    (counts for this network namespace since boot; take deltas)."""
-    text = _read("/proc/net/netstat")
-    out = {"ListenOverflows": 0, "ListenDrops": 0}
-    if not text:
-        return out
-    lines = text.splitlines()
-    for names, values in zip(lines[::2], lines[1::2]):
-        if not names.startswith("TcpExt:"):
-            continue
-        table = dict(zip(names.split()[1:], values.split()[1:]))
-        for key in out:
-            out[key] = int(table.get(key, 0))
-    return out
+    """TcpExt ListenOverflows and ListenDrops (0 where unreadable): take deltas."""
+    return {key: value or 0 for key, value in sysinfo.listen_counters().items()}
 
 
 def busy_seconds() -> Optional[float]:
