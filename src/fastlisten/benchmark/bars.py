@@ -1,4 +1,4 @@
-"""The performance bar fastlisten holds itself to (issue 5), checked against
+"""The performance bar fastlisten holds itself to (see the README), checked against
 one run's figures.  Each bar is met, not met, or not measurable here (a
 server or scenario missing from the run); never asserted by a test."""
 
@@ -51,7 +51,7 @@ def evaluate(report: "Report", scenario: str = "daytime") -> List[Dict[str, Any]
                      f"{_x(cx)} ({_fmt(g('fastlisten-threading', 'cpu_us'), '.1f')} vs "
                      f"{_fmt(g('stdlib-threading', 'cpu_us'), '.1f')} us)"))
 
-    # TCPServer: against the native ceiling, and user CPU against the stdlib's
+    # TCPServer: against the native reference loop, and user CPU against the stdlib's
     fl, nat = g("fastlisten-tcp", "cpu_us"), g("native", "cpu_us")
     ratio = fl / nat if fl is not None and nat else None
     bars.append(_bar("TCPServer CPU per connection", "<= 1.1x the C loop",

@@ -125,7 +125,7 @@ def _sections(report: Report, table: Any, heading: Any) -> List[str]:
                           f"(idle server, one process per server)"),
                   table(SHUTDOWN_HEADERS, _shutdown_rows(report)), ""]
     if report.bars:
-        parts += [heading("the bar (issue 5), from the daytime and burst runs above"),
+        parts += [heading("the performance bar, from the daytime and burst runs above"),
                   table(BAR_HEADERS, _bar_rows(report)), ""]
     if report.skipped:
         parts.append("Skipped: " + "; ".join(f"{k} ({v})" for k, v in report.skipped.items()))

@@ -39,7 +39,7 @@ class ServerSpec:
 
 
 SERVERS: List[ServerSpec] = [
-    ServerSpec("native", "C loop (ceiling)", "native", "native", "stdlib-tcp"),
+    ServerSpec("native", "C loop (reference)", "native", "native", "stdlib-tcp"),
     ServerSpec("fastlisten-tcp", "fastlisten TCPServer", "fastlisten", "inline",
                "stdlib-tcp", "fastlisten", "TCPServer"),
     ServerSpec("stdlib-tcp", "stdlib TCPServer", "stdlib", "inline",
