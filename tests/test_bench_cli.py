@@ -28,7 +28,7 @@ def test_bench_quick_end_to_end(tmp_path):
         cmd += ["--plot", str(out_png)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=55)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "== daytime" in proc.stdout and "the bar" in proc.stdout
+    assert "== daytime" in proc.stdout and "the performance bar" in proc.stdout
     assert "[1/" in proc.stderr        # the progress display
 
     report = json.loads(out_json.read_text())
