@@ -383,7 +383,11 @@ def test_stock_hooks_take_the_inline_path_with_the_same_behaviour():
             return True
 
     hooked = Hooked(("127.0.0.1", 0), Boom, bind_and_activate=False)
+    patched = Server(("127.0.0.1", 0), Boom, bind_and_activate=False)
+    patched.shutdown_request = lambda request: None
     try:
         assert not hooked._fl_stock_hooks()
+        assert not patched._fl_stock_hooks()
     finally:
         hooked.server_close()
+        patched.server_close()

@@ -225,10 +225,12 @@ class _FastLoop:
                 raise
 
     def _fl_stock_hooks(self) -> bool:
-        """True when every per-connection hook is the stdlib TCPServer's own,
-        so that _fl_handle_inline may stand in for the chain of them."""
-        cls = type(self)
-        return all(_stock(cls, name, _std.TCPServer) for name in (
+        """True when every per-connection hook is the stdlib TCPServer's own
+        (on the class and not replaced on the instance), so that
+        _fl_handle_inline may stand in for the chain of them.  Checked when
+        serve_forever starts."""
+        cls, own = type(self), vars(self)
+        return all(_stock(cls, name, _std.TCPServer) and name not in own for name in (
             "verify_request", "process_request", "finish_request",
             "shutdown_request", "close_request"))
 
