@@ -67,15 +67,11 @@ class _PipeWaker:
         os.close(self._w)
 
 
-def _shutdown_and_close(request: socket.socket) -> None:
-    """The stdlib TCPServer's shutdown_request and close_request."""
-    try:
-        # SHUT_WR first: the peer sees EOF now, even while a makefile()
-        # object still holds the socket open
-        request.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass  # the peer is gone already (ENOTCONN)
-    request.close()
+#: socket.socket.close() is "_closed = True, then the real close unless a
+#: makefile() object still uses the socket" (3.9 to 3.13); the inline path
+#: does the same without two Python calls, where the class still looks so.
+_socket_close = socket.socket.__mro__[1].close
+_INLINE_CLOSE = {"_io_refs", "_closed"} <= set(getattr(socket.socket, "__slots__", ()))
 
 
 def _stock(cls: type, name: str, stdlib_owner: type) -> bool:
@@ -238,15 +234,27 @@ class _FastLoop:
         """What the stock hooks do for one connection, without the five
         Python calls of verify_request -> process_request -> finish_request
         -> shutdown_request -> close_request: the handler, handle_error for
-        an Exception, then SHUT_WR and close."""
+        an Exception, then SHUT_WR and close (also when handle_error or the
+        handler raises something else)."""
         try:
-            self.RequestHandlerClass(request, client_address, self)  # type: ignore[attr-defined]
-        except Exception:
-            self.handle_error(request, client_address)  # type: ignore[attr-defined]
-        except BaseException:
-            _shutdown_and_close(request)
-            raise
-        _shutdown_and_close(request)
+            try:
+                self.RequestHandlerClass(request, client_address, self)  # type: ignore[attr-defined]
+            except Exception:
+                self.handle_error(request, client_address)  # type: ignore[attr-defined]
+        finally:
+            try:
+                # SHUT_WR first: the peer sees EOF now, even while a
+                # makefile() object still holds the socket open
+                request.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the peer is gone already (ENOTCONN)
+            if _INLINE_CLOSE:
+                # socket.socket.close() without its two Python frames
+                request._closed = True
+                if request._io_refs <= 0:
+                    _socket_close(request)
+            else:
+                request.close()
 
     def _fl_handle_accepted(self, request: socket.socket, client_address: Any) -> None:
         """The stdlib's _handle_request_noblock, after its get_request()."""
