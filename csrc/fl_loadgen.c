@@ -401,12 +401,18 @@ fl_refserver_serve(int lfd, int stop_fd, int scenario,
     pfd[1].fd = stop_fd;
     pfd[1].events = POLLIN;
     for (;;) {
-        int rc = poll(pfd, 2, backoff ? 10 : -1);
+        int rc;
+        if (backoff) {
+            /* out of descriptors: the connection stays queued and the
+             * listener readable, so wait on stop_fd alone, never spin */
+            fl_capacity_backoff(stop_fd, 10);
+            backoff = 0;
+        }
+        rc = poll(pfd, 2, -1);
         if (rc < 0)
             return -1;  /* EINTR included: the caller runs signal handlers */
         if (pfd[1].revents)
             return 0;
-        backoff = 0;
         if (!(pfd[0].revents & POLLIN))
             continue;
         for (;;) {
@@ -423,7 +429,7 @@ fl_refserver_serve(int lfd, int stop_fd, int scenario,
                 case FL_ERR_IGNORE:
                     continue;
                 case FL_ERR_CAPACITY:
-                    backoff = 1;  /* poll with a timeout: never spin */
+                    backoff = 1;
                     break;
                 default:
                     errno = err;

@@ -221,8 +221,8 @@ fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
     }
     if (pfd[1].revents) {
         /* a wake-up wins over pending connections: shutdown() means no
-         * more accepts */
-        fl_wakeup_drain(wfd);
+         * more accepts.  Left readable for the other waiters: the caller
+         * drains it once the last of them is out. */
         *status = FL_WAIT_WOKEN;
         return 0;
     }

@@ -46,7 +46,7 @@ int fl_accept_error_class(int err);
 enum {
     FL_WAIT_READY = 0,    /* the listener was readable; the batch was drained */
     FL_WAIT_TIMEOUT = 1,
-    FL_WAIT_WOKEN = 2,    /* the wake-up descriptor fired (and was drained) */
+    FL_WAIT_WOKEN = 2,    /* the wake-up descriptor fired (left set for other waiters) */
     FL_WAIT_EINTR = 3     /* poll() was interrupted by a signal: run handlers, retry */
 };
 

@@ -618,3 +618,39 @@ def test_signals_poked_at_a_busy_server_always_interrupt_its_wait():
     finally:
         proc.kill()
         proc.communicate()
+
+
+@pytest.mark.parametrize("end", ["wakeup", "close"])
+def test_wakeup_and_close_reach_every_waiting_thread(end):
+    """Two threads wait on one listener; one wakeup() (or close()) must end
+    both waits, and close() must close the descriptor once both are out."""
+    lst = fastlisten.listen(LOOPBACK)
+    fd = lst.fileno()
+    results, tids = [], []
+
+    def waiter():
+        tids.append(threading.get_native_id())
+        try:
+            results.append(lst.accept_many(8, timeout=30))
+        except OSError as exc:
+            results.append(exc.errno)
+
+    threads = [threading.Thread(target=waiter) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        if _POLL_SYSCALLS:
+            wait_for(lambda: len(tids) == 2 and all(_in_syscall(t, _POLL_SYSCALLS) for t in tids))
+        getattr(lst, end)()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads)
+        if end == "wakeup":
+            assert results == [[], []]
+            assert lst.accept_many(8, timeout=0) == []     # the wake-up was cleared
+        else:
+            assert results == [errno.EBADF, errno.EBADF]
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    finally:
+        lst.close()

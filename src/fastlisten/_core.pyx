@@ -169,13 +169,14 @@ cdef list _wrap(fl_conn *conns, int n, int family, int proto):
             else:
                 sock = _socket_class(family, _SOCK_STREAM, proto, c.fd)
             c.fd = -1
-            out.append((sock, _addr_to_py(&c.addr, c.addrlen)))
+            out.append(sock)
+            out[i] = (sock, _addr_to_py(&c.addr, c.addrlen))
     except BaseException:
         for j in range(i, n):
             if conns[j].fd >= 0:
                 c_close(conns[j].fd)
-        for s, _ in out:
-            s.close()
+        for item in out:
+            (item[0] if type(item) is tuple else item).close()
         raise
     return out
 
@@ -196,6 +197,7 @@ cdef class RawListener:
     cdef int _wake_w
     cdef bint _owned
     cdef int _busy              # accept_many calls in flight (GIL released)
+    cdef bint _buf_in_use       # _conns is being filled or read by a call
     cdef bint _close_pending    # close() asked while busy: the last one closes
     cdef readonly int family
     cdef readonly int type
@@ -227,8 +229,9 @@ cdef class RawListener:
         if fileno is None:
             fd = fl_socket(family, type, proto)
             if fd < 0:
+                err = errno
                 self._close_wakeup()
-                PyErr_SetFromErrno(OSError)
+                _raise_errno(err)
             self._owned = True
         else:
             fd = fileno
@@ -373,7 +376,7 @@ cdef class RawListener:
         # The listener's own buffer serves one caller at a time; a second
         # thread accepting concurrently gets a buffer of its own.
         private = NULL
-        if self._busy:
+        if self._buf_in_use:
             private = <fl_conn *>malloc(max * sizeof(fl_conn))
             if private == NULL:
                 raise MemoryError()
@@ -382,6 +385,7 @@ cdef class RawListener:
             if max > self._nconns:
                 self._reserve(max)
             conns = self._conns
+            self._buf_in_use = True     # until _wrap is done with it
         self._busy += 1
         try:
             try:
@@ -418,10 +422,16 @@ cdef class RawListener:
                         ms = <int>ceil(left * 1000.0) if left > 0 else 0
             finally:
                 self._busy -= 1
-            if self._close_pending and self._busy == 0:
+                # Every waiter sees a wake-up: the last one to leave clears it.
+                if status == FL_WAIT_WOKEN and self._busy == 0:
+                    fl_wakeup_drain(wake)
+            if self._close_pending:
+                # closed while we waited: every waiter raises, the last one
+                # out closes the descriptor
                 for i in range(n):
                     c_close(conns[i].fd)
-                self._close_now()
+                if self._busy == 0:
+                    self._close_now()
                 raise closed_error()
             if n == 0:
                 if err == 0:
@@ -433,6 +443,8 @@ cdef class RawListener:
             self._backoff_ms = BACKOFF_FIRST_MS
             return _wrap(conns, n, self.family, self.proto)
         finally:
+            if private == NULL:
+                self._buf_in_use = False
             free(private)
 
     @property
@@ -476,6 +488,8 @@ cdef class RawListener:
 
     def detach(self):
         """Stop owning the descriptor and return it (like socket.detach)."""
+        if self._busy:
+            raise OSError(16, "cannot detach while accept_many is waiting")  # EBUSY
         fd = self._fd
         self._owned = False
         self._close_now()

@@ -180,6 +180,8 @@ class RawListener:
 
     def detach(self) -> int:
         """Stop owning the descriptor and return it (like socket.detach)."""
+        if self._busy:
+            raise OSError(errno.EBUSY, "cannot detach while accept_many is waiting")
         fd = self._sock.fileno() if self._sock is not None else -1
         self._owned = False
         self._close_now()
@@ -247,23 +249,24 @@ class RawListener:
                     ) -> List[Tuple[_socket.socket, Any]]:
         """Wait for connections and accept up to ``max`` of them (see the
         compiled core's docstring: the same contract)."""
-        sock = self._open_sock()
         check_max(max)
         ms = timeout_ms(timeout)
-        lfd, wfd = sock.fileno(), self._wake_r
-        poller = select.poll()
-        poller.register(lfd, _POLLIN)
-        poller.register(wfd, _POLLIN)
-        with self._lock:
+        with self._lock:            # so that close() cannot slip in between
+            sock = self._open_sock()
             self._busy += 1
         out: List[Tuple[_socket.socket, Any]] = []
         err = 0
+        woken = False
         try:
+            lfd, wfd = sock.fileno(), self._wake_r
+            poller = select.poll()
+            poller.register(lfd, _POLLIN)
+            poller.register(wfd, _POLLIN)
             events = self._wait(poller, ms)
             if self._close_pending:
                 pass
             elif wfd in events:
-                self._drain_wakeup()
+                woken = True        # left set for the other waiters
             elif lfd in events:
                 if events[lfd] & _POLLNVAL:
                     err = errno.EBADF
@@ -272,12 +275,17 @@ class RawListener:
         finally:
             with self._lock:
                 self._busy -= 1
-                finish_close = self._close_pending and self._busy == 0
-        if finish_close:
+                if woken and self._busy == 0:
+                    self._drain_wakeup()     # every waiter saw it: clear it
+                closing, last = self._close_pending, self._busy == 0
+        if closing:
+            # closed while we waited: every waiter raises, the last one out
+            # closes the descriptor
             for s, _ in out:
                 s.close()
-            with self._lock:
-                self._close_now()
+            if last:
+                with self._lock:
+                    self._close_now()
             raise closed_error()
         if not out:
             if err == 0:

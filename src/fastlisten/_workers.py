@@ -212,5 +212,6 @@ class WorkerPool:
                 # A thread ended by SystemExit & co. must not strand queued jobs.
                 if len(self._jobs) > self._idle:
                     replacement = self._new_thread(self._jobs.popleft())
+                    self._room.notify()     # a submit() may wait for that room
             if replacement is not None:
                 self._start(replacement)

@@ -33,7 +33,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from fastlisten.errors import explain_bind_error
 from fastlisten._workers import WorkerPool
-from fastlisten.listener import Listener, default_backlog
+from fastlisten.listener import Listener, default_backlog, resolve
 
 # The request handlers behave the same: they are the stdlib's classes.
 BaseRequestHandler = _std.BaseRequestHandler
@@ -160,7 +160,7 @@ class _FastLoop:
         """True when taking connections from the core changes nothing a
         subclass could observe: a plain listening stream socket and the
         stock get_request/_handle_request_noblock/fileno."""
-        cls = type(self)
+        cls, own = type(self), vars(self)
         sock = getattr(self, "socket", None)
         return (
             type(sock) is socket.socket   # an SSLSocket's accept() does more
@@ -170,6 +170,7 @@ class _FastLoop:
             and _stock(cls, "get_request", _std.TCPServer)
             and _stock(cls, "fileno", _std.TCPServer)
             and _stock(cls, "_handle_request_noblock", _std.BaseServer)
+            and not {"get_request", "fileno", "_handle_request_noblock"} & own.keys()
         )
 
     def _fl_serve_batches(self, poll_interval: Optional[float]) -> bool:
@@ -208,8 +209,8 @@ class _FastLoop:
                          handle_one: Callable[[socket.socket, Any], None]) -> None:
         for i, (request, client_address) in enumerate(batch):
             if self._BaseServer__shutdown_request:
-                # Not handed to the server yet: treat them as if still queued
-                # in the kernel, which resets them when the listener closes.
+                # Not handed to the server yet: closed unprocessed (the
+                # README lists this difference).
                 for rest, _ in batch[i:]:
                     rest.close()
                 return
@@ -319,7 +320,12 @@ class TCPServer(BaseServer, _std.TCPServer):
         try:
             super().server_bind()
         except OSError as exc:
-            raise explain_bind_error(exc, self.address_family, self.server_address) from None
+            address = self.server_address
+            try:
+                address = resolve(self.address_family, address)   # name the numeric address
+            except (OSError, TypeError, ValueError, OverflowError):
+                pass
+            raise explain_bind_error(exc, self.address_family, address) from None
 
 
 class UDPServer(TCPServer, _std.UDPServer):
@@ -412,6 +418,10 @@ if hasattr(os, "fork"):
         """Mix-in class to handle each request in a new process: the
         stdlib's ForkingMixIn (children reaped by pid, max_children,
         block_on_close) over fastlisten's loop."""
+
+        #: One connection per wake-up: a child forked in the middle of a
+        #: batch would inherit (and hold open) the rest of it.
+        accept_batch_size = 1
 
         def process_request(self, request: Any, client_address: Any) -> None:
             """Fork a new subprocess to process the request."""
