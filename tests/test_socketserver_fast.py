@@ -90,6 +90,13 @@ def test_overridden_get_request_keeps_the_stdlib_loop():
 
     assert _waker_while_serving(Custom(("127.0.0.1", 0), EchoLine)) is flserver._PipeWaker
 
+    patched = fastlisten.TCPServer(("127.0.0.1", 0), EchoLine)
+    stock = patched.get_request
+    calls = []
+    patched.get_request = lambda: (calls.append(1), stock())[1]
+    assert _waker_while_serving(patched) is flserver._PipeWaker   # replaced on the instance
+    assert calls == [1]
+
 
 @pytest.mark.parametrize("cls", [fastlisten.TCPServer, fastlisten.UDPServer])
 def test_shutdown_does_not_wait_for_poll_interval(cls):
@@ -306,6 +313,31 @@ def test_install_serves_logging_config_listen():
     assert proc.stdout.strip() == "ERROR"
 
 
+def test_a_submit_waiting_for_room_goes_on_when_a_replacement_takes_a_job(monkeypatch):
+    # The only thread ends by SystemExit while the queue is full; the thread
+    # that replaces it takes the queued job, and the submit waiting for room
+    # must go on.
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    gate, ran = threading.Event(), []
+    pool = WorkerPool(max_threads=1, max_queued=1, idle_timeout=30)
+
+    def exiting():
+        gate.wait(LIMIT)
+        raise SystemExit
+
+    assert pool.submit(exiting)
+    assert pool.submit(ran.append, 2)              # fills the queue
+    third = threading.Thread(target=pool.submit, args=(ran.append, 3))
+    third.start()
+    wait_for(lambda: pool.queued == 1 and third.is_alive())
+    gate.set()
+    third.join(LIMIT)
+    assert not third.is_alive()
+    wait_for(lambda: ran == [2, 3])
+    pool.close()
+    pool.join(LIMIT)
+
+
 def test_worker_pool_arguments():
     with pytest.raises(ValueError):
         WorkerPool(max_threads=0)
@@ -335,7 +367,8 @@ def test_idle_threads_do_not_hold_the_interpreter_at_exit():
     assert proc.stdout.strip() == "1"
 
 
-def test_bind_failure_explains_itself_and_keeps_errno():
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_bind_failure_explains_itself_and_keeps_errno(host):
     import errno as _errno
     import os as _os
 
@@ -347,7 +380,7 @@ def test_bind_failure_explains_itself_and_keeps_errno():
             allow_reuse_address = False
 
         with pytest.raises(OSError) as info:
-            NoReuse(("127.0.0.1", port), socketserver.BaseRequestHandler)
+            NoReuse((host, port), socketserver.BaseRequestHandler)
         assert info.value.errno == _errno.EADDRINUSE
         assert isinstance(info.value, OSError)
         assert str(port) in str(info.value) and str(_os.getpid()) in str(info.value)
