@@ -10,7 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fastlisten
-from fastlisten.config import ListenConfig, from_args, parse_bind, systemd_fds
+from fastlisten.address import parse as parse_bind
+from fastlisten.commands.options import add_arguments, from_args
+from fastlisten.config import ListenConfig, systemd_fds
 from fastlisten.errors import FastlistenWarning
 
 HUGE = 2**40
@@ -116,7 +118,11 @@ def test_a_platform_without_an_option_fails_with_a_clear_message(monkeypatch):
 def test_valid_values_are_normalised():
     cfg = ListenConfig(host="::1", backlog=-3, family="ipv6")
     assert cfg.family == socket.AF_INET6 and cfg.backlog == 0
-    assert ListenConfig().family == socket.AF_INET and ListenConfig().bind_host == "0.0.0.0"
+    # no host: loopback only (the safe default); '' every interface
+    assert ListenConfig().family == socket.AF_INET and ListenConfig().bind_host == "127.0.0.1"
+    assert ListenConfig(host="").bind_host == "0.0.0.0"
+    assert ListenConfig(family="ipv6").bind_host == "::1"
+    assert ListenConfig(host="", family="ipv6").bind_host == "::"
     assert ListenConfig(dualstack=True).bind_host == "::"
     assert ListenConfig.from_address(("127.0.0.1", 80)).address == ("127.0.0.1", 80)
     assert ListenConfig.from_address("/tmp/x.sock").family == socket.AF_UNIX
@@ -143,8 +149,8 @@ def test_options_apply_to_a_plain_socket_and_a_raw_descriptor():
 @pytest.mark.parametrize("text, expected", [
     ("127.0.0.1:4481", dict(host="127.0.0.1", port=4481)),
     ("[::1]:7", dict(host="::1", port=7)),
-    (":8000", dict(host=None, port=8000)),
-    ("8000", dict(host=None, port=8000)),
+    (":8000", dict(host="", port=8000)),
+    ("8000", dict(host="", port=8000)),
     ("localhost:0", dict(host="localhost", port=0)),
     ("unix:rel.sock", dict(path="rel.sock")),
     ("/run/app.sock", dict(path="/run/app.sock")),
@@ -153,15 +159,19 @@ def test_parse_bind(text, expected):
     assert parse_bind(text) == expected
 
 
-@pytest.mark.parametrize("text", ["::1:80", "[::1]80", "[::1", "host:http", "host:", ""])
-def test_parse_bind_rejects_malformed_addresses(text):
-    with pytest.raises(ValueError, match="bind address"):
+@pytest.mark.parametrize("text, message", [
+    ("::1:80", r"\[address\]:port"), ("[::1]80", r"\[address\]:port"),
+    ("[::1", r"\[address\]:port"), ("host:http", "must be a number"),
+    ("host:", "must be a number"), ("", "no port given"),
+    ("127.0.0.1", "no port given"), ("app.sock", r"\./app\.sock or unix:app\.sock"),
+])
+def test_parse_bind_rejects_malformed_addresses(text, message):
+    with pytest.raises(ValueError, match=message):
         parse_bind(text)
 
 
 def test_from_args_refuses_bind_with_fd():
     import argparse
-    from fastlisten.config import add_arguments
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     cfg = from_args(parser.parse_args(["--bind", "[::1]:0", "--nodelay"]))

@@ -426,7 +426,9 @@ def test_unknown_address_family():
         Listener(12345)
     assert info.value.errno == errno.EAFNOSUPPORT and "12345" in str(info.value)
     with pytest.raises(TypeError):
-        Listener("inet")
+        Listener(2.0)
+    with pytest.raises(ValueError, match="ipv4, ipv6, unix"):
+        Listener("inet4")
 
 
 @pytest.mark.parametrize("backlog", ["5", 2.5, None.__class__])

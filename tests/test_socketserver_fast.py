@@ -16,6 +16,7 @@ import pytest
 import fastlisten
 from fastlisten import server as flserver
 from fastlisten import Listener
+from fastlisten._wakeup import Waker
 from fastlisten._workers import WorkerPool
 
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
@@ -88,13 +89,13 @@ def test_overridden_get_request_keeps_the_stdlib_loop():
         def get_request(self):
             return super().get_request()
 
-    assert _waker_while_serving(Custom(("127.0.0.1", 0), EchoLine)) is flserver._PipeWaker
+    assert _waker_while_serving(Custom(("127.0.0.1", 0), EchoLine)) is Waker
 
     patched = fastlisten.TCPServer(("127.0.0.1", 0), EchoLine)
     stock = patched.get_request
     calls = []
     patched.get_request = lambda: (calls.append(1), stock())[1]
-    assert _waker_while_serving(patched) is flserver._PipeWaker   # replaced on the instance
+    assert _waker_while_serving(patched) is Waker   # replaced on the instance
     assert calls == [1]
 
 

@@ -26,7 +26,7 @@ from fastlisten.includes.system cimport (
     bind as c_bind, listen as c_listen, getsockname as c_getsockname,
     setsockopt as c_setsockopt, getsockopt as c_getsockopt,
     htons, ntohs, ntohl, htonl, inet_pton, inet_ntop, close as c_close,
-    errno, EBADF, EINTR, EINVAL,
+    errno, EAFNOSUPPORT, EBADF, EINTR, EINVAL,
 )
 from fastlisten.includes.fl_net cimport (
     fl_stats, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
@@ -41,9 +41,9 @@ import socket as _socket
 import threading as _threading
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, MAX_BATCH, check_max, timeout_ms,
-    closed_error, decode_unix_path, encode_unix_path,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, MAX_BATCH, check_max, timeout_ms, closed_error,
 )
+from fastlisten.address import check_port, decode_unix_path, family_name, unix_path
 
 cdef object _socket_class = _socket.socket
 # socket.socket(family, type, proto, fd) runs a Python-level __init__ that
@@ -114,11 +114,7 @@ cdef int _addr_from_py(int family, object address, sockaddr_storage *ss,
                 f"an AF_INET{'6' if family == AF_INET6 else ''} address must be "
                 f"a (host, port) tuple, not {address!r}")
         host = address[0]
-        port = address[1]
-        if not isinstance(port, int):
-            raise TypeError(f"port must be an int, not {type(port).__name__}: {port!r}")
-        if not 0 <= port <= 65535:
-            raise OverflowError(f"port must be 0-65535, not {port}")
+        port = check_port(address[1])
         raw = host.encode('ascii') if isinstance(host, str) else bytes(host)
     if family == AF_INET:
         sin = <sockaddr_in *>ss
@@ -139,16 +135,13 @@ cdef int _addr_from_py(int family, object address, sockaddr_storage *ss,
             raise ValueError(f"not a numeric IPv6 address: {host!r}")
         addrlen[0] = sizeof(sockaddr_in6)
     elif family == AF_UNIX:
-        raw = encode_unix_path(address)
+        raw = unix_path(address)     # checked: at most sizeof(sun_path) bytes
         sun = <sockaddr_un *>ss
-        if len(raw) > sizeof(sun.sun_path):
-            raise OSError(EINVAL, f"AF_UNIX path too long ({len(raw)} bytes, "
-                                  f"the limit is {sizeof(sun.sun_path)}): {address!r}")
         sun.sun_family = AF_UNIX
         memcpy(sun.sun_path, <char *>raw, len(raw))
         addrlen[0] = <socklen_t>(<char *>sun.sun_path - <char *>sun) + len(raw)
     else:
-        raise OSError(97, f"unsupported address family: {family!r}")  # EAFNOSUPPORT
+        raise OSError(EAFNOSUPPORT, f"unsupported address family: {family_name(family)}")
     return 0
 
 

@@ -18,8 +18,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from fastlisten._coreshared import (
     BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, IGNORABLE, check_max,
-    closed_error, decode_unix_path, encode_unix_path, remaining, timeout_ms,
+    closed_error, remaining, timeout_ms,
 )
+from fastlisten.address import check_port, decode_unix_path, family_name, unix_path
 
 _ERRNO_SLOTS = 160
 _POLLIN = select.POLLIN
@@ -52,11 +53,8 @@ def _check_numeric(family: int, address: Any) -> Any:
             six = "6" if family == _socket.AF_INET6 else ""
             raise TypeError(
                 f"an AF_INET{six} address must be a (host, port) tuple, not {address!r}")
-        host, port = address[0], address[1]
-        if not isinstance(port, int):
-            raise TypeError(f"port must be an int, not {type(port).__name__}: {port!r}")
-        if not 0 <= port <= 65535:
-            raise OverflowError(f"port must be 0-65535, not {port}")
+        host = address[0]
+        check_port(address[1])
         if family == _socket.AF_INET6 and len(address) > 4:
             raise TypeError(f"an AF_INET6 address has at most 4 items, not {address!r}")
         try:
@@ -66,12 +64,8 @@ def _check_numeric(family: int, address: Any) -> Any:
             raise ValueError(f"not a numeric {kind} address: {host!r}") from None
         return address
     if family == _socket.AF_UNIX:
-        raw = encode_unix_path(address)
-        if len(raw) > 108:
-            raise OSError(errno.EINVAL, f"AF_UNIX path too long ({len(raw)} bytes, "
-                                        f"the limit is 108): {address!r}")
-        return raw
-    raise OSError(errno.EAFNOSUPPORT, f"unsupported address family: {family!r}")
+        return unix_path(address)
+    raise OSError(errno.EAFNOSUPPORT, f"unsupported address family: {family_name(family)}")
 
 
 class RawListener:

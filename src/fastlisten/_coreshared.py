@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 from time import monotonic
-from typing import Optional, Union
+from typing import Optional
 
 #: Largest batch one accept_many call takes (bounds the core's buffer).
 MAX_BATCH = 65536
+#: Connections accept_many takes per call unless told otherwise.
+DEFAULT_BATCH = 64
 
 #: After a capacity error (EMFILE, ...) accept_many pauses this long, doubling
 #: on each further one up to BACKOFF_MAX_MS, instead of spinning on a
@@ -63,23 +64,3 @@ def remaining(deadline: float) -> float:
 def closed_error() -> OSError:
     """What using a closed listener raises: EBADF, as a closed socket does."""
     return OSError(errno.EBADF, "Bad file descriptor: the listener is closed")
-
-
-def encode_unix_path(path: Union[str, bytes, "os.PathLike[str]"]) -> bytes:
-    """An AF_UNIX address as bytes (a leading NUL means Linux's abstract namespace)."""
-    if isinstance(path, (bytes, bytearray, memoryview)):
-        return bytes(path)
-    if isinstance(path, str) or hasattr(path, "__fspath__"):
-        return os.fsencode(path)
-    raise TypeError(f"an AF_UNIX address must be str, bytes or a path, not {path!r}")
-
-
-def decode_unix_path(raw: bytes) -> Union[str, bytes]:
-    """An AF_UNIX address as the socket module reports it: abstract names
-    stay bytes, file system paths become str."""
-    if raw[:1] == b"\0":
-        return raw
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        raw = raw[:nul]
-    return os.fsdecode(raw)

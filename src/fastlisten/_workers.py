@@ -23,7 +23,7 @@ import collections
 import threading
 import time
 import weakref
-from typing import Any, Callable, Deque, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 __all__ = ["WorkerPool"]
 
@@ -51,7 +51,8 @@ if _register is not None:
 class WorkerPool:
     """Run jobs on reused threads; see the module docstring.
 
-    Methods for the caller: submit(), interrupt(), close(), join(), len().
+    Methods for the caller: submit(), interrupt(), close(), join(), len(),
+    running(), cancel_queued(), wait_idle().
     """
 
     def __init__(self, *, name: str = "fastlisten-worker", daemon: bool = False,
@@ -68,9 +69,13 @@ class WorkerPool:
         self.max_queued = max_queued if max_queued is not None else (max_threads or 1)
         self._cond = threading.Condition(threading.Lock())   # workers wait on it
         self._room = threading.Condition(self._cond)          # submit() waits on it (same lock)
+        self._done = threading.Condition(self._cond)          # wait_idle() waits on it
         self._jobs: Deque[_Job] = collections.deque()
         self._threads: Set[threading.Thread] = set()
-        self._busy: Set[threading.Thread] = set()   # threads running a job now
+        # threads running a job now, with the job's arguments
+        self._busy: Dict[threading.Thread, Tuple[Any, ...]] = {}
+        #: The most jobs that ran at once.
+        self.peak = 0
         self._idle = 0          # threads waiting for a job
         self._closed = False
         self._serial = 0
@@ -90,6 +95,33 @@ class WorkerPool:
         """The threads running a job now."""
         with self._cond:
             return list(self._busy)
+
+    def running(self) -> List[Tuple[Any, ...]]:
+        """The arguments of the jobs running now."""
+        with self._cond:
+            return list(self._busy.values())
+
+    def cancel_queued(self) -> List[Tuple[Any, ...]]:
+        """Take the jobs that wait for a thread off the queue, unrun; returns
+        their arguments (the caller disposes of them)."""
+        with self._cond:
+            jobs = [args for _, args in self._jobs]
+            self._jobs.clear()
+            self._room.notify_all()
+            self._cond.notify_all()
+            return jobs
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: for ever) until no job runs
+        or waits; True if that happened."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._busy or self._jobs:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._done.wait(left)
+            return True
 
     @property
     def queued(self) -> int:
@@ -158,8 +190,14 @@ class WorkerPool:
         t = threading.Thread(target=self._run, args=(job,),
                              name=f"{self._name}-{self._serial}", daemon=self.daemon)
         self._threads.add(t)
-        self._busy.add(t)
+        self._mark_busy(t, job[1])
         return t
+
+    def _mark_busy(self, t: threading.Thread, args: Tuple[Any, ...]) -> None:
+        """Called with the lock held."""
+        self._busy[t] = args
+        if len(self._busy) > self.peak:
+            self.peak = len(self._busy)
 
     def _start(self, t: threading.Thread) -> None:
         try:
@@ -167,7 +205,7 @@ class WorkerPool:
         except BaseException:
             with self._cond:
                 self._threads.discard(t)
-                self._busy.discard(t)
+                self._busy.pop(t, None)
             raise
 
     def _next_job(self) -> Optional[_Job]:
@@ -199,16 +237,18 @@ class WorkerPool:
                     # request's objects can be collected at once.
                     del fn, args
                     with self._cond:
-                        self._busy.discard(me)
+                        del self._busy[me]
+                        if not self._busy and not self._jobs:
+                            self._done.notify_all()
                 with self._cond:
                     job = self._next_job()
                     if job is not None:
-                        self._busy.add(me)
+                        self._mark_busy(me, job[1])
         finally:
             replacement = None
             with self._cond:
                 self._threads.discard(me)
-                self._busy.discard(me)
+                self._busy.pop(me, None)
                 # A thread ended by SystemExit & co. must not strand queued jobs.
                 if len(self._jobs) > self._idle:
                     replacement = self._new_thread(self._jobs.popleft())

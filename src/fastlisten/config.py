@@ -25,25 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import socket
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
-__all__ = ["ListenConfig", "systemd_fds", "parse_bind", "check_backlog",
-           "add_arguments", "from_args"]
+from fastlisten import address as _address
+
+_log = logging.getLogger("fastlisten")
+
+__all__ = ["ListenConfig", "systemd_fds", "check_backlog", "option_fields"]
 
 _C_INT_MAX = 2**31 - 1
-_UNIX_PATH_MAX = 108
-
-_FAMILY_NAMES = {
-    "ipv4": socket.AF_INET, "inet": socket.AF_INET, "4": socket.AF_INET,
-    "ipv6": socket.AF_INET6, "inet6": socket.AF_INET6, "6": socket.AF_INET6,
-    "unix": socket.AF_UNIX,
-}
-_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 #: Options that only mean something for TCP.
 _TCP_ONLY = ("reuse_port", "nodelay", "keepalive", "defer_accept", "fastopen")
@@ -58,11 +54,11 @@ Opt = Tuple[int, int, int, str]
 _ACCEPT_INHERITS = sys.platform.startswith("linux")
 
 
-def _family_name(family: Optional[int]) -> str:
-    try:
-        return socket.AddressFamily(family).name  # type: ignore[arg-type]
-    except (ValueError, TypeError):
-        return repr(family)
+def _option(default: Any, help: str, **cli: Any) -> Any:
+    """A ListenConfig field with its one-line description; ``cli`` says how
+    the command line spells it (``flag``, ``metavar``, ``type``, ``choices``),
+    where that differs from the field's name and type."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -136,41 +132,6 @@ def systemd_fds(unset_environment: bool = True) -> List[int]:
     return fds
 
 
-def parse_bind(text: str) -> Dict[str, Any]:
-    """ListenConfig keywords from a command-line address.
-
-    ``127.0.0.1:4481`` and ``[::1]:4481`` give host and port; ``:4481`` or
-    ``4481`` every interface; ``unix:/run/app.sock`` or anything with a
-    ``/`` a Unix socket path.  Raises ValueError naming a malformed one.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"bind address must be a str, not {type(text).__name__}: {text!r}")
-    if text.startswith("unix:"):
-        return {"path": text[5:]}
-    if "/" in text:
-        return {"path": text}
-    host: Optional[str]
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or text[close + 1:close + 2] != ":":
-            raise ValueError(f"bind address {text!r}: write IPv6 as [address]:port, "
-                             "e.g. [::1]:4481")
-        host, port_text = text[1:close], text[close + 2:]
-    elif text.count(":") > 1:
-        raise ValueError(f"bind address {text!r}: write IPv6 as [address]:port, "
-                         "e.g. [::1]:4481")
-    elif ":" in text:
-        host, port_text = text.rsplit(":", 1)
-    else:
-        host, port_text = "", text
-    try:
-        port = int(port_text, 10)
-    except ValueError:
-        raise ValueError(f"bind address {text!r}: the port must be a number, "
-                         f"not {port_text!r}") from None
-    return {"host": host or None, "port": port}
-
-
 @dataclass(frozen=True)
 class ListenConfig:
     """The configuration of one listening socket, validated on creation.
@@ -202,23 +163,34 @@ class ListenConfig:
     (SO_KEEPALIVE).
     """
 
-    host: Optional[str] = None
-    port: int = 0
-    path: Optional[Union[str, bytes, "os.PathLike[str]"]] = None
-    fd: Optional[Union[int, str]] = None
-    family: Optional[Union[int, str]] = None
-    dualstack: bool = False
-    backlog: Optional[int] = None
-    reuse_address: bool = True
-    reuse_port: bool = False
-    nodelay: bool = False
-    keepalive: bool = False
-    rcvbuf: Optional[int] = None
-    sndbuf: Optional[int] = None
-    defer_accept: Optional[int] = None
-    fastopen: Optional[int] = None
-    unix_mode: Optional[int] = None
-    unlink_stale: bool = True
+    host: Optional[str] = _option(None, "IP address or host name to bind ('' for every "
+                                        "interface; default: loopback)")
+    port: int = _option(0, "TCP port 0-65535 (0: the kernel picks)")
+    path: Optional[Union[str, bytes, "os.PathLike[str]"]] = _option(
+        None, "Unix socket path (a leading NUL: the abstract namespace)")
+    fd: Optional[Union[int, str]] = _option(
+        None, "take over an open listening socket: a descriptor number, or 'systemd' for "
+              "socket activation (LISTEN_FDS/LISTEN_PID)", metavar="N|systemd")
+    family: Optional[Union[int, str]] = _option(
+        None, "address family (default: what the address implies)",
+        choices=("ipv4", "ipv6", "unix"))
+    dualstack: bool = _option(False, "an IPv6 listener on [::] serves IPv4 too "
+                                     "(else IPv6-only)")
+    backlog: Optional[int] = _option(None, "accept queue size (default: net.core.somaxconn)")
+    reuse_address: bool = _option(True, "do not set SO_REUSEADDR", flag="--no-reuse-address")
+    reuse_port: bool = _option(False, "set SO_REUSEPORT (several servers share the port)")
+    nodelay: bool = _option(False, "TCP_NODELAY on connections")
+    keepalive: bool = _option(False, "SO_KEEPALIVE on connections")
+    rcvbuf: Optional[int] = _option(None, "SO_RCVBUF", metavar="BYTES")
+    sndbuf: Optional[int] = _option(None, "SO_SNDBUF", metavar="BYTES")
+    defer_accept: Optional[int] = _option(
+        None, "TCP_DEFER_ACCEPT: wake only once the client has sent data", metavar="SECONDS")
+    fastopen: Optional[int] = _option(
+        None, "TCP_FASTOPEN: queue length of pending fast-open requests", metavar="QLEN")
+    unix_mode: Optional[int] = _option(None, "file mode of a Unix socket, e.g. 660",
+                                       metavar="OCTAL", type="octal")
+    unlink_stale: bool = _option(True, "do not remove a stale Unix socket file before "
+                                       "binding", flag="--keep-stale")
 
     _listener_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
     _conn_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
@@ -227,25 +199,31 @@ class ListenConfig:
 
     @classmethod
     def from_address(cls, address: Any = None, **options: Any) -> "ListenConfig":
-        """A config from the address forms ``socket.bind`` takes: a
-        ``(host, port)`` tuple (an IPv6 4-tuple's scope id becomes
-        ``host%scope``) or a Unix path; ``None`` with ``fd=``."""
+        """A config from an address in the forms :mod:`fastlisten.address`
+        takes: a ``(host, port)`` tuple (an IPv6 4-tuple's scope id becomes
+        ``host%scope``), ``"HOST:PORT"``, a Unix path (bytes, a path-like,
+        or a str starting with ``unix:`` or containing ``/``; any str with
+        ``family=AF_UNIX``), or ``None`` with ``fd=`` (or for loopback and a
+        port the kernel picks)."""
         if address is None:
             return cls(**options)
-        if isinstance(address, tuple):
-            if len(address) not in (2, 4):
-                raise TypeError(f"address must be (host, port) or a path, not {address!r}")
-            host, port = address[0], address[1]
-            if not isinstance(host, str):   # as socket.bind: '' (not None) is every interface
-                raise TypeError(f"the host of address {address!r} must be a str "
-                                f"('' for every interface), not {type(host).__name__}")
-            if len(address) == 4 and address[3]:
-                host = f"{host}%{address[3]}"
-            return cls(host=host, port=port, **options)
-        if isinstance(address, (str, bytes)) or hasattr(address, "__fspath__"):
-            return cls(path=address, **options)
-        raise TypeError(f"address must be a (host, port) tuple or a path, "
-                        f"not {type(address).__name__}: {address!r}")
+        family = options.get("family")
+        if family is not None:
+            family = _address.check_family(family)
+        return cls(**_address.split(address, family), **options)
+
+    def for_address(self, address: Any, family: Optional[int] = None) -> "ListenConfig":
+        """These options at ``address`` (as from_address takes it; a str is
+        a Unix path when ``family`` is AF_UNIX), validated together: how a
+        socketserver class combines its ``listen_config`` with its
+        ``server_address``.  A config with ``fd=`` ignores the address."""
+        if self.fd is not None:
+            return self
+        if family is not None:
+            family = _address.check_family(family)
+        where = {"host": None, "port": 0, "path": None, "family": family,
+                 **_address.split(address, family)}
+        return dataclasses.replace(self, **where)
 
     def replace(self, **changes: Any) -> "ListenConfig":
         """A copy with some options changed (validated again)."""
@@ -259,19 +237,7 @@ class ListenConfig:
 
         family = self.family
         if family is not None:
-            if isinstance(family, str):
-                if family.lower() not in _FAMILY_NAMES:
-                    raise ValueError(f"family must be one of ipv4, ipv6, unix "
-                                     f"(or socket.AF_*), not {family!r}")
-                family = _FAMILY_NAMES[family.lower()]
-            elif isinstance(family, bool) or not isinstance(family, int):
-                raise TypeError(f"family must be an address family, "
-                                f"not {type(family).__name__}: {family!r}")
-            if family not in _FAMILIES:
-                raise OSError(errno.EAFNOSUPPORT,
-                              f"{os.strerror(errno.EAFNOSUPPORT)}: family "
-                              f"{_family_name(family)} (use AF_INET, AF_INET6 or AF_UNIX)")
-            family = socket.AddressFamily(family)
+            family = _address.check_family(family)
 
         # where: exactly one of host/port, path, fd
         if self.fd is not None:
@@ -289,18 +255,14 @@ class ListenConfig:
                 family = socket.AF_UNIX
             elif family != socket.AF_UNIX:
                 raise ValueError(f"path={self.path!r} is a Unix socket, "
-                                 f"but family is {_family_name(family)}")
+                                 f"but family is {_address.family_name(family)}")
         else:
-            if isinstance(self.port, bool) or not isinstance(self.port, int):
-                raise TypeError(f"port must be an integer 0-65535, "
-                                f"not {type(self.port).__name__}: {self.port!r}")
-            if not 0 <= self.port <= 65535:
-                raise OverflowError(f"port must be 0-65535, not {self.port}")
+            _address.check_port(self.port)
             family = self._check_host(family)
 
         if self.dualstack and family not in (None, socket.AF_INET6):
             raise ValueError(f"dualstack=True needs an IPv6 listener (such as host='::'), "
-                             f"not family {_family_name(family)}")
+                             f"not family {_address.family_name(family)}")
         put("family", family)
 
         if self.backlog is not None:
@@ -348,21 +310,10 @@ class ListenConfig:
 
     def _check_path(self) -> Union[str, bytes]:
         path = self.path
-        if hasattr(path, "__fspath__"):
-            path = os.fspath(path)  # type: ignore[arg-type]
-        if not isinstance(path, (str, bytes)):
-            raise TypeError(f"path must be str, bytes or os.PathLike, "
-                            f"not {type(path).__name__}: {path!r}")
-        raw = os.fsencode(path)
-        if not raw:
-            raise ValueError("path must not be empty (a leading NUL means an "
-                             "abstract socket: b'\\0name')")
-        if raw[:1] != b"\0" and b"\0" in raw:
-            raise ValueError(f"embedded null byte in path {path!r}")
-        if len(raw) > _UNIX_PATH_MAX - (raw[:1] != b"\0"):
-            raise OSError(errno.EINVAL, f"AF_UNIX path too long ({len(raw)} bytes, the "
-                                        f"limit is {_UNIX_PATH_MAX - 1}): {path!r}")
-        return path
+        _address.unix_path(path)     # raises what is wrong with it
+        if isinstance(path, (bytearray, memoryview)):
+            return bytes(path)
+        return os.fspath(path)  # type: ignore[arg-type]
 
     def _check_host(self, family: Optional[int]) -> Optional[int]:
         host = self.host
@@ -372,26 +323,15 @@ class ListenConfig:
             if family == socket.AF_UNIX:
                 raise ValueError("family AF_UNIX needs path=, not host/port")
             return family
-        if not isinstance(host, str):
-            raise TypeError(f"host must be a str (an address or a name), "
-                            f"not {type(host).__name__}: {host!r}")
-        if "\0" in host or host.strip() != host or len(host) > 253 + 16:
-            raise ValueError(f"host {host!r} is not an address or a host name")
-        numeric = None
-        for fam in (socket.AF_INET, socket.AF_INET6):
-            try:
-                socket.inet_pton(fam, host.split("%", 1)[0] if fam == socket.AF_INET6 else host)
-                numeric = fam
-                break
-            except OSError:
-                continue
+        _address.check_host(host)
         if family == socket.AF_UNIX:
             raise ValueError(f"family AF_UNIX needs path=, not host {host!r}")
+        numeric = _address.numeric_family(host)
         if numeric is not None:
             if family is not None and family != numeric:
-                raise ValueError(f"host {host!r} is an {_family_name(numeric)} address, "
-                                 f"but family is {_family_name(family)}")
-            return socket.AddressFamily(numeric)
+                raise ValueError(f"host {host!r} is an {_address.family_name(numeric)} address, "
+                                 f"but family is {_address.family_name(family)}")
+            return numeric
         if "%" in host or ":" in host:
             raise ValueError(f"host {host!r} is neither an IPv4 nor an IPv6 address")
         return family if family is not None else socket.AF_INET
@@ -435,20 +375,24 @@ class ListenConfig:
 
     @property
     def address(self) -> Any:
-        """Where to bind: (host, port) with '' for every interface, or the
-        Unix path; None for ``fd=``."""
+        """Where to bind: (host, port) with the host as bind_host says, or
+        the Unix path; None for ``fd=``."""
         if self.fd is not None:
             return None
         if self.family == socket.AF_UNIX:
             return self.path
-        return (self.host or "", self.port)
+        return (self.bind_host, self.port)
 
     @property
     def bind_host(self) -> str:
-        """The host to bind, with '' made explicit: 0.0.0.0 or ::."""
+        """The host to bind: as given, with '' made explicit (0.0.0.0 or ::,
+        every interface); with no host, loopback only (127.0.0.1, or ::1 for
+        IPv6), or :: for a dualstack listener."""
         if self.host:
             return self.host
-        return "::" if self.family == socket.AF_INET6 else "0.0.0.0"
+        if self.family == socket.AF_INET6:
+            return "::" if self.host == "" or self.dualstack else "::1"
+        return "0.0.0.0" if self.host == "" else "127.0.0.1"
 
     @property
     def accepted_options(self) -> bool:
@@ -501,6 +445,18 @@ class ListenConfig:
                           "systemd socket activation (or systemd-socket-activate)")
         return fds[0]
 
+    def before_bind(self) -> None:
+        """What to do before bind(): remove a stale Unix socket file when
+        ``unlink_stale`` says so (never a live socket or another file)."""
+        if self.family == socket.AF_UNIX and self.unlink_stale and self.stale_unix_socket():
+            _log.info("removing stale socket file %s (nobody listens on it)", self.path)
+            os.unlink(self.path)  # type: ignore[arg-type]
+
+    def after_bind(self) -> None:
+        """What to do after bind(): chmod the Unix socket file to ``unix_mode``."""
+        if self.family == socket.AF_UNIX and self.unix_mode is not None:
+            os.chmod(self.path, self.unix_mode)  # type: ignore[arg-type]
+
     def stale_unix_socket(self) -> bool:
         """True when ``path`` is a leftover socket file that nobody listens
         on (connect is refused): safe to remove before bind."""
@@ -539,68 +495,8 @@ def _apply(sock: Any, opts: Tuple[Opt, ...], what: str) -> None:
                                        f"{label} on the {what} was refused") from None
 
 
-# -- the command line ---------------------------------------------------------
-
-def add_arguments(parser: Any, default_bind: str = "127.0.0.1:0") -> None:
-    """Add the listener options to an argparse parser (``fastlisten serve``
-    and any other command that listens); :func:`from_args` turns the parsed
-    arguments into a ListenConfig, which checks them."""
-    def octal(text: str) -> int:
-        return int(text, 8)
-
-    g = parser.add_argument_group("listener")
-    g.add_argument("--bind", metavar="ADDR", default=None,
-                   help=f"HOST:PORT, [IPv6]:PORT, :PORT (every interface), or a Unix "
-                        f"socket path (unix:PATH or anything with a /); default {default_bind}")
-    g.add_argument("--fd", metavar="N|systemd", default=None,
-                   help="take over an open listening socket: a descriptor number, or "
-                        "'systemd' for socket activation (LISTEN_FDS/LISTEN_PID)")
-    g.add_argument("--family", choices=("ipv4", "ipv6", "unix"), default=None,
-                   help="address family (default: what --bind implies)")
-    g.add_argument("--dualstack", action="store_true",
-                   help="an IPv6 listener on [::] serves IPv4 too (else IPv6-only)")
-    g.add_argument("--backlog", type=int, default=None,
-                   help="accept queue size (default: net.core.somaxconn)")
-    g.add_argument("--no-reuse-address", dest="reuse_address", action="store_false",
-                   help="do not set SO_REUSEADDR")
-    g.add_argument("--reuse-port", action="store_true",
-                   help="set SO_REUSEPORT (several servers share the port)")
-    g.add_argument("--nodelay", action="store_true", help="TCP_NODELAY on connections")
-    g.add_argument("--keepalive", action="store_true", help="SO_KEEPALIVE on connections")
-    g.add_argument("--rcvbuf", type=int, default=None, metavar="BYTES", help="SO_RCVBUF")
-    g.add_argument("--sndbuf", type=int, default=None, metavar="BYTES", help="SO_SNDBUF")
-    g.add_argument("--defer-accept", type=int, default=None, metavar="SECONDS",
-                   help="TCP_DEFER_ACCEPT: wake only once the client has sent data")
-    g.add_argument("--fastopen", type=int, default=None, metavar="QLEN",
-                   help="TCP_FASTOPEN: queue length of pending fast-open requests")
-    g.add_argument("--unix-mode", type=octal, default=None, metavar="OCTAL",
-                   help="file mode of a Unix socket, e.g. 660")
-    g.add_argument("--keep-stale", dest="unlink_stale", action="store_false",
-                   help="do not remove a stale Unix socket file before binding")
-    parser.set_defaults(_default_bind=default_bind)
-
-
-def from_args(args: Any) -> ListenConfig:
-    """A ListenConfig from arguments added by :func:`add_arguments` (raises
-    what ListenConfig raises for a bad value)."""
-    where: Dict[str, Any] = {}
-    fd: Optional[Union[int, str]] = None
-    if args.fd is not None:
-        fd = args.fd if args.fd == "systemd" else _cli_int("--fd", args.fd)
-        if args.bind is not None:
-            raise ValueError("give --bind or --fd, not both")
-    else:
-        where = parse_bind(args.bind if args.bind is not None else args._default_bind)
-    return ListenConfig(
-        fd=fd, family=args.family, dualstack=args.dualstack, backlog=args.backlog,
-        reuse_address=args.reuse_address, reuse_port=args.reuse_port,
-        nodelay=args.nodelay, keepalive=args.keepalive, rcvbuf=args.rcvbuf,
-        sndbuf=args.sndbuf, defer_accept=args.defer_accept, fastopen=args.fastopen,
-        unix_mode=args.unix_mode, unlink_stale=args.unlink_stale, **where)
-
-
-def _cli_int(option: str, text: str) -> int:
-    try:
-        return int(text, 10)
-    except ValueError:
-        raise ValueError(f"{option} must be a number or 'systemd', not {text!r}") from None
+def option_fields() -> List["dataclasses.Field[Any]"]:
+    """The fields of ListenConfig that are listener options (each with its
+    ``help`` and command-line spelling in ``metadata``), in order; the
+    command line generates its flags from them."""
+    return [f for f in dataclasses.fields(ListenConfig) if "help" in f.metadata]

@@ -15,9 +15,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+import stat
+from typing import Any, Optional
 
 from fastlisten import sysinfo
+from fastlisten.address import format_address
+from fastlisten.sysinfo import find_holders
 
 __all__ = [
     "FastlistenWarning", "EphemeralPortWarning", "BacklogTruncatedWarning",
@@ -44,167 +47,6 @@ class BacklogTruncatedWarning(FastlistenWarning):
 class OptionIneffectiveWarning(FastlistenWarning):
     """An option the kernel accepts but ignores as configured (for example
     TCP_FASTOPEN while ``net.ipv4.tcp_fastopen`` has the server bit off)."""
-
-
-def format_address(address: Any) -> str:
-    """An address as people write it: 127.0.0.1:80, [::1]:80, or a path."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        if isinstance(host, str) and ":" in host:
-            return f"[{host}]:{port}"
-        return f"{host}:{port}"
-    if isinstance(address, bytes):
-        return repr(address) if address[:1] == b"\0" else os.fsdecode(address)
-    return str(os.fspath(address)) if hasattr(address, "__fspath__") else str(address)
-
-
-# -- who holds an address ---------------------------------------------------
-
-_TCP_LISTEN = b"0A"
-_TCP_SYN_RECV = b"03"
-_SO_ACCEPTCON = 0x10000
-
-
-def _hex_to_ip(family: int, text: str) -> str:
-    """/proc/net/tcp{,6} addresses: 32-bit words in host (little-endian) order."""
-    raw = bytes.fromhex(text)
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    return socket.inet_ntop(family, raw)
-
-
-_WILDCARDS = ("0.0.0.0", "::")
-
-
-def _conflicts(ours: str, theirs: str) -> bool:
-    """Whether a listener on ``theirs`` can be why ``ours`` is in use (same
-    port): the same address, or either is a wildcard."""
-    return ours == theirs or ours in _WILDCARDS or theirs in _WILDCARDS
-
-
-def _tcp_listeners(port: int, host: Optional[str] = None) -> List[Tuple[str, int]]:
-    """(address, inode) of the listening TCP sockets on ``port`` (that
-    conflict with ``host``, when given)."""
-    found: List[Tuple[str, int]] = []
-    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        try:
-            f = open(f"/proc/net/{name}", "rb")
-        except OSError:
-            continue
-        with f:
-            f.readline()   # the header
-            # The kernel lists listening sockets first, then the connection
-            # table (which a busy host fills with TIME_WAIT): stop there.
-            # (Kernels before 4.4 interleave their SYN_RECV requests.)
-            for raw in f:
-                parts = raw.split()
-                if len(parts) < 10:
-                    break
-                if parts[3] != _TCP_LISTEN:
-                    if parts[3] == _TCP_SYN_RECV:
-                        continue
-                    break
-                try:
-                    addr_hex, port_hex = parts[1].split(b":")
-                    if int(port_hex, 16) != port:
-                        continue
-                    ip = _hex_to_ip(family, addr_hex.decode("ascii", "replace"))
-                    if host is not None and not _conflicts(host, ip):
-                        continue
-                    found.append((format_address((ip, port)), int(parts[9])))
-                except (ValueError, OSError):
-                    continue
-    return found
-
-
-def _unix_listeners(path: str) -> List[Tuple[str, int]]:
-    """(path, inode) of the listening Unix sockets bound to ``path``."""
-    found: List[Tuple[str, int]] = []
-    try:
-        with open("/proc/net/unix", "rb") as f:
-            lines = [os.fsdecode(line) for line in f.read().splitlines()[1:]]
-    except OSError:
-        return found
-    for line in lines:
-        parts = line.split(None, 7)
-        if len(parts) < 8 or parts[7] != path:
-            continue
-        try:
-            if int(parts[3], 16) & _SO_ACCEPTCON:
-                found.append((path, int(parts[6])))
-        except ValueError:
-            continue
-    return found
-
-
-def _processes_with(inodes: Dict[int, str], limit: int = 4) -> Iterator[Tuple[int, str, str]]:
-    """(pid, command, address) of processes with a descriptor on one of the
-    socket ``inodes``; only the ones /proc lets us see (others' processes
-    need root)."""
-    targets = {f"socket:[{ino}]": addr for ino, addr in inodes.items()}
-    seen = 0
-    try:
-        pids = sorted((int(p) for p in os.listdir("/proc") if p.isdigit()),
-                      key=lambda p: (p != os.getpid(), p))
-    except OSError:
-        return
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link in targets:
-                yield pid, _command_of(pid), targets[link]
-                seen += 1
-                break
-        if seen >= limit:
-            return
-
-
-def _command_of(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a for a in f.read().split(b"\0") if a]
-        text = " ".join(os.fsdecode(a) for a in argv)
-    except OSError:
-        text = ""
-    if not text:
-        try:
-            with open(f"/proc/{pid}/comm", "rb") as f:
-                text = os.fsdecode(f.read().strip())
-        except OSError:
-            text = "?"
-    text = " ".join(text.split())
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def find_holders(family: int, address: Any) -> List[Dict[str, Any]]:
-    """Who listens on the port (or Unix path) of ``address``: a list of
-    ``{"address", "pid", "command"}``, ``pid``/``command`` None when the socket
-    is visible but its process is not (another user's, without root)."""
-    if family == socket.AF_UNIX:
-        path = address if isinstance(address, str) else os.fsdecode(address)
-        sockets = _unix_listeners(path)
-    else:
-        host = address[0].split("%", 1)[0] if isinstance(address[0], str) else None
-        sockets = _tcp_listeners(int(address[1]), host)
-    if not sockets:
-        return []
-    inodes = {ino: addr for addr, ino in sockets}
-    holders: List[Dict[str, Any]] = []
-    found = set()
-    for pid, command, addr in _processes_with(inodes):
-        holders.append({"address": addr, "pid": pid, "command": command})
-        found.add(addr)
-    for addr, _ in sockets:
-        if addr not in found:
-            holders.append({"address": addr, "pid": None, "command": None})
-            found.add(addr)
-    return holders
 
 
 # -- the explanations -------------------------------------------------------
@@ -241,7 +83,6 @@ def _explain_addrinuse(family: int, address: Any) -> str:
 
 
 def _is_socket(path: str) -> bool:
-    import stat
     try:
         return stat.S_ISSOCK(os.lstat(path).st_mode)
     except OSError:

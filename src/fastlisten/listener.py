@@ -19,24 +19,26 @@ the system calls.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 import threading
 from time import monotonic
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from fastlisten import address as _address
 from fastlisten import sysinfo
 from fastlisten._backend import RawListener
-from fastlisten._coreshared import remaining
+from fastlisten._coreshared import DEFAULT_BATCH, remaining
+from fastlisten.address import Address
 from fastlisten.config import ListenConfig, check_backlog
 from fastlisten.errors import effective_backlog, explain_bind_error, warn_if_ephemeral
 
-__all__ = ["Listener", "listen", "default_backlog", "Address"]
+__all__ = ["Listener", "listen", "default_backlog", "adoptable", "Address", "UnixSocketFile"]
 
 _log = logging.getLogger("fastlisten")
 
-Address = Union[Tuple[Any, ...], str, bytes, "os.PathLike[str]"]
 
 def default_backlog() -> int:
     """The kernel's ``net.core.somaxconn``, read now (the largest backlog
@@ -46,57 +48,73 @@ def default_backlog() -> int:
     return value if value is not None and value > 0 else socket.SOMAXCONN
 
 
-def _family_of(address: Address) -> int:
-    """The address family an address implies: a path is AF_UNIX, a host
-    with a colon AF_INET6, anything else AF_INET."""
-    if isinstance(address, tuple):
-        host = address[0] if address else ""
-        if isinstance(host, str) and ":" in host:
-            return socket.AF_INET6
-        return socket.AF_INET
-    if isinstance(address, (str, bytes)) or hasattr(address, "__fspath__"):
-        return socket.AF_UNIX
-    raise TypeError(f"address must be a (host, port) tuple or a path, not {address!r}")
+class UnixSocketFile:
+    """The socket file a bind() on a Unix path created, removed again by
+    remove() only by the process that bound it and only while it is still
+    the same file (another server may have replaced it meanwhile)."""
 
+    def __init__(self, path: bytes) -> None:
+        st = os.stat(path)
+        self._path, self._id, self._pid = path, (st.st_dev, st.st_ino), os.getpid()
 
-def resolve(family: int, address: Address) -> Address:
-    """A bind address with its host made numeric, as the core wants it.
-
-    '' means every interface, as in the socket module; names go through
-    getaddrinfo(AI_PASSIVE).  Ports are checked here so that the message
-    names the bad value.
-    """
-    if family == socket.AF_UNIX:
-        return address
-    if family not in (socket.AF_INET, socket.AF_INET6):
-        raise OSError(97, f"unsupported address family: {family!r}")  # EAFNOSUPPORT
-    if not isinstance(address, tuple) or len(address) < 2:
-        raise TypeError(f"address must be a (host, port) tuple, not {address!r}")
-    host, port, rest = address[0], address[1], tuple(address[2:])
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"port must be an integer, not {type(port).__name__}: {port!r}")
-    if not 0 <= port <= 65535:
-        raise OverflowError(f"bind(): port must be 0-65535, not {port}")
-    if not isinstance(host, str):
-        raise TypeError(f"host must be a str, not {type(host).__name__}: {host!r}")
-    if host == "":
-        host = "0.0.0.0" if family == socket.AF_INET else "::"
-    else:
+    @classmethod
+    def record(cls, path: bytes) -> Optional["UnixSocketFile"]:
+        """The file just bound at ``path``; None for an abstract name (or a
+        file already gone)."""
+        if path[:1] == b"\0":
+            return None
         try:
-            socket.inet_pton(family, host)
+            return cls(path)
         except OSError:
-            try:
-                infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0,
-                                           socket.AI_PASSIVE)
-            except socket.gaierror as exc:
-                kind = "IPv6" if family == socket.AF_INET6 else "IPv4"
-                raise socket.gaierror(exc.errno, f"{exc.strerror}: no {kind} address for "
-                                                 f"host {host!r}") from None
-            sockaddr = infos[0][4]
-            host = sockaddr[0]
-            if family == socket.AF_INET6 and not rest:
-                rest = tuple(sockaddr[2:])
-    return (host, port) + rest
+            return None
+
+    def remove(self) -> None:
+        """Unlink the file if it is still ours."""
+        try:
+            st = os.stat(self._path)
+            if self._pid == os.getpid() and (st.st_dev, st.st_ino) == self._id:
+                os.unlink(self._path)
+        except OSError:
+            pass
+
+
+def adoptable(config: ListenConfig) -> Tuple[int, socket.AddressFamily, bool]:
+    """The descriptor ``config.fd`` names, checked: an open AF_INET,
+    AF_INET6 or AF_UNIX stream socket that listens or is at least bound,
+    fitting ``config``.  Returns (fd, family, listening); raises OSError or
+    ValueError naming the descriptor otherwise.  The descriptor stays the
+    caller's."""
+    fd = config.resolve_fd()
+    assert fd is not None
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"{exc.strerror}: fd={config.fd!r} ({fd}) is not "
+                                   "an open socket") from None
+    try:
+        family, stype = probe.family, probe.type
+        listening = bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        name = probe.getsockname()
+    finally:
+        probe.detach()
+    where = f"fd={config.fd!r} ({fd})"
+    if family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        raise ValueError(f"{where} is an {family.name} socket; fastlisten listens on "
+                         "AF_INET, AF_INET6 and AF_UNIX")
+    if stype != socket.SOCK_STREAM:
+        raise ValueError(f"{where} is a {socket.SocketKind(stype).name} socket; "
+                         "only stream sockets listen")
+    if config.family is not None and config.family != family:
+        raise ValueError(f"{where} is an {family.name} socket, but family is "
+                         f"{socket.AddressFamily(int(config.family)).name}")
+    if not listening and (name in ("", b"") or (isinstance(name, tuple) and not name[1])):
+        raise ValueError(f"{where} is neither listening nor bound: bind it first, "
+                         "or pass host/port instead")
+    if family == socket.AF_UNIX and any(
+            getattr(config, n) not in (None, False) for n in
+            ("nodelay", "keepalive", "defer_accept", "fastopen")):
+        raise ValueError(f"{where} is a Unix socket: TCP options do not apply")
+    return fd, family, listening
 
 
 class Listener:
@@ -120,20 +138,17 @@ class Listener:
 
     def __init__(self, family: int = socket.AF_INET, *, fileno: Optional[int] = None,
                  type: int = socket.SOCK_STREAM, proto: int = 0, owned: bool = True) -> None:
-        if isinstance(family, bool) or not isinstance(family, int):
-            raise TypeError(f"family must be an address family, not {family!r}")
-        if family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
-            raise OSError(97, f"unsupported address family: {family!r} "
-                              "(use AF_INET, AF_INET6 or AF_UNIX)")
+        family = _address.check_family(family)
         if type != socket.SOCK_STREAM:
-            raise OSError(94, f"fastlisten listens on stream sockets only, not type {type!r}")
+            raise OSError(errno.ESOCKTNOSUPPORT, f"{os.strerror(errno.ESOCKTNOSUPPORT)}: "
+                          f"fastlisten listens on stream sockets only, not type {type!r}")
         self._raw = RawListener(family, type, proto, fileno, owned=owned)
         self._backlog: Optional[int] = None
         self._listening = False
         self._logged_episodes = 0
         #: The ListenConfig this listener was built from (None when built by hand).
         self.config: Optional[ListenConfig] = None
-        self._unix_file: Optional[Tuple[bytes, int, int, int]] = None  # path, dev, ino, pid
+        self._unix_file: Optional[UnixSocketFile] = None
         self._count_lock = threading.Lock()
         self._handlers = 0
         self._handlers_peak = 0
@@ -158,16 +173,9 @@ class Listener:
         try:
             lst.config = config
             config.apply_listener_options(lst)
-            if family == socket.AF_UNIX:
-                if config.unlink_stale and config.stale_unix_socket():
-                    _log.info("removing stale socket file %s (nobody listens on it)",
-                              config.path)
-                    os.unlink(config.path)  # type: ignore[arg-type]
-                lst.bind(config.path)  # type: ignore[arg-type]
-                if config.unix_mode is not None:
-                    os.chmod(config.path, config.unix_mode)  # type: ignore[arg-type]
-            else:
-                lst.bind((config.bind_host, config.port))
+            config.before_bind()
+            lst.bind(config.address)
+            config.after_bind()
             lst.listen(config.backlog)
         except BaseException:
             lst.close()
@@ -176,36 +184,7 @@ class Listener:
 
     @classmethod
     def _adopt(cls, config: ListenConfig) -> "Listener":
-        fd = config.resolve_fd()
-        assert fd is not None
-        try:
-            probe = socket.socket(fileno=fd)
-        except OSError as exc:
-            raise type(exc)(exc.errno, f"{exc.strerror}: fd={config.fd!r} ({fd}) is not "
-                                       "an open socket") from None
-        try:
-            family, stype = probe.family, probe.type
-            listening = bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-            name = probe.getsockname()
-        finally:
-            probe.detach()
-        where = f"fd={config.fd!r} ({fd})"
-        if family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
-            raise ValueError(f"{where} is an {family.name} socket; fastlisten listens on "
-                             "AF_INET, AF_INET6 and AF_UNIX")
-        if stype != socket.SOCK_STREAM:
-            raise ValueError(f"{where} is a {socket.SocketKind(stype).name} socket; "
-                             "only stream sockets listen")
-        if config.family is not None and config.family != family:
-            raise ValueError(f"{where} is an {family.name} socket, but family is "
-                             f"{socket.AddressFamily(int(config.family)).name}")
-        if not listening and (name in ("", b"") or (isinstance(name, tuple) and not name[1])):
-            raise ValueError(f"{where} is neither listening nor bound: bind it first, "
-                             "or pass host/port instead")
-        if family == socket.AF_UNIX and any(
-                getattr(config, n) not in (None, False) for n in
-                ("nodelay", "keepalive", "defer_accept", "fastopen")):
-            raise ValueError(f"{where} is a Unix socket: TCP options do not apply")
+        fd, family, listening = adoptable(config)
         lst = cls(family, fileno=fd)
         try:
             lst.config = config
@@ -253,7 +232,7 @@ class Listener:
         this machine has, why the port is privileged.
         """
         family = self._raw.family
-        numeric: Any = resolve(family, address)
+        numeric: Any = _address.resolve(family, address)
         if family != socket.AF_UNIX:
             warn_if_ephemeral(numeric[1])
         try:
@@ -261,13 +240,7 @@ class Listener:
         except OSError as exc:
             raise explain_bind_error(exc, family, numeric) from None
         if family == socket.AF_UNIX:
-            raw = os.fsencode(numeric)
-            if raw[:1] != b"\0":
-                try:
-                    st = os.stat(raw)
-                    self._unix_file = (raw, st.st_dev, st.st_ino, os.getpid())
-                except OSError:
-                    pass
+            self._unix_file = UnixSocketFile.record(numeric)
 
     def listen(self, backlog: Optional[int] = None) -> None:
         """Start listening.  ``backlog`` defaults to the kernel's somaxconn;
@@ -303,7 +276,7 @@ class Listener:
             self._deepest = queued
         return queued, backlog
 
-    def accept_many(self, max: int = 64, timeout: Optional[float] = None
+    def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None
                     ) -> List[Tuple[socket.socket, Any]]:
         """Wait up to ``timeout`` seconds (None: for ever) for connections and
         accept up to ``max`` pending ones in one go, without the GIL.
@@ -436,13 +409,7 @@ class Listener:
         self._raw.close()
         unix, self._unix_file = self._unix_file, None
         if unix is not None:
-            path, dev, ino, pid = unix
-            try:
-                st = os.stat(path)
-                if pid == os.getpid() and (st.st_dev, st.st_ino) == (dev, ino):
-                    os.unlink(path)
-            except OSError:
-                pass
+            unix.remove()
 
     def __enter__(self) -> "Listener":
         return self

@@ -24,16 +24,26 @@ The request handlers are the standard library's own classes.
 
 from __future__ import annotations
 
+import logging
 import os
+import select
 import selectors
+import signal
 import socket
 import socketserver as _std
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from fastlisten.errors import explain_bind_error
+from fastlisten import address as _address
+from fastlisten._coreshared import DEFAULT_BATCH
+from fastlisten._wakeup import Waker
 from fastlisten._workers import WorkerPool
-from fastlisten.listener import Listener, default_backlog, resolve
+from fastlisten.config import ListenConfig
+from fastlisten.errors import effective_backlog, explain_bind_error, warn_if_ephemeral
+from fastlisten.listener import Listener, UnixSocketFile, adoptable, default_backlog
+
+_log = logging.getLogger("fastlisten")
 
 # The request handlers behave the same: they are the stdlib's classes.
 BaseRequestHandler = _std.BaseRequestHandler
@@ -43,28 +53,6 @@ DatagramRequestHandler = _std.DatagramRequestHandler
 #: Guards publishing, waking and closing a serving loop's wake-up source, so
 #: that shutdown() never writes to a descriptor closed (and maybe reused) meanwhile.
 _wake_lock = threading.Lock()
-
-
-class _PipeWaker:
-    """A wake-up pipe for the loop that waits with a selector."""
-
-    def __init__(self) -> None:
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
-
-    def fileno(self) -> int:
-        return self._r
-
-    def wakeup(self) -> None:
-        try:
-            os.write(self._w, b"\0")
-        except BlockingIOError:
-            pass  # a wake-up is pending already: just as good
-
-    def close(self) -> None:
-        os.close(self._r)
-        os.close(self._w)
 
 
 #: socket.socket.close() is "_closed = True, then the real close unless a
@@ -80,7 +68,8 @@ def _stock(cls: type, name: str, stdlib_owner: type) -> bool:
 
 
 class _FastLoop:
-    """The serve loop and shutdown shared by every server and mixin here.
+    """The serve loop, shutdown, drain and counters shared by every server
+    and mixin here, and the listener options of ``listen_config``.
 
     It keeps its state in the stdlib BaseServer's own private attributes
     (``__shutdown_request``, ``__is_shut_down``), set by its ``__init__``, so
@@ -88,10 +77,27 @@ class _FastLoop:
     """
 
     #: Connections taken from the core per wake-up (the GIL is taken once per batch).
-    accept_batch_size = 64
+    accept_batch_size = DEFAULT_BATCH
 
-    _fl_waker: Any = None   # the running loop's wake-up source, if any
-    _fl_defer = False       # a base class below brings its own loop: use it
+    #: Listener options (a :class:`fastlisten.ListenConfig` without an
+    #: address; the server's ``server_address`` says where) applied with the
+    #: same validation, warnings and explained errors as
+    #: ``fastlisten.listen``: e.g. ``ListenConfig(nodelay=True,
+    #: defer_accept=1)``; ``fd=`` takes over an open listening socket
+    #: (``'systemd'``: socket activation).  None: the stdlib's
+    #: attribute-driven set-up alone (``allow_reuse_address``,
+    #: ``request_queue_size`` ...), which also applies with a config.
+    listen_config: Optional[ListenConfig] = None
+
+    _fl_waker: Any = None       # the running loop's wake-up source, if any
+    _fl_defer = False           # a base class below brings its own loop: use it
+    _fl_listener: Optional[Listener] = None    # over self.socket, for the server's life
+    _fl_config: Optional[ListenConfig] = None  # listen_config at server_address
+    _fl_adopted = False         # self.socket came from listen_config.fd, listening
+    _fl_unix_file: Optional[UnixSocketFile] = None
+    _fl_in_batch = False        # the serving thread is handling connections
+    _fl_handled = False
+    _fl_ended: Any = ()         # connections end_handlers() shut down
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -110,6 +116,84 @@ class _FastLoop:
                 if klass is _std.TCPServer:
                     cls.request_queue_size = default_backlog()
                 break
+        if cls.listen_config is not None and not isinstance(cls.listen_config, ListenConfig):
+            raise TypeError(f"{cls.__name__}.listen_config must be a fastlisten.ListenConfig, "
+                            f"not {type(cls.listen_config).__name__}")
+
+    # -- binding (stream servers) ----------------------------------------
+
+    def server_bind(self) -> None:
+        """Bind the socket as the stdlib does, after applying
+        ``listen_config`` (if any); a failing bind keeps its OSError subclass
+        and errno and explains itself (who holds the port, ...)."""
+        config = self.listen_config
+        if config is not None:
+            if self.socket_type != socket.SOCK_STREAM:  # type: ignore[attr-defined]
+                raise ValueError(f"{type(self).__name__}: listen_config is for stream "
+                                 "(TCP and Unix stream) servers")
+            config = self._fl_config = config.for_address(
+                self.server_address, self.address_family)  # type: ignore[attr-defined]
+            if config.fd is not None:
+                self._fl_adopt(config)
+                return
+            config.apply_listener_options(self.socket)  # type: ignore[attr-defined]
+            config.before_bind()
+            if config.family != socket.AF_UNIX:
+                warn_if_ephemeral(config.port)
+            self.server_address = config.address
+        try:
+            super().server_bind()  # type: ignore[misc]
+        except OSError as exc:
+            family, where = self.address_family, self.server_address  # type: ignore[attr-defined]
+            try:
+                where = _address.resolve(family, where)   # name the numeric address
+            except (OSError, TypeError, ValueError, OverflowError):
+                pass
+            raise explain_bind_error(exc, family, where) from None
+        if config is not None:
+            config.after_bind()
+            if config.family == socket.AF_UNIX:
+                self._fl_unix_file = UnixSocketFile.record(_address.unix_path(config.path))
+
+    def _fl_adopt(self, config: ListenConfig) -> None:
+        """server_bind() for ``listen_config.fd``: the socket becomes the one
+        passed in (self.socket is replaced; server_address is its address)."""
+        fd, family, listening = adoptable(config)
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        self.socket.close()  # type: ignore[attr-defined]
+        self.socket = sock
+        self.address_family = family
+        self.server_address = sock.getsockname()
+        self._fl_adopted = listening
+        config.apply_listener_options(sock)
+
+    def server_activate(self) -> None:
+        """listen(), with ``listen_config.backlog`` (else
+        ``request_queue_size``); an adopted listening socket is left as it
+        is unless listen_config sets a backlog."""
+        config = self._fl_config
+        if config is None:
+            return super().server_activate()  # type: ignore[misc]
+        if self._fl_adopted and config.backlog is None:
+            return None
+        backlog = config.backlog if config.backlog is not None else self.request_queue_size  # type: ignore[attr-defined]
+        self.socket.listen(backlog)  # type: ignore[attr-defined]
+        effective_backlog(backlog)     # warns when the kernel truncates it
+        return None
+
+    def server_close(self) -> None:
+        """Close the server (and remove the Unix socket file listen_config bound)."""
+        listener, self._fl_listener = self._fl_listener, None
+        try:
+            super().server_close()  # type: ignore[misc]
+        finally:
+            if listener is not None:
+                listener.close()
+            unix, self._fl_unix_file = self._fl_unix_file, None
+            if unix is not None:
+                unix.remove()
+
+    # -- serving ---------------------------------------------------------
 
     def serve_forever(self, poll_interval: Optional[float] = 0.5) -> None:
         """Handle requests until shutdown() is called.
@@ -132,6 +216,7 @@ class _FastLoop:
 
         The loop wakes at once, whatever its poll_interval.  Called from the
         thread that runs serve_forever, this deadlocks (as in the stdlib).
+        Handlers already running go on: drain() waits for them.
         """
         if self._fl_defer:
             return super().shutdown()  # type: ignore[misc]
@@ -142,19 +227,70 @@ class _FastLoop:
         self._fl_interrupt()
         self._BaseServer__is_shut_down.wait()  # type: ignore[attr-defined]
 
+    def drain(self, timeout: Optional[float] = None) -> int:
+        """After shutdown(): wait up to ``timeout`` seconds (None: for ever)
+        for the handlers still running, then end the rest (end_handlers()).
+        Returns how many handlers had to be ended (0: all finished).
+        Call it from any thread but a handler's."""
+        if self._fl_wait_handlers(timeout):
+            return 0
+        return self.end_handlers()
+
+    def end_handlers(self) -> int:
+        """End the handlers running now, without waiting for them, and
+        return how many there were.  Threads: each connection is shut down
+        (SHUT_RDWR: reads see end of file, writes fail), so a handler that
+        talks to its client ends; a thread cannot be killed, so one that
+        waits on something else finishes on its own (with
+        ``daemon_threads`` the process can exit without it); requests
+        queued for a thread are closed unhandled.  Processes: SIGTERM, then
+        SIGKILL after ``kill_timeout`` seconds.  What this does to a
+        connection is not reported to handle_error() as a handler's failure.
+        The synchronous server runs its handler in the serving thread: once
+        serve_forever() returned there is none to end."""
+        return 0
+
+    def counters(self) -> Dict[str, Any]:
+        """The server's counters: those of :meth:`Listener.counters` for the
+        listening socket (accepted, batches, accept errors, queue depth,
+        ListenOverflows ...) while the fast loop serves it, and
+        ``handlers_running``/``handlers_peak`` (handlers running now / at
+        most at once)."""
+        listener = self._fl_listener
+        out: Dict[str, Any] = listener.counters() if listener is not None else {}
+        out["handlers_running"], out["handlers_peak"] = self._fl_handlers()
+        return out
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Report a handler's exception (the stdlib prints the traceback to
+        stderr).  A failure caused by end_handlers() shutting the connection
+        down is logged at DEBUG level instead: it is the server's doing."""
+        if request in self._fl_ended:
+            _log.debug("handler for %s ended by the server", _address.format_address(
+                client_address))
+            return
+        super().handle_error(request, client_address)  # type: ignore[misc]
+
     # -- internals -----------------------------------------------------
 
     def _fl_interrupt(self) -> None:
         """Called by shutdown(): cut short anything the loop may wait on."""
 
+    def _fl_handlers(self) -> Tuple[int, int]:
+        """(running, peak) handlers: the synchronous server runs one at a time."""
+        return int(self._fl_in_batch), int(self._fl_handled)
+
+    def _fl_wait_handlers(self, timeout: Optional[float]) -> bool:
+        """Wait for running handlers (drain()); True when none is left."""
+        return True
+
     def _fl_publish(self, waker: Any) -> None:
         with _wake_lock:
             self._fl_waker = waker
 
-    def _fl_unpublish(self, waker: Any) -> None:
+    def _fl_unpublish(self) -> None:
         with _wake_lock:
             self._fl_waker = None
-            waker.close()
 
     def _fl_can_batch(self) -> bool:
         """True when taking connections from the core changes nothing a
@@ -173,6 +309,21 @@ class _FastLoop:
             and not {"get_request", "fileno", "_handle_request_noblock"} & own.keys()
         )
 
+    def _fl_get_listener(self, sock: socket.socket) -> Listener:
+        """The server's Listener over ``sock`` (kept for the server's life,
+        so that its counters span serve_forever() calls)."""
+        listener = self._fl_listener
+        if listener is None or listener.closed or listener.fileno() != sock.fileno():
+            if listener is not None:
+                listener.close()
+            listener = Listener(sock.family, fileno=sock.fileno(), proto=sock.proto,
+                                owned=False)
+            listener.config = self._fl_config
+            self._fl_listener = listener
+        else:
+            os.set_blocking(sock.fileno(), False)   # the core relies on EAGAIN
+        return listener
+
     def _fl_serve_batches(self, poll_interval: Optional[float]) -> bool:
         """The fast loop.  Returns False if it cannot serve this server (or
         met an error the stdlib's loop would ignore): the caller then runs
@@ -180,9 +331,9 @@ class _FastLoop:
         if not self._fl_can_batch():
             return False
         sock = self.socket  # type: ignore[attr-defined]
-        # The core adopts the descriptor and makes it non-blocking; the
-        # socket object is told again what it is set to when the loop ends.
-        listener = Listener(sock.family, fileno=sock.fileno(), proto=sock.proto, owned=False)
+        # The core makes the descriptor non-blocking; the socket object is
+        # told again what it is set to when the loop ends.
+        listener = self._fl_get_listener(sock)
         # As selectors do: a negative timeout means "do not wait".
         timeout = None if poll_interval is None else max(float(poll_interval), 0.0)
         handle_one = self._fl_handle_inline if self._fl_stock_hooks() else self._fl_handle_accepted
@@ -197,7 +348,7 @@ class _FastLoop:
                     self._fl_handle_batch(batch, handle_one)
                 self.service_actions()  # type: ignore[attr-defined]
         finally:
-            self._fl_unpublish(listener)
+            self._fl_unpublish()
             if sock.fileno() >= 0:
                 try:
                     sock.settimeout(sock.gettimeout())
@@ -207,19 +358,23 @@ class _FastLoop:
 
     def _fl_handle_batch(self, batch: List[Tuple[socket.socket, Any]],
                          handle_one: Callable[[socket.socket, Any], None]) -> None:
-        for i, (request, client_address) in enumerate(batch):
-            if self._BaseServer__shutdown_request:
-                # Not handed to the server yet: closed unprocessed (the
-                # README lists this difference).
-                for rest, _ in batch[i:]:
-                    rest.close()
-                return
-            try:
-                handle_one(request, client_address)
-            except BaseException:
-                for rest, _ in batch[i + 1:]:
-                    rest.close()
-                raise
+        self._fl_in_batch = self._fl_handled = True
+        try:
+            for i, (request, client_address) in enumerate(batch):
+                if self._BaseServer__shutdown_request:
+                    # Not handed to the server yet: closed unprocessed (the
+                    # README lists this difference).
+                    for rest, _ in batch[i:]:
+                        rest.close()
+                    return
+                try:
+                    handle_one(request, client_address)
+                except BaseException:
+                    for rest, _ in batch[i + 1:]:
+                        rest.close()
+                    raise
+        finally:
+            self._fl_in_batch = False
 
     def _fl_stock_hooks(self) -> bool:
         """True when every per-connection hook is the stdlib TCPServer's own
@@ -272,8 +427,8 @@ class _FastLoop:
             self.shutdown_request(request)  # type: ignore[attr-defined]
 
     def _fl_serve_selector(self, poll_interval: Optional[float]) -> None:
-        """The stdlib's loop, plus a wake-up pipe for shutdown()."""
-        waker = _PipeWaker()
+        """The stdlib's loop, plus a wake-up descriptor for shutdown()."""
+        waker = Waker()
         self._fl_publish(waker)
         try:
             with selectors.PollSelector() as selector:
@@ -288,7 +443,8 @@ class _FastLoop:
                         self._handle_request_noblock()  # type: ignore[attr-defined]
                     self.service_actions()  # type: ignore[attr-defined]
         finally:
-            self._fl_unpublish(waker)
+            self._fl_unpublish()
+            waker.close()
 
 
 class BaseServer(_FastLoop, _std.BaseServer):
@@ -313,19 +469,9 @@ class TCPServer(BaseServer, _std.TCPServer):
     server_bind(); request_queue_size defaults to the kernel's somaxconn.
     A failing bind raises the same OSError, errno intact, with a message
     that explains it (who holds the port, which addresses exist, ...).
+    ``listen_config`` adds fastlisten's listener options; drain(),
+    end_handlers() and counters() are fastlisten's additions.
     """
-
-    def server_bind(self) -> None:
-        """Bind the socket (the stdlib's server_bind), explaining failures."""
-        try:
-            super().server_bind()
-        except OSError as exc:
-            address = self.server_address
-            try:
-                address = resolve(self.address_family, address)   # name the numeric address
-            except (OSError, TypeError, ValueError, OverflowError):
-                pass
-            raise explain_bind_error(exc, self.address_family, address) from None
 
 
 class UDPServer(TCPServer, _std.UDPServer):
@@ -339,6 +485,34 @@ if hasattr(socket, "AF_UNIX"):
 
     class UnixDatagramServer(UDPServer, _std.UnixDatagramServer):
         """socketserver.UnixDatagramServer with an immediate shutdown()."""
+
+
+def _wait_for_children(pids: Any, timeout: Optional[float], wake_fd: int = -1) -> None:
+    """Wait up to ``timeout`` seconds (None: for ever) until one of ``pids``
+    exits or ``wake_fd`` is readable; without reaping.  Uses pidfds where the
+    kernel has them (Linux 5.3+), else waits in short steps."""
+    fds: List[int] = []
+    try:
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))  # type: ignore[attr-defined]
+            except ProcessLookupError:
+                return              # exited and reaped meanwhile: look again
+            except (AttributeError, OSError):
+                fds = []
+                break
+        if not fds:     # no pidfds: look again soon
+            timeout = 0.05 if timeout is None else min(timeout, 0.05)
+        if wake_fd >= 0:
+            fds.append(wake_fd)
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+    finally:
+        for fd in fds:
+            if fd != wake_fd:
+                os.close(fd)
 
 
 class _BusyThreads(list):
@@ -398,6 +572,34 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         if self._fl_pool is not None:
             self._fl_pool.interrupt()
 
+    def _fl_handlers(self) -> Tuple[int, int]:
+        pool = self._fl_pool
+        return (pool.busy, pool.peak) if pool is not None else (0, 0)
+
+    def _fl_wait_handlers(self, timeout: Optional[float]) -> bool:
+        pool = self._fl_pool
+        return pool is None or pool.wait_idle(timeout)
+
+    def end_handlers(self) -> int:
+        """End the running handlers' connections; close queued requests
+        (see BaseServer.end_handlers)."""
+        pool = self._fl_pool
+        if pool is None:
+            return 0
+        queued = pool.cancel_queued()
+        for request, _ in queued:
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+        running = pool.running()
+        if running and not self._fl_ended:
+            self._fl_ended = set()
+        for request, _ in running:
+            self._fl_ended.add(request)
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass    # closed meanwhile: that handler is done
+        return len(running) + len(queued)
+
     def server_close(self) -> None:
         """Close the server; with block_on_close (and non-daemon threads),
         wait until every request being handled is done."""
@@ -422,15 +624,93 @@ if hasattr(os, "fork"):
         #: One connection per wake-up: a child forked in the middle of a
         #: batch would inherit (and hold open) the rest of it.
         accept_batch_size = 1
+        #: Seconds end_handlers() gives children after SIGTERM before SIGKILL.
+        kill_timeout = 5.0
+
+        _fl_peak = 0
+        _fl_room: Optional[Waker] = None    # shutdown() cuts a wait for room short
 
         def process_request(self, request: Any, client_address: Any) -> None:
             """Fork a new subprocess to process the request."""
-            # The stdlib reaps between requests (service_actions); a batch
-            # holds several, so keep max_children here too.
-            if self.active_children is not None and \
-                    len(self.active_children) >= self.max_children:
-                self.collect_children()
+            # The stdlib waits for a child to exit (uninterruptibly) when
+            # max_children run; wait here instead, for a child or shutdown().
+            if not self._fl_wait_for_room():
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+                return
             super().process_request(request, client_address)
+            if self.active_children and len(self.active_children) > self._fl_peak:
+                self._fl_peak = len(self.active_children)
+
+        def _fl_wait_for_room(self) -> bool:
+            """Reap children until fewer than max_children run; False if
+            shutdown() was asked meanwhile."""
+            children = self.active_children
+            if children is None or len(children) < self.max_children:
+                return True
+            room = self._fl_room
+            if room is None:
+                room = self._fl_room = Waker()
+            while True:
+                self._fl_reap()
+                if len(children) < self.max_children:
+                    return True
+                if self._BaseServer__shutdown_request:
+                    return False
+                _wait_for_children(children, None, room.fileno())
+                room.drain()
+
+        def _fl_interrupt(self) -> None:
+            if self._fl_room is not None:
+                self._fl_room.wakeup()
+
+        def _fl_reap(self) -> None:
+            """Collect exited children without blocking."""
+            children = self.active_children or set()
+            for pid in list(children):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid      # reaped by someone else
+                if done:
+                    children.discard(pid)
+
+        def _fl_handlers(self) -> Tuple[int, int]:
+            return len(self.active_children or ()), self._fl_peak
+
+        def _fl_wait_handlers(self, timeout: Optional[float]) -> bool:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                self._fl_reap()
+                if not self.active_children:
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                _wait_for_children(self.active_children, left)
+
+        def end_handlers(self) -> int:
+            """SIGTERM the children, SIGKILL those left after kill_timeout
+            seconds, reap them all; returns how many there were."""
+            self._fl_reap()
+            children = list(self.active_children or ())
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for pid in self.active_children or ():
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                if self._fl_wait_handlers(self.kill_timeout if sig == signal.SIGTERM else None):
+                    break
+            return len(children)
+
+        def server_close(self) -> None:
+            """Close the server; see the stdlib's ForkingMixIn.server_close."""
+            try:
+                super().server_close()
+            finally:
+                room, self._fl_room = self._fl_room, None
+                if room is not None:
+                    room.close()
 
     class ForkingUDPServer(ForkingMixIn, UDPServer, _std.ForkingUDPServer):
         """UDPServer with ForkingMixIn."""

@@ -61,6 +61,7 @@ cdef extern from "<unistd.h>" nogil:
 
 cdef extern from "<errno.h>" nogil:
     int errno
+    int EAFNOSUPPORT
     int EBADF
     int EINTR
     int EINVAL
