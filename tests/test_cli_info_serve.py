@@ -213,3 +213,88 @@ def test_stats_interval_logs_the_counters_periodically():
     finally:
         rc, err = server.stop(signal.SIGTERM)
     assert rc == 0, err
+
+
+# -- serve runs the library's own servers ----------------------------------------
+
+STUCK = """
+import socketserver, time
+class Stuck(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"started\\n")
+        time.sleep(60)
+        self.wfile.write(b"late\\n")
+class Who(socketserver.StreamRequestHandler):
+    def handle(self):
+        s = self.server
+        fields = [type(s).__mro__[1].__module__, str(s.fileno() >= 0),
+                  str(s.socket.getsockname() == s.server_address), str(s.timeout),
+                  str(callable(s.shutdown) and callable(s.server_close))]
+        self.wfile.write((" ".join(fields) + "\\n").encode())
+class NotAHandler:
+    def __init__(self):
+        pass
+"""
+
+
+def _stuck_client(server):
+    c = socket.create_connection(server.address, timeout=30)
+    c.sendall(b"go\n")
+    assert c.makefile("rb").readline() == b"started\n"     # its handler runs now
+    return c
+
+
+@pytest.mark.parametrize("mode", [[], ["--processes", "2"]])
+def test_a_stuck_handler_is_ended_after_grace_and_serve_exits(tmp_path, mode):
+    (tmp_path / "stuck.py").write_text(STUCK)
+    server = Served("stuck:Stuck", "--bind", "127.0.0.1:0", "--grace", "0.5", *mode,
+                    cwd=tmp_path)
+    client = _stuck_client(server)
+    try:
+        start = time.monotonic()
+        rc, err = server.stop(signal.SIGTERM)     # the handler would sleep 60 s
+        took = time.monotonic() - start
+        assert client.recv(64) == b""             # its connection was shut down
+    finally:
+        client.close()
+    assert rc == 0, err
+    assert took < 20, f"serve took {took:.1f} s to exit"   # not the handler's 60 s
+    assert "ended 1 handler(s)" in err
+    assert "ERROR" not in err and "Traceback" not in err, err
+
+
+def test_a_second_signal_ends_handlers_at_once(tmp_path):
+    (tmp_path / "stuck.py").write_text(STUCK)
+    server = Served("stuck:Stuck", "--bind", "127.0.0.1:0", "--grace", "120", cwd=tmp_path)
+    client = _stuck_client(server)
+    try:
+        server.proc.send_signal(signal.SIGTERM)
+        while True:          # bounded by the test timeout
+            line = server.proc.stderr.readline()
+            assert line, "serve ended before it stopped accepting"
+            if "stopped accepting" in line:
+                break
+        rc, err = server.stop(signal.SIGTERM)     # well inside the 120 s of grace
+    finally:
+        client.close()
+    assert rc == 0, err
+    assert "ended 1 handler(s)" in err
+
+
+def test_a_module_handler_sees_a_real_socketserver_server(tmp_path):
+    (tmp_path / "who.py").write_text(STUCK)
+    server = Served("who:Who", "--bind", "127.0.0.1:0", cwd=tmp_path)
+    try:
+        with socket.create_connection(server.address, timeout=10) as c:
+            assert c.makefile("rb").readline() == b"fastlisten.server True True None True\n"
+    finally:
+        rc, err = server.stop()
+    assert rc == 0, err
+
+
+def test_a_class_that_is_not_a_handler_is_refused_at_start_up(tmp_path):
+    (tmp_path / "nothandler.py").write_text(STUCK)
+    out = run("serve", "nothandler:NotAHandler", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "cannot be called as Class(request, client_address, server)" in out.stderr

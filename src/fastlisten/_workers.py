@@ -52,7 +52,7 @@ class WorkerPool:
     """Run jobs on reused threads; see the module docstring.
 
     Methods for the caller: submit(), interrupt(), close(), join(), len(),
-    running(), cancel_queued(), wait_idle().
+    running(), cancel_queued(), wait_idle(), stop_waiting().
     """
 
     def __init__(self, *, name: str = "fastlisten-worker", daemon: bool = False,
@@ -77,6 +77,7 @@ class WorkerPool:
         #: The most jobs that ran at once.
         self.peak = 0
         self._idle = 0          # threads waiting for a job
+        self._stop_waiting = False
         self._closed = False
         self._serial = 0
         _pools.add(self)
@@ -112,16 +113,24 @@ class WorkerPool:
             return jobs
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
-        """Wait up to ``timeout`` seconds (None: for ever) until no job runs
-        or waits; True if that happened."""
+        """Wait up to ``timeout`` seconds (None: for ever), or until
+        stop_waiting() is called, for no job to run or wait; True if that
+        happened."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            self._stop_waiting = False
             while self._busy or self._jobs:
                 left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                if self._stop_waiting or (left is not None and left <= 0):
                     return False
                 self._done.wait(left)
             return True
+
+    def stop_waiting(self) -> None:
+        """Make a wait_idle() in progress return now."""
+        with self._cond:
+            self._stop_waiting = True
+            self._done.notify_all()
 
     @property
     def queued(self) -> int:

@@ -283,8 +283,9 @@ class ListenConfig:
                 raise ValueError(f"unix_mode={oct(mode)} is not a file mode (0 to 0o7777)")
             put("unix_mode", mode)
             if family != socket.AF_UNIX or self.fd is not None:
-                raise ValueError(f"unix_mode={oct(self.unix_mode)} needs a Unix socket path")
-            if os.fsencode(self.path)[:1] == b"\0":  # type: ignore[arg-type]
+                raise ValueError(f"unix_mode={oct(self.unix_mode)} needs a Unix socket "
+                                 "(path=, or family='unix' for a server's listen_config)")
+            if self.path is not None and os.fsencode(self.path)[:1] == b"\0":  # type: ignore[arg-type]
                 raise ValueError("unix_mode: an abstract socket has no file to chmod")
 
         if family == socket.AF_UNIX:
@@ -320,8 +321,10 @@ class ListenConfig:
         if host is None or host == "":
             if family is None:
                 family = socket.AF_INET6 if self.dualstack else socket.AF_INET
-            if family == socket.AF_UNIX:
+            if family == socket.AF_UNIX and (host == "" or self.port):
                 raise ValueError("family AF_UNIX needs path=, not host/port")
+            # family AF_UNIX and no address: options for a socketserver
+            # class's listen_config, whose server_address gives the path
             return family
         _address.check_host(host)
         if family == socket.AF_UNIX:

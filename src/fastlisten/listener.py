@@ -168,6 +168,8 @@ class Listener:
             raise TypeError(f"config must be a ListenConfig, not {type(config).__name__}")
         if config.fd is not None:
             return cls._adopt(config)
+        if config.family == socket.AF_UNIX and config.path is None:
+            raise ValueError("a Unix socket listener needs path=")
         family = config.family
         lst = cls(family)  # type: ignore[arg-type]
         try:

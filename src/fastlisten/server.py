@@ -589,6 +589,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         queued = pool.cancel_queued()
         for request, _ in queued:
             self.shutdown_request(request)  # type: ignore[attr-defined]
+        pool.stop_waiting()     # a drain() waiting for them is done
         running = pool.running()
         if running and not self._fl_ended:
             self._fl_ended = set()
@@ -658,6 +659,18 @@ if hasattr(os, "fork"):
                     return False
                 _wait_for_children(children, None, room.fileno())
                 room.drain()
+
+        def collect_children(self, *, blocking: bool = False) -> None:
+            """Reap the children that have exited; with ``blocking``, wait
+            for every child (as server_close does with block_on_close).
+
+            Unlike the stdlib's, a non-blocking call never waits when
+            max_children run: process_request waits for room instead, and
+            that wait ends on shutdown()."""
+            if blocking:
+                super().collect_children(blocking=True)
+            else:
+                self._fl_reap()
 
         def _fl_interrupt(self) -> None:
             if self._fl_room is not None:

@@ -262,9 +262,11 @@ def run(args: argparse.Namespace) -> int:
                       "compiled" if compiled else "pure-Python")
             _supervise(server, signals, served, args.stats_interval)
             server.shutdown()
-            ended = _drain(server, signals, args.grace)
-            if ended:
-                _log.info("ended %d handler(s) still running after %.3g s", ended, args.grace)
+            running = server.counters()["handlers_running"]
+            if running:
+                _log.info("stopped accepting; %d handler(s) running get up to %.3g s "
+                          "(a second signal ends them now)", running, args.grace)
+            _drain(server, signals, args.grace)
             _log.info("stopped; counters: %s", format_counters(server.counters()))
     finally:
         server.server_close()
@@ -302,4 +304,7 @@ def _drain(server: Any, signals: _Signals, grace: float) -> int:
     result = drained[0]
     if isinstance(result, BaseException):
         raise result
-    return ended + result
+    if ended or result:
+        _log.info("ended %d handler(s) still running %s", max(ended, result),
+                  "on a second signal" if hurried else f"after {grace:.3g} s")
+    return max(ended, result)

@@ -1,0 +1,128 @@
+"""One set of address rules and messages, wherever an address comes in:
+fastlisten.listen / ListenConfig, Listener.bind, both cores, the command
+line and the socketserver classes."""
+
+import errno
+import os
+import socket
+
+import pytest
+
+import fastlisten
+from fastlisten import address
+from fastlisten._corepy import RawListener as PyRaw
+from fastlisten.config import ListenConfig
+
+try:
+    from fastlisten._core import RawListener as CRaw
+except ImportError:     # pragma: no cover - the pure-Python install
+    CRaw = None
+
+CORES = [pytest.param(PyRaw, id="pure")] + (
+    [pytest.param(CRaw, id="compiled")] if CRaw is not None else
+    [pytest.param(None, id="compiled", marks=pytest.mark.skip(reason="extension not built"))])
+
+
+def _message(fn, *args, **kwargs):
+    with pytest.raises(Exception) as info:
+        fn(*args, **kwargs)
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("port", [True, False])
+def test_a_bool_port_is_refused_everywhere_with_one_message(port):
+    expected = (TypeError, f"port must be an integer 0-65535, not bool: {port!r}")
+    assert _message(address.check_port, port) == expected
+    assert _message(ListenConfig, host="127.0.0.1", port=port) == expected
+    assert _message(fastlisten.listen, ("127.0.0.1", port)) == expected
+    with fastlisten.Listener() as lst:
+        assert _message(lst.bind, ("127.0.0.1", port)) == expected
+
+
+@pytest.mark.parametrize("raw_class", CORES)
+def test_the_cores_check_ports_with_the_same_words(raw_class):
+    raw = raw_class(socket.AF_INET)
+    try:
+        assert _message(raw.bind, ("127.0.0.1", True)) == _message(address.check_port, True)
+        assert _message(raw.bind, ("127.0.0.1", 70000)) == _message(address.check_port, 70000)
+        assert _message(raw.bind, ("127.0.0.1", "80")) == _message(address.check_port, "80")
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("raw_class", CORES)
+def test_unix_path_limit_is_108_bytes_everywhere(raw_class, tmp_path):
+    too_long = "/" + "x" * 108                         # 109 bytes
+    abstract = b"\0" + b"a" * 107                      # exactly 108: allowed
+    kind, text = _message(address.unix_path, too_long)
+    assert kind is OSError and "the limit is 108" in text
+    for attempt in (lambda: ListenConfig(path=too_long), lambda: fastlisten.listen(too_long)):
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EINVAL and "the limit is 108" in str(info.value)
+    raw = raw_class(socket.AF_UNIX)
+    try:
+        with pytest.raises(OSError, match="the limit is 108"):
+            raw.bind(too_long)
+        raw.bind(abstract)
+        assert raw.getsockname() == abstract
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("bad", [b"nul.sock\0junk", bytearray(b"nul.sock\0junk"),
+                                 memoryview(b"nul.sock\0junk")])
+def test_a_unix_path_with_a_nul_is_refused_before_anything_is_bound(bad, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with fastlisten.Listener(socket.AF_UNIX) as lst:
+        with pytest.raises(ValueError, match="embedded null byte"):
+            lst.bind(bad)
+        lst.bind(b"ok.sock")      # the listener was left unbound: this works
+    assert os.listdir(tmp_path) == []     # close() removed ok.sock; nul.sock never existed
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_bytes_like_unix_paths_are_bound_and_removed_on_close(kind, tmp_path):
+    path = os.fsencode(tmp_path / "bl.sock")
+    with fastlisten.Listener(socket.AF_UNIX) as lst:
+        lst.bind(kind(path))
+        assert lst.address == os.fsdecode(path)
+    assert not os.path.exists(path)
+
+
+def test_a_host_port_string_is_tcp_never_a_socket_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with fastlisten.listen("127.0.0.1:0") as lst:
+        assert lst.family == socket.AF_INET and lst.address[0] == "127.0.0.1"
+    with fastlisten.listen("localhost:0") as lst:
+        assert lst.family == socket.AF_INET
+    with pytest.raises(ValueError, match="no port given"):
+        fastlisten.listen("app.sock")
+    assert os.listdir(tmp_path) == []
+    with fastlisten.listen("./app.sock") as lst:       # a / makes it a path
+        assert lst.family == socket.AF_UNIX
+    with fastlisten.listen("unix:app2.sock") as lst:
+        assert lst.family == socket.AF_UNIX and lst.address.endswith("app2.sock")
+    with fastlisten.listen("plain.sock", family="unix") as lst:   # family says so
+        assert lst.family == socket.AF_UNIX
+
+
+def test_no_host_means_loopback_and_empty_host_every_interface():
+    with fastlisten.listen() as lst:
+        assert lst.address[0] == "127.0.0.1"
+    with fastlisten.listen(port=0, host="") as lst:
+        assert lst.address[0] == "0.0.0.0"
+    with fastlisten.listen(":0") as lst:
+        assert lst.address[0] == "0.0.0.0"
+
+
+def test_the_command_line_and_the_library_read_a_string_alike():
+    for text in ("127.0.0.1:4481", "[::1]:7", ":80", "unix:/run/x.sock", "/run/x.sock"):
+        assert ListenConfig.from_address(text) == ListenConfig(**address.parse(text))
+
+
+def test_an_inet_address_with_too_many_items_is_a_type_error():
+    with fastlisten.Listener(socket.AF_INET) as lst:
+        with pytest.raises(TypeError, match=r"\(host, port\)"):
+            lst.bind(("127.0.0.1", 0, 0))

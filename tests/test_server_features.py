@@ -1,0 +1,240 @@
+"""Library features of fastlisten's socketserver classes that the stdlib
+lacks: listener options from a ListenConfig (``listen_config``), a drain
+with a deadline (``drain``/``end_handlers``) and ``counters()``."""
+
+import contextlib
+import os
+import socket
+import socketserver
+import threading
+import time
+import warnings
+
+import pytest
+
+import fastlisten
+from fastlisten import ListenConfig
+
+from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
+
+
+def _backlog_of(sock):
+    with fastlisten.Listener(sock.family, fileno=sock.fileno(), owned=False) as lst:
+        return lst.queue()[1]
+
+
+# -- listen_config ------------------------------------------------------------------
+
+def test_listen_config_options_reach_the_server_socket():
+    class Server(fastlisten.TCPServer):
+        listen_config = ListenConfig(nodelay=True, backlog=7, rcvbuf=65536)
+
+    with Server(("127.0.0.1", 0), EchoLine) as server:
+        sock = server.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)   # the config's default
+        assert _backlog_of(sock) == 7
+        with serving(server):
+            with socket.create_connection(server.server_address, timeout=LIMIT) as c:
+                # accepted connections inherit TCP_NODELAY from the listener
+                assert c.recv(0) == b""
+            assert ask(server.server_address) == b"ping\n"
+
+
+def test_without_listen_config_the_stdlib_attributes_rule():
+    with fastlisten.TCPServer(("127.0.0.1", 0), EchoLine) as server:
+        assert not server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        assert _backlog_of(server.socket) == fastlisten.default_backlog()
+
+
+def test_listen_config_is_validated_with_the_address_like_listen():
+    class Unix(fastlisten.UnixStreamServer):
+        listen_config = ListenConfig(nodelay=True)
+
+    with pytest.raises(ValueError, match="nodelay=True is a TCP option"):
+        Unix("/tmp/never-created.sock", EchoLine)
+    assert not os.path.exists("/tmp/never-created.sock")
+    with pytest.raises(TypeError, match="must be a fastlisten.ListenConfig"):
+        class Wrong(fastlisten.TCPServer):
+            listen_config = {"nodelay": True}
+
+
+def test_listen_config_warns_like_listen():
+    class Deep(fastlisten.TCPServer):
+        listen_config = ListenConfig(backlog=10**6)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Deep(("127.0.0.1", 0), EchoLine):
+            pass
+    assert [w.category for w in caught] == [fastlisten.BacklogTruncatedWarning]
+
+
+def test_a_unix_server_with_listen_config_replaces_a_stale_file_and_removes_it(tmp_path):
+    path = str(tmp_path / "app.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()            # a leftover file, as a crashed server leaves it
+    with pytest.raises(OSError, match="remove the stale file"):
+        fastlisten.UnixStreamServer(path, EchoLine)   # the stdlib's way: refused
+
+    class Unix(fastlisten.UnixStreamServer):
+        listen_config = ListenConfig(family="unix", unix_mode=0o600)
+
+    with Unix(path, EchoLine) as server:
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
+        with serving(server):
+            assert ask(path, family=socket.AF_UNIX) == b"ping\n"
+    assert not os.path.exists(path)
+
+
+def test_listen_config_fd_takes_over_an_open_listening_socket():
+    with socket.create_server(("127.0.0.1", 0)) as outer:
+        fd = os.dup(outer.fileno())
+
+        class Adopting(fastlisten.ThreadingTCPServer):
+            listen_config = ListenConfig(fd=fd)
+
+        with Adopting(None, EchoLine) as server:
+            assert server.server_address == outer.getsockname()
+            assert server.socket.fileno() == fd
+            with serving(server):
+                assert ask(server.server_address) == b"ping\n"
+
+
+def test_bind_errors_are_explained_with_and_without_listen_config():
+    class Configured(fastlisten.TCPServer):
+        listen_config = ListenConfig()
+
+    with socket.create_server(("127.0.0.1", 0)) as holder, warnings.catch_warnings():
+        # the holder's port is an ephemeral one, which a ListenConfig warns about
+        warnings.simplefilter("ignore", fastlisten.EphemeralPortWarning)
+        for cls in (fastlisten.TCPServer, Configured):
+            with pytest.raises(OSError, match=f"pid {os.getpid()} "):
+                cls(holder.getsockname(), EchoLine)
+
+
+# -- drain, end_handlers, counters --------------------------------------------------
+
+class Parked(socketserver.StreamRequestHandler):
+    """Says it started, then waits for a line from its client (or the end
+    of its connection)."""
+
+    def handle(self):
+        self.wfile.write(b"started\n")
+        self.wfile.flush()
+        if self.rfile.readline() == b"":      # EOF: the server ended us
+            return
+        self.wfile.write(b"finished\n")
+
+
+@contextlib.contextmanager
+def served(server):
+    """serve_forever in a thread, and shutdown() on the way out; unlike
+    serving(), the server stays open for drain()."""
+    t = threading.Thread(target=server.serve_forever)
+    t.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        t.join(LIMIT)
+    assert not t.is_alive()
+
+
+def _started(address):
+    c = socket.create_connection(address, timeout=LIMIT)
+    assert c.makefile("rb").readline() == b"started\n"
+    return c
+
+
+def test_drain_waits_for_a_handler_that_finishes():
+    with fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Parked) as server:
+        with served(server):
+            c = _started(server.server_address)
+            assert server.counters()["handlers_running"] == 1
+        # serve_forever has returned; the handler still runs
+        result = []
+        drainer = threading.Thread(target=lambda: result.append(server.drain(LIMIT)))
+        drainer.start()
+        c.sendall(b"go\n")
+        assert c.makefile("rb").readline() == b"finished\n"
+        drainer.join(LIMIT)
+        c.close()
+    assert result == [0]
+
+
+def test_drain_ends_handlers_left_at_the_deadline_without_reporting_an_error(capsys):
+    with fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Parked) as server:
+        with served(server):
+            clients = [_started(server.server_address) for _ in range(2)]
+            wait_for(lambda: server.counters()["handlers_running"] == 2)
+            counters = server.counters()
+            assert counters["accepted"] == 2 and counters["handlers_peak"] == 2
+        start = time.monotonic()
+        assert server.drain(0.1) == 2
+        assert time.monotonic() - start >= 0.1
+        for c in clients:
+            assert c.recv(64) == b""          # shut down by the server
+            c.close()
+        wait_for(lambda: server.counters()["handlers_running"] == 0)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_end_handlers_cuts_a_running_drain_short():
+    with fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Parked) as server:
+        with served(server):
+            c = _started(server.server_address)
+        result = []
+        drainer = threading.Thread(target=lambda: result.append(server.drain(60)))
+        drainer.start()
+        wait_for(lambda: drainer.is_alive())
+        assert server.end_handlers() == 1
+        drainer.join(LIMIT)
+        assert not drainer.is_alive() and result == [1]
+        c.close()
+
+
+def test_the_synchronous_server_has_nothing_to_drain():
+    with fastlisten.TCPServer(("127.0.0.1", 0), EchoLine) as server:
+        with served(server):
+            assert ask(server.server_address) == b"ping\n"
+            wait_for(lambda: server.counters()["accepted"] == 1)
+        assert server.drain(0) == 0
+        assert server.counters()["handlers_peak"] == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_drain_ends_forked_handlers_with_sigterm():
+    class Forking(fastlisten.ForkingTCPServer):
+        kill_timeout = LIMIT
+
+    with Forking(("127.0.0.1", 0), Parked) as server:
+        with served(server):
+            c = _started(server.server_address)
+            assert server.counters()["handlers_running"] == 1
+        assert server.drain(0.05) == 1
+        assert not server.active_children          # killed and reaped
+        assert c.recv(64) == b""
+        c.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_shutdown_is_not_held_up_by_a_full_forking_server():
+    class One(fastlisten.ForkingTCPServer):
+        max_children = 1
+        kill_timeout = LIMIT
+
+    with One(("127.0.0.1", 0), Parked) as server:
+        t = threading.Thread(target=server.serve_forever)
+        t.start()
+        first = _started(server.server_address)
+        second = socket.create_connection(server.server_address, timeout=LIMIT)
+        wait_for(lambda: server.counters()["accepted"] == 2)   # waits for room
+        server.shutdown()             # the stdlib would block in waitpid here
+        t.join(LIMIT)
+        assert not t.is_alive()
+        assert second.recv(64) == b""      # closed unhandled
+        assert server.end_handlers() == 1
+        first.close()
+        second.close()
