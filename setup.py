@@ -1,11 +1,14 @@
-"""Build fastlisten's one extension, fastlisten._core, from .pyx at install time.
+"""Build fastlisten's two extensions from .pyx at install time:
+
+- fastlisten._core, the runtime core (csrc/fl_net.c);
+- fastlisten.benchmark._native, the benchmark's load generator and C
+  reference server (csrc/fl_loadgen.c, which uses fl_net.c's helpers too).
 
 The extension is optional only where it cannot be built (no compiler, a
 platform the C does not support): then the package installs with its
 pure-Python core and says so.  FASTLISTEN_REQUIRE_EXTENSION=1 turns that
 fallback into a build failure (CI uses it).
 """
-import glob
 import os
 import sys
 
@@ -36,6 +39,11 @@ class optional_build_ext(build_ext):
             "installing the pure-Python core (fastlisten.compiled is False).\n")
 
 
+#: The C files of each extension (csrc/).
+RUNTIME_C = ["fl_net.c"]
+BENCHMARK_C = ["fl_loadgen.c", "fl_net.c"]
+
+
 def extensions():
     if os.environ.get("FASTLISTEN_NO_EXTENSIONS") == "1" or not sys.platform.startswith("linux"):
         return []
@@ -47,14 +55,19 @@ def extensions():
     if debug:
         directives.update(linetrace=True, profile=True)
         macros.append(("CYTHON_TRACE_NOGIL", "1"))
-    ext = Extension(
-        "fastlisten._core",
-        sources=["src/fastlisten/_core.pyx"] + sorted(glob.glob("csrc/*.c")),
-        include_dirs=["csrc"],
-        define_macros=macros,
-        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
-    )
-    return cythonize([ext], compiler_directives=directives,
+
+    def extension(name, pyx, c_files):
+        return Extension(
+            name, sources=[pyx] + [f"csrc/{c}" for c in c_files],
+            include_dirs=["csrc"], define_macros=macros,
+            extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"])
+
+    exts = [
+        extension("fastlisten._core", "src/fastlisten/_core.pyx", RUNTIME_C),
+        extension("fastlisten.benchmark._native", "src/fastlisten/benchmark/_native.pyx",
+                  BENCHMARK_C),
+    ]
+    return cythonize(exts, compiler_directives=directives,
                      include_path=["src"], annotate=debug)
 
 

@@ -17,7 +17,7 @@ from fastlisten.benchmark.serve import handler_for
 
 NATIVE = [pytest.param(False, id="python"),
           pytest.param(True, id="native", marks=pytest.mark.skipif(
-              not native_available(), reason="needs the compiled core"))]
+              not native_available(), reason="needs the compiled extensions"))]
 
 
 class _Server(socketserver.TCPServer):
@@ -132,9 +132,9 @@ def test_refuses_non_loopback(host):
         run_load((host, 80), "daytime", total=1)
 
 
-@pytest.mark.skipif(not native_available(), reason="needs the compiled core")
+@pytest.mark.skipif(not native_available(), reason="needs the compiled extensions")
 def test_c_loop_refuses_non_loopback_by_itself():
-    from fastlisten._backend import core
+    core = loadgen.native_module()
     with pytest.raises(OSError) as info:
         core.loadgen_run(("192.0.2.1", 9), "daytime", 1, 1, 1.0, 1.0)
     assert info.value.errno == errno.EADDRNOTAVAIL
@@ -149,10 +149,10 @@ def test_bad_arguments():
         loadgen.check_loopback("not an address")
 
 
-@pytest.mark.skipif(not native_available(), reason="needs the compiled core")
+@pytest.mark.skipif(not native_available(), reason="needs the compiled extensions")
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_reference_server(scenario):
-    from fastlisten._backend import core
+    core = loadgen.native_module()
     from fastlisten.benchmark.protocol import HTTP_RESPONSE, REPLY
     stop_r, stop_w = os.pipe()
     out = []
@@ -195,3 +195,15 @@ def test_listener_drops_counts_this_listener_only():
         finally:
             for c in clients:
                 c.close()
+
+
+@pytest.mark.skipif(not native_available(), reason="needs the compiled extensions")
+@pytest.mark.parametrize("field, value", [
+    ("duration", 1e300), ("duration", float("nan")), ("duration", -1.0),
+    ("timeout", 3e6), ("timeout", float("inf")),
+])
+def test_c_loop_refuses_times_its_milliseconds_cannot_hold(field, value):
+    times = {"duration": 1.0, "timeout": 1.0, field: value}
+    with pytest.raises(ValueError, match=field):
+        loadgen.native_module().loadgen_run(("127.0.0.1", 9), "daytime", 1, 1,
+                                            times["duration"], times["timeout"])

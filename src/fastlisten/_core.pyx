@@ -14,7 +14,7 @@ nothing of servers, handlers or configuration (that is the Python layer).
 cimport cython
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memset, memcpy, strlen
-from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport PyThread_get_thread_ident
 from posix.signal cimport sigset_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -26,8 +26,9 @@ from fastlisten.includes.system cimport (
     bind as c_bind, listen as c_listen, getsockname as c_getsockname,
     setsockopt as c_setsockopt, getsockopt as c_getsockopt,
     htons, ntohs, ntohl, htonl, inet_pton, inet_ntop, close as c_close,
-    errno, EAFNOSUPPORT, EBADF, EINTR, EINVAL,
+    errno, EBUSY,
 )
+from fastlisten.includes.shared cimport raise_errno, addr_from_py
 from fastlisten.includes.fl_net cimport (
     fl_stats, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
     fl_wakeup_signal, fl_wakeup_drain, fl_wait_accept, fl_capacity_backoff,
@@ -41,9 +42,16 @@ import socket as _socket
 import threading as _threading
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, MAX_BATCH, check_max, timeout_ms, closed_error,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, ERRNO_SLOTS, MAX_BATCH, check_max, timeout_ms,
+    closed_error,
 )
+
+if ERRNO_SLOTS != FL_ERRNO_SLOTS:
+    raise ImportError(f"fastlisten._core was built with FL_ERRNO_SLOTS={FL_ERRNO_SLOTS}, "
+                      f"but fastlisten._coreshared says {ERRNO_SLOTS}: rebuild")
 from fastlisten.address import check_port, decode_unix_path, family_name, unix_path
+
+__all__ = ["RawListener"]
 
 cdef object _socket_class = _socket.socket
 # socket.socket(family, type, proto, fd) runs a Python-level __init__ that
@@ -66,13 +74,6 @@ cdef inline double _now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
-
-
-cdef int _raise_errno(int err) except -1:
-    """Raise the OSError subclass the stdlib would raise for err."""
-    errno = err
-    PyErr_SetFromErrno(OSError)
-    return -1
 
 
 cdef object _addr_to_py(const sockaddr_storage *ss, socklen_t addrlen):
@@ -98,51 +99,6 @@ cdef object _addr_to_py(const sockaddr_storage *ss, socklen_t addrlen):
             return ''
         return decode_unix_path(sun.sun_path[:n])
     return (ss.ss_family, b'')
-
-
-cdef int _addr_from_py(int family, object address, sockaddr_storage *ss,
-                       socklen_t *addrlen) except -1:
-    """Fill ss from a *numeric* address; the Python layer resolves names."""
-    cdef sockaddr_in *sin
-    cdef sockaddr_in6 *sin6
-    cdef sockaddr_un *sun
-    cdef bytes raw
-    memset(ss, 0, sizeof(sockaddr_storage))
-    if family == AF_INET or family == AF_INET6:
-        if not isinstance(address, tuple) or len(address) < 2:
-            raise TypeError(
-                f"an AF_INET{'6' if family == AF_INET6 else ''} address must be "
-                f"a (host, port) tuple, not {address!r}")
-        host = address[0]
-        port = check_port(address[1])
-        raw = host.encode('ascii') if isinstance(host, str) else bytes(host)
-    if family == AF_INET:
-        sin = <sockaddr_in *>ss
-        sin.sin_family = AF_INET
-        sin.sin_port = htons(<unsigned short>port)
-        if inet_pton(AF_INET, raw, &sin.sin_addr) != 1:
-            raise ValueError(f"not a numeric IPv4 address: {host!r}")
-        addrlen[0] = sizeof(sockaddr_in)
-    elif family == AF_INET6:
-        if len(address) > 4:
-            raise TypeError(f"an AF_INET6 address has at most 4 items, not {address!r}")
-        sin6 = <sockaddr_in6 *>ss
-        sin6.sin6_family = AF_INET6
-        sin6.sin6_port = htons(<unsigned short>port)
-        sin6.sin6_flowinfo = htonl(address[2] if len(address) > 2 else 0)
-        sin6.sin6_scope_id = address[3] if len(address) > 3 else 0
-        if inet_pton(AF_INET6, raw, &sin6.sin6_addr) != 1:
-            raise ValueError(f"not a numeric IPv6 address: {host!r}")
-        addrlen[0] = sizeof(sockaddr_in6)
-    elif family == AF_UNIX:
-        raw = unix_path(address)     # checked: at most sizeof(sun_path) bytes
-        sun = <sockaddr_un *>ss
-        sun.sun_family = AF_UNIX
-        memcpy(sun.sun_path, <char *>raw, len(raw))
-        addrlen[0] = <socklen_t>(<char *>sun.sun_path - <char *>sun) + len(raw)
-    else:
-        raise OSError(EAFNOSUPPORT, f"unsupported address family: {family_name(family)}")
-    return 0
 
 
 cdef list _wrap(fl_conn *conns, int n, int family, int proto):
@@ -218,13 +174,13 @@ cdef class RawListener:
         self._owned = owned
         self._backoff_ms = BACKOFF_FIRST_MS
         if fl_wakeup_open(&self._wake_r, &self._wake_w) < 0:
-            PyErr_SetFromErrno(OSError)
+            raise_errno(errno)
         if fileno is None:
             fd = fl_socket(family, type, proto)
             if fd < 0:
                 err = errno
                 self._close_wakeup()
-                _raise_errno(err)
+                raise_errno(err)
             self._owned = True
         else:
             fd = fileno
@@ -235,7 +191,7 @@ cdef class RawListener:
         if fl_set_nonblocking(fd, 1) < 0:
             err = errno
             self._close_now()
-            _raise_errno(err)
+            raise_errno(err)
 
     def __dealloc__(self):
         self._close_now()
@@ -272,7 +228,7 @@ cdef class RawListener:
         """setsockopt(2) with an int value."""
         self._check_open()
         if c_setsockopt(self._fd, level, option, &value, sizeof(int)) < 0:
-            PyErr_SetFromErrno(OSError)
+            raise_errno(errno)
 
     def getsockopt(self, int level, int option):
         """getsockopt(2) for an int value."""
@@ -280,7 +236,7 @@ cdef class RawListener:
         cdef socklen_t n = sizeof(int)
         self._check_open()
         if c_getsockopt(self._fd, level, option, &value, &n) < 0:
-            PyErr_SetFromErrno(OSError)
+            raise_errno(errno)
         return value
 
     def bind(self, address):
@@ -288,9 +244,9 @@ cdef class RawListener:
         cdef sockaddr_storage ss
         cdef socklen_t n
         self._check_open()
-        _addr_from_py(self.family, address, &ss, &n)
+        addr_from_py(self.family, address, &ss, &n)
         if c_bind(self._fd, <sockaddr *>&ss, n) < 0:
-            PyErr_SetFromErrno(OSError)
+            raise_errno(errno)
 
     def listen(self, int backlog):
         """listen(2); a negative backlog is clamped to 0, as socket.listen does."""
@@ -298,7 +254,7 @@ cdef class RawListener:
         if backlog < 0:
             backlog = 0
         if c_listen(self._fd, backlog) < 0:
-            PyErr_SetFromErrno(OSError)
+            raise_errno(errno)
 
     def getsockname(self):
         """The bound address, in the stdlib's form."""
@@ -307,7 +263,7 @@ cdef class RawListener:
         self._check_open()
         memset(&ss, 0, sizeof(ss))
         if c_getsockname(self._fd, <sockaddr *>&ss, &n) < 0:
-            PyErr_SetFromErrno(OSError)
+            raise_errno(errno)
         return _addr_to_py(&ss, n)
 
     def queue(self):
@@ -315,13 +271,13 @@ cdef class RawListener:
         cdef unsigned int queued = 0, backlog = 0
         self._check_open()
         if fl_tcp_queue(self._fd, &queued, &backlog) < 0:
-            PyErr_SetFromErrno(OSError)
+            raise_errno(errno)
         return (queued, backlog)
 
     def wakeup(self):
         """Make a blocked (or the next) accept_many return at once.  Thread-safe."""
         if self._wake_w >= 0 and fl_wakeup_signal(self._wake_w) < 0:
-            PyErr_SetFromErrno(OSError)
+            raise_errno(errno)
 
     cdef int _reserve(self, int n) except -1:
         cdef fl_conn *p
@@ -432,7 +388,7 @@ cdef class RawListener:
                 if fl_accept_error_class(err) == FL_ERR_CAPACITY:
                     self._backoff_ms = min(self._backoff_ms * 2, BACKOFF_MAX_MS)
                     return []
-                _raise_errno(err)
+                raise_errno(err)
             self._backoff_ms = BACKOFF_FIRST_MS
             return _wrap(conns, n, self.family, self.proto)
         finally:
@@ -482,7 +438,7 @@ cdef class RawListener:
     def detach(self):
         """Stop owning the descriptor and return it (like socket.detach)."""
         if self._busy:
-            raise OSError(16, "cannot detach while accept_many is waiting")  # EBUSY
+            raise_errno(EBUSY, "cannot detach while accept_many is waiting")
         fd = self._fd
         self._owned = False
         self._close_now()
@@ -491,4 +447,3 @@ cdef class RawListener:
     def __repr__(self):
         return (f"<fastlisten._core.RawListener fd={self.fileno()} "
                 f"family={self.family}>")
-include "_loadgen.pxi"

@@ -17,12 +17,13 @@ from time import monotonic
 from typing import Any, Dict, List, Optional, Tuple
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, IGNORABLE, check_max,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, ERRNO_SLOTS, IGNORABLE, check_max,
     closed_error, remaining, timeout_ms,
 )
 from fastlisten.address import check_port, decode_unix_path, family_name, unix_path
 
-_ERRNO_SLOTS = 160
+__all__ = ["RawListener"]
+
 _POLLIN = select.POLLIN
 _POLLNVAL = select.POLLNVAL
 
@@ -236,7 +237,7 @@ class RawListener:
         _drain_fd(self._wake_r)
 
     def _count_error(self, err: int) -> None:
-        slot = err if 0 <= err < _ERRNO_SLOTS else _ERRNO_SLOTS - 1
+        slot = err if 0 <= err < ERRNO_SLOTS else ERRNO_SLOTS - 1
         self._errors[slot] = self._errors.get(slot, 0) + 1
 
     def accept_many(self, max: int = 64, timeout: Optional[float] = None

@@ -14,6 +14,11 @@ MAX_BATCH = 65536
 #: Connections accept_many takes per call unless told otherwise.
 DEFAULT_BATCH = 64
 
+#: Accept errors are counted by errno; errno values from ERRNO_SLOTS - 1 up
+#: share the last slot.  (csrc/fl_net.h: FL_ERRNO_SLOTS; the compiled core
+#: refuses to import if the two disagree.)
+ERRNO_SLOTS = 160
+
 #: After a capacity error (EMFILE, ...) accept_many pauses this long, doubling
 #: on each further one up to BACKOFF_MAX_MS, instead of spinning on a
 #: listener that stays readable.

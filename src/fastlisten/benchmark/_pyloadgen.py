@@ -1,4 +1,4 @@
-"""Pure-Python twin of the C load generator (``fastlisten._core.loadgen_run``).
+"""Pure-Python twin of the C load generator (``fastlisten.benchmark._native.loadgen_run``).
 
 Used when the compiled core is absent or ``FASTLISTEN_NO_EXTENSIONS=1``:
 same arguments, same result dict, built on ``selectors`` and non-blocking

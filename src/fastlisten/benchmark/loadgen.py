@@ -1,8 +1,8 @@
 """The load generator: many short loopback connections, bounded by count and time.
 
 ``run_load`` drives N concurrent connections with non-blocking connects on
-epoll.  It uses the C loop in ``fastlisten._core`` (no GIL, no Python
-object per connection) when the compiled core is in use, and the
+epoll.  It uses the C loop in ``fastlisten.benchmark._native`` (no GIL, no
+Python object per connection) when the compiled core is in use, and the
 selectors-based twin in ``fastlisten.benchmark._pyloadgen`` otherwise
 (``FASTLISTEN_NO_EXTENSIONS=1``): same arguments, same result, slower.
 
@@ -20,12 +20,25 @@ from typing import Any, Dict, Optional, Tuple
 from fastlisten import _backend
 from fastlisten.benchmark.protocol import SCENARIOS, reply_for, request_for
 
-__all__ = ["LoadResult", "run_load", "native_available", "check_loopback"]
+__all__ = ["LoadResult", "run_load", "native_module", "native_available", "check_loopback"]
+
+
+def native_module() -> Any:
+    """The C load generator and reference server (the extension module
+    ``fastlisten.benchmark._native``), or None where it is not used: not
+    built, or the compiled core switched off (``FASTLISTEN_NO_EXTENSIONS=1``)."""
+    if not _backend.compiled:
+        return None
+    try:
+        from fastlisten.benchmark import _native
+    except ImportError:
+        return None
+    return _native
 
 
 def native_available() -> bool:
     """True when the C load generator (and reference server) can be used."""
-    return _backend.compiled and hasattr(_backend.core, "loadgen_run")
+    return native_module() is not None
 
 
 def check_loopback(host: str) -> None:
@@ -114,12 +127,12 @@ def run_load(address: Tuple[str, int], scenario: str = "daytime", *,
     request = request_for(scenario)
     expect = len(reply_for(scenario))
     if use_native:
-        raw = _backend.core.loadgen_run((host, port), scenario, concurrency, total,
-                                        duration, timeout, src_spread, request, expect)
+        raw = native_module().loadgen_run((host, port), scenario, concurrency, total,
+                                          duration, timeout, src_spread, request, expect)
     else:
         from fastlisten.benchmark import _pyloadgen
         raw = _pyloadgen.loadgen_run((host, port), scenario, concurrency, total,
-                                     duration, timeout, src_spread, request, expect)
+                                            duration, timeout, src_spread, request, expect)
     return LoadResult(
         scenario=scenario, started=raw["started"], completed=raw["completed"],
         errors=raw["errors"], timeouts=raw["timeouts"], aborted=raw["aborted"],

@@ -335,7 +335,7 @@ def serve_gevent(scenario: str) -> None:
 # --- the native reference loop ----------------------------------------------
 
 def serve_native(scenario: str) -> None:
-    from fastlisten._backend import core
+    from fastlisten.benchmark.loadgen import native_module
     from fastlisten.listener import default_backlog
 
     reply = HTTP_RESPONSE if scenario == "http-close" else REPLY
@@ -346,7 +346,7 @@ def serve_native(scenario: str) -> None:
         cmds = _Commands()
         while True:
             if not cmds.pending():
-                core.refserver_serve(lst.fileno(), 0, scenario, reply)
+                native_module().refserver_serve(lst.fileno(), 0, scenario, reply)
             cmd = cmds.next()
             if cmd == "mark":
                 _mark(lst)

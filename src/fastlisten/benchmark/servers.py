@@ -72,7 +72,7 @@ def unavailable_reason(spec: ServerSpec) -> Optional[str]:
     """Why spec cannot run here, or None when it can (checked without
     importing the peers, which is slow and would load them into the runner)."""
     if spec.name == "native":
-        return None if native_available() else "needs the compiled core (fastlisten._core)"
+        return None if native_available() else "needs the compiled extensions (fastlisten.benchmark._native)"
     if spec.name in ("uvloop", "gevent"):
         if importlib.util.find_spec(spec.name) is None:
             return f"{spec.name} is not installed (pip install 'fastlisten[bench]')"

@@ -1,7 +1,7 @@
 # The benchmark's C load generator and reference server (csrc/fl_loadgen.c;
 # csrc/fl_loadgen.h has their contracts).
 from libc.stdint cimport uint32_t
-from fastlisten.includes.system cimport sockaddr, sockaddr_storage, socklen_t
+from fastlisten.includes.system cimport sockaddr_storage, socklen_t
 
 cdef extern from "fl_loadgen.h" nogil:
     enum:
@@ -38,7 +38,6 @@ cdef extern from "fl_loadgen.h" nogil:
 
     int fl_loadgen_run(const fl_lg_config *cfg, fl_lg_result *res,
                        uint32_t *lat_us, long long lat_cap)
-    int fl_is_loopback(const sockaddr *addr, socklen_t len)
 
     ctypedef struct fl_ref_stats:
         unsigned long long accepted

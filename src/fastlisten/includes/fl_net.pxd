@@ -4,7 +4,7 @@ from posix.signal cimport sigset_t
 from fastlisten.includes.system cimport sockaddr, sockaddr_storage, socklen_t
 
 cdef extern from "fl_net.h" nogil:
-    int FL_ERRNO_SLOTS
+    enum: FL_ERRNO_SLOTS
 
     ctypedef struct fl_stats:
         unsigned long long accepted
@@ -13,7 +13,7 @@ cdef extern from "fl_net.h" nogil:
         unsigned long long capacity_episodes
         int in_capacity_episode
         int last_capacity_errno
-        unsigned long long errors[160]
+        unsigned long long errors[FL_ERRNO_SLOTS]
 
     ctypedef struct fl_conn:
         int fd

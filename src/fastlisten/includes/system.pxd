@@ -63,6 +63,7 @@ cdef extern from "<errno.h>" nogil:
     int errno
     int EAFNOSUPPORT
     int EBADF
+    int EBUSY
     int EINTR
     int EINVAL
     int ENOPROTOOPT

@@ -1,15 +1,39 @@
-# The benchmark's native load generator and reference server: thin
-# bindings over csrc/fl_loadgen.c, included into fastlisten._core (one
-# extension).  Both run their whole loop without the GIL.
-# fastlisten.benchmark.loadgen is the public face; fastlisten.benchmark._pyloadgen
-# is the pure-Python twin of loadgen_run.
+# cython: language_level=3, embedsignature=True
+"""The benchmark's native load generator and reference server: thin
+bindings over csrc/fl_loadgen.c, in an extension of their own so that the
+runtime core (fastlisten._core) carries no benchmark code.  Both run their
+whole loop without the GIL.
+
+fastlisten.benchmark.loadgen is the public face; fastlisten.benchmark._pyloadgen
+is the pure-Python twin of loadgen_run.
+"""
 
 from libc.stdint cimport uint32_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from libc.math cimport isnan
+from cpython.exc cimport PyErr_CheckSignals
+
+from fastlisten.includes.system cimport AF_INET, AF_INET6, errno, EINTR
+from fastlisten.includes.shared cimport raise_errno, addr_from_py
 from fastlisten.includes.fl_loadgen cimport (
     fl_lg_config, fl_lg_result, fl_loadgen_run, fl_ref_stats,
     fl_refserver_serve, FL_LG_DAYTIME, FL_LG_ECHO, FL_LG_HTTP, FL_LG_BURST,
 )
 from array import array as _array
+
+#: The longest duration or timeout the C loop takes, in seconds (a day; its
+#: milliseconds must fit an int).
+MAX_SECONDS = 86400.0
+
+
+cdef int _ms(double seconds, str name) except -1:
+    """Seconds as the C loop's milliseconds, checked (a cast of an
+    out-of-range double to int is undefined behaviour in C)."""
+    if isnan(seconds) or not 0.0 <= seconds <= MAX_SECONDS:
+        raise ValueError(f"{name} must be 0 to {MAX_SECONDS:g} seconds, not {seconds!r}")
+    return <int>(seconds * 1000.0)
+
 
 #: Scenario names to the C enum (fastlisten.benchmark.loadgen.SCENARIOS).
 LOADGEN_SCENARIOS = {
@@ -37,12 +61,12 @@ def loadgen_run(address, str scenario, int concurrency, long long total,
     if scenario not in LOADGEN_SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}: one of {sorted(LOADGEN_SCENARIOS)}")
     memset(&cfg, 0, sizeof(cfg))
-    _addr_from_py(family, address, &cfg.dst, &cfg.dstlen)
+    addr_from_py(family, address, &cfg.dst, &cfg.dstlen)
     cfg.scenario = LOADGEN_SCENARIOS[scenario]
     cfg.concurrency = concurrency
     cfg.total = total
-    cfg.duration_ms = <int>(duration * 1000.0)
-    cfg.timeout_ms = <int>(timeout * 1000.0)
+    cfg.duration_ms = _ms(duration, "duration")
+    cfg.timeout_ms = _ms(timeout, "timeout")
     cfg.src_spread = src_spread
     cfg.request = <const char *>request if len(request) else NULL
     cfg.request_len = len(request)
@@ -58,7 +82,7 @@ def loadgen_run(address, str scenario, int concurrency, long long total,
         interrupted = False
         if rc < 0:
             if err != EINTR:
-                _raise_errno(err)
+                raise_errno(err)
             PyErr_CheckSignals()
             interrupted = True
         lats = _array('I')
@@ -97,6 +121,6 @@ def refserver_serve(int lfd, int stop_fd, str scenario, bytes reply):
         if rc == 0:
             break
         if err != EINTR:
-            _raise_errno(err)
+            raise_errno(err)
         PyErr_CheckSignals()
     return {'accepted': st.accepted, 'errors': st.errors}
