@@ -261,12 +261,13 @@ def run(args: argparse.Namespace) -> int:
                       "SIGINT/SIGTERM stop", args.handler, format_address(address), mode,
                       "compiled" if compiled else "pure-Python")
             _supervise(server, signals, served, args.stats_interval)
+            stops = signals.stops       # any later stop signal is a second one
             server.shutdown()
             running = server.counters()["handlers_running"]
             if running:
                 _log.info("stopped accepting; %d handler(s) running get up to %.3g s "
                           "(a second signal ends them now)", running, args.grace)
-            _drain(server, signals, args.grace)
+            _drain(server, signals, args.grace, stops)
             _log.info("stopped; counters: %s", format_counters(server.counters()))
     finally:
         server.server_close()
@@ -290,10 +291,9 @@ def _supervise(server: Any, signals: _Signals, served: List[Any],
             _log.info("counters: %s", format_counters(server.counters()))
 
 
-def _drain(server: Any, signals: _Signals, grace: float) -> int:
+def _drain(server: Any, signals: _Signals, grace: float, first: int) -> int:
     """server.drain(grace) in a thread, while the main thread keeps taking
-    signals: a second stop signal ends the handlers at once."""
-    first = signals.stops
+    signals: a stop signal beyond the ``first`` ones ends the handlers at once."""
     drained = _in_thread(lambda: server.drain(grace), "fastlisten-drain", signals.waker)
     ended, hurried = 0, False
     while not drained:
