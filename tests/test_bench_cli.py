@@ -98,7 +98,7 @@ def _row(**kw):
 def _report(results, shutdown):
     for table in results.values():
         runner.add_ratios(table)
-    return runner.Report(machine={}, options={"burst": 1024}, servers={}, skipped={},
+    return results.Report(machine={}, options={"burst": 1024}, servers={}, skipped={},
                          results=results, shutdown=shutdown)
 
 

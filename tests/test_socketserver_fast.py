@@ -425,3 +425,16 @@ def test_stock_hooks_take_the_inline_path_with_the_same_behaviour():
     finally:
         hooked.server_close()
         patched.server_close()
+
+
+def test_the_package_and_fastlisten_server_are_one_drop_in():
+    """`import fastlisten as socketserver` and install()'s fastlisten.server
+    give the same object for every name the stdlib module has."""
+    import socketserver as std
+    from fastlisten import server
+    names = [n for n in dir(std) if not n.startswith("__")]
+    assert "_ServerSelector" in names
+    for name in names:
+        assert getattr(fastlisten, name) is getattr(server, name), name
+    with pytest.raises(AttributeError):
+        fastlisten.NoSuchServer  # noqa: B018

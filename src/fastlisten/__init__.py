@@ -3,6 +3,11 @@
 A Cython core makes the socket, bind, listen and accept4 system calls and
 drains the accept queue in batches without the GIL; a thin Python layer adds
 configuration, clear errors and dispatch.
+
+The drop-in ``socketserver`` is the module ``fastlisten.server`` (what
+``install()`` puts in ``sys.modules["socketserver"]``).  This package
+re-exports it whole, so ``import fastlisten as socketserver`` gives the very
+same objects, the stdlib's private names included.
 """
 from fastlisten.config import ListenConfig
 from fastlisten.errors import (
@@ -20,3 +25,11 @@ __all__ += ["install"] + _server_all
 __version__ = "0.1.0"
 __all__ += ["ListenConfig", "FastlistenWarning", "EphemeralPortWarning",
             "BacklogTruncatedWarning", "OptionIneffectiveWarning"]
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    # Names of the stdlib's socketserver that fastlisten.server forwards
+    # (private helpers such as _ServerSelector), for code that treats this
+    # package as socketserver.
+    from fastlisten import server
+    return getattr(server, name)

@@ -4,10 +4,9 @@ server or scenario missing from the run); never asserted by a test."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-if TYPE_CHECKING:
-    from fastlisten.benchmark.runner import Report
+from fastlisten.benchmark.results import Report
 
 FL_SERVERS = ("fastlisten-tcp", "fastlisten-threading", "fastlisten-forking")
 STD_SERVERS = ("stdlib-tcp", "stdlib-threading", "stdlib-forking")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from fastlisten.benchmark.runner import Report
+from fastlisten.benchmark.results import Report
 
 HEADERS = ("server", "conn/s", "x std", "CPU us/conn", "x std", "user us", "x std",
            "sys us", "p50 ms", "p99 ms", "max ms", "queue drops", "overflows*",

@@ -20,11 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from fastlisten.benchmark.bars import evaluate
 from fastlisten.benchmark.loadgen import run_load
 from fastlisten.benchmark.protocol import SCENARIOS
+from fastlisten.benchmark.results import Report
 from fastlisten.benchmark.servers import SERVERS, ServerSpec, by_name, unavailable_reason
 from fastlisten.benchmark.system import busy_seconds, listen_counters, machine, pick_cpus
 
@@ -299,31 +301,6 @@ def measure_shutdown(specs: List[ServerSpec], cycles: int,
     return out
 
 
-@dataclass
-class Report:
-    """Everything one run of ``fastlisten bench`` measured (``asdict`` is the JSON)."""
-
-    machine: Dict[str, Any]
-    options: Dict[str, Any]
-    servers: Dict[str, Dict[str, Any]]
-    skipped: Dict[str, str]
-    results: Dict[str, Dict[str, Dict[str, Any]]]
-    shutdown: Dict[str, Dict[str, Any]]
-    bars: List[Dict[str, Any]] = field(default_factory=list)
-    failures: List[str] = field(default_factory=list)
-    started_at: str = ""
-    seconds: float = 0.0
-
-    def to_json(self) -> Dict[str, Any]:
-        """A JSON-able dict of the whole report."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Dict[str, Any]) -> "Report":
-        """The report a ``--json`` file holds."""
-        return cls(**data)
-
-
 def _ensure_descriptors(n: int) -> None:
     """Raise this process's soft RLIMIT_NOFILE to n (up to the hard limit):
     a burst holds that many client sockets at once."""
@@ -376,7 +353,6 @@ def run_benchmark(opts: Options, progress: Optional[Progress] = None) -> Report:
     for name, row in shutdown.items():
         if "error" in row:
             failures.append(f"shutdown/{name}: {row['error']}")
-    from fastlisten.benchmark.bars import evaluate
     report = Report(
         machine=machine(), options=asdict(opts) | {"pinned_cpus": list(cpus)},
         servers={s.name: {"label": s.label, "group": s.group, "kind": s.kind,
