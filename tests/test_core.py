@@ -1,7 +1,9 @@
 """The core: lifecycle, batches, the GIL, signals, wake-ups, errors.
 
-Each test runs against the core in use (compiled, or the pure-Python twin
-under FASTLISTEN_NO_EXTENSIONS=1): the two must behave the same.
+Each test runs against both cores in the same run, the compiled one and its
+pure-Python twin (the ``core`` fixture, as uvloop runs its tests on both
+loops): the two must behave the same.  Under FASTLISTEN_NO_EXTENSIONS=1 only
+the twin runs.  Tests in child processes give the child the same core.
 """
 
 import errno
@@ -20,7 +22,7 @@ import time
 import pytest
 
 import fastlisten
-from fastlisten import Listener
+from fastlisten import Listener, _corepy
 from helpers import queued, wait_for
 
 LOOPBACK = ("127.0.0.1", 0)
@@ -38,6 +40,34 @@ def connect_n(address, n):
 def close_all(pairs_or_socks):
     for item in pairs_or_socks:
         (item[0] if isinstance(item, tuple) else item).close()
+
+
+class Core:
+    """One core under test: its name, its RawListener and the environment
+    that makes a child process use it too."""
+
+    def __init__(self, name, raw):
+        self.name, self.raw = name, raw
+        self.env = dict(os.environ)
+        if name == "pure":
+            self.env["FASTLISTEN_NO_EXTENSIONS"] = "1"
+
+
+def _core_params():
+    if os.environ.get("FASTLISTEN_NO_EXTENSIONS") == "1":
+        return ["pure"]
+    return ["compiled", "pure"]
+
+
+@pytest.fixture(autouse=True, params=_core_params())
+def core(request, monkeypatch):
+    """Every Listener made by a test runs on this core."""
+    if request.param == "compiled":
+        from fastlisten import _core as module   # built: test_compiled_core_in_use... says so
+    else:
+        module = _corepy
+    monkeypatch.setattr(fastlisten.listener, "RawListener", module.RawListener)
+    return Core(request.param, module.RawListener)
 
 
 # -- the package ----------------------------------------------------------
@@ -346,7 +376,7 @@ def test_a_signal_handler_that_raises_interrupts_a_blocked_wait():
 
 
 @needs_syscall_table
-def test_ctrl_c_stops_a_blocked_accept_in_a_real_process():
+def test_ctrl_c_stops_a_blocked_accept_in_a_real_process(core):
     script = textwrap.dedent("""
         import signal, sys, fastlisten
         # as in a terminal, whatever the test runner's parent did to SIGINT
@@ -359,7 +389,8 @@ def test_ctrl_c_stops_a_blocked_accept_in_a_real_process():
             print("interrupted", flush=True)
             sys.exit(0)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env=core.env)
     try:
         assert proc.stdout.readline().strip() == "ready"
         wait_for(lambda: _in_syscall(proc.pid, _POLL_SYSCALLS, pid=proc.pid))
@@ -468,7 +499,7 @@ def test_failed_bind_leaks_nothing_and_keeps_errno():
 
 # -- capacity errors --------------------------------------------------------------
 
-def test_out_of_descriptors_backs_off_instead_of_spinning_and_recovers():
+def test_out_of_descriptors_backs_off_instead_of_spinning_and_recovers(core):
     """EMFILE leaves the connection queued; accept_many pauses instead of
     spinning on a listener that stays readable, logs once, and accepts the
     connection once descriptors are free again.  Run in a child process, as
@@ -504,7 +535,7 @@ def test_out_of_descriptors_backs_off_instead_of_spinning_and_recovers():
                           "cpu_share": cpu / wall, "queued": lst.queue()[0]}))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=30)
+                         timeout=30, env=core.env)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["empty"] == [0] * 5            # returned, did not block for ever
@@ -544,7 +575,7 @@ def test_two_threads_accepting_from_one_listener_share_the_queue_cleanly():
             close_all(clients)
 
 
-def test_signals_poked_at_a_busy_server_always_interrupt_its_wait():
+def test_signals_poked_at_a_busy_server_always_interrupt_its_wait(core):
     """Signals that land around the core's wait always interrupt it.
 
     The child serves one connection at a time and is poked with SIGUSR1
@@ -576,7 +607,7 @@ def test_signals_poked_at_a_busy_server_always_interrupt_its_wait():
                 print("poked", flush=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, bufsize=1)
+                            stdout=subprocess.PIPE, text=True, bufsize=1, env=core.env)
     try:
         port = int(proc.stdout.readline())
         lost = 0
