@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import struct
 import signal
 import socket as _socket
 import threading
@@ -23,6 +24,14 @@ from fastlisten._coreshared import (
 from fastlisten.address import check_port, decode_unix_path, family_name, unix_path
 
 __all__ = ["RawListener"]
+
+#: The head of Linux's struct tcp_info (<linux/tcp.h>), as far as queue()
+#: reads it: on a listener, tcpi_unacked is the accept queue's length and
+#: tcpi_sacked its effective size (what the compiled core reads by name).
+_TCP_INFO_FIELDS = ("state", "ca_state", "retransmits", "probes", "backoff", "options",
+                    "wscale", "flags", "rto", "ato", "snd_mss", "rcv_mss", "unacked",
+                    "sacked")
+_TCP_INFO_HEAD = struct.Struct("=8B6I")
 
 _POLLIN = select.POLLIN
 _POLLNVAL = select.POLLNVAL
@@ -213,12 +222,9 @@ class RawListener:
         sock = self._open_sock()
         if not hasattr(_socket, "TCP_INFO"):
             raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
-        info = sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, 104)
-        # struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss,
-        # rcv_mss, unacked, sacked, ...
-        unacked = int.from_bytes(info[24:28], "little")
-        sacked = int.from_bytes(info[28:32], "little")
-        return unacked, sacked
+        info = sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, _TCP_INFO_HEAD.size)
+        fields = dict(zip(_TCP_INFO_FIELDS, _TCP_INFO_HEAD.unpack_from(info)))
+        return fields["unacked"], fields["sacked"]
 
     # -- the loop ------------------------------------------------------
 
