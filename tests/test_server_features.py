@@ -2,7 +2,6 @@
 lacks: listener options from a ListenConfig (``listen_config``), a drain
 with a deadline (``drain``/``end_handlers``) and ``counters()``."""
 
-import contextlib
 import os
 import socket
 import socketserver
@@ -128,18 +127,9 @@ class Parked(socketserver.StreamRequestHandler):
         self.wfile.write(b"finished\n")
 
 
-@contextlib.contextmanager
 def served(server):
-    """serve_forever in a thread, and shutdown() on the way out; unlike
-    serving(), the server stays open for drain()."""
-    t = threading.Thread(target=server.serve_forever)
-    t.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        t.join(LIMIT)
-    assert not t.is_alive()
+    """serving(), but the server stays open afterwards, for drain()."""
+    return serving(server, close=False)
 
 
 def _started(address):
@@ -181,18 +171,37 @@ def test_drain_ends_handlers_left_at_the_deadline_without_reporting_an_error(cap
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_end_handlers_cuts_a_running_drain_short():
-    with fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Parked) as server:
+class Stubborn(socketserver.StreamRequestHandler):
+    """Says it started, then waits for the test's say-so, deaf to its
+    connection (a handler that shutting the connection down does not end)."""
+
+    release = threading.Event()
+
+    def handle(self):
+        self.wfile.write(b"started\n")
+        self.wfile.flush()
+        self.release.wait(LIMIT)
+
+
+def test_end_handlers_cuts_a_drain_short_whenever_it_comes():
+    """end_handlers() from another thread (a second Ctrl-C) ends a drain
+    that waits, or is about to wait, for a handler that does not finish."""
+    Stubborn.release.clear()
+    with fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Stubborn) as server:
         with served(server):
             c = _started(server.server_address)
-        result = []
-        drainer = threading.Thread(target=lambda: result.append(server.drain(60)))
-        drainer.start()
-        wait_for(lambda: drainer.is_alive())
-        assert server.end_handlers() == 1
-        drainer.join(LIMIT)
-        assert not drainer.is_alive() and result == [1]
-        c.close()
+        try:
+            result = []
+            drainer = threading.Thread(target=lambda: result.append(server.drain(60)),
+                                       daemon=True)
+            drainer.start()
+            assert server.end_handlers() == 1     # before or during drain's wait
+            drainer.join(LIMIT)
+            assert not drainer.is_alive(), "drain() waited on after end_handlers()"
+            assert result == [1]                  # the stubborn handler still runs
+        finally:
+            Stubborn.release.set()
+            c.close()
 
 
 def test_the_synchronous_server_has_nothing_to_drain():

@@ -32,8 +32,9 @@ def wait_for(condition, limit=LIMIT):
 
 
 @contextlib.contextmanager
-def serving(server, poll_interval=0.5):
-    """serve_forever in a thread; shutdown, join and close on the way out."""
+def serving(server, poll_interval=0.5, close=True):
+    """serve_forever in a thread; shutdown, join and (with ``close``)
+    server_close on the way out."""
     t = threading.Thread(target=server.serve_forever, args=(poll_interval,))
     t.start()
     try:
@@ -41,7 +42,8 @@ def serving(server, poll_interval=0.5):
     finally:
         server.shutdown()
         t.join(LIMIT)
-        server.server_close()
+        if close:
+            server.server_close()
     assert not t.is_alive()
 
 

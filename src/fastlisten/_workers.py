@@ -118,7 +118,6 @@ class WorkerPool:
         happened."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            self._stop_waiting = False
             while self._busy or self._jobs:
                 left = None if deadline is None else deadline - time.monotonic()
                 if self._stop_waiting or (left is not None and left <= 0):
@@ -127,7 +126,9 @@ class WorkerPool:
             return True
 
     def stop_waiting(self) -> None:
-        """Make a wait_idle() in progress return now."""
+        """Make a wait_idle() in progress, or one that starts before the
+        pool is next idle, return now (so that a stop asked just before a
+        wait began is not lost)."""
         with self._cond:
             self._stop_waiting = True
             self._done.notify_all()
@@ -248,6 +249,7 @@ class WorkerPool:
                     with self._cond:
                         del self._busy[me]
                         if not self._busy and not self._jobs:
+                            self._stop_waiting = False     # idle: that stop is served
                             self._done.notify_all()
                 with self._cond:
                     job = self._next_job()
