@@ -10,6 +10,7 @@ import pytest
 
 from fastlisten.benchmark import bars, runner
 from fastlisten.benchmark.protocol import SCENARIOS
+from fastlisten.benchmark.results import Report
 from fastlisten.benchmark.servers import SERVERS, unavailable_reason
 
 SMALL = ["--quick", "--count", "300", "--duration", "0.2", "--concurrency", "4",
@@ -98,8 +99,8 @@ def _row(**kw):
 def _report(results, shutdown):
     for table in results.values():
         runner.add_ratios(table)
-    return results.Report(machine={}, options={"burst": 1024}, servers={}, skipped={},
-                         results=results, shutdown=shutdown)
+    return Report(machine={}, options={"burst": 1024}, servers={}, skipped={},
+                  results=results, shutdown=shutdown)
 
 
 @pytest.mark.parametrize("good", [True, False])
