@@ -86,7 +86,13 @@ def test_bench_rejects_unknown_server():
 def test_bench_rejects_out_of_range(bad, capsys):
     from fastlisten.cli import main
     assert main(["bench", *bad]) == 2
-    assert "must be" in capsys.readouterr().err
+    assert f"{bad[0]} must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("total", 0), ("timeout", 601.0), ("repeats", 101)])
+def test_options_hold_their_limits_for_library_callers_too(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        runner.Options(**{field: value})
 
 
 def _row(**kw):

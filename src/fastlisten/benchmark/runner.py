@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import ClassVar, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from fastlisten.benchmark.bars import evaluate
 from fastlisten.benchmark.loadgen import run_load
@@ -44,7 +44,11 @@ class BenchError(RuntimeError):
 
 @dataclass
 class Options:
-    """What to run.  ``Options.quick()`` is the under-a-minute variant."""
+    """What to run.  ``Options.quick()`` is the under-a-minute variant.
+
+    The one home of the benchmark's defaults (the field values, and QUICK
+    for ``--quick``) and limits (LIMITS); ``fastlisten bench`` builds its
+    flags and help from them."""
 
     scenarios: Sequence[str] = SCENARIOS
     servers: Optional[Sequence[str]] = None   # None: all that are available
@@ -59,12 +63,30 @@ class Options:
     pin: bool = True
     native_loadgen: Optional[bool] = None
 
+    #: What ``quick()`` changes.
+    QUICK: ClassVar[Dict[str, Any]] = dict(
+        repeats=1, total=50_000, duration=0.5, timeout=1.2, shutdown_cycles=5)
+    #: The smallest and largest value each number may take.
+    LIMITS: ClassVar[Dict[str, Tuple[float, float]]] = {
+        "repeats": (1, 100), "total": (1, 10_000_000), "duration": (0.01, 600),
+        "concurrency": (1, 65535), "burst": (1, 65535), "shutdown_cycles": (0, 100_000),
+        "timeout": (0.01, 600)}
+
+    def __post_init__(self) -> None:
+        for key in self.LIMITS:
+            self.check(key, getattr(self, key), key)
+
+    @classmethod
+    def check(cls, key: str, value: float, name: str) -> None:
+        """ValueError, calling the value ``name``, unless it is within LIMITS[key]."""
+        lo, hi = cls.LIMITS[key]
+        if not lo <= value <= hi:
+            raise ValueError(f"{name} must be {lo:,} to {hi:,}, not {value:,}")
+
     @classmethod
     def quick(cls, **kw: Any) -> "Options":
         """Small counts, one repeat: under a minute, for CI and a first look."""
-        base = dict(repeats=1, total=50_000, duration=0.5, timeout=1.2, shutdown_cycles=5)
-        base.update(kw)
-        return cls(**base)
+        return cls(**{**cls.QUICK, **kw})
 
 
 class _Child:

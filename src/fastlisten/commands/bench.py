@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from fastlisten.benchmark.protocol import SCENARIOS
+from fastlisten.benchmark.runner import Options
 from fastlisten.benchmark.servers import SERVERS
 
 
@@ -23,17 +24,25 @@ def add_parser(subparsers: Any) -> None:
                    help="run only this scenario (repeatable; default: all)")
     p.add_argument("--server", action="append", choices=[s.name for s in SERVERS],
                    dest="servers", help="run only this server (repeatable; default: all installed)")
-    p.add_argument("--repeats", type=int, help="runs per server and scenario (default 3; quick 1)")
-    p.add_argument("--count", type=int, dest="total", metavar="N",
-                   help="connections per run at most (default 1000000; quick 50000)")
-    p.add_argument("--duration", type=float, help="seconds during which each run starts connections (default 3; quick 0.5)")
-    p.add_argument("--concurrency", type=int, help="concurrent connections (default 32)")
-    p.add_argument("--burst", type=int, help="connections opened at once in 'burst' (default 1024)")
-    p.add_argument("--timeout", type=float,
-                   help="seconds one connection may take before it counts as a timeout "
-                        "(default 5; quick 1.2)")
-    p.add_argument("--shutdown-cycles", type=int,
-                   help="shutdown() measurements per server (default 200, the stdlib's at most 20; quick 5)")
+    numbers = [
+        ("repeats", "--repeats", int, "runs per server and scenario"),
+        ("total", "--count", int, "connections per run at most"),
+        ("duration", "--duration", float, "seconds during which each run starts connections"),
+        ("concurrency", "--concurrency", int, "concurrent connections"),
+        ("burst", "--burst", int, "connections opened at once in 'burst'"),
+        ("timeout", "--timeout", float,
+         "seconds one connection may take before it counts as a timeout"),
+        ("shutdown_cycles", "--shutdown-cycles", int,
+         "shutdown() measurements per server (the stdlib's at most 20)"),
+    ]
+    for dest, flag, kind, text in numbers:
+        lo, hi = Options.LIMITS[dest]
+        default = f"default {getattr(Options, dest):,}"
+        if dest in Options.QUICK:
+            default += f"; quick {Options.QUICK[dest]:,}"
+        p.add_argument(flag, dest=dest, type=kind, metavar="N" if kind is int else "SECONDS",
+                       help=f"{text} ({default}; {lo:,} to {hi:,})")
+    p.set_defaults(flags={dest: flag for dest, flag, _, _ in numbers})
     p.add_argument("--no-pin", action="store_false", dest="pin",
                    help="do not pin the server and the load generator to different CPUs")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
@@ -68,7 +77,7 @@ def _progress_printer() -> Any:
 def run(args: argparse.Namespace) -> int:
     """Run the comparison; print the table; write the files asked for."""
     from fastlisten.benchmark import report as rep
-    from fastlisten.benchmark.runner import Options, run_benchmark
+    from fastlisten.benchmark.runner import run_benchmark
 
     if args.plot:
         try:
@@ -77,18 +86,15 @@ def run(args: argparse.Namespace) -> int:
             print("fastlisten bench: --plot needs matplotlib: pip install 'fastlisten[bench]'",
                   file=sys.stderr)
             return 2
-    limits = {"repeats": (1, 100), "total": (1, 10_000_000), "duration": (0.01, 600),
-              "concurrency": (1, 65535), "burst": (1, 65535), "shutdown_cycles": (0, 100_000),
-              "timeout": (0.01, 600)}
-    for key, (lo, hi) in limits.items():
-        value = getattr(args, key)
-        if value is not None and not lo <= value <= hi:
-            print(f"fastlisten bench: --{key.replace('_', '-')} must be {lo}..{hi}, not {value}",
-                  file=sys.stderr)
-            return 2
-    kw = {k: getattr(args, k) for k in ("scenarios", "servers", "repeats", "total", "duration",
-                                        "concurrency", "burst", "shutdown_cycles", "timeout")
-          if getattr(args, k) is not None}
+    kw = {dest: getattr(args, dest) for dest in ("scenarios", "servers", *Options.LIMITS)
+          if getattr(args, dest) is not None}
+    try:
+        for dest, flag in args.flags.items():
+            if dest in kw:
+                Options.check(dest, kw[dest], flag)
+    except ValueError as exc:
+        print(f"fastlisten bench: {exc}", file=sys.stderr)
+        return 2
     kw["pin"] = args.pin
     opts = Options.quick(**kw) if args.quick else Options(**kw)
     if args.from_json:
