@@ -634,3 +634,57 @@ def test_wakeup_and_close_from_another_thread_reach_every_waiter(end, waiters):
                 os.fstat(fd)
     finally:
         lst.close()
+
+
+@needs_syscall_table
+@pytest.mark.parametrize("timeout", [None, 30.0])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_one_wakeup_ends_each_waiting_loop_once_then_all_connections_are_accepted(
+        threads, timeout):
+    """Threads loop on accept_many on one listener, as a threaded server
+    does.  One wakeup() while they all wait must make each of them return
+    exactly one empty batch; after that the wake-up is spent, so every
+    connection that arrives is accepted.  (The wake-up used to be cleared
+    only by a waiter that found no other call in flight: with looping
+    threads that never happened, and they spun returning empty batches
+    while connections piled up.)"""
+    n = 300
+    lst = fastlisten.listen(LOOPBACK, backlog=n)
+    got, empties, tids, lock = [], [], [], threading.Lock()
+
+    def loop():
+        tids.append(threading.get_native_id())
+        try:
+            while True:
+                batch = lst.accept_many(64, timeout)
+                with lock:
+                    if batch:
+                        got.extend(batch)
+                    else:
+                        empties.append(threading.get_native_id())
+        except OSError as exc:          # close() ends the loops
+            assert exc.errno == errno.EBADF
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    clients = []
+    try:
+        for t in workers:
+            t.start()
+        wait_for(lambda: len(tids) == threads and all(_in_syscall(t, _POLL_SYSCALLS) for t in tids))
+        lst.wakeup()
+        wait_for(lambda: len(empties) >= threads
+                 and all(_in_syscall(t, _POLL_SYSCALLS) for t in tids))
+        with lock:
+            assert sorted(empties) == sorted(tids)       # each woke once, no more
+        # (From here on a thread may also come back empty-handed when
+        # another took the connections its poll() saw.)
+        clients = connect_n(lst.address, n)
+        wait_for(lambda: len(got) == n)
+        assert {a for _, a in got} == {c.getsockname() for c in clients}
+    finally:
+        lst.close()
+        for t in workers:
+            t.join(10)
+        assert not any(t.is_alive() for t in workers)
+        close_all(got)
+        close_all(clients)

@@ -190,6 +190,14 @@ cdef class RawListener:
     cdef int _wake_w
     cdef bint _owned
     cdef int _busy              # accept_many calls in flight (GIL released)
+    # Wake-up generations (all under the GIL; see accept_many): a wake-up is
+    # consumed once by the calls in flight when it is seen (generation
+    # _gen - 1, _old of them still inside) and cleared when the last of them
+    # leaves; calls that start meanwhile wait on _cond, not on the fd.
+    cdef unsigned long long _gen
+    cdef int _old               # calls in flight that the current wake-up is for
+    cdef bint _again            # wakeup() while one was being delivered
+    cdef object _cond           # parks calls that start during a delivery
     cdef bint _buf_in_use       # _conns is being filled or read by a call
     cdef bint _close_pending    # close() asked while busy: the last one closes
     cdef readonly int family
@@ -217,6 +225,7 @@ cdef class RawListener:
         self.proto = proto
         self._owned = owned
         self._backoff_ms = BACKOFF_FIRST_MS
+        self._cond = _threading.Condition(_threading.Lock())
         if fl_wakeup_open(&self._wake_r, &self._wake_w) < 0:
             PyErr_SetFromErrno(OSError)
         if fileno is None:
@@ -319,9 +328,63 @@ cdef class RawListener:
         return (queued, backlog)
 
     def wakeup(self):
-        """Make a blocked (or the next) accept_many return at once.  Thread-safe."""
-        if self._wake_w >= 0 and fl_wakeup_signal(self._wake_w) < 0:
+        """Make a blocked (or the next) accept_many return at once.  Thread-safe.
+
+        Every call waiting when the wake-up is seen returns once (an empty
+        batch); calls made after that wait for connections again.
+        """
+        if self._wake_w < 0:
+            return
+        if self._old > 0:
+            # one is being delivered: this one is for the calls parked
+            # meanwhile, once that delivery is over
+            self._again = True
+        elif fl_wakeup_signal(self._wake_w) < 0:
             PyErr_SetFromErrno(OSError)
+
+    cdef void _leave(self, unsigned long long gen) noexcept:
+        """Bookkeeping when an accept_many call of generation gen returns
+        (GIL held, so wakeup() cannot interleave)."""
+        self._busy -= 1
+        if gen == self._gen or self._old == 0:
+            return
+        self._old -= 1
+        if self._old > 0:
+            return
+        # The last call the wake-up was for is out.
+        if self._again:
+            # Another came during the delivery: it is for the calls parked
+            # meanwhile (or, if none, the next call), so the fd stays set.
+            self._again = False
+            self._gen += 1
+            self._old = self._busy
+        elif self._wake_r >= 0:
+            fl_wakeup_drain(self._wake_r)
+        if self._busy > 0:
+            self._notify()
+
+    cdef void _notify(self) noexcept:
+        try:
+            with self._cond:
+                self._cond.notify_all()
+        except BaseException:       # a signal handler raised: nothing to undo
+            pass
+
+    cdef int _park(self, unsigned long long gen, int ms, double deadline) except -1:
+        """Wait while a wake-up is being delivered to calls that started
+        before this one, until it is over, a later wake-up is for this call,
+        close() is called or the timeout passes."""
+        cdef double left
+        with self._cond:
+            while self._old > 0 and gen == self._gen and not self._close_pending:
+                if ms < 0:
+                    self._cond.wait()
+                else:
+                    left = deadline - _now()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+        return 0
 
     cdef int _reserve(self, int n) except -1:
         cdef fl_conn *p
@@ -346,6 +409,7 @@ cdef class RawListener:
         goes on with the time left unless a handler raised.
         """
         cdef int n = 0, status = 0, err = 0, ms, fd, wake, i, lfd
+        cdef unsigned long long gen
         cdef double deadline = 0.0, left
         cdef fl_conn *conns
         cdef fl_conn *private
@@ -379,10 +443,16 @@ cdef class RawListener:
                 self._reserve(max)
             conns = self._conns
             self._buf_in_use = True     # until _wrap is done with it
+        gen = self._gen
         self._busy += 1
         try:
             try:
-                while True:
+                if self._old > 0:
+                    self._park(gen, ms, deadline)
+                    if gen != self._gen or self._close_pending or self._old > 0:
+                        # woken, closed or timed out while parked
+                        status = FL_WAIT_WOKEN if gen != self._gen else FL_WAIT_TIMEOUT
+                while self._old == 0 and gen == self._gen and not self._close_pending:
                     lfd = self._fd
                     wake = self._wake_r
                     # In the main thread, a signal that arrives after Python
@@ -413,11 +483,14 @@ cdef class RawListener:
                     if ms > 0:
                         left = deadline - _now()
                         ms = <int>ceil(left * 1000.0) if left > 0 else 0
+                if status == FL_WAIT_WOKEN and gen == self._gen:
+                    # The first to see this wake-up: it is for every call in
+                    # flight now (they see the fd too); the last one of them
+                    # to leave clears it.  Calls that start before then park.
+                    self._gen += 1
+                    self._old = self._busy
             finally:
-                self._busy -= 1
-                # Every waiter sees a wake-up: the last one to leave clears it.
-                if status == FL_WAIT_WOKEN and self._busy == 0:
-                    fl_wakeup_drain(wake)
+                self._leave(gen)
             if self._close_pending:
                 # closed while we waited: every waiter raises, the last one
                 # out closes the descriptor
@@ -476,6 +549,7 @@ cdef class RawListener:
         if self._busy:
             self._close_pending = True
             fl_wakeup_signal(self._wake_w)
+            self._notify()          # calls parked in accept_many raise too
             return
         self._close_now()
 
