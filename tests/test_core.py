@@ -253,6 +253,61 @@ needs_syscall_table = pytest.mark.skipif(
 
 
 @needs_syscall_table
+@pytest.mark.parametrize("timeout", [3e6, 1e300, 10**7, 10**400, float("inf")])
+def test_huge_timeouts_wait_through_a_signal_until_a_connection(timeout):
+    """Timeouts beyond what poll() takes (3e6 s is past its int of ms) are
+    clamped, never cast out of range (undefined behaviour, which the
+    sanitizer build turns into a crash), also when a signal interrupts the
+    wait and the time left is worked out again; inf waits for ever."""
+    main_tid, main_ident = threading.get_native_id(), threading.get_ident()
+    handled, clients = [], []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: handled.append(1))
+    try:
+        with fastlisten.listen(LOOPBACK) as lst:
+            def poke():
+                try:
+                    wait_for(lambda: _in_syscall(main_tid, _POLL_SYSCALLS))
+                    signal.pthread_kill(main_ident, signal.SIGUSR1)
+                    wait_for(lambda: handled and _in_syscall(main_tid, _POLL_SYSCALLS))
+                    clients.append(socket.create_connection(lst.address, timeout=5))
+                finally:
+                    if not clients:
+                        lst.wakeup()        # never leave the main thread waiting
+
+            t = threading.Thread(target=poke)
+            t.start()
+            try:
+                batch = lst.accept_many(64, timeout)
+            finally:
+                t.join(10)
+            close_all(batch)
+            assert len(batch) == 1 and handled == [1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        close_all(clients)
+
+
+@pytest.mark.skipif(fastlisten.compiled, reason="the compiled core's step is a C constant")
+def test_a_timeout_longer_than_one_poll_waits_in_steps_until_its_deadline(monkeypatch):
+    from fastlisten import _coreshared, _corepy
+    monkeypatch.setattr(_coreshared, "MAX_WAIT_MS", 20)   # one poll() waits at most 20 ms
+    monkeypatch.setattr(_corepy, "MAX_WAIT_MS", 20)
+    with fastlisten.listen(LOOPBACK) as lst:
+        start = time.monotonic()
+        assert lst.accept_many(8, 0.2) == []
+        assert time.monotonic() - start >= 0.2     # not cut short after one step
+
+
+@pytest.mark.parametrize("bad, error", [(float("nan"), ValueError), (-1, ValueError),
+                                        (-float("inf"), ValueError), ("1", TypeError),
+                                        (True, TypeError)])
+def test_a_bad_timeout_is_refused_naming_it(bad, error):
+    with fastlisten.listen(LOOPBACK) as lst:
+        with pytest.raises(error, match="timeout"):
+            lst.accept_many(8, bad)
+
+
+@needs_syscall_table
 def test_gil_is_released_while_waiting():
     """Another Python thread runs while the accept loop sits in poll().
 

@@ -41,7 +41,8 @@ import socket as _socket
 import threading as _threading
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, MAX_BATCH, check_max, timeout_ms, closed_error,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, MAX_BATCH, MAX_WAIT_MS, check_max, timeout_ms,
+    closed_error,
 )
 from fastlisten.address import check_port, decode_unix_path, family_name, unix_path
 
@@ -57,6 +58,7 @@ cdef bint _build_directly = (
     and _socket.socket.__mro__[1].__module__ == '_socket')
 cdef int _SOCK_STREAM = _socket.SOCK_STREAM
 cdef int _MAX_BATCH = MAX_BATCH
+cdef int _MAX_WAIT_MS = MAX_WAIT_MS
 # Python runs signal handlers in the main thread only.
 cdef unsigned long _main_thread = _threading.main_thread().ident
 
@@ -66,6 +68,18 @@ cdef inline double _now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef inline int _ms_until(double deadline) noexcept nogil:
+    """poll()'s milliseconds until a monotonic deadline: rounded up, 0 once
+    it passed, at most _MAX_WAIT_MS (a float-to-int cast out of range is
+    undefined behaviour, so it is clamped first)."""
+    cdef double left = (deadline - _now()) * 1000.0
+    if not left > 0.0:
+        return 0
+    if left >= <double>_MAX_WAIT_MS:
+        return _MAX_WAIT_MS
+    return <int>ceil(left)
 
 
 cdef int _raise_errno(int err) except -1:
@@ -410,7 +424,8 @@ cdef class RawListener:
         """
         cdef int n = 0, status = 0, err = 0, ms, fd, wake, i, lfd
         cdef unsigned long long gen
-        cdef double deadline = 0.0, left
+        cdef double deadline = 0.0
+        cdef bint stepped          # the timeout is longer than one poll() can wait
         cdef fl_conn *conns
         cdef fl_conn *private
         cdef fl_stats *st = &self._st
@@ -429,7 +444,9 @@ cdef class RawListener:
                 ms = <int>ceil(<double>timeout * 1000.0)
             else:
                 ms = timeout_ms(timeout)    # checks and explains anything else
-            deadline = _now() + <double>timeout
+            if ms >= 0:                     # (-1: so long it is for ever)
+                deadline = _now() + <double>timeout
+        stepped = ms == _MAX_WAIT_MS
         # The listener's own buffer serves one caller at a time; a second
         # thread accepting concurrently gets a buffer of its own.
         private = NULL
@@ -475,14 +492,18 @@ cdef class RawListener:
                             fl_restore_signals(wait_mask)
                         if n == 0 and err != 0 and fl_accept_error_class(err) == FL_ERR_CAPACITY:
                             fl_capacity_backoff(wake, self._backoff_ms if ms < 0 or ms > self._backoff_ms else ms)
+                    if status == FL_WAIT_TIMEOUT and stepped:
+                        ms = _ms_until(deadline)
+                        if ms > 0:
+                            continue        # one step of a very long wait ended
+                        break
                     if status != FL_WAIT_EINTR:
                         break
                     PyErr_CheckSignals()     # PEP 475: handlers run, may raise
                     if self._close_pending:
                         break
                     if ms > 0:
-                        left = deadline - _now()
-                        ms = <int>ceil(left * 1000.0) if left > 0 else 0
+                        ms = _ms_until(deadline)
                 if status == FL_WAIT_WOKEN and gen == self._gen:
                     # The first to see this wake-up: it is for every call in
                     # flight now (they see the fd too); the last one of them

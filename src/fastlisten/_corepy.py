@@ -17,7 +17,7 @@ from time import monotonic
 from typing import Any, Dict, List, Optional, Tuple
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, IGNORABLE, check_max,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, IGNORABLE, MAX_WAIT_MS, check_max,
     closed_error, remaining, timeout_ms,
 )
 from fastlisten.address import check_port, decode_unix_path, family_name, unix_path
@@ -270,10 +270,9 @@ class RawListener:
             _drain_fd(self._wake_r)
         self._parked.notify_all()
 
-    def _park(self, gen: int, ms: int) -> None:
+    def _park(self, gen: int, deadline: Optional[float]) -> None:
         """With _lock held: wait while a wake-up is being delivered to calls
         that started before this one (see the compiled core)."""
-        deadline = None if ms < 0 else monotonic() + ms / 1000
         while self._old > 0 and gen == self._gen and not self._close_pending:
             if deadline is None:
                 self._parked.wait()
@@ -293,6 +292,7 @@ class RawListener:
         compiled core's docstring: the same contract)."""
         check_max(max)
         ms = timeout_ms(timeout)
+        deadline = None if ms < 0 else monotonic() + timeout  # type: ignore[operator]
         with self._lock:            # so that close() cannot slip in between
             sock = self._open_sock()
             gen = self._gen
@@ -302,14 +302,14 @@ class RawListener:
         try:
             with self._lock:
                 if self._old > 0:
-                    self._park(gen, ms)
+                    self._park(gen, deadline)
                 ready = self._old == 0 and gen == self._gen and not self._close_pending
             if ready:
                 lfd, wfd = sock.fileno(), self._wake_r
                 poller = select.poll()
                 poller.register(lfd, _POLLIN)
                 poller.register(wfd, _POLLIN)
-                events = self._wait(poller, ms)
+                events = self._wait(poller, ms, deadline)
                 if self._close_pending:
                     pass
                 elif wfd in events:
@@ -349,7 +349,8 @@ class RawListener:
         self._backoff_ms = BACKOFF_FIRST_MS
         return out
 
-    def _wait(self, poller: "select.poll", ms: int) -> Dict[int, int]:
+    def _wait(self, poller: "select.poll", ms: int, deadline: Optional[float]
+              ) -> Dict[int, int]:
         """poll() the listener and the wake-up descriptor, as the C core does.
 
         select.poll retries EINTR itself (PEP 475) after running the Python
@@ -360,12 +361,15 @@ class RawListener:
         own wake-up fd, as asyncio does: then its fd is left alone).
         """
         sig_r = self._arm_signal_pipe()
-        deadline = None if ms < 0 else monotonic() + ms / 1000
         try:
             if sig_r >= 0:
                 poller.register(sig_r, _POLLIN)
             while True:
                 events = dict(poller.poll(ms))
+                if not events and ms == MAX_WAIT_MS and deadline is not None:
+                    ms = timeout_ms(remaining(deadline))
+                    if ms > 0:
+                        continue    # one step of a very long wait ended
                 if sig_r not in events:
                     return events
                 # the handlers ran as poll() returned; none raised: go on
