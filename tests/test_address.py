@@ -70,8 +70,14 @@ def test_unix_path_limit_is_108_bytes_everywhere(raw_class, tmp_path):
         raw.close()
 
 
+class _BytesPath:
+    def __fspath__(self):
+        return b"nul.sock\0junk"
+
+
 @pytest.mark.parametrize("bad", [b"nul.sock\0junk", bytearray(b"nul.sock\0junk"),
-                                 memoryview(b"nul.sock\0junk")])
+                                 memoryview(b"nul.sock\0junk"), "nul.sock\0junk",
+                                 _BytesPath()])
 def test_a_unix_path_with_a_nul_is_refused_before_anything_is_bound(bad, tmp_path,
                                                                     monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -283,6 +283,61 @@ needs_syscall_table = pytest.mark.skipif(
 
 
 @needs_syscall_table
+@pytest.mark.parametrize("timeout", [3e6, 1e300, 10**7, 10**400, float("inf")])
+def test_huge_timeouts_wait_through_a_signal_until_a_connection(timeout):
+    """Timeouts beyond what poll() takes (3e6 s is past its int of ms) are
+    clamped, never cast out of range (undefined behaviour, which the
+    sanitizer build turns into a crash), also when a signal interrupts the
+    wait and the time left is worked out again; inf waits for ever."""
+    main_tid, main_ident = threading.get_native_id(), threading.get_ident()
+    handled, clients = [], []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: handled.append(1))
+    try:
+        with fastlisten.listen(LOOPBACK) as lst:
+            def poke():
+                try:
+                    wait_for(lambda: _in_syscall(main_tid, _POLL_SYSCALLS))
+                    signal.pthread_kill(main_ident, signal.SIGUSR1)
+                    wait_for(lambda: handled and _in_syscall(main_tid, _POLL_SYSCALLS))
+                    clients.append(socket.create_connection(lst.address, timeout=5))
+                finally:
+                    if not clients:
+                        lst.wakeup()        # never leave the main thread waiting
+
+            t = threading.Thread(target=poke)
+            t.start()
+            try:
+                batch = lst.accept_many(64, timeout)
+            finally:
+                t.join(10)
+            close_all(batch)
+            assert len(batch) == 1 and handled == [1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        close_all(clients)
+
+
+@pytest.mark.skipif(fastlisten.compiled, reason="the compiled core's step is a C constant")
+def test_a_timeout_longer_than_one_poll_waits_in_steps_until_its_deadline(monkeypatch):
+    from fastlisten import _coreshared, _corepy
+    monkeypatch.setattr(_coreshared, "MAX_WAIT_MS", 20)   # one poll() waits at most 20 ms
+    monkeypatch.setattr(_corepy, "MAX_WAIT_MS", 20)
+    with fastlisten.listen(LOOPBACK) as lst:
+        start = time.monotonic()
+        assert lst.accept_many(8, 0.2) == []
+        assert time.monotonic() - start >= 0.2     # not cut short after one step
+
+
+@pytest.mark.parametrize("bad, error", [(float("nan"), ValueError), (-1, ValueError),
+                                        (-float("inf"), ValueError), ("1", TypeError),
+                                        (True, TypeError)])
+def test_a_bad_timeout_is_refused_naming_it(bad, error):
+    with fastlisten.listen(LOOPBACK) as lst:
+        with pytest.raises(error, match="timeout"):
+            lst.accept_many(8, bad)
+
+
+@needs_syscall_table
 def test_gil_is_released_while_waiting():
     """Another Python thread runs while the accept loop sits in poll().
 
@@ -665,3 +720,57 @@ def test_wakeup_and_close_from_another_thread_reach_every_waiter(end, waiters):
                 os.fstat(fd)
     finally:
         lst.close()
+
+
+@needs_syscall_table
+@pytest.mark.parametrize("timeout", [None, 30.0])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_one_wakeup_ends_each_waiting_loop_once_then_all_connections_are_accepted(
+        threads, timeout):
+    """Threads loop on accept_many on one listener, as a threaded server
+    does.  One wakeup() while they all wait must make each of them return
+    exactly one empty batch; after that the wake-up is spent, so every
+    connection that arrives is accepted.  (The wake-up used to be cleared
+    only by a waiter that found no other call in flight: with looping
+    threads that never happened, and they spun returning empty batches
+    while connections piled up.)"""
+    n = 300
+    lst = fastlisten.listen(LOOPBACK, backlog=n)
+    got, empties, tids, lock = [], [], [], threading.Lock()
+
+    def loop():
+        tids.append(threading.get_native_id())
+        try:
+            while True:
+                batch = lst.accept_many(64, timeout)
+                with lock:
+                    if batch:
+                        got.extend(batch)
+                    else:
+                        empties.append(threading.get_native_id())
+        except OSError as exc:          # close() ends the loops
+            assert exc.errno == errno.EBADF
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    clients = []
+    try:
+        for t in workers:
+            t.start()
+        wait_for(lambda: len(tids) == threads and all(_in_syscall(t, _POLL_SYSCALLS) for t in tids))
+        lst.wakeup()
+        wait_for(lambda: len(empties) >= threads
+                 and all(_in_syscall(t, _POLL_SYSCALLS) for t in tids))
+        with lock:
+            assert sorted(empties) == sorted(tids)       # each woke once, no more
+        # (From here on a thread may also come back empty-handed when
+        # another took the connections its poll() saw.)
+        clients = connect_n(lst.address, n)
+        wait_for(lambda: len(got) == n)
+        assert {a for _, a in got} == {c.getsockname() for c in clients}
+    finally:
+        lst.close()
+        for t in workers:
+            t.join(10)
+        assert not any(t.is_alive() for t in workers)
+        close_all(got)
+        close_all(clients)

@@ -13,7 +13,7 @@ nothing of servers, handlers or configuration (that is the Python layer).
 
 cimport cython
 from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memset, memcpy, strlen
+from libc.string cimport memset
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport PyThread_get_thread_ident
 from posix.signal cimport sigset_t
@@ -22,10 +22,10 @@ from libc.math cimport ceil
 
 from fastlisten.includes.system cimport (
     sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6, sockaddr_un,
-    socklen_t, AF_INET, AF_INET6, AF_UNIX, INET6_ADDRSTRLEN,
+    socklen_t, AF_INET, AF_INET6, AF_UNIX,
     bind as c_bind, listen as c_listen, getsockname as c_getsockname,
     setsockopt as c_setsockopt, getsockopt as c_getsockopt,
-    htons, ntohs, ntohl, htonl, inet_pton, inet_ntop, close as c_close,
+    ntohs, ntohl, inet_ntop, close as c_close,
     errno, EBUSY,
 )
 from fastlisten.includes.shared cimport raise_errno, addr_from_py
@@ -33,8 +33,7 @@ from fastlisten.includes.fl_net cimport (
     fl_stats, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
     fl_wakeup_signal, fl_wakeup_drain, fl_wait_accept, fl_capacity_backoff,
     fl_tcp_queue, fl_accept_error_class, fl_block_signals, fl_restore_signals,
-    FL_ERRNO_SLOTS,
-    FL_ERR_CAPACITY, FL_ERR_CLOSED, FL_ERR_IGNORE,
+    FL_ERRNO_SLOTS, FL_ERR_CAPACITY,
     FL_WAIT_EINTR, FL_WAIT_WOKEN, FL_WAIT_TIMEOUT,
 )
 
@@ -42,14 +41,14 @@ import socket as _socket
 import threading as _threading
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, ERRNO_SLOTS, MAX_BATCH, check_max, timeout_ms,
-    closed_error,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, ERRNO_SLOTS, MAX_BATCH, MAX_WAIT_MS, check_max,
+    timeout_ms, closed_error,
 )
 
 if ERRNO_SLOTS != FL_ERRNO_SLOTS:
     raise ImportError(f"fastlisten._core was built with FL_ERRNO_SLOTS={FL_ERRNO_SLOTS}, "
                       f"but fastlisten._coreshared says {ERRNO_SLOTS}: rebuild")
-from fastlisten.address import check_port, decode_unix_path, family_name, unix_path
+from fastlisten.address import decode_unix_path
 
 __all__ = ["RawListener"]
 
@@ -65,6 +64,7 @@ cdef bint _build_directly = (
     and _socket.socket.__mro__[1].__module__ == '_socket')
 cdef int _SOCK_STREAM = _socket.SOCK_STREAM
 cdef int _MAX_BATCH = MAX_BATCH
+cdef int _MAX_WAIT_MS = MAX_WAIT_MS
 # Python runs signal handlers in the main thread only.
 cdef unsigned long _main_thread = _threading.main_thread().ident
 
@@ -74,6 +74,18 @@ cdef inline double _now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef inline int _ms_until(double deadline) noexcept nogil:
+    """poll()'s milliseconds until a monotonic deadline: rounded up, 0 once
+    it passed, at most _MAX_WAIT_MS (a float-to-int cast out of range is
+    undefined behaviour, so it is clamped first)."""
+    cdef double left = (deadline - _now()) * 1000.0
+    if not left > 0.0:
+        return 0
+    if left >= <double>_MAX_WAIT_MS:
+        return _MAX_WAIT_MS
+    return <int>ceil(left)
 
 
 cdef object _addr_to_py(const sockaddr_storage *ss, socklen_t addrlen):
@@ -146,6 +158,14 @@ cdef class RawListener:
     cdef int _wake_w
     cdef bint _owned
     cdef int _busy              # accept_many calls in flight (GIL released)
+    # Wake-up generations (all under the GIL; see accept_many): a wake-up is
+    # consumed once by the calls in flight when it is seen (generation
+    # _gen - 1, _old of them still inside) and cleared when the last of them
+    # leaves; calls that start meanwhile wait on _cond, not on the fd.
+    cdef unsigned long long _gen
+    cdef int _old               # calls in flight that the current wake-up is for
+    cdef bint _again            # wakeup() while one was being delivered
+    cdef object _cond           # parks calls that start during a delivery
     cdef bint _buf_in_use       # _conns is being filled or read by a call
     cdef bint _close_pending    # close() asked while busy: the last one closes
     cdef readonly int family
@@ -173,6 +193,7 @@ cdef class RawListener:
         self.proto = proto
         self._owned = owned
         self._backoff_ms = BACKOFF_FIRST_MS
+        self._cond = _threading.Condition(_threading.Lock())
         if fl_wakeup_open(&self._wake_r, &self._wake_w) < 0:
             raise_errno(errno)
         if fileno is None:
@@ -275,9 +296,63 @@ cdef class RawListener:
         return (queued, backlog)
 
     def wakeup(self):
-        """Make a blocked (or the next) accept_many return at once.  Thread-safe."""
-        if self._wake_w >= 0 and fl_wakeup_signal(self._wake_w) < 0:
+        """Make a blocked (or the next) accept_many return at once.  Thread-safe.
+
+        Every call waiting when the wake-up is seen returns once (an empty
+        batch); calls made after that wait for connections again.
+        """
+        if self._wake_w < 0:
+            return
+        if self._old > 0:
+            # one is being delivered: this one is for the calls parked
+            # meanwhile, once that delivery is over
+            self._again = True
+        elif fl_wakeup_signal(self._wake_w) < 0:
             raise_errno(errno)
+
+    cdef void _leave(self, unsigned long long gen) noexcept:
+        """Bookkeeping when an accept_many call of generation gen returns
+        (GIL held, so wakeup() cannot interleave)."""
+        self._busy -= 1
+        if gen == self._gen or self._old == 0:
+            return
+        self._old -= 1
+        if self._old > 0:
+            return
+        # The last call the wake-up was for is out.
+        if self._again:
+            # Another came during the delivery: it is for the calls parked
+            # meanwhile (or, if none, the next call), so the fd stays set.
+            self._again = False
+            self._gen += 1
+            self._old = self._busy
+        elif self._wake_r >= 0:
+            fl_wakeup_drain(self._wake_r)
+        if self._busy > 0:
+            self._notify()
+
+    cdef void _notify(self) noexcept:
+        try:
+            with self._cond:
+                self._cond.notify_all()
+        except BaseException:       # a signal handler raised: nothing to undo
+            pass
+
+    cdef int _park(self, unsigned long long gen, int ms, double deadline) except -1:
+        """Wait while a wake-up is being delivered to calls that started
+        before this one, until it is over, a later wake-up is for this call,
+        close() is called or the timeout passes."""
+        cdef double left
+        with self._cond:
+            while self._old > 0 and gen == self._gen and not self._close_pending:
+                if ms < 0:
+                    self._cond.wait()
+                else:
+                    left = deadline - _now()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+        return 0
 
     cdef int _reserve(self, int n) except -1:
         cdef fl_conn *p
@@ -302,7 +377,9 @@ cdef class RawListener:
         goes on with the time left unless a handler raised.
         """
         cdef int n = 0, status = 0, err = 0, ms, fd, wake, i, lfd
-        cdef double deadline = 0.0, left
+        cdef unsigned long long gen
+        cdef double deadline = 0.0
+        cdef bint stepped          # the timeout is longer than one poll() can wait
         cdef fl_conn *conns
         cdef fl_conn *private
         cdef fl_stats *st = &self._st
@@ -321,7 +398,9 @@ cdef class RawListener:
                 ms = <int>ceil(<double>timeout * 1000.0)
             else:
                 ms = timeout_ms(timeout)    # checks and explains anything else
-            deadline = _now() + <double>timeout
+            if ms >= 0:                     # (-1: so long it is for ever)
+                deadline = _now() + <double>timeout
+        stepped = ms == _MAX_WAIT_MS
         # The listener's own buffer serves one caller at a time; a second
         # thread accepting concurrently gets a buffer of its own.
         private = NULL
@@ -335,10 +414,16 @@ cdef class RawListener:
                 self._reserve(max)
             conns = self._conns
             self._buf_in_use = True     # until _wrap is done with it
+        gen = self._gen
         self._busy += 1
         try:
             try:
-                while True:
+                if self._old > 0:
+                    self._park(gen, ms, deadline)
+                    if gen != self._gen or self._close_pending or self._old > 0:
+                        # woken, closed or timed out while parked
+                        status = FL_WAIT_WOKEN if gen != self._gen else FL_WAIT_TIMEOUT
+                while self._old == 0 and gen == self._gen and not self._close_pending:
                     lfd = self._fd
                     wake = self._wake_r
                     # In the main thread, a signal that arrives after Python
@@ -361,19 +446,26 @@ cdef class RawListener:
                             fl_restore_signals(wait_mask)
                         if n == 0 and err != 0 and fl_accept_error_class(err) == FL_ERR_CAPACITY:
                             fl_capacity_backoff(wake, self._backoff_ms if ms < 0 or ms > self._backoff_ms else ms)
+                    if status == FL_WAIT_TIMEOUT and stepped:
+                        ms = _ms_until(deadline)
+                        if ms > 0:
+                            continue        # one step of a very long wait ended
+                        break
                     if status != FL_WAIT_EINTR:
                         break
                     PyErr_CheckSignals()     # PEP 475: handlers run, may raise
                     if self._close_pending:
                         break
                     if ms > 0:
-                        left = deadline - _now()
-                        ms = <int>ceil(left * 1000.0) if left > 0 else 0
+                        ms = _ms_until(deadline)
+                if status == FL_WAIT_WOKEN and gen == self._gen:
+                    # The first to see this wake-up: it is for every call in
+                    # flight now (they see the fd too); the last one of them
+                    # to leave clears it.  Calls that start before then park.
+                    self._gen += 1
+                    self._old = self._busy
             finally:
-                self._busy -= 1
-                # Every waiter sees a wake-up: the last one to leave clears it.
-                if status == FL_WAIT_WOKEN and self._busy == 0:
-                    fl_wakeup_drain(wake)
+                self._leave(gen)
             if self._close_pending:
                 # closed while we waited: every waiter raises, the last one
                 # out closes the descriptor
@@ -432,6 +524,7 @@ cdef class RawListener:
         if self._busy:
             self._close_pending = True
             fl_wakeup_signal(self._wake_w)
+            self._notify()          # calls parked in accept_many raise too
             return
         self._close_now()
 

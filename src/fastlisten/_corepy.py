@@ -18,8 +18,8 @@ from time import monotonic
 from typing import Any, Dict, List, Optional, Tuple
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, ERRNO_SLOTS, IGNORABLE, check_max,
-    closed_error, remaining, timeout_ms,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, ERRNO_SLOTS, IGNORABLE, MAX_WAIT_MS,
+    check_max, closed_error, remaining, timeout_ms,
 )
 from fastlisten.address import check_port, decode_unix_path, family_name, unix_path
 
@@ -97,6 +97,14 @@ class RawListener:
         self._owned = owned if fileno is not None else True
         self._lock = threading.Lock()
         self._busy = 0
+        # Wake-up generations, as in the compiled core (under _lock): the
+        # calls in flight when a wake-up is seen (_old of them still inside)
+        # each return once; the last of them clears it; calls that start
+        # meanwhile wait on _parked, not on the descriptor.
+        self._gen = 0
+        self._old = 0
+        self._again = False
+        self._parked = threading.Condition(self._lock)
         self._close_pending = False
         self._backoff_ms = BACKOFF_FIRST_MS
         self._accepted = self._batches = self._max_batch = 0
@@ -179,6 +187,7 @@ class RawListener:
             if self._busy:
                 self._close_pending = True
                 self._signal()
+                self._parked.notify_all()
                 return
             self._close_now()
 
@@ -235,12 +244,50 @@ class RawListener:
             pass   # a wake-up is already pending: just as good
 
     def wakeup(self) -> None:
-        """Make a blocked (or the next) accept_many return at once.  Thread-safe."""
-        if self._wake_w >= 0:
-            self._signal()
+        """Make a blocked (or the next) accept_many return at once.  Thread-safe.
 
-    def _drain_wakeup(self) -> None:
-        _drain_fd(self._wake_r)
+        Every call waiting when the wake-up is seen returns once (an empty
+        batch); calls made after that wait for connections again.
+        """
+        with self._lock:
+            if self._wake_w < 0:
+                return
+            if self._old > 0:
+                self._again = True    # for the calls parked meanwhile
+            else:
+                self._signal()
+
+    def _leave(self, gen: int) -> None:
+        """Bookkeeping when an accept_many call of generation gen returns
+        (with _lock held)."""
+        self._busy -= 1
+        if gen == self._gen or self._old == 0:
+            return
+        self._old -= 1
+        if self._old > 0:
+            return
+        # The last call the wake-up was for is out.
+        if self._again:
+            # another came during the delivery: for the parked calls (or, if
+            # none, the next call), so the descriptor stays set
+            self._again = False
+            self._gen += 1
+            self._old = self._busy
+        elif self._wake_r >= 0:
+            _drain_fd(self._wake_r)
+        self._parked.notify_all()
+
+    def _park(self, gen: int, deadline: Optional[float]) -> None:
+        """With _lock held: wait while a wake-up is being delivered to calls
+        that started before this one (see the compiled core)."""
+        while self._old > 0 and gen == self._gen and not self._close_pending:
+            if deadline is None:
+                self._parked.wait()
+            else:
+                left = deadline - monotonic()
+                if left <= 0:
+                    return
+                self._parked.wait(left)
 
     def _count_error(self, err: int) -> None:
         slot = err if 0 <= err < ERRNO_SLOTS else ERRNO_SLOTS - 1
@@ -252,32 +299,41 @@ class RawListener:
         compiled core's docstring: the same contract)."""
         check_max(max)
         ms = timeout_ms(timeout)
+        deadline = None if ms < 0 else monotonic() + timeout  # type: ignore[operator]
         with self._lock:            # so that close() cannot slip in between
             sock = self._open_sock()
+            gen = self._gen
             self._busy += 1
         out: List[Tuple[_socket.socket, Any]] = []
         err = 0
-        woken = False
         try:
-            lfd, wfd = sock.fileno(), self._wake_r
-            poller = select.poll()
-            poller.register(lfd, _POLLIN)
-            poller.register(wfd, _POLLIN)
-            events = self._wait(poller, ms)
-            if self._close_pending:
-                pass
-            elif wfd in events:
-                woken = True        # left set for the other waiters
-            elif lfd in events:
-                if events[lfd] & _POLLNVAL:
-                    err = errno.EBADF
-                else:
-                    err = self._drain(sock, max, out)
+            with self._lock:
+                if self._old > 0:
+                    self._park(gen, deadline)
+                ready = self._old == 0 and gen == self._gen and not self._close_pending
+            if ready:
+                lfd, wfd = sock.fileno(), self._wake_r
+                poller = select.poll()
+                poller.register(lfd, _POLLIN)
+                poller.register(wfd, _POLLIN)
+                events = self._wait(poller, ms, deadline)
+                if self._close_pending:
+                    pass
+                elif wfd in events:
+                    with self._lock:
+                        if gen == self._gen:
+                            # The first to see this wake-up: it is for every
+                            # call in flight now; the last of them clears it.
+                            self._gen += 1
+                            self._old = self._busy
+                elif lfd in events:
+                    if events[lfd] & _POLLNVAL:
+                        err = errno.EBADF
+                    else:
+                        err = self._drain(sock, max, out)
         finally:
             with self._lock:
-                self._busy -= 1
-                if woken and self._busy == 0:
-                    self._drain_wakeup()     # every waiter saw it: clear it
+                self._leave(gen)
                 closing, last = self._close_pending, self._busy == 0
         if closing:
             # closed while we waited: every waiter raises, the last one out
@@ -293,14 +349,15 @@ class RawListener:
                 return out
             if err in CAPACITY:
                 pause = self._backoff_ms if ms < 0 else min(self._backoff_ms, ms)
-                select.select([wfd], [], [], pause / 1000)
+                select.select([self._wake_r], [], [], pause / 1000)
                 self._backoff_ms = min(self._backoff_ms * 2, BACKOFF_MAX_MS)
                 return out
             raise OSError(err, os.strerror(err))
         self._backoff_ms = BACKOFF_FIRST_MS
         return out
 
-    def _wait(self, poller: "select.poll", ms: int) -> Dict[int, int]:
+    def _wait(self, poller: "select.poll", ms: int, deadline: Optional[float]
+              ) -> Dict[int, int]:
         """poll() the listener and the wake-up descriptor, as the C core does.
 
         select.poll retries EINTR itself (PEP 475) after running the Python
@@ -311,12 +368,15 @@ class RawListener:
         own wake-up fd, as asyncio does: then its fd is left alone).
         """
         sig_r = self._arm_signal_pipe()
-        deadline = None if ms < 0 else monotonic() + ms / 1000
         try:
             if sig_r >= 0:
                 poller.register(sig_r, _POLLIN)
             while True:
                 events = dict(poller.poll(ms))
+                if not events and ms == MAX_WAIT_MS and deadline is not None:
+                    ms = timeout_ms(remaining(deadline))
+                    if ms > 0:
+                        continue    # one step of a very long wait ended
                 if sig_r not in events:
                     return events
                 # the handlers ran as poll() returned; none raised: go on

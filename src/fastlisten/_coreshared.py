@@ -46,18 +46,30 @@ def check_max(n: int) -> None:
         raise ValueError(f"max must be between 1 and {MAX_BATCH}, not {n}")
 
 
+#: The longest single poll() wait, in ms (about 24.8 days; poll takes an
+#: int).  A longer timeout waits in steps of this until its deadline.
+MAX_WAIT_MS = 2**31 - 2
+#: Timeouts from this many seconds up (inf included; some 31 million years)
+#: wait for ever: no clock reaches their deadline, and beyond it a float
+#: deadline would be too coarse or overflow.
+FOREVER_S = 1e15
+
+
 def timeout_ms(timeout: Optional[float]) -> int:
-    """Seconds (None: for ever) as poll()'s milliseconds, rounded up so that a
-    wait never ends before its deadline."""
+    """Seconds (None, inf or at least FOREVER_S: for ever, -1) as poll()'s
+    milliseconds, rounded up so that a wait never ends before its deadline
+    and at most MAX_WAIT_MS (the caller waits again until its deadline)."""
     if timeout is None:
         return -1
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(
             f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
+    if timeout != timeout or timeout < 0:      # NaN, or negative
         raise ValueError(f"timeout must be non-negative, not {timeout!r}")
+    if timeout >= FOREVER_S:
+        return -1
     ms = math.ceil(timeout * 1000)
-    return ms if ms < 2**31 - 1 else 2**31 - 2
+    return ms if ms < MAX_WAIT_MS else MAX_WAIT_MS
 
 
 def remaining(deadline: float) -> float:

@@ -14,7 +14,6 @@ cdef extern from "<sys/socket.h>" nogil:
     int AF_INET
     int AF_INET6
     int AF_UNIX
-    int SOL_SOCKET
 
     int bind(int fd, const sockaddr *addr, socklen_t addrlen)
     int listen(int fd, int backlog)
@@ -47,7 +46,6 @@ cdef extern from "<netinet/in.h>" nogil:
     unsigned int ntohl(unsigned int)
 
 cdef extern from "<arpa/inet.h>" nogil:
-    int INET6_ADDRSTRLEN
     int inet_pton(int af, const char *src, void *dst)
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
@@ -62,8 +60,5 @@ cdef extern from "<unistd.h>" nogil:
 cdef extern from "<errno.h>" nogil:
     int errno
     int EAFNOSUPPORT
-    int EBADF
     int EBUSY
     int EINTR
-    int EINVAL
-    int ENOPROTOOPT
