@@ -21,7 +21,8 @@ from fastlisten._coreshared import (
     BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, ERRNO_SLOTS, IGNORABLE, MAX_WAIT_MS,
     check_max, closed_error, remaining, timeout_ms,
 )
-from fastlisten.address import check_port, decode_unix_path, family_name, unix_path
+from fastlisten._wakeup import Waker
+from fastlisten.address import check_numeric, decode_unix_path
 
 __all__ = ["RawListener"]
 
@@ -37,47 +38,6 @@ _POLLIN = select.POLLIN
 _POLLNVAL = select.POLLNVAL
 
 
-def _open_wakeup() -> Tuple[int, int]:
-    if hasattr(os, "eventfd"):
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        return fd, fd
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    return r, w
-
-
-def _drain_fd(fd: int) -> None:
-    """Read a non-blocking wake-up descriptor empty."""
-    try:
-        while os.read(fd, 64):
-            pass
-    except BlockingIOError:
-        pass
-
-
-def _check_numeric(family: int, address: Any) -> Any:
-    """The same checks the compiled core's _addr_from_py makes."""
-    if family in (_socket.AF_INET, _socket.AF_INET6):
-        if not isinstance(address, tuple) or len(address) < 2:
-            six = "6" if family == _socket.AF_INET6 else ""
-            raise TypeError(
-                f"an AF_INET{six} address must be a (host, port) tuple, not {address!r}")
-        host = address[0]
-        check_port(address[1])
-        if family == _socket.AF_INET6 and len(address) > 4:
-            raise TypeError(f"an AF_INET6 address has at most 4 items, not {address!r}")
-        try:
-            _socket.inet_pton(family, host)
-        except (OSError, TypeError):
-            kind = "IPv6" if family == _socket.AF_INET6 else "IPv4"
-            raise ValueError(f"not a numeric {kind} address: {host!r}") from None
-        return address
-    if family == _socket.AF_UNIX:
-        return unix_path(address)
-    raise OSError(errno.EAFNOSUPPORT, f"unsupported address family: {family_name(family)}")
-
-
 class RawListener:
     """A listening socket's descriptor (pure-Python core).
 
@@ -89,8 +49,8 @@ class RawListener:
     def __init__(self, family: int = _socket.AF_INET, type: int = _socket.SOCK_STREAM,
                  proto: int = 0, fileno: Optional[int] = None, *, owned: bool = True) -> None:
         self._sock: Optional[_socket.socket] = None
-        self._wake_r = self._wake_w = -1
-        self._sig_r = self._sig_w = -1     # the signal.set_wakeup_fd pipe
+        self._waker: Optional[Waker] = None
+        self._sig: Optional[Waker] = None   # the signal.set_wakeup_fd pipe
         self.family = int(family)
         self.type = int(type)
         self.proto = int(proto)
@@ -112,13 +72,11 @@ class RawListener:
         self._in_capacity_episode = False
         self._last_capacity_errno = 0
         self._errors: Dict[int, int] = {}
-        self._wake_r, self._wake_w = _open_wakeup()
+        self._waker = Waker()
         try:
             # Made now, not at the first wait: a process out of descriptors
             # must still be able to accept once one is free.
-            self._sig_r, self._sig_w = os.pipe()
-            os.set_blocking(self._sig_r, False)
-            os.set_blocking(self._sig_w, False)
+            self._sig = Waker(pipe=True)
         except BaseException:
             self._close_wakeup()
             raise
@@ -145,9 +103,10 @@ class RawListener:
     # -- lifecycle -----------------------------------------------------
 
     def _close_wakeup(self) -> None:
-        for fd in {self._wake_r, self._wake_w, self._sig_r, self._sig_w} - {-1}:
-            os.close(fd)
-        self._wake_r = self._wake_w = self._sig_r = self._sig_w = -1
+        for waker in (self._waker, self._sig):
+            if waker is not None:
+                waker.close()
+        self._waker = self._sig = None
 
     def _close_now(self) -> None:
         sock, self._sock = self._sock, None
@@ -186,7 +145,7 @@ class RawListener:
                 return
             if self._busy:
                 self._close_pending = True
-                self._signal()
+                self._waker.wakeup()    # type: ignore[union-attr]
                 self._parked.notify_all()
                 return
             self._close_now()
@@ -213,7 +172,7 @@ class RawListener:
     def bind(self, address: Any) -> None:
         """bind(2) to a numeric address: (host, port), (host, port, flow, scope) or a path."""
         sock = self._open_sock()
-        sock.bind(_check_numeric(self.family, address))
+        sock.bind(check_numeric(self.family, address))
 
     def listen(self, backlog: int) -> None:
         """listen(2); a negative backlog is clamped to 0, as socket.listen does."""
@@ -237,12 +196,6 @@ class RawListener:
 
     # -- the loop ------------------------------------------------------
 
-    def _signal(self) -> None:
-        try:
-            os.write(self._wake_w, (1).to_bytes(8, "little"))
-        except BlockingIOError:
-            pass   # a wake-up is already pending: just as good
-
     def wakeup(self) -> None:
         """Make a blocked (or the next) accept_many return at once.  Thread-safe.
 
@@ -250,12 +203,12 @@ class RawListener:
         batch); calls made after that wait for connections again.
         """
         with self._lock:
-            if self._wake_w < 0:
+            if self._waker is None:
                 return
             if self._old > 0:
                 self._again = True    # for the calls parked meanwhile
             else:
-                self._signal()
+                self._waker.wakeup()
 
     def _leave(self, gen: int) -> None:
         """Bookkeeping when an accept_many call of generation gen returns
@@ -273,8 +226,8 @@ class RawListener:
             self._again = False
             self._gen += 1
             self._old = self._busy
-        elif self._wake_r >= 0:
-            _drain_fd(self._wake_r)
+        elif self._waker is not None:
+            self._waker.drain()
         self._parked.notify_all()
 
     def _park(self, gen: int, deadline: Optional[float]) -> None:
@@ -312,14 +265,14 @@ class RawListener:
                     self._park(gen, deadline)
                 ready = self._old == 0 and gen == self._gen and not self._close_pending
             if ready:
-                lfd, wfd = sock.fileno(), self._wake_r
+                lfd, wfd = sock.fileno(), self._waker.fileno()  # type: ignore[union-attr]
                 poller = select.poll()
                 poller.register(lfd, _POLLIN)
                 poller.register(wfd, _POLLIN)
                 events = self._wait(poller, ms, deadline)
                 if self._close_pending:
-                    pass
-                elif wfd in events:
+                    events = {}         # closed meanwhile: nothing to take
+                if wfd in events:
                     with self._lock:
                         if gen == self._gen:
                             # The first to see this wake-up: it is for every
@@ -349,7 +302,7 @@ class RawListener:
                 return out
             if err in CAPACITY:
                 pause = self._backoff_ms if ms < 0 else min(self._backoff_ms, ms)
-                select.select([self._wake_r], [], [], pause / 1000)
+                select.select([self._waker.fileno()], [], [], pause / 1000)  # type: ignore[union-attr]
                 self._backoff_ms = min(self._backoff_ms * 2, BACKOFF_MAX_MS)
                 return out
             raise OSError(err, os.strerror(err))
@@ -380,7 +333,7 @@ class RawListener:
                 if sig_r not in events:
                     return events
                 # the handlers ran as poll() returned; none raised: go on
-                _drain_fd(sig_r)
+                self._sig.drain()   # type: ignore[union-attr]
                 del events[sig_r]
                 if events:
                     return events
@@ -394,11 +347,13 @@ class RawListener:
         """Make our pipe the signal wake-up fd; -1 if that is not ours to do."""
         if threading.current_thread() is not threading.main_thread():
             return -1
-        previous = signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
-        if previous not in (-1, self._sig_w):
+        sig = self._sig
+        assert sig is not None
+        previous = signal.set_wakeup_fd(sig.write_fileno(), warn_on_full_buffer=False)
+        if previous not in (-1, sig.write_fileno()):
             signal.set_wakeup_fd(previous)
             return -1
-        return self._sig_r
+        return sig.fileno()
 
     def _drain(self, sock: _socket.socket, max: int,
                out: List[Tuple[_socket.socket, Any]]) -> int:

@@ -36,7 +36,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 __all__ = [
     "UNIX_PATH_MAX", "FAMILIES", "Address", "check_port", "check_family", "family_name",
-    "unix_path", "decode_unix_path", "numeric_family", "parse", "split", "resolve",
+    "unix_path", "check_numeric", "decode_unix_path", "numeric_family", "parse", "split", "resolve",
     "format_address",
 ]
 
@@ -118,6 +118,29 @@ def unix_path(path: Any) -> bytes:
         raise OSError(errno.EINVAL, f"AF_UNIX path too long ({len(raw)} bytes, the limit "
                                     f"is {UNIX_PATH_MAX}): {path!r}")
     return raw
+
+
+def check_numeric(family: int, address: Any) -> Any:
+    """An address as the cores bind it, checked: a numeric ``(host, port)``
+    (IPv6: up to ``(host, port, flowinfo, scope_id)``) or, for AF_UNIX,
+    the path as checked bytes.  Names are resolve()'s job, not the cores'."""
+    if family in (socket.AF_INET, socket.AF_INET6):
+        if not isinstance(address, tuple) or len(address) < 2:
+            raise TypeError(f"an {family_name(family)} address must be a (host, port) tuple, "
+                            f"not {address!r}")
+        host = address[0]
+        check_port(address[1])
+        if family == socket.AF_INET6 and len(address) > 4:
+            raise TypeError(f"an AF_INET6 address has at most 4 items, not {address!r}")
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, TypeError, ValueError):
+            kind = "IPv6" if family == socket.AF_INET6 else "IPv4"
+            raise ValueError(f"not a numeric {kind} address: {host!r}") from None
+        return address
+    if family == socket.AF_UNIX:
+        return unix_path(address)
+    raise OSError(errno.EAFNOSUPPORT, f"unsupported address family: {family_name(family)}")
 
 
 def decode_unix_path(raw: bytes) -> Union[str, bytes]:

@@ -9,7 +9,7 @@ from libc.string cimport memset, memcpy
 
 from fastlisten.includes.system cimport (
     sockaddr_storage, sockaddr_in, sockaddr_in6, sockaddr_un, socklen_t,
-    AF_INET, AF_INET6, AF_UNIX, htons, htonl, inet_pton, errno, EAFNOSUPPORT,
+    AF_INET, AF_INET6, AF_UNIX, htons, htonl, inet_pton, errno,
 )
 
 
@@ -26,45 +26,33 @@ cdef inline int raise_errno(int err, str message=None) except -1:
 
 cdef inline int addr_from_py(int family, object address, sockaddr_storage *ss,
                              socklen_t *addrlen) except -1:
-    """Fill ss from a *numeric* address; the Python layer resolves names."""
-    from fastlisten.address import check_port, family_name, unix_path
+    """Fill ss from a numeric address, checked first by
+    fastlisten.address.check_numeric (the one set of rules and messages)."""
+    from fastlisten.address import check_numeric
     cdef sockaddr_in *sin
     cdef sockaddr_in6 *sin6
     cdef sockaddr_un *sun
     cdef bytes raw
+    address = check_numeric(family, address)
     memset(ss, 0, sizeof(sockaddr_storage))
-    if family == AF_INET or family == AF_INET6:
-        if not isinstance(address, tuple) or len(address) < 2:
-            raise TypeError(
-                f"an AF_INET{'6' if family == AF_INET6 else ''} address must be "
-                f"a (host, port) tuple, not {address!r}")
-        host = address[0]
-        port = check_port(address[1])
-        raw = host.encode('ascii') if isinstance(host, str) else bytes(host)
     if family == AF_INET:
         sin = <sockaddr_in *>ss
         sin.sin_family = AF_INET
-        sin.sin_port = htons(<unsigned short>port)
-        if inet_pton(AF_INET, raw, &sin.sin_addr) != 1:
-            raise ValueError(f"not a numeric IPv4 address: {host!r}")
+        sin.sin_port = htons(<unsigned short>address[1])
+        inet_pton(AF_INET, address[0].encode('ascii'), &sin.sin_addr)
         addrlen[0] = sizeof(sockaddr_in)
     elif family == AF_INET6:
-        if len(address) > 4:
-            raise TypeError(f"an AF_INET6 address has at most 4 items, not {address!r}")
         sin6 = <sockaddr_in6 *>ss
         sin6.sin6_family = AF_INET6
-        sin6.sin6_port = htons(<unsigned short>port)
+        sin6.sin6_port = htons(<unsigned short>address[1])
         sin6.sin6_flowinfo = htonl(address[2] if len(address) > 2 else 0)
         sin6.sin6_scope_id = address[3] if len(address) > 3 else 0
-        if inet_pton(AF_INET6, raw, &sin6.sin6_addr) != 1:
-            raise ValueError(f"not a numeric IPv6 address: {host!r}")
+        inet_pton(AF_INET6, address[0].encode('ascii'), &sin6.sin6_addr)
         addrlen[0] = sizeof(sockaddr_in6)
-    elif family == AF_UNIX:
-        raw = unix_path(address)     # checked: at most sizeof(sun_path) bytes
+    else:
+        raw = address        # AF_UNIX: at most sizeof(sun_path) bytes
         sun = <sockaddr_un *>ss
         sun.sun_family = AF_UNIX
         memcpy(sun.sun_path, <char *>raw, len(raw))
         addrlen[0] = <socklen_t>(<char *>sun.sun_path - <char *>sun) + len(raw)
-    else:
-        raise_errno(EAFNOSUPPORT, f"unsupported address family: {family_name(family)}")
     return 0
