@@ -4,7 +4,9 @@ line and the socketserver classes."""
 
 import errno
 import os
+import re
 import socket
+import socketserver
 
 import pytest
 
@@ -114,6 +116,48 @@ def test_a_host_port_string_is_tcp_never_a_socket_file(tmp_path, monkeypatch):
         assert lst.family == socket.AF_UNIX
 
 
+def test_unix_prefix_is_stripped_also_when_the_family_says_unix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with fastlisten.listen("unix:u.sock", family="unix") as lst:
+        assert lst.address == "u.sock"
+    assert ListenConfig.from_address("unix:u.sock", family="unix").path == "u.sock"
+    assert os.listdir(tmp_path) == []
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    pass
+
+
+class _Configured(fastlisten.TCPServer):
+    listen_config = ListenConfig()
+
+
+@pytest.mark.parametrize("cls", [fastlisten.TCPServer, _Configured, fastlisten.UDPServer,
+                                 fastlisten.ThreadingTCPServer])
+@pytest.mark.parametrize("text", ["localhost:0", "app.sock", "unix:app.sock"])
+def test_a_tcp_server_refuses_a_string_address_with_or_without_listen_config(
+        cls, text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=r"must be a \(host, port\) tuple, not str: "
+                                        + re.escape(repr(text))):
+        cls(text, _Handler)
+    assert os.listdir(tmp_path) == []
+
+
+class _UnixConfigured(fastlisten.UnixStreamServer):
+    listen_config = ListenConfig(family="unix")
+
+
+@pytest.mark.parametrize("cls", [fastlisten.UnixStreamServer, _UnixConfigured])
+def test_a_unix_server_takes_its_path_as_written_like_the_stdlib(cls, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # socketserver.UnixStreamServer binds any str as a path: so do these,
+    # listen_config or not (no text notation for a server_address)
+    with cls("unix:literal.sock", _Handler) as server:
+        assert server.server_address == "unix:literal.sock"
+        assert os.listdir(tmp_path) == ["unix:literal.sock"]
+
+
 def test_no_host_means_loopback_and_empty_host_every_interface():
     with fastlisten.listen() as lst:
         assert lst.address[0] == "127.0.0.1"
@@ -132,3 +176,52 @@ def test_an_inet_address_with_too_many_items_is_a_type_error():
     with fastlisten.Listener(socket.AF_INET) as lst:
         with pytest.raises(TypeError, match=r"\(host, port\)"):
             lst.bind(("127.0.0.1", 0, 0))
+
+
+# -- bind errors, explained for the caller that met them -----------------------
+
+def _stale_socket_file(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    s.close()            # a leftover file, as a crashed server leaves it
+
+
+def test_a_stale_socket_file_is_explained_for_each_caller(tmp_path):
+    path = str(tmp_path / "stale.sock")
+    _stale_socket_file(path)
+    # a server class without listen_config never removes it (as the stdlib)
+    with pytest.raises(OSError, match="give the server class listen_config") as info:
+        fastlisten.UnixStreamServer(path, _Handler)
+    assert info.value.errno == errno.EADDRINUSE and "unlink_stale=True" in str(info.value)
+    with pytest.raises(OSError, match=r"unlink_stale=False \(--keep-stale") as info:
+        fastlisten.listen(path, unlink_stale=False)
+    assert info.value.errno == errno.EADDRINUSE
+    with fastlisten.Listener(socket.AF_UNIX) as lst:
+        with pytest.raises(OSError, match=r"bind with fastlisten\.listen\(\)"):
+            lst.bind(path)
+    with fastlisten.listen(path) as lst:     # unlink_stale=True, the default
+        assert lst.address == path
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: fastlisten.listen(p),
+    lambda p: fastlisten.UnixStreamServer(p, _Handler),
+], ids=["listen", "UnixStreamServer"])
+def test_a_unix_path_in_a_missing_directory_names_it(make, tmp_path):
+    path = str(tmp_path / "missing-dir" / "x.sock")
+    with pytest.raises(FileNotFoundError, match=f"directory {re.escape(str(tmp_path))}"
+                                                f"/missing-dir does not exist") as info:
+        make(path)
+    assert info.value.errno == errno.ENOENT
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="file is not a directory"):
+        make(str(tmp_path / "file" / "x.sock"))
+
+
+def test_a_server_names_a_host_that_does_not_resolve_as_listen_does():
+    # a name glibc refuses without asking DNS (no traffic leaves the machine)
+    host = "no such host.invalid"
+    with pytest.raises(socket.gaierror, match=f"no IPv4 address for host '{host}'"):
+        fastlisten.listen((host, 8080))
+    with pytest.raises(socket.gaierror, match=f"no IPv4 address for host '{host}'"):
+        fastlisten.TCPServer((host, 8080), _Handler)

@@ -12,10 +12,14 @@ messages are the same everywhere:
   refused, as it is almost always a mistake); 0 lets the kernel choose.
 - **Unix sockets**: ``bytes`` or an ``os.PathLike`` are always paths; a
   ``str`` is a path when it starts with ``unix:`` (which is stripped) or
-  contains a ``/``, or when the family is already known to be AF_UNIX.  So
-  ``"localhost:8080"`` is TCP and never silently becomes a socket file; write
-  ``"./app.sock"`` or ``"unix:app.sock"`` for a file in the current
-  directory.  A leading NUL byte names Linux's abstract namespace.  At most
+  contains a ``/``, or when the family is already known to be AF_UNIX
+  (``family="unix"``).  So ``"localhost:8080"`` is TCP and never silently
+  becomes a socket file; write ``"./app.sock"`` or ``"unix:app.sock"`` for a
+  file in the current directory.
+- **A socketserver server's** ``server_address`` is read as ``socket.bind``
+  reads it (``literal``): no text notation; a TCP server takes a tuple only
+  (a ``str`` is a TypeError naming it, as in the standard library) and a
+  Unix server takes any path as written.  A leading NUL byte names Linux's abstract namespace.  At most
   108 bytes (``sizeof(sun_path)``, the standard library's limit); a
   file-system path may not contain a NUL byte.
 
@@ -36,8 +40,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 __all__ = [
     "UNIX_PATH_MAX", "FAMILIES", "Address", "check_port", "check_family", "family_name",
-    "unix_path", "check_numeric", "decode_unix_path", "numeric_family", "parse", "split", "resolve",
-    "format_address",
+    "unix_path", "check_numeric", "decode_unix_path", "numeric_family", "parse", "split",
+    "check_inet_tuple", "resolve", "format_address",
 ]
 
 #: sizeof(struct sockaddr_un.sun_path) on Linux: the longest Unix socket
@@ -207,21 +211,28 @@ def parse(text: str) -> Dict[str, Any]:
     elif text.isdigit():
         host, port_text = "", text
     else:
+        unix = "" if not text or numeric_family(text) else (
+            f", or ./{text} or unix:{text} for a Unix socket")
         raise ValueError(f"address {text!r}: no port given. Write HOST:PORT "
-                         f"(e.g. {text or '127.0.0.1'}:4481) for TCP, or ./{text} or "
-                         f"unix:{text} for a Unix socket")
+                         f"(e.g. {text or '127.0.0.1'}:4481) for TCP{unix}")
     if not port_text.isdigit():
         raise ValueError(f"address {text!r}: the port must be a number 0-65535, "
                          f"not {port_text!r}")
     return {"host": host, "port": check_port(int(port_text, 10))}
 
 
-def split(address: Any, family: Optional[int] = None) -> Dict[str, Any]:
+def split(address: Any, family: Optional[int] = None, *,
+          literal: bool = False) -> Dict[str, Any]:
     """``host``/``port`` or ``path`` keywords (for ListenConfig) from an
     address in any form this module takes: a tuple (an IPv6 4-tuple's scope
     id becomes ``host%scope``), bytes or a path-like (a Unix path), or text
-    (see parse(); with ``family`` AF_UNIX, any str is a path, as for
-    socketserver.UnixStreamServer)."""
+    (see parse(); with ``family`` AF_UNIX any str is a path, ``unix:``
+    stripped).
+
+    ``literal``: the address as ``socket.bind`` takes it, as a socketserver
+    server's ``server_address`` is: a str is never parsed as text, so it is
+    a Unix path as written, and an AF_INET/AF_INET6 address must be a tuple
+    (see check_inet_tuple())."""
     if isinstance(address, tuple):
         if len(address) not in (2, 4):
             raise TypeError(f"address must be (host, port) or a path, not {address!r}")
@@ -230,12 +241,31 @@ def split(address: Any, family: Optional[int] = None) -> Dict[str, Any]:
         if len(address) == 4 and address[3]:
             host = f"{host}%{address[3]}"
         return {"host": host, "port": port}
-    if isinstance(address, str) and family != socket.AF_UNIX:
-        return parse(address)
+    if literal:
+        check_inet_tuple(family, address)
+    elif isinstance(address, str):
+        if address.startswith("unix:"):
+            return {"path": address[5:]}
+        if family != socket.AF_UNIX:
+            return parse(address)
     if isinstance(address, (str, bytes, bytearray, memoryview)) or hasattr(address, "__fspath__"):
         return {"path": address}
     raise TypeError(f"address must be a (host, port) tuple or a path, "
                     f"not {type(address).__name__}: {address!r}")
+
+
+def check_inet_tuple(family: Optional[int], address: Any) -> None:
+    """For an AF_INET or AF_INET6 ``family``, raise TypeError (what
+    ``socket.bind`` raises) naming ``address`` unless it is a tuple; a
+    string never becomes a Unix socket file behind the caller's back."""
+    if family not in (socket.AF_INET, socket.AF_INET6) or isinstance(address, tuple):
+        return
+    hint = ""
+    if isinstance(address, str):
+        hint = (" (text such as 'HOST:PORT' is read by fastlisten.listen() and the "
+                "command line; a Unix socket needs a Unix server or family AF_UNIX)")
+    raise TypeError(f"an {family_name(family)} address must be a (host, port) tuple, "
+                    f"not {type(address).__name__}: {address!r}{hint}")
 
 
 def resolve(family: int, address: Any) -> Any:
@@ -248,7 +278,8 @@ def resolve(family: int, address: Any) -> Any:
     if family == socket.AF_UNIX:
         return unix_path(address)
     check_family(family)
-    if not isinstance(address, tuple) or len(address) < 2:
+    check_inet_tuple(family, address)
+    if len(address) < 2:
         raise TypeError(f"an {family_name(family)} address must be a (host, port) tuple, "
                         f"not {address!r}")
     if family == socket.AF_INET6 and len(address) > 4:

@@ -213,16 +213,17 @@ class ListenConfig:
         return cls(**_address.split(address, family), **options)
 
     def for_address(self, address: Any, family: Optional[int] = None) -> "ListenConfig":
-        """These options at ``address`` (as from_address takes it; a str is
-        a Unix path when ``family`` is AF_UNIX), validated together: how a
+        """These options at ``address``, validated together: how a
         socketserver class combines its ``listen_config`` with its
-        ``server_address``.  A config with ``fd=`` ignores the address."""
+        ``server_address``, which is read as ``socket.bind`` reads it (a
+        tuple for TCP; any path, as written, for AF_UNIX; no ``HOST:PORT``
+        or ``unix:`` text).  A config with ``fd=`` ignores the address."""
         if self.fd is not None:
             return self
         if family is not None:
             family = _address.check_family(family)
         where = {"host": None, "port": 0, "path": None, "family": family,
-                 **_address.split(address, family)}
+                 **_address.split(address, family, literal=True)}
         return dataclasses.replace(self, **where)
 
     def replace(self, **changes: Any) -> "ListenConfig":

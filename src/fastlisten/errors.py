@@ -24,7 +24,7 @@ from fastlisten.sysinfo import find_holders
 
 __all__ = [
     "FastlistenWarning", "EphemeralPortWarning", "BacklogTruncatedWarning",
-    "OptionIneffectiveWarning", "explain_bind_error", "format_address",
+    "OptionIneffectiveWarning", "explain_bind_error", "stale_socket_hint", "format_address",
     "find_holders", "warn", "warn_if_ephemeral", "effective_backlog",
 ]
 
@@ -51,7 +51,27 @@ class OptionIneffectiveWarning(FastlistenWarning):
 
 # -- the explanations -------------------------------------------------------
 
-def _explain_addrinuse(family: int, address: Any) -> str:
+def stale_socket_hint(config: Any, server: bool = False) -> str:
+    """What to do about a Unix socket file nobody listens on that blocks a
+    bind, for the caller that met it: ``config`` is the ListenConfig the
+    bind came from (None: none), ``server`` True for a socketserver class."""
+    if config is None:
+        if server:
+            return ("socketserver's UnixStreamServer leaves it in place: remove it before "
+                    "creating the server, or give the server class listen_config = "
+                    "fastlisten.ListenConfig(), whose unlink_stale=True (the default) "
+                    "removes a socket file nobody listens on")
+        return ("remove it before binding, or bind with fastlisten.listen(), whose "
+                "unlink_stale=True (the default) removes a socket file nobody listens on")
+    if not config.unlink_stale:
+        return ("unlink_stale=False (--keep-stale on the command line) leaves it in "
+                "place: remove it, or leave unlink_stale at True (the default) to have "
+                "fastlisten remove a socket file nobody listens on")
+    return ("it still answered when fastlisten checked it (unlink_stale=True removes "
+            "only a socket nobody listens on): stop whatever uses it, or choose another path")
+
+
+def _explain_addrinuse(family: int, address: Any, stale_hint: Optional[str]) -> str:
     where = format_address(address)
     holders = find_holders(family, address)
     if family == socket.AF_UNIX:
@@ -60,8 +80,7 @@ def _explain_addrinuse(family: int, address: Any) -> str:
             if os.path.lexists(path) and not _is_socket(path):
                 return (f"{where} exists and is not a socket; fastlisten leaves it "
                         "alone: remove it or choose another path")
-            return (f"{where} exists; remove the stale file or let fastlisten do it "
-                    "(unlink_stale=True, the default, removes a socket nobody listens on)")
+            return f"{where} exists; {stale_hint or 'remove it before binding'}"
     if holders:
         parts = []
         for h in holders:
@@ -89,7 +108,7 @@ def _is_socket(path: str) -> bool:
         return False
 
 
-def _explain_addrnotavail(family: int, address: Any) -> str:
+def _explain_addrnotavail(family: int, address: Any, stale_hint: Optional[str]) -> str:
     where = format_address(address)
     try:
         have = sysinfo.local_addresses(family)
@@ -106,7 +125,7 @@ def _explain_addrnotavail(family: int, address: Any) -> str:
             "this machine only")
 
 
-def _explain_acces(family: int, address: Any) -> str:
+def _explain_acces(family: int, address: Any, stale_hint: Optional[str]) -> str:
     where = format_address(address)
     if family == socket.AF_UNIX:
         path = address if isinstance(address, str) else os.fsdecode(address)
@@ -129,27 +148,48 @@ def _explain_acces(family: int, address: Any) -> str:
             "firewall policy, not the port number)")
 
 
+def _explain_no_directory(family: int, address: Any, stale_hint: Optional[str]) -> str:
+    path = address if isinstance(address, str) else os.fsdecode(address)
+    parent = os.path.dirname(path) or "."
+    if os.path.lexists(parent):
+        problem, fix = f"{parent} is not a directory", "choose another path"
+    else:
+        problem, fix = f"directory {parent} does not exist", "create it first (os.makedirs)"
+        if not os.path.isabs(parent):
+            problem += f" (in {os.getcwd()})"
+    return (f"{format_address(address)}: {problem}; a Unix socket is created in an "
+            f"existing directory: {fix}")
+
+
 _EXPLAINERS = {
     errno.EADDRINUSE: _explain_addrinuse,
     errno.EADDRNOTAVAIL: _explain_addrnotavail,
     errno.EACCES: _explain_acces,
+    errno.ENOENT: _explain_no_directory,
+    errno.ENOTDIR: _explain_no_directory,
 }
 
+#: Errors explained only for a Unix socket path.
+_UNIX_ONLY = (errno.ENOENT, errno.ENOTDIR)
 
-def explain_bind_error(exc: OSError, family: int, address: Any) -> OSError:
+
+def explain_bind_error(exc: OSError, family: int, address: Any,
+                       stale_hint: Optional[str] = None) -> OSError:
     """The same error with a message that explains it.
 
-    For EADDRINUSE, EADDRNOTAVAIL and EACCES from bind(), returns a new
-    exception of ``type(exc)`` with ``errno`` intact and a message naming
-    ``address``, the holder, this machine's addresses or the way out; any
-    other error comes back unchanged.  Use as
+    For EADDRINUSE, EADDRNOTAVAIL and EACCES from bind() (and, for a Unix
+    path, ENOENT and ENOTDIR), returns a new exception of ``type(exc)`` with
+    ``errno`` intact and a message naming ``address``, the holder, this
+    machine's addresses or the way out; any other error comes back
+    unchanged.  ``stale_hint`` says what to do about a leftover Unix socket
+    file (see stale_socket_hint()).  Use as
     ``raise explain_bind_error(e, family, addr) from None``.
     """
     explainer = _EXPLAINERS.get(exc.errno)  # type: ignore[arg-type]
-    if explainer is None:
+    if explainer is None or (family != socket.AF_UNIX and exc.errno in _UNIX_ONLY):
         return exc
     try:
-        detail = explainer(family, address)
+        detail = explainer(family, address, stale_hint)
     except Exception:  # noqa: BLE001 - an explanation must never hide the error
         return exc
     strerror = exc.strerror or os.strerror(exc.errno)  # type: ignore[arg-type]

@@ -33,7 +33,9 @@ from fastlisten._backend import RawListener
 from fastlisten._coreshared import DEFAULT_BATCH, remaining
 from fastlisten.address import Address
 from fastlisten.config import ListenConfig, check_backlog
-from fastlisten.errors import effective_backlog, explain_bind_error, warn_if_ephemeral
+from fastlisten.errors import (
+    effective_backlog, explain_bind_error, stale_socket_hint, warn_if_ephemeral,
+)
 
 __all__ = ["Listener", "listen", "default_backlog", "adoptable", "Address", "UnixSocketFile"]
 
@@ -240,7 +242,8 @@ class Listener:
         try:
             self._raw.bind(numeric)
         except OSError as exc:
-            raise explain_bind_error(exc, family, numeric) from None
+            raise explain_bind_error(exc, family, numeric,
+                                     stale_hint=stale_socket_hint(self.config)) from None
         if family == socket.AF_UNIX:
             self._unix_file = UnixSocketFile.record(numeric)
 

@@ -40,7 +40,9 @@ from fastlisten._coreshared import DEFAULT_BATCH
 from fastlisten._wakeup import Waker
 from fastlisten._workers import WorkerPool
 from fastlisten.config import ListenConfig
-from fastlisten.errors import effective_backlog, explain_bind_error, warn_if_ephemeral
+from fastlisten.errors import (
+    effective_backlog, explain_bind_error, stale_socket_hint, warn_if_ephemeral,
+)
 from fastlisten.listener import Listener, UnixSocketFile, adoptable, default_backlog
 
 _log = logging.getLogger("fastlisten")
@@ -141,15 +143,23 @@ class _FastLoop:
             if config.family != socket.AF_UNIX:
                 warn_if_ephemeral(config.port)
             self.server_address = config.address
+        else:
+            # A str is never a TCP address (nor, behind the caller's back, a file).
+            _address.check_inet_tuple(self.address_family,  # type: ignore[attr-defined]
+                                      self.server_address)
         try:
             super().server_bind()  # type: ignore[misc]
         except OSError as exc:
             family, where = self.address_family, self.server_address  # type: ignore[attr-defined]
             try:
                 where = _address.resolve(family, where)   # name the numeric address
+            except socket.gaierror as unknown:
+                if isinstance(exc, socket.gaierror):
+                    raise unknown from None     # names the host, as listen() does
             except (OSError, TypeError, ValueError, OverflowError):
                 pass
-            raise explain_bind_error(exc, family, where) from None
+            raise explain_bind_error(exc, family, where,
+                                     stale_hint=stale_socket_hint(config, server=True)) from None
         if config is not None:
             config.after_bind()
             if config.family == socket.AF_UNIX:
