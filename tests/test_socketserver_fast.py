@@ -246,6 +246,31 @@ def test_install_makes_later_imports_use_fastlisten():
     assert proc.stdout.strip() == "hello"
 
 
+def test_install_after_a_module_built_on_socketserver_warns_naming_it():
+    code = textwrap.dedent("""
+        import warnings
+        import http.server, xmlrpc.server
+        import fastlisten
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fastlisten.install()
+            fastlisten.install()            # once is enough
+            import logging.config           # imported after: built on fastlisten
+        assert issubclass(logging.config.ThreadingTCPServer, fastlisten.TCPServer)
+        assert not issubclass(http.server.HTTPServer, fastlisten.TCPServer)
+        for w in caught:
+            print(w.category.__name__, w.filename, w.message)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("FastlistenWarning <string> ")    # points at the call
+    assert "after http.server, xmlrpc.server imported" in lines[0]
+    assert "logging" not in lines[0]
+
+
 def test_server_close_from_a_handler_thread():
     # The stdlib raises RuntimeError here (it joins the current thread).
     closed = threading.Event()
