@@ -56,6 +56,38 @@ class Served:
         return self.proc.returncode, err
 
 
+# -- the command itself ----------------------------------------------------------
+
+def test_version_names_the_release_and_the_core():
+    out = run("--version")
+    assert out.returncode == 0, out.stderr
+    core = "compiled" if fastlisten.compiled else "pure-Python"
+    assert out.stdout.startswith(f"fastlisten {fastlisten.__version__} ({core} core, ")
+
+
+def test_help_texts_are_plain_text():
+    from fastlisten import cli
+
+    parser = cli.build_parser()
+    texts = [parser.format_help()]
+    for action in parser._subparsers._group_actions:
+        texts += [p.format_help() for p in action.choices.values()]
+    assert len(texts) == 1 + len(cli.COMMANDS)
+    for text in texts:
+        assert "``" not in text, text
+
+
+def test_a_library_warning_is_one_log_line_naming_its_class():
+    limit = sysinfo.somaxconn()
+    if limit is None or limit >= 2**20:
+        pytest.skip("needs a readable somaxconn below 2**20")
+    server = Served("daytime", "--backlog", str(2**20))
+    rc, err = server.stop()
+    assert rc == 0, err
+    assert f"WARNING fastlisten: BacklogTruncatedWarning: backlog {2**20} is above" in err
+    assert ".py:" not in err        # no file:line of the library's source
+
+
 # -- info ---------------------------------------------------------------------
 
 def test_info_prints_the_limits_and_features():
@@ -184,6 +216,7 @@ def test_serve_on_a_unix_socket(tmp_path):
     (["nosuchmodule:X"], 2, "cannot import"),
     (["daytime", "--bind", "127.0.0.1:70000"], 2, "0-65535"),
     (["daytime", "--bind", "::1:80"], 2, "[address]:port"),
+    (["daytime", "--bind", "127.0.0.1"], 2, "no port given"),
     (["daytime", "--backlog", "99999999999"], 2, "too large"),
     (["daytime", "--threads", "0"], 2, "--threads"),
     (["daytime", "--bind", "1.2.3.4:4481"], 1, "0.0.0.0"),
