@@ -171,6 +171,36 @@ def test_drain_ends_handlers_left_at_the_deadline_without_reporting_an_error(cap
     assert "Traceback" not in capsys.readouterr().err
 
 
+class WritesAfterEnd(socketserver.StreamRequestHandler):
+    """Reads until its connection ends, then writes: that write fails
+    (EPIPE) when the server shut the connection down; a client that sends
+    "boom" gets a failure of the handler's own."""
+
+    def handle(self):
+        self.wfile.write(b"started\n")
+        if self.rfile.readline() == b"boom\n":
+            raise ValueError("the handler's own failure")
+        self.wfile.write(b"late\n")
+
+
+def test_a_failure_caused_by_end_handlers_is_not_reported_as_the_handlers(capsys):
+    with fastlisten.ThreadingTCPServer(("127.0.0.1", 0), WritesAfterEnd) as server:
+        with served(server):
+            own = _started(server.server_address)
+            own.sendall(b"boom\n")
+            assert own.recv(64) == b""
+            wait_for(lambda: server.counters()["handlers_running"] == 0)
+            assert "the handler's own failure" in capsys.readouterr().err   # still reported
+            ended = _started(server.server_address)
+        assert server.drain(0) == 1
+        assert ended.recv(64) == b""
+        wait_for(lambda: server.counters()["handlers_running"] == 0)   # its write failed
+        own.close()
+        ended.close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 class Stubborn(socketserver.StreamRequestHandler):
     """Says it started, then waits for the test's say-so, deaf to its
     connection (a handler that shutting the connection down does not end)."""
