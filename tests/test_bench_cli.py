@@ -141,3 +141,49 @@ def test_summarise_median_and_spread():
     s = runner.summarise(runs)
     assert s["rate"] == 200.0 and s["rate_spread"] == 1.0
     assert s["cpu_us"] is None and s["max_ms"] == 300.0 and s["completed"] == 3
+
+
+def _run(rate, **kw):
+    return dict(_row(rate=rate), started=1, completed=1, errors=0, timeouts=0, aborted=0,
+                max_ms=1.0, first_errno=0, **kw)
+
+
+def test_one_repeat_shows_no_spread():
+    from fastlisten.benchmark import report as rep
+
+    one = runner.summarise([_run(100.0)])
+    assert one["rate_spread"] is None and one["cpu_us_spread"] is None
+    two = runner.summarise([_run(100.0), _run(100.0)])
+    assert two["rate_spread"] == 0.0          # two equal repeats: a measured ±0%
+    for summary, shown in ((one, False), (two, True)):
+        row = dict(summary, rate_x=1.0, cpu_us_x=1.0, cpu_user_us_x=1.0)
+        r = _report({"daytime": {"stdlib-tcp": row}}, {})
+        r.options.update(repeats=1, concurrency=1, duration=1, total=1)
+        assert ("±" in rep.rows(r, "daytime")[0][1]) is shown
+
+
+def test_the_tables_say_what_timeouts_are_and_pad_no_text_column():
+    from fastlisten.benchmark import report as rep
+
+    row = dict(runner.summarise([_run(100.0)]), rate_x=1.0, cpu_us_x=1.0, cpu_user_us_x=1.0)
+    slow = dict(row, timeouts=300)
+    r = _report({"burst": {"stdlib-tcp": row, "fastlisten-forking": slow}}, {})
+    r.options.update(repeats=1, timeout=1.2)
+    r.servers = {"fastlisten-forking": {"label": "fastlisten ForkingTCPServer"}}
+    r.bars = [{"bar": "short", "target": "x", "met": True, "figure": "1x"},
+              {"bar": "long", "target": "x", "met": True, "figure": "y" * 100}]
+    text = "\n".join(rep._sections(r, rep._text_table, str))
+    assert "longer than 1.2 s (--timeout)" in text
+    assert "here for fastlisten ForkingTCPServer:" in text
+    short = next(line for line in text.splitlines() if line.startswith("short "))
+    assert short.endswith("met  1x")           # not right-aligned to the long figure
+    assert "timeouts: connections not completed within --timeout seconds" in rep.NOTES
+
+
+def test_bench_help_explains_every_column():
+    proc = subprocess.run([sys.executable, "-m", "fastlisten", "bench", "--help"],
+                          capture_output=True, text=True, timeout=30)
+    text = " ".join(proc.stdout.split())
+    for column in ("conn/s:", "CPU us/conn:", "x std:", "user us", "p50/p99/max ms:",
+                   "queue drops:", "overflows*:", "errors:", "timeouts:"):
+        assert column in text, column

@@ -93,12 +93,17 @@ def _bar_rows(report: Report) -> List[Tuple[str, ...]]:
     return [(b["bar"], b["target"], verdict[b["met"]], b["figure"]) for b in report.bars]
 
 
+#: Columns of text, left-aligned (the others are figures, right-aligned).
+_TEXT_COLUMNS = {"server", "bar", "measured"}
+
+
 def _text_table(headers: Sequence[str], body: List[Tuple[str, ...]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
               for i, h in enumerate(headers)]
+    left = [h in _TEXT_COLUMNS for h in headers]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+        return "  ".join(c.ljust(w) if left[i] else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in body])
 
@@ -114,6 +119,14 @@ def _sections(report: Report, table: Any, heading: Any) -> List[str]:
     for scenario in report.results:
         parts += [heading(_scenario_title(report, scenario)),
                   table(HEADERS, rows(report, scenario)), ""]
+        timed_out = [report.servers.get(name, {}).get("label", name)
+                     for name, r in report.results[scenario].items() if r.get("timeouts")]
+        if timed_out:
+            parts += [f"(timeouts: connections that took longer than "
+                      f"{report.options.get('timeout', 5):g} s (--timeout) and were given up, "
+                      f"here for {', '.join(timed_out)}: a handshake dropped from a full "
+                      f"accept queue is retried after 1 s, 3 s, ..., and a server that "
+                      f"forks per connection works through a burst slowly)", ""]
         others = [r["other_cpus"] for r in report.results[scenario].values()
                   if r.get("other_cpus") is not None]
         if others and max(others) >= 0.1:
@@ -134,13 +147,20 @@ def _sections(report: Report, table: Any, heading: Any) -> List[str]:
     return parts
 
 
-NOTES = ("CPU us/conn: the server process's user+system CPU time (getrusage, children "
-         "included) over the run, divided by the connections it completed. "
+NOTES = ("conn/s: connections completed per second while new ones were being started. "
+         "CPU us/conn: the server process's user+system CPU time (getrusage, children "
+         "included) over the run, divided by the connections it completed; user us and "
+         "sys us: its two parts. "
          "x std: ratio to the standard-library server of the same kind in this run "
          "(peers and the C loop: to stdlib TCPServer). ±: half the spread of the repeats "
-         "around their median. queue drops: connections the server's own listening socket dropped "
+         "around their median (shown only with 2 or more repeats). "
+         "p50/p99/max ms: connect-to-reply latency. "
+         "queue drops: connections the server's own listening socket dropped "
          "because its accept queue was full (SO_MEMINFO sk_drops). overflows*: TcpExt "
          "ListenOverflows during the run, for the whole machine (other processes count too). "
+         "errors: connections that failed (refused, reset, or a reply shorter than the "
+         "scenario's). timeouts: connections not completed within --timeout seconds, "
+         "given up by the load generator. "
          "shutdown 'less CPU wait': the latency minus the time its two threads were runnable "
          "but waiting for a CPU held by other processes (/proc/.../schedstat).")
 

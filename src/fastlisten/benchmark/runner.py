@@ -228,13 +228,14 @@ RATIO_KEYS = ("rate", "cpu_us", "cpu_user_us", "cpu_sys_us", "p50_ms", "p99_ms")
 
 
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Median and spread ((max - min) / median) of each figure over the repeats."""
+    """Median and spread ((max - min) / median) of each figure over the
+    repeats; no spread (None) from fewer than two values."""
     out: Dict[str, Any] = {"repeats": len(runs)}
     for key in MEDIAN_KEYS:
         vals = [r[key] for r in runs if r.get(key) is not None]
         med = statistics.median(vals) if vals else None
         out[key] = med
-        out[key + "_spread"] = ((max(vals) - min(vals)) / med) if vals and med else None
+        out[key + "_spread"] = (max(vals) - min(vals)) / med if len(vals) > 1 and med else None
     for key in SUM_KEYS:
         out[key] = sum(r[key] for r in runs)
     maxes = [r["max_ms"] for r in runs if r.get("max_ms") is not None]

@@ -15,9 +15,11 @@ from fastlisten.benchmark.servers import SERVERS
 
 def add_parser(subparsers: Any) -> None:
     """Register the ``bench`` subcommand."""
+    from fastlisten.benchmark.report import NOTES
+
     p = subparsers.add_parser(
         "bench", help="compare fastlisten with the stdlib and its peers on this machine",
-        description=__doc__)
+        description=__doc__, epilog="The columns: " + NOTES)
     p.add_argument("--quick", action="store_true",
                    help="small counts and one repeat: under a minute")
     p.add_argument("--scenario", action="append", choices=SCENARIOS, dest="scenarios",
