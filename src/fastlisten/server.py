@@ -33,6 +33,7 @@ import socket
 import socketserver as _std
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fastlisten import address as _address
@@ -99,7 +100,7 @@ class _FastLoop:
     _fl_unix_file: Optional[UnixSocketFile] = None
     _fl_in_batch = False        # the serving thread is handling connections
     _fl_handled = False
-    _fl_ended: Any = ()         # connections end_handlers() shut down
+    _fl_ended: Any = ()         # connections end_handlers() shut down (weakly held)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -602,7 +603,8 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         pool.stop_waiting()     # a drain() waiting for them is done
         running = pool.running()
         if running and not self._fl_ended:
-            self._fl_ended = set()
+            # weak: a connection is forgotten once its handler is done with it
+            self._fl_ended = weakref.WeakSet()
         for request, _ in running:
             self._fl_ended.add(request)
             try:
