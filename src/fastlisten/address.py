@@ -15,13 +15,13 @@ messages are the same everywhere:
   contains a ``/``, or when the family is already known to be AF_UNIX
   (``family="unix"``).  So ``"localhost:8080"`` is TCP and never silently
   becomes a socket file; write ``"./app.sock"`` or ``"unix:app.sock"`` for a
-  file in the current directory.
+  file in the current directory.  A leading NUL byte names Linux's abstract
+  namespace.  At most 108 bytes (``sizeof(sun_path)``, the standard
+  library's limit); a file-system path may not contain a NUL byte.
 - **A socketserver server's** ``server_address`` is read as ``socket.bind``
-  reads it (``literal``): no text notation; a TCP server takes a tuple only
-  (a ``str`` is a TypeError naming it, as in the standard library) and a
-  Unix server takes any path as written.  A leading NUL byte names Linux's abstract namespace.  At most
-  108 bytes (``sizeof(sun_path)``, the standard library's limit); a
-  file-system path may not contain a NUL byte.
+  reads it (``split(..., literal=True)``): no text notation; a TCP server
+  takes a tuple only (a ``str`` is a TypeError naming it, the type the
+  standard library raises) and a Unix server takes any path as written.
 
 Mistakes raise what the standard library raises for them (``TypeError``,
 ``OverflowError`` for a port out of range, ``ValueError``,
