@@ -86,6 +86,15 @@ def test_a_library_warning_is_one_log_line_naming_its_class():
     assert rc == 0, err
     assert f"WARNING fastlisten: BacklogTruncatedWarning: backlog {2**20} is above" in err
     assert ".py:" not in err        # no file:line of the library's source
+    assert "stopped; counters: accepted=0 " in err and "None" not in err
+
+
+def test_the_counters_line_leaves_out_what_the_system_cannot_tell():
+    from fastlisten.commands.serve import format_counters
+
+    line = format_counters({"accepted": 3, "queued": None, "backlog": None, "errors": {},
+                            "listen_overflows_since_open": None})
+    assert line == "accepted=3 accept_errors={}"
 
 
 # -- info ---------------------------------------------------------------------
