@@ -430,8 +430,13 @@ class Listener:
 def listen(address: Optional[Address] = None, **options: Any) -> Listener:
     """Create, bind and listen in one call; returns a Listener.
 
-    ``address`` is (host, port) or a Unix socket path (the family follows
-    from it unless given), or None with ``fd=``.  ``options`` are those of
+    ``address`` is (host, port), text (``"HOST:PORT"``, ``"[::1]:PORT"``,
+    ``":PORT"`` for every interface) or a Unix socket path (bytes, a
+    path-like, or a str starting with ``unix:`` or containing ``/``; see
+    :mod:`fastlisten.address`); the family follows from it unless given.
+    No host (``address=None``, or ``port=`` alone) binds loopback only,
+    127.0.0.1 (``::1`` for IPv6); ``''`` binds every interface.  With
+    ``fd=``, no address.  ``options`` are those of
     :class:`fastlisten.config.ListenConfig`: ``family``, ``backlog``
     (default: the kernel's somaxconn), ``reuse_address`` (SO_REUSEADDR, on
     by default as in socket.create_server, so a restarted server binds
