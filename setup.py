@@ -40,7 +40,7 @@ class optional_build_ext(build_ext):
 
 
 #: The C files of each extension (csrc/).
-RUNTIME_C = ["fl_net.c"]
+RUNTIME_C = ["fl_net.c", "fl_proxy.c"]
 BENCHMARK_C = ["fl_loadgen.c", "fl_net.c"]
 
 

@@ -50,7 +50,7 @@ if ERRNO_SLOTS != FL_ERRNO_SLOTS:
                       f"but fastlisten._coreshared says {ERRNO_SLOTS}: rebuild")
 from fastlisten.address import decode_unix_path
 
-__all__ = ["RawListener"]
+__all__ = ["RawListener", "proxy_parse", "proxy_read", "crc32c"]
 
 cdef object _socket_class = _socket.socket
 # socket.socket(family, type, proto, fd) runs a Python-level __init__ that
@@ -540,3 +540,4 @@ cdef class RawListener:
     def __repr__(self):
         return (f"<fastlisten._core.RawListener fd={self.fileno()} "
                 f"family={self.family}>")
+include "_proxy.pxi"
