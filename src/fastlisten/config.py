@@ -25,19 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 import logging
+import math
 import os
 import socket
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from fastlisten import address as _address
 
 _log = logging.getLogger("fastlisten")
 
-__all__ = ["ListenConfig", "systemd_fds", "check_backlog", "option_fields"]
+__all__ = ["ListenConfig", "ProxySettings", "systemd_fds", "check_backlog", "option_fields"]
 
 _C_INT_MAX = 2**31 - 1
 
@@ -132,6 +134,78 @@ def systemd_fds(unset_environment: bool = True) -> List[int]:
     return fds
 
 
+#: The values of ``proxy_protocol`` and the versions they accept (fastlisten.proxy.V1/V2).
+PROXY_PROTOCOLS = {"v1": 1, "v2": 2, "v1+v2": 3}
+#: Who may send a PROXY header unless ``trusted_proxies`` says otherwise.
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+class ProxySettings(NamedTuple):
+    """The PROXY protocol part of a ListenConfig, resolved (defaults filled
+    in): what the server classes use for each connection."""
+
+    versions: int                   #: fastlisten.proxy.V1, V2 or V1 | V2
+    trusted: Tuple[Network, ...]    #: networks a header is accepted from
+    timeout: float                  #: seconds to wait for the complete header
+    max_v2: int                     #: largest v2 header accepted, bytes
+
+    def trusts(self, peer: Any) -> bool:
+        """True when the connection's real peer (a socket module address)
+        may send a PROXY header: its IP is in ``trusted``, or it is a Unix
+        socket peer (a local process; the socket file's mode decides who
+        can connect).  An IPv4-mapped IPv6 peer counts as its IPv4 address."""
+        if not isinstance(peer, tuple):
+            return True         # AF_UNIX: '' or a path
+        try:
+            ip = ipaddress.ip_address(peer[0].partition("%")[0])
+        except (ValueError, TypeError, IndexError, AttributeError):
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+            ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        return any(ip in net for net in self.trusted)
+
+
+def _check_networks(value: Any) -> Tuple[Network, ...]:
+    """``trusted_proxies``: CIDRs (or addresses) as a comma-separated str or
+    an iterable of str/ipaddress networks; host bits set is an error."""
+    if isinstance(value, str):
+        items: Iterable[Any] = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        items = [value]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise TypeError(f"trusted_proxies must be CIDRs (a comma-separated str or a "
+                            f"list of str), not {type(value).__name__}: {value!r}") from None
+    nets = []
+    for item in items:
+        if not isinstance(item, (str, ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            raise TypeError(f"trusted_proxies: {item!r} is not a CIDR str such as "
+                            f"'10.0.0.0/8' ({type(item).__name__})")
+        try:
+            nets.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {item!r} is not a network: {exc}") from None
+    if not nets:
+        raise ValueError(f"trusted_proxies={value!r} trusts nobody: every connection would "
+                         "be dropped (give at least one network, or leave it unset for "
+                         "loopback only)")
+    return tuple(nets)
+
+
+def _check_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not "
+                        f"{type(value).__name__}: {value!r}")
+    if math.isnan(value) or math.isinf(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} is out of range: it must be a positive, "
+                         "finite number of seconds")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class ListenConfig:
     """The configuration of one listening socket, validated on creation.
@@ -161,6 +235,17 @@ class ListenConfig:
 
     Each accepted connection: ``nodelay`` (TCP_NODELAY), ``keepalive``
     (SO_KEEPALIVE).
+
+    Behind a load balancer (applied by the socketserver classes and
+    ``fastlisten serve``, in the worker that runs the handler; a bare
+    :class:`Listener` hands over raw connections): ``proxy_protocol``
+    ('v1', 'v2' or 'v1+v2'; off by default) requires a PROXY protocol
+    header first on every connection, never guessing whether one is there;
+    ``trusted_proxies`` lists the networks it is accepted from (CIDRs;
+    default loopback only: a connection from anywhere else is dropped
+    unread); ``proxy_timeout`` (seconds, default 3, the spec's minimum)
+    bounds the wait for it; ``proxy_max_v2`` caps a v2 header's size in
+    bytes (default 2048).  :meth:`proxy` gives them resolved.
     """
 
     host: Optional[str] = _option(None, "IP address or host name to bind ('' for every "
@@ -191,8 +276,21 @@ class ListenConfig:
                                        metavar="OCTAL", type="octal")
     unlink_stale: bool = _option(True, "do not remove a stale Unix socket file before "
                                        "binding", flag="--keep-stale")
+    proxy_protocol: Optional[str] = _option(
+        None, "require a PROXY protocol header (HAProxy's send-proxy / send-proxy-v2) "
+              "first on every connection", choices=tuple(PROXY_PROTOCOLS))
+    trusted_proxies: Optional[Union[str, Tuple[Any, ...]]] = _option(
+        None, "networks the PROXY header is accepted from, comma-separated (default: "
+              "loopback only); connections from elsewhere are dropped",
+        flag="--trusted-proxy", metavar="CIDR[,CIDR...]", type="str")
+    proxy_timeout: Optional[float] = _option(
+        None, "seconds to wait for the PROXY header (default 3)", metavar="SECONDS",
+        type="float")
+    proxy_max_v2: Optional[int] = _option(
+        None, "largest PROXY v2 header accepted (default 2048)", metavar="BYTES")
 
     _listener_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
+    _proxy: Optional[ProxySettings] = field(init=False, repr=False, compare=False, default=None)
     _conn_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
 
     # -- construction ----------------------------------------------------
@@ -301,6 +399,44 @@ class ListenConfig:
             listener_opts, conn_opts = listener_opts + conn_opts, ()
         put("_listener_opts", listener_opts)
         put("_conn_opts", conn_opts)
+        self._check_proxy(put)
+
+    def _check_proxy(self, put: Any) -> None:
+        mode = self.proxy_protocol
+        if mode is None:
+            given = [f"{name}={getattr(self, name)!r}" for name in
+                     ("trusted_proxies", "proxy_timeout", "proxy_max_v2")
+                     if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} without proxy_protocol: set "
+                                 "proxy_protocol='v1', 'v2' or 'v1+v2' as well")
+            return
+        if not isinstance(mode, str):
+            raise TypeError(f"proxy_protocol must be 'v1', 'v2' or 'v1+v2', not "
+                            f"{type(mode).__name__}: {mode!r}")
+        if mode not in PROXY_PROTOCOLS:
+            raise ValueError(f"proxy_protocol={mode!r}: use 'v1', 'v2' or 'v1+v2'")
+        from fastlisten import proxy
+
+        trusted = _check_networks(LOOPBACK_NETWORKS if self.trusted_proxies is None
+                                  else self.trusted_proxies)
+        if self.trusted_proxies is not None:
+            put("trusted_proxies", tuple(str(net) for net in trusted))
+        timeout = proxy.DEFAULT_TIMEOUT
+        if self.proxy_timeout is not None:
+            timeout = _check_seconds("proxy_timeout", self.proxy_timeout)
+            put("proxy_timeout", timeout)
+        max_v2 = proxy.DEFAULT_MAX_V2
+        if self.proxy_max_v2 is not None:
+            max_v2 = _check_int("proxy_max_v2", self.proxy_max_v2, proxy.MIN_MAX_V2,
+                                proxy.V2_LIMIT, what=" (bytes)")
+            put("proxy_max_v2", max_v2)
+        put("_proxy", ProxySettings(PROXY_PROTOCOLS[mode], trusted, timeout, max_v2))
+
+    def proxy(self) -> Optional[ProxySettings]:
+        """The PROXY protocol settings with their defaults filled in, or
+        None when ``proxy_protocol`` is off."""
+        return self._proxy
 
     def _check_fd(self) -> None:
         fd = self.fd

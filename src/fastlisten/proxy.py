@@ -114,7 +114,7 @@ class ProxyProtocolError(ValueError):
 def error(code: int, data: Any = None) -> ProxyProtocolError:
     """The ProxyProtocolError for an error code of either core."""
     reason, text = REASONS[code]
-    if data is not None:
+    if data:
         text = f"{text}: {bytes(data[:V1_MAX])!r}"
     return ProxyProtocolError(reason, f"bad PROXY protocol header ({reason}): {text}")
 

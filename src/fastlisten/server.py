@@ -17,6 +17,16 @@ library working.  Each class here subclasses its standard-library namesake
 - ``ThreadingMixIn`` reuses threads (``fastlisten._workers``).
 - ``request_queue_size`` is the kernel's somaxconn, not 5.
 
+Behind a load balancer and with TLS (fastlisten's additions): a
+``listen_config`` with ``proxy_protocol`` makes every connection start with
+a PROXY protocol header, read in the thread or process that runs the
+handler (the synchronous servers read it inline, under
+``proxy_timeout``); the handler's ``client_address`` is then the real
+client's and ``self.server.proxy_header`` the parsed header.  An
+``ssl_context`` runs each TLS handshake there too, under
+``handshake_timeout``, after the PROXY header: the accept loop hands over
+raw connections and never waits for a client.
+
 The loop lives in the mixins as well as in the servers, so
 ``class S(fastlisten.ThreadingMixIn, http.server.HTTPServer)`` is fast too.
 The request handlers are the standard library's own classes.
@@ -31,6 +41,7 @@ import selectors
 import signal
 import socket
 import socketserver as _std
+import ssl
 import threading
 import time
 import weakref
@@ -38,6 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fastlisten import address as _address
 from fastlisten._coreshared import DEFAULT_BATCH
+from fastlisten._frontdoor import FrontDoor
 from fastlisten._wakeup import Waker
 from fastlisten._workers import WorkerPool
 from fastlisten.config import ListenConfig
@@ -45,6 +57,7 @@ from fastlisten.errors import (
     effective_backlog, explain_bind_error, stale_socket_hint, warn_if_ephemeral,
 )
 from fastlisten.listener import Listener, UnixSocketFile, adoptable, default_backlog
+from fastlisten.proxy import ProxyHeader
 
 _log = logging.getLogger("fastlisten")
 
@@ -92,6 +105,15 @@ class _FastLoop:
     #: ``request_queue_size`` ...), which also applies with a config.
     listen_config: Optional[ListenConfig] = None
 
+    #: A server-side ssl.SSLContext: each connection is wrapped and its
+    #: handshake run in the handler's thread (or process), under
+    #: ``handshake_timeout`` seconds, never in the accept loop; a failed
+    #: handshake is logged (once per run of failures), counted
+    #: (``counters()['tls_failures']``) and the connection closed.
+    ssl_context: Optional[ssl.SSLContext] = None
+    #: Seconds a TLS handshake may take in all (None: no limit).
+    handshake_timeout: Optional[float] = 10.0
+
     _fl_waker: Any = None       # the running loop's wake-up source, if any
     _fl_defer = False           # a base class below brings its own loop: use it
     _fl_listener: Optional[Listener] = None    # over self.socket, for the server's life
@@ -101,6 +123,10 @@ class _FastLoop:
     _fl_in_batch = False        # the serving thread is handling connections
     _fl_handled = False
     _fl_ended: Any = ()         # connections end_handlers() shut down (weakly held)
+    _fl_door: Optional[FrontDoor] = None    # PROXY header / TLS handshake, when configured
+    _fl_door_key: Any = None    # what _fl_door was built from
+    _fl_local: Optional[threading.local] = None
+    _fl_forking = False         # handlers run in forked children
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -200,6 +226,9 @@ class _FastLoop:
         finally:
             if listener is not None:
                 listener.close()
+            door, self._fl_door = self._fl_door, None
+            if door is not None:
+                door.close()
             unix, self._fl_unix_file = self._fl_unix_file, None
             if unix is not None:
                 unix.remove()
@@ -270,7 +299,82 @@ class _FastLoop:
         listener = self._fl_listener
         out: Dict[str, Any] = listener.counters() if listener is not None else {}
         out["handlers_running"], out["handlers_peak"] = self._fl_handlers()
+        door = self._fl_frontdoor()
+        if door is not None:
+            out.update(door.counters())
         return out
+
+    @property
+    def proxy_header(self) -> Optional[ProxyHeader]:
+        """In a handler: the PROXY protocol header of the connection this
+        thread (or process) is handling (a :class:`fastlisten.proxy.ProxyHeader`:
+        addresses, TLVs), or None without one.  ``client_address`` already
+        holds the real client's address."""
+        local = self._fl_local
+        return getattr(local, "header", None) if local is not None else None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Finish one request by instantiating RequestHandlerClass; behind
+        a load balancer (``listen_config.proxy_protocol``) or with
+        ``ssl_context``, first read the PROXY header and run the TLS
+        handshake, here, in the handler's thread or process.  A connection
+        that fails them never reaches the handler (it is counted, logged
+        once per episode, and closed by the caller)."""
+        door = self._fl_frontdoor()
+        if door is None:
+            return super().finish_request(request, client_address)  # type: ignore[misc]
+        prepared = door.prepare(request, client_address)
+        if prepared is None:
+            return None
+        conn, address, header = prepared
+        local = self._fl_local
+        if local is None:
+            local = self._fl_local = threading.local()
+        local.header = header
+        if conn is not request:
+            self._fl_swapped[request] = conn
+        try:
+            super().finish_request(conn, address)  # type: ignore[misc]
+        except Exception:
+            # reported with the real client's address and connection
+            self.handle_error(conn, address)  # type: ignore[attr-defined]
+        finally:
+            local.header = None
+            if conn is not request:
+                self._fl_swapped.pop(request, None)
+                self.shutdown_request(conn)  # type: ignore[attr-defined]
+        return None
+
+    @property
+    def _fl_swapped(self) -> Dict[Any, Any]:
+        """Accepted sockets whose descriptor an SSLSocket took over, to it
+        (end_handlers() shuts the SSLSocket down)."""
+        swapped = self.__dict__.get("_fl_swapped_map")
+        if swapped is None:
+            swapped = self.__dict__.setdefault("_fl_swapped_map", {})
+        return swapped
+
+    def _fl_frontdoor(self) -> Optional[FrontDoor]:
+        """The FrontDoor for the current listen_config/ssl_context (built
+        on first use, rebuilt if they were replaced), or None when neither
+        asks for anything."""
+        config = self._fl_config if self._fl_config is not None else self.listen_config
+        proxy = config.proxy() if config is not None else None
+        context = self.ssl_context
+        key = (proxy, context, self.handshake_timeout)
+        door = self._fl_door
+        if door is not None and self._fl_door_key == key:
+            return door
+        if proxy is None and context is None:
+            return None
+        with _wake_lock:
+            if self._fl_door is None or self._fl_door_key != key:
+                if self._fl_door is not None:
+                    self._fl_door.close()
+                self._fl_door = FrontDoor(proxy, context, self.handshake_timeout,
+                                          forking=self._fl_forking)
+                self._fl_door_key = key
+            return self._fl_door
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Report a handler's exception (the stdlib prints the traceback to
@@ -393,9 +497,13 @@ class _FastLoop:
         _fl_handle_inline may stand in for the chain of them.  Checked when
         serve_forever starts."""
         cls, own = type(self), vars(self)
-        return all(_stock(cls, name, _std.TCPServer) and name not in own for name in (
-            "verify_request", "process_request", "finish_request",
-            "shutdown_request", "close_request"))
+        if self._fl_frontdoor() is not None:
+            return False        # finish_request has work to do first
+        return (getattr(cls, "finish_request", None) is _FastLoop.finish_request
+                and "finish_request" not in own
+                and all(_stock(cls, name, _std.TCPServer) and name not in own for name in (
+                    "verify_request", "process_request", "shutdown_request",
+                    "close_request")))
 
     def _fl_handle_inline(self, request: socket.socket, client_address: Any) -> None:
         """What the stock hooks do for one connection, without the five
@@ -607,6 +715,8 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             self._fl_ended = weakref.WeakSet()
         for request, _ in running:
             self._fl_ended.add(request)
+            request = self._fl_swapped.get(request, request)     # its SSLSocket
+            self._fl_ended.add(request)
             try:
                 request.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -640,6 +750,8 @@ if hasattr(os, "fork"):
         #: Seconds end_handlers() gives children after SIGTERM before SIGKILL.
         kill_timeout = 5.0
 
+        _fl_forking = True
+
         _fl_peak = 0
         _fl_room: Optional[Waker] = None    # shutdown() cuts a wait for room short
 
@@ -650,6 +762,7 @@ if hasattr(os, "fork"):
             if not self._fl_wait_for_room():
                 self.shutdown_request(request)  # type: ignore[attr-defined]
                 return
+            self._fl_frontdoor()    # its report pipe exists before the fork
             super().process_request(request, client_address)
             if self.active_children and len(self.active_children) > self._fl_peak:
                 self._fl_peak = len(self.active_children)
@@ -683,6 +796,8 @@ if hasattr(os, "fork"):
                 super().collect_children(blocking=True)
             else:
                 self._fl_reap()
+            if self._fl_door is not None:
+                self._fl_door.collect()     # what children reported
 
         def _fl_interrupt(self) -> None:
             if self._fl_room is not None:

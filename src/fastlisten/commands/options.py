@@ -28,7 +28,7 @@ def _octal(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r}") from None
 
 
-_TYPES = {"octal": _octal}
+_TYPES = {"octal": _octal, "float": float, "str": str}
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_bind: str = "127.0.0.1:0") -> None:
