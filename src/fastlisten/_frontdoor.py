@@ -37,6 +37,10 @@ _EVENTS: List[str] = (
 _CODE = {name: i for i, name in enumerate(_EVENTS)}
 
 
+def _peer(address: Any) -> str:
+    return format_address(address) or "a Unix socket peer"
+
+
 class _Episode:
     """Log the first failure of a run and, when the run ends, its size."""
 
@@ -104,18 +108,18 @@ class FrontDoor:
         if proxy is not None:
             if not proxy.trusts(client_address):
                 self._record("proxy_untrusted", f"a connection from "
-                             f"{format_address(client_address)}, which is not in "
+                             f"{_peer(client_address)}, which is not in "
                              f"trusted_proxies, was dropped unread")
                 return None
             try:
                 header = core.proxy_read(request, proxy.versions, proxy.timeout, proxy.max_v2)
             except _proxy.ProxyProtocolError as exc:
                 self._record(f"proxy_error:{exc.reason}", f"dropped the connection from "
-                             f"{format_address(client_address)}: {exc}")
+                             f"{_peer(client_address)}: {exc}")
                 return None
             except OSError as exc:
                 self._record("proxy_socket_error", f"reading the header from "
-                             f"{format_address(client_address)} failed: {exc}")
+                             f"{_peer(client_address)} failed: {exc}")
                 return None
             if header.source is not None:
                 address = header.source
@@ -135,14 +139,14 @@ class FrontDoor:
             conn = self.ssl_context.wrap_socket(  # type: ignore[union-attr]
                 request, server_side=True, do_handshake_on_connect=False)
         except (OSError, ValueError) as exc:
-            self._record("tls_failures", f"with {format_address(address)}: {exc}")
+            self._record("tls_failures", f"with {_peer(address)}: {exc}")
             return None
         try:
             conn.settimeout(self.handshake_timeout)
             conn.do_handshake()
             conn.settimeout(timeout)
         except (OSError, ValueError) as exc:    # SSLError, timeout, reset ...
-            self._record("tls_failures", f"with {format_address(address)} failed: "
+            self._record("tls_failures", f"with {_peer(address)} failed: "
                          f"{exc.__class__.__name__}: {exc}")
             conn.close()
             return None
