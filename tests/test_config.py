@@ -83,6 +83,25 @@ INVALID = [
     (dict(path="/tmp/s.sock", defer_accept=1), ValueError, "defer_accept"),
     (dict(path="/tmp/s.sock", fastopen=1), ValueError, "fastopen"),
     (dict(path="/tmp/s.sock", reuse_port=True), ValueError, "reuse_port"),
+    # behind a load balancer
+    (dict(proxy_protocol="v3"), ValueError, "'v3'"),
+    (dict(proxy_protocol="V1"), ValueError, "'V1'"),
+    (dict(proxy_protocol=2), TypeError, "int"),
+    (dict(trusted_proxies="10.0.0.0/8"), ValueError, "without proxy_protocol"),
+    (dict(proxy_protocol="v1", trusted_proxies="10.0.0.1/8"), ValueError, "10.0.0.1/8"),
+    (dict(proxy_protocol="v1", trusted_proxies="10.0.0.0/33"), ValueError, "10.0.0.0/33"),
+    (dict(proxy_protocol="v1", trusted_proxies="10.0.0.0/8,"), ValueError, "''"),
+    (dict(proxy_protocol="v1", trusted_proxies=[]), ValueError, "trusts nobody"),
+    (dict(proxy_protocol="v1", trusted_proxies=[5]), TypeError, "5"),
+    (dict(proxy_protocol="v1", trusted_proxies=5), TypeError, "5"),
+    (dict(proxy_timeout=3), ValueError, "without proxy_protocol"),
+    (dict(proxy_protocol="v2", proxy_timeout=0), ValueError, "proxy_timeout=0"),
+    (dict(proxy_protocol="v2", proxy_timeout=float("nan")), ValueError, "nan"),
+    (dict(proxy_protocol="v2", proxy_timeout="3"), TypeError, "'3'"),
+    (dict(proxy_max_v2=4096), ValueError, "without proxy_protocol"),
+    (dict(proxy_protocol="v2", proxy_max_v2=100), ValueError, "proxy_max_v2=100"),
+    (dict(proxy_protocol="v2", proxy_max_v2=70000), OverflowError, "70000"),
+    (dict(proxy_protocol="v2", proxy_max_v2=1.5), TypeError, "1.5"),
 ] + [
     (dict({name: value}), TypeError, name)
     for name in ("reuse_address", "reuse_port", "nodelay", "keepalive", "unlink_stale")
@@ -231,3 +250,41 @@ def test_fuzzed_addresses_give_a_config_or_a_clear_error(name, value):
         ListenConfig(**{name: value})
     except EXPECTED as exc:
         assert str(exc)
+
+
+def test_proxy_settings_resolved_with_defaults():
+    assert ListenConfig().proxy() is None
+    p = ListenConfig(proxy_protocol="v1+v2").proxy()
+    assert (p.versions, p.timeout, p.max_v2) == (3, 3.0, 2048)
+    assert p.trusts(("127.8.9.10", 1)) and p.trusts(("::1", 1, 0, 0))
+    assert p.trusts(("::ffff:127.0.0.1", 1, 0, 0))      # dualstack: mapped IPv4
+    assert p.trusts("") and p.trusts("/run/peer.sock")  # Unix socket peers are local
+    assert not p.trusts(("10.0.0.1", 1)) and not p.trusts(("::2", 1, 0, 0))
+    cfg = ListenConfig(proxy_protocol="v2", trusted_proxies=" 10.0.0.0/8, 192.0.2.7",
+                       proxy_timeout=5, proxy_max_v2=4096)
+    assert cfg.trusted_proxies == ("10.0.0.0/8", "192.0.2.7/32")
+    p = cfg.proxy()
+    assert (p.versions, p.timeout, p.max_v2) == (2, 5.0, 4096)
+    assert p.trusts(("10.9.9.9", 1)) and p.trusts(("192.0.2.7", 1))
+    assert not p.trusts(("127.0.0.1", 1)) and not p.trusts(("192.0.2.8", 1))
+    assert cfg.replace(proxy_protocol="v1").proxy().versions == 1
+
+
+def test_a_bare_listener_refuses_proxy_protocol():
+    with pytest.raises(ValueError, match="server classes"):
+        fastlisten.listen(("127.0.0.1", 0), proxy_protocol="v1")
+
+
+def test_proxy_and_tls_flags_are_generated():
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = from_args(parser.parse_args([
+        "--bind", "127.0.0.1:0", "--proxy-protocol", "v1+v2",
+        "--trusted-proxy", "10.0.0.0/8,127.0.0.1", "--proxy-timeout", "4.5",
+        "--proxy-max-v2", "1024"]))
+    assert cfg.proxy_protocol == "v1+v2"
+    assert cfg.trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32")
+    assert cfg.proxy_timeout == 4.5 and cfg.proxy_max_v2 == 1024
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--proxy-protocol", "v9"])

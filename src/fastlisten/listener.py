@@ -168,6 +168,12 @@ class Listener:
         ``fd`` is left open: it is still the caller's)."""
         if not isinstance(config, ListenConfig):
             raise TypeError(f"config must be a ListenConfig, not {type(config).__name__}")
+        if config.proxy_protocol is not None:
+            raise ValueError(
+                f"proxy_protocol={config.proxy_protocol!r}: a Listener hands over raw "
+                "connections; the PROXY header is read by the server classes "
+                "(listen_config=...) in their workers, or by fastlisten.proxy.read(conn, ...) "
+                "in yours")
         if config.fd is not None:
             return cls._adopt(config)
         if config.family == socket.AF_UNIX and config.path is None:
