@@ -3,6 +3,8 @@
     fastlisten serve daytime --bind 127.0.0.1:4481
     fastlisten serve echo --bind [::1]:7 --threads 32 --stats-interval 10
     fastlisten serve mypkg.handlers:Handler --processes 4 --bind :8000
+    fastlisten serve echo --bind :8000 --proxy-protocol v2 --trusted-proxy 10.0.0.0/8
+    fastlisten serve echo --bind :8443 --tls-cert cert.pem --tls-key key.pem
 
 The handler is a built-in (daytime, RFC 867; echo; discard) or any
 module:Class socketserver request handler (anything called as
@@ -13,6 +15,12 @@ ForkingTCPServer (at most --processes children), or their Unix socket
 twins, so handlers see a real socketserver server as self.server.
 Connections beyond those limits wait in the kernel's accept queue, visible
 in the counters.
+
+Behind a load balancer, --proxy-protocol makes every connection start with
+a PROXY protocol header (HAProxy's send-proxy / send-proxy-v2), accepted
+only from --trusted-proxy networks (default: loopback); handlers see the
+real client.  --tls-cert/--tls-key serve TLS; handshakes run in the
+handler's thread or process, never in the accept loop.
 
 The first line on stdout is "listening on ADDRESS" (with the port the kernel
 chose for port 0).  SIGUSR1 logs the counters (so does --stats-interval).
@@ -32,6 +40,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import threading
 from time import monotonic
@@ -69,6 +78,14 @@ def add_parser(subparsers: Any) -> None:
                       help="handle each connection in a forked process, at most N at once")
     p.add_argument("--stats-interval", type=float, default=None, metavar="SECONDS",
                    help="log the counters this often (SIGUSR1 logs them any time)")
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", metavar="FILE", default=None,
+                     help="serve TLS with this PEM certificate chain (the key too, unless "
+                          "--tls-key)")
+    tls.add_argument("--tls-key", metavar="FILE", default=None,
+                     help="the certificate's PEM private key")
+    tls.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="seconds a client has for the TLS handshake (default 10)")
     p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long running handlers may finish before "
                         "they are ended (default 5)")
@@ -125,6 +142,11 @@ def format_counters(c: Dict[str, Any]) -> str:
         ("ListenOverflows", _plus(c.get("listen_overflows_since_open"))),
         ("ListenDrops", _plus(c.get("listen_drops_since_open"))),
     ]
+    parts += [(name, c.get(name)) for name in (
+        "proxy_accepted", "proxy_local", "proxy_rejected", "tls_handshakes", "tls_failures")]
+    if c.get("proxy_errors"):
+        parts.append(("proxy_errors", "{" + ", ".join(
+            f"{reason}={n}" for reason, n in c["proxy_errors"].items()) + "}"))
     return " ".join(f"{name}={value}" for name, value in parts if value is not None)
 
 
@@ -132,11 +154,29 @@ def _plus(n: Optional[int]) -> Optional[str]:
     return None if n is None else f"+{n}"
 
 
+def tls_context(cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLContext]:
+    """The server-side SSLContext for --tls-cert/--tls-key, or None;
+    ValueError naming the file that cannot be used."""
+    if cert is None:
+        if key is not None:
+            raise ValueError("--tls-key needs --tls-cert")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use --tls-cert {cert!r}"
+                         f"{f' / --tls-key {key!r}' if key else ''}: {exc}") from None
+    return context
+
+
 def server_class(config: ListenConfig, threads: Optional[int],
-                 processes: Optional[int]) -> type:
+                 processes: Optional[int], ssl_context: Optional[ssl.SSLContext] = None,
+                 handshake_timeout: float = 10.0) -> type:
     """The library server class serve runs: threads or processes, TCP or Unix."""
     unix = config.family == socket.AF_UNIX
-    attrs: Dict[str, Any] = {"listen_config": config}
+    attrs: Dict[str, Any] = {"listen_config": config, "ssl_context": ssl_context,
+                             "handshake_timeout": handshake_timeout}
     if processes is not None:
         bases: tuple = (_server.ForkingMixIn,
                         _server.UnixStreamServer if unix else _server.TCPServer)
@@ -237,10 +277,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--stats-interval must be positive, not {args.stats_interval!r}")
         if not args.grace >= 0:
             raise ValueError(f"--grace must be >= 0, not {args.grace!r}")
+        if not args.handshake_timeout > 0:
+            raise ValueError(f"--handshake-timeout must be positive, not "
+                             f"{args.handshake_timeout!r}")
+        context = tls_context(args.tls_cert, args.tls_key)
     except (ValueError, TypeError, OverflowError, OSError) as exc:
         print(f"fastlisten serve: error: {exc}", file=sys.stderr)
         return 2
-    cls = server_class(cfg, args.threads, args.processes)
+    cls = server_class(cfg, args.threads, args.processes, context, args.handshake_timeout)
     try:
         server = cls(cfg.address, handler)
     except OSError as exc:
