@@ -81,6 +81,7 @@ class FrontDoor:
         self.ssl_context = ssl_context
         self.handshake_timeout = handshake_timeout
         self._lock = threading.Lock()
+        self._trusted: Dict[str, bool] = {}
         self._counts = [0] * len(_EVENTS)
         self._proxy_episode = _Episode("PROXY protocol", "proxy_rejected")
         self._tls_episode = _Episode("TLS handshake", "tls_failures")
@@ -106,7 +107,7 @@ class FrontDoor:
         address = client_address
         proxy = self.proxy
         if proxy is not None:
-            if not proxy.trusts(client_address):
+            if not self._trusts(proxy, client_address):
                 self._record("proxy_untrusted", f"a connection from "
                              f"{_peer(client_address)}, which is not in "
                              f"trusted_proxies, was dropped unread")
@@ -132,6 +133,19 @@ class FrontDoor:
             if conn is None:
                 return None
         return conn, address, header
+
+    def _trusts(self, proxy: ProxySettings, peer: Any) -> bool:
+        """proxy.trusts(peer), remembered per peer IP (a balancer's few
+        addresses; the memory is bounded)."""
+        if not isinstance(peer, tuple):
+            return proxy.trusts(peer)
+        known = self._trusted.get(peer[0])
+        if known is None:
+            known = proxy.trusts(peer)
+            if len(self._trusted) >= 256:
+                self._trusted.clear()
+            self._trusted[peer[0]] = known
+        return known
 
     def _handshake(self, request: socket.socket, address: Any) -> Optional[socket.socket]:
         timeout = request.gettimeout()

@@ -7,30 +7,56 @@ from libc.errno cimport EAGAIN
 from fastlisten.includes.system cimport EINTR
 from fastlisten.includes.fl_proxy cimport (
     fl_proxy_hdr, fl_proxy_parse, fl_proxy_take, fl_proxy_wait, fl_crc32c,
-    FL_PROXY_V1_MAX, FL_PROXY_AF_INET, FL_PROXY_AF_UNIX,
+    FL_PROXY_V1_MAX, FL_PROXY_AF_INET, FL_PROXY_AF_INET6,
 )
 from fastlisten import proxy as _proxy
 
-cdef object _proxy_build = _proxy.build
 cdef object _proxy_error = _proxy.error
 cdef object _proxy_check = _proxy.check_args
+cdef object _ProxyHeader = _proxy.ProxyHeader
+cdef object _proxy_unix = _proxy.unix_address
+cdef tuple _PROXY_FAMILIES = _proxy.FAMILIES
+cdef tuple _PROXY_TRANSPORTS = _proxy.TRANSPORTS
 cdef int _PROXY_E_EOF = _proxy.E_EOF
 cdef int _PROXY_E_TIMEOUT = _proxy.E_TIMEOUT
 
 
+cdef inline str _ip_text(int af, const unsigned char *raw):
+    cdef char text[64]
+    inet_ntop(af, raw, text, sizeof(text))
+    return text.decode('ascii')
+
+
+cdef object _proxy_address(fl_proxy_hdr *h, const unsigned char *buf,
+                           const unsigned char *ip, unsigned int port, size_t unix_at):
+    if h.family == FL_PROXY_AF_INET:
+        return (_ip_text(AF_INET, ip), port)
+    if h.family == FL_PROXY_AF_INET6:
+        return (_ip_text(AF_INET6, ip), port, 0, 0)
+    return _proxy_unix((<const char *>buf)[unix_at:unix_at + 108])
+
+
 cdef object _proxy_header(const unsigned char *buf, fl_proxy_hdr *h):
-    """The ProxyHeader for what fl_proxy_parse found in buf."""
-    cdef Py_ssize_t n
-    addresses = None
+    """The ProxyHeader for what fl_proxy_parse found in buf (what
+    fastlisten.proxy.build makes for the pure-Python parser)."""
+    cdef size_t i, n
+    cdef list tlvs
+    source = destination = None
     if h.has_addresses:
-        if h.family == FL_PROXY_AF_UNIX:
-            addresses = ((<const char *>buf)[h.src_unix:h.src_unix + 108],
-                         (<const char *>buf)[h.dst_unix:h.dst_unix + 108], 0, 0)
-        else:
-            n = 4 if h.family == FL_PROXY_AF_INET else 16
-            addresses = ((<char *>h.src)[:n], (<char *>h.dst)[:n], h.src_port, h.dst_port)
-    return _proxy_build(h.version, h.command, h.family, h.transport, h.length, addresses,
-                        (<const char *>buf)[h.tlv_start:h.tlv_end])
+        source = _proxy_address(h, buf, h.src, h.src_port, h.src_unix)
+        destination = _proxy_address(h, buf, h.dst, h.dst_port, h.dst_unix)
+    found = ()
+    if h.tlv_end > h.tlv_start:
+        tlvs = []
+        i = h.tlv_start
+        while i < h.tlv_end:         # checked well formed by fl_proxy_parse
+            n = (<size_t>buf[i + 1] << 8) | buf[i + 2]
+            tlvs.append((buf[i], (<const char *>buf)[i + 3:i + 3 + n]))
+            i += 3 + n
+        found = tuple(tlvs)
+    return _ProxyHeader(h.version, 'PROXY' if h.command else 'LOCAL',
+                        _PROXY_FAMILIES[h.family], _PROXY_TRANSPORTS[h.transport],
+                        source, destination, found, h.length)
 
 
 def proxy_parse(data, int versions=3, max_v2=_proxy.DEFAULT_MAX_V2):

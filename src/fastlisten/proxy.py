@@ -29,8 +29,7 @@ holds no socket code of its own.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from fastlisten.address import decode_unix_path
 
@@ -95,9 +94,9 @@ REASONS: Dict[int, Tuple[str, str]] = {
 E_EOF = -13
 E_TIMEOUT = -14
 
-_FAMILIES = {0: socket.AF_UNSPEC, 1: socket.AF_INET, 2: socket.AF_INET6,
-             3: getattr(socket, "AF_UNIX", 1)}
-_TRANSPORTS = {0: 0, 1: socket.SOCK_STREAM, 2: socket.SOCK_DGRAM}
+#: The header's family and transport numbers as the socket module's constants.
+FAMILIES = (socket.AF_UNSPEC, socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", 1))
+TRANSPORTS = (0, socket.SOCK_STREAM, socket.SOCK_DGRAM)
 
 
 class ProxyProtocolError(ValueError):
@@ -133,18 +132,24 @@ def check_args(versions: Any, max_v2: Any) -> None:
                          f"{MIN_MAX_V2} and {V2_LIMIT} bytes")
 
 
+def unix_address(raw: bytes) -> Any:
+    """A v2 AF_UNIX address (108 bytes, NUL-padded; a leading NUL: an
+    abstract name) as the socket module reports one."""
+    return decode_unix_path(raw[:108].rstrip(b"\0"))
+
+
 def _address(family: int, raw: bytes, port: int) -> Any:
     if family == 1:
         return (socket.inet_ntop(socket.AF_INET, raw[:4]), port)
     if family == 2:
         return (socket.inet_ntop(socket.AF_INET6, raw[:16]), port, 0, 0)
-    # AF_UNIX: 108 bytes, NUL-padded (a leading NUL: an abstract name)
-    return decode_unix_path(raw[:108].rstrip(b"\0"))
+    return unix_address(raw)
 
 
 def build(version: int, command: int, family: int, transport: int, length: int,
           addresses: Optional[Tuple[bytes, bytes, int, int]], tlv_block: bytes) -> "ProxyHeader":
-    """A ProxyHeader from what a core's parser found (its checks done):
+    """A ProxyHeader from what the pure-Python parser found (its checks done;
+    the compiled core builds the same in C):
     ``addresses`` is (src, dst, sport, dport) in wire form, or None;
     ``tlv_block`` the TLV bytes, already checked to be well formed."""
     tlvs = []
@@ -157,12 +162,11 @@ def build(version: int, command: int, family: int, transport: int, length: int,
     if addresses is not None:
         source = _address(family, addresses[0], addresses[2])
         destination = _address(family, addresses[1], addresses[3])
-    return ProxyHeader(version, "PROXY" if command else "LOCAL", _FAMILIES[family],
-                       _TRANSPORTS[transport], source, destination, tuple(tlvs), length)
+    return ProxyHeader(version, "PROXY" if command else "LOCAL", FAMILIES[family],
+                       TRANSPORTS[transport], source, destination, tuple(tlvs), length)
 
 
-@dataclass(frozen=True)
-class ProxyHeader:
+class ProxyHeader(NamedTuple):
     """One parsed PROXY protocol header.
 
     - ``version``: 1 or 2.

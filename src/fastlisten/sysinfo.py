@@ -138,6 +138,18 @@ def listen_counters() -> Dict[str, Optional[int]]:
     return out
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process ``pid`` has used, in
+    seconds, from /proc/PID/stat (clock-tick resolution)."""
+    text = read_proc(f"/proc/{pid}/stat")
+    if text is None:
+        raise ProcessLookupError(f"no process {pid} (or no /proc)")
+    # the command name (field 2) may hold spaces and parentheses: split after it
+    fields = text.rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 def _probe_option(family: int, level: int, name: str, value: int) -> bool:
     """Whether setsockopt(level, socket.<name>, value) works on a fresh
     stream socket: the constant exists *and* the kernel accepts it."""

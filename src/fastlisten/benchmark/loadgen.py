@@ -105,7 +105,7 @@ class LoadResult:
 def run_load(address: Tuple[str, int], scenario: str = "daytime", *,
              concurrency: int = 32, total: int = 10000, duration: float = 10.0,
              timeout: float = 5.0, src_spread: int = 0,
-             native: Optional[bool] = None) -> LoadResult:
+             native: Optional[bool] = None, prefix: bytes = b"") -> LoadResult:
     """Open ``total`` connections to ``address`` (``concurrency`` at a time;
     all at once for ``burst``), each doing the scenario's exchange, and
     return what happened.
@@ -114,6 +114,8 @@ def run_load(address: Tuple[str, int], scenario: str = "daytime", *,
     taking longer than ``timeout`` is counted as a timeout.  ``src_spread``
     > 1 binds IPv4 clients to 127.0.0.1 .. 127.0.0.N in turn, for more
     source ports.  ``native=None`` picks the C loop when it is available.
+    ``prefix`` is sent before the scenario's request (a PROXY protocol
+    header, say); the server's reply stays the scenario's.
     """
     host, port = address[0], address[1]
     check_loopback(host)
@@ -124,7 +126,7 @@ def run_load(address: Tuple[str, int], scenario: str = "daytime", *,
     use_native = native_available() if native is None else native
     if use_native and not native_available():
         raise RuntimeError("the native load generator needs the compiled core")
-    request = request_for(scenario)
+    request = bytes(prefix) + request_for(scenario)
     expect = len(reply_for(scenario))
     if use_native:
         raw = native_module().loadgen_run((host, port), scenario, concurrency, total,

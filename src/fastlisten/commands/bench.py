@@ -47,6 +47,9 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(flags={dest: flag for dest, flag, _, _ in numbers})
     p.add_argument("--no-pin", action="store_false", dest="pin",
                    help="do not pin the server and the load generator to different CPUs")
+    p.add_argument("--balancer", action="store_true",
+                   help="instead: CPU per connection with PROXY protocol v2 on vs off, and "
+                        "connections/s through HAProxy to one and two instances")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
     p.add_argument("--plot", metavar="PNG", help="draw the chart (needs matplotlib: fastlisten[bench])")
@@ -97,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fastlisten bench: {exc}", file=sys.stderr)
         return 2
+    if args.balancer:
+        return _run_balancer(args)
     kw["pin"] = args.pin
     opts = Options.quick(**kw) if args.quick else Options(**kw)
     if args.from_json:
@@ -122,3 +127,26 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         rep.plot(report, args.plot)
     return 1 if report.failures else 0
+
+
+def _run_balancer(args: argparse.Namespace) -> int:
+    """``fastlisten bench --balancer``: see fastlisten.benchmark.balancer."""
+    import json
+
+    from fastlisten.benchmark.balancer import run_balancer_bench, to_text
+
+    kw = {"total": args.total or (2000 if args.quick else 20000),
+          "repeats": args.repeats or (1 if args.quick else 3),
+          "concurrency": args.concurrency or 16,
+          "timeout": args.timeout or 5.0}
+
+    def say(text: str) -> None:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    report = run_balancer_bench(progress=say, **kw)
+    print(to_text(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
