@@ -6,6 +6,7 @@ serving, and silent clients never stop it."""
 import contextlib
 import errno
 import http.server
+import io
 import json
 import logging
 import os
@@ -45,6 +46,15 @@ class Who(fastlisten.StreamRequestHandler):
             "tls": getattr(self.request, "version", lambda: None)(),
             "line": line.decode("latin-1"),
         }).encode() + b"\n")
+
+
+class WhoAfterEOF(Who):
+    """Who, but reads everything the client sends first: closing with
+    unread data would reset the connection and lose the reply."""
+
+    def handle(self):
+        self.rfile = io.BytesIO(self.rfile.read())
+        super().handle()
 
 
 STREAM_CLASSES = [getattr(fastlisten, name) for name in (
@@ -225,7 +235,7 @@ def test_http_server_logs_the_real_client(tmp_path):
 @pytest.fixture(scope="module")
 def corpus_server(tmp_path_factory):
     server = make_server(fastlisten.ThreadingTCPServer, tmp_path_factory.mktemp("c"),
-                         proxy_protocol="v1+v2", proxy_timeout=5)
+                         handler=WhoAfterEOF, proxy_protocol="v1+v2", proxy_timeout=5)
     t = threading.Thread(target=server.serve_forever, args=(0.05,))
     t.start()
     yield server
@@ -260,7 +270,7 @@ def test_malformed_headers_through_a_socket(corpus_server, data, pieces):
         assert got == b""       # never reached the handler
         wait_for(lambda: server.counters()["proxy_rejected"] == before["proxy_rejected"] + 1)
     # and it keeps serving
-    assert reply(server, b"PROXY UNKNOWN\r\nalive\n")["line"] == "alive\n"
+    assert reply(server, b"PROXY UNKNOWN\r\nalive\n", close_write=True)["line"] == "alive\n"
 
 
 # -- TLS ------------------------------------------------------------------
