@@ -17,6 +17,8 @@ cdef object _ProxyHeader = _proxy.ProxyHeader
 cdef object _proxy_unix = _proxy.unix_address
 cdef tuple _PROXY_FAMILIES = _proxy.FAMILIES
 cdef tuple _PROXY_TRANSPORTS = _proxy.TRANSPORTS
+cdef long _PROXY_MIN_MAX_V2 = _proxy.MIN_MAX_V2
+cdef long _PROXY_V2_LIMIT = _proxy.V2_LIMIT
 cdef int _PROXY_E_EOF = _proxy.E_EOF
 cdef int _PROXY_E_TIMEOUT = _proxy.E_TIMEOUT
 
@@ -103,8 +105,13 @@ def proxy_read(sock, int versions=3, timeout=_proxy.DEFAULT_TIMEOUT,
     cdef size_t have = 0, cap
     cdef unsigned char small[512]
     cdef unsigned char *buf = small
-    _proxy_check(versions, max_v2)
-    ms = timeout_ms(timeout)
+    if not (1 <= versions <= 3 and type(max_v2) is int
+            and _PROXY_MIN_MAX_V2 <= <long>max_v2 <= _PROXY_V2_LIMIT):
+        _proxy_check(versions, max_v2)      # the common case needs no Python call
+    if type(timeout) is float and 0.0 <= <double>timeout <= 1e6:
+        ms = <int>ceil(<double>timeout * 1000.0)
+    else:
+        ms = timeout_ms(timeout)            # checks and explains anything else
     if timeout is not None:
         deadline = _now() + <double>timeout
     fd = sock.fileno()
@@ -115,9 +122,10 @@ def proxy_read(sock, int versions=3, timeout=_proxy.DEFAULT_TIMEOUT,
             raise MemoryError()
     try:
         while True:
-            with nogil:
-                n = fl_proxy_take(fd, buf, cap, &have)
-                err = errno
+            # MSG_DONTWAIT: this never blocks, so the GIL is kept (releasing
+            # it for a few microseconds would only invite a hand-over)
+            n = fl_proxy_take(fd, buf, cap, &have)
+            err = errno
             if n == 0:
                 raise _proxy_error(_PROXY_E_EOF, (<char *>buf)[:have])
             if n > 0:

@@ -124,7 +124,6 @@ class _FastLoop:
     _fl_handled = False
     _fl_ended: Any = ()         # connections end_handlers() shut down (weakly held)
     _fl_door: Optional[FrontDoor] = None    # PROXY header / TLS handshake, when configured
-    _fl_door_key: Any = None    # what _fl_door was built from
     _fl_local: Optional[threading.local] = None
     _fl_forking = False         # handlers run in forked children
 
@@ -361,19 +360,22 @@ class _FastLoop:
         config = self._fl_config if self._fl_config is not None else self.listen_config
         proxy = config.proxy() if config is not None else None
         context = self.ssl_context
-        key = (proxy, context, self.handshake_timeout)
+        timeout = self.handshake_timeout
         door = self._fl_door
-        if door is not None and self._fl_door_key == key:
+        # per connection: compared by identity (config.proxy() returns the
+        # same object each time), not by value
+        if door is not None and door.proxy is proxy and door.ssl_context is context \
+                and door.handshake_timeout == timeout:
             return door
         if proxy is None and context is None:
             return None
         with _wake_lock:
-            if self._fl_door is None or self._fl_door_key != key:
+            door = self._fl_door
+            if door is None or door.proxy is not proxy or door.ssl_context is not context \
+                    or door.handshake_timeout != timeout:
                 if self._fl_door is not None:
                     self._fl_door.close()
-                self._fl_door = FrontDoor(proxy, context, self.handshake_timeout,
-                                          forking=self._fl_forking)
-                self._fl_door_key = key
+                self._fl_door = FrontDoor(proxy, context, timeout, forking=self._fl_forking)
             return self._fl_door
 
     def handle_error(self, request: Any, client_address: Any) -> None:

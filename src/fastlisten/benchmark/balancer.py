@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from fastlisten.benchmark.loadgen import run_load
 from fastlisten.sysinfo import process_cpu_seconds
 
-__all__ = ["HAProxy", "find_haproxy", "v2_header", "run_balancer_bench", "to_text"]
+__all__ = ["HAProxy", "find_haproxy", "free_port", "v2_header", "run_balancer_bench", "to_text"]
 
 
 def find_haproxy() -> Optional[str]:
@@ -67,13 +67,16 @@ class HAProxy:
     runtime API on a Unix socket in ``directory``.
 
     ``backends`` maps a frontend port to the (name, port) servers behind
-    it; ``server_options`` is appended to every server line (e.g.
+    it (frontend ``fe0`` and backend ``be0`` for the first, ...);
+    ``server_options`` is appended to every server line (e.g.
     ``send-proxy-v2 check inter 100ms``).  Use as a context manager, or
     call close().
     """
 
     def __init__(self, executable: str, directory: str,
                  backends: Dict[int, Sequence[Tuple[str, int]]], server_options: str) -> None:
+        #: the first frontend's port
+        self.port = next(iter(backends))
         self.stats = os.path.join(directory, "haproxy.sock")
         self.config = os.path.join(directory, "haproxy.cfg")
         sections = []
@@ -164,7 +167,9 @@ defaults
         self._log.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port free now (for a process that cannot bind port 0
+    and report it, such as haproxy)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -262,7 +267,7 @@ def run_balancer_bench(total: int = 20000, repeats: int = 3, concurrency: int = 
         return out
     instances = [_Served("--proxy-protocol", "v2"), _Served("--proxy-protocol", "v2")]
     try:
-        one, two = _free_port(), _free_port()
+        one, two = free_port(), free_port()
         with tempfile.TemporaryDirectory(prefix="fastlisten-haproxy-") as tmp, HAProxy(
                 haproxy, tmp,
                 {one: [("s1", instances[0].port)],
