@@ -10,6 +10,8 @@ machine are noise; the ratios are the result):
   server process's CPU time (utime + stime, /proc/PID/stat) divided by the
   connections it served.  The runs alternate, ``repeats`` times each; the
   medians are reported.
+- **The parser alone**: microseconds per v2 header, parsed from bytes and
+  read from a socket, for each core.
 - **Connections per second through HAProxy** (TCP mode, ``send-proxy-v2``)
   to one and to two fastlisten instances, and straight to one instance
   without HAProxy as the reference.
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from fastlisten.benchmark.loadgen import run_load
@@ -239,12 +242,44 @@ def _cpu_per_connection(served: _Served, prefix: bytes, total: int, concurrency:
     return used / done * 1e6, result.rate
 
 
+def parse_cost(number: int = 20000) -> Dict[str, Dict[str, float]]:
+    """µs per v2 header for each core available: ``parse`` (proxy_parse of
+    a HAProxy-like header) and ``read`` (proxy_read of it from a socketpair,
+    the sender's write included); best of three rounds."""
+    from fastlisten import _corepy
+
+    cores: List[Any] = [_corepy]
+    try:
+        from fastlisten import _core  # type: ignore[attr-defined]
+        cores.insert(0, _core)
+    except ImportError:
+        pass
+    header = v2_header()
+    out: Dict[str, Dict[str, float]] = {}
+    a, b = socket.socketpair()
+    try:
+        for core in cores:
+            def read() -> None:
+                b.sendall(header)
+                core.proxy_read(a, 2, 3.0)
+            costs = {}
+            for name, fn in (("parse", lambda: core.proxy_parse(header)), ("read", read)):
+                costs[name] = min(timeit.repeat(fn, number=number, repeat=3)) / number * 1e6
+            out["compiled" if core.__name__.endswith("_core") else "python"] = costs
+    finally:
+        a.close()
+        b.close()
+    return out
+
+
 def run_balancer_bench(total: int = 20000, repeats: int = 3, concurrency: int = 16,
                        timeout: float = 5.0,
                        progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Measure; returns a JSON-able report (see the module's docstring)."""
     say = progress or (lambda text: None)
     out: Dict[str, Any] = {"total": total, "repeats": repeats, "concurrency": concurrency}
+    say("parsing cost per header")
+    out["parse_us"] = parse_cost(max(total, 1000))
     header = v2_header()
     plain, proxied = _Served(), _Served("--proxy-protocol", "v2")
     try:
@@ -302,6 +337,10 @@ def to_text(report: Dict[str, Any]) -> str:
     """The report as a short table."""
     lines = [f"fastlisten behind a load balancer ({report['total']} echo connections per run, "
              f"{report['concurrency']} at a time, median of {report['repeats']})", ""]
+    for core, costs in report.get("parse_us", {}).items():
+        lines.append(f"PROXY v2 header, {core} core: parse {costs['parse']:.2f} µs, read from "
+                     f"a socket {costs['read']:.2f} µs (write included)")
+    lines.append("")
     cpu = report["cpu_us_per_connection"]
     lines.append("server CPU per connection   PROXY v2 off   PROXY v2 on   on/off")
     lines.append(f"                            {cpu['off']:9.1f} µs  {cpu['on']:9.1f} µs  "
