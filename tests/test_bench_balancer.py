@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from fastlisten.benchmark.balancer import find_haproxy, run_balancer_bench, to_text, v2_header
-from fastlisten.proxy import parse
+from fastlisten import proxy_parse as parse
 
 
 def test_the_header_the_bench_sends_is_what_haproxy_sends():

@@ -20,5 +20,8 @@ else:
 compiled: bool = core.__name__ == "fastlisten._core"
 
 RawListener = core.RawListener
+#: The PROXY protocol parser and reader (fastlisten.proxy has their header and errors).
+proxy_parse = core.proxy_parse
+proxy_read = core.proxy_read
 
-__all__ = ["core", "compiled", "RawListener"]
+__all__ = ["core", "compiled", "RawListener", "proxy_parse", "proxy_read"]

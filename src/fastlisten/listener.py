@@ -172,7 +172,7 @@ class Listener:
             raise ValueError(
                 f"proxy_protocol={config.proxy_protocol!r}: a Listener hands over raw "
                 "connections; the PROXY header is read by the server classes "
-                "(listen_config=...) in their workers, or by fastlisten.proxy.read(conn, ...) "
+                "(listen_config=...) in their workers, or by fastlisten.proxy_read(conn, ...) "
                 "in yours")
         if config.fd is not None:
             return cls._adopt(config)

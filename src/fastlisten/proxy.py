@@ -7,12 +7,12 @@ client is by sending a PROXY header first: a v1 text line
 or a v2 binary header (a 12-byte signature, version/command, family, a
 16-bit length, the addresses, then TLVs).  The cores parse and read it::
 
-    from fastlisten import proxy
-    header = proxy.parse(b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\\r\\n")
+    import fastlisten
+    header = fastlisten.proxy_parse(b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\\r\\n")
     header.source           # ('192.0.2.1', 56324)
-    header = proxy.read(conn, versions=proxy.V1 | proxy.V2, timeout=3.0)
+    header = fastlisten.proxy_read(conn, versions=V1 | V2, timeout=3.0)
 
-(``parse`` and ``read`` are the core's ``proxy_parse`` and ``proxy_read``.)
+(the core's functions, whichever core is in use).
 ``proxy_parse(data, versions=V1|V2, max_v2=DEFAULT_MAX_V2)`` returns a
 :class:`ProxyHeader` when ``data`` starts with a complete valid header,
 None when it is a valid beginning of one, and raises
@@ -34,7 +34,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 from fastlisten.address import decode_unix_path
 
 __all__ = [
-    "parse", "read", "V1", "V2", "DEFAULT_TIMEOUT", "DEFAULT_MAX_V2", "MIN_MAX_V2", "V2_LIMIT",
+    "V1", "V2", "DEFAULT_TIMEOUT", "DEFAULT_MAX_V2", "MIN_MAX_V2", "V2_LIMIT",
     "ProxyHeader", "ProxyProtocolError", "REASONS",
     "PP2_TYPE_ALPN", "PP2_TYPE_AUTHORITY", "PP2_TYPE_CRC32C", "PP2_TYPE_NOOP",
     "PP2_TYPE_UNIQUE_ID", "PP2_TYPE_SSL", "PP2_TYPE_NETNS",
@@ -243,22 +243,3 @@ class ProxyHeader(NamedTuple):
             i += 3 + n
         return out
 
-
-def parse(data: Any, versions: int = V1 | V2,
-          max_v2: int = DEFAULT_MAX_V2) -> Optional[ProxyHeader]:
-    """The core's ``proxy_parse``: a ProxyHeader when ``data`` starts with a
-    complete valid header, None when it is a valid beginning of one;
-    raises ProxyProtocolError otherwise."""
-    from fastlisten._backend import core
-    return core.proxy_parse(data, versions, max_v2)  # type: ignore[no-any-return]
-
-
-def read(sock: socket.socket, versions: int = V1 | V2,
-         timeout: Optional[float] = DEFAULT_TIMEOUT,
-         max_v2: int = DEFAULT_MAX_V2) -> ProxyHeader:
-    """The core's ``proxy_read``: read one header from a connected socket,
-    taking only its bytes, within ``timeout`` seconds (without the GIL in
-    the compiled core); raises ProxyProtocolError for a bad, late (reason
-    'timeout') or cut-short ('eof') header, OSError for a failing socket."""
-    from fastlisten._backend import core
-    return core.proxy_read(sock, versions, timeout, max_v2)  # type: ignore[no-any-return]
