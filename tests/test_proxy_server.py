@@ -230,6 +230,27 @@ def test_http_server_logs_the_real_client(tmp_path):
     assert logged == ["198.51.100.20"]
 
 
+def test_wsgiref_sees_the_real_client():
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["REMOTE_ADDR"].encode()]
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    class Server(fastlisten.ThreadingMixIn, WSGIServer):
+        listen_config = ListenConfig(proxy_protocol="v2")
+
+    server = Server(("127.0.0.1", 0), Quiet)
+    server.set_app(app)
+    with serving(server, 0.05):
+        data = talk(server, v2(fam=0x21, body=inet6()) + b"GET / HTTP/1.0\r\n\r\n")
+    assert data.endswith(b"\r\n\r\n2001:db8::1")
+
+
 # -- the malformed corpus through a real socket ----------------------------
 
 @pytest.fixture(scope="module")
