@@ -332,6 +332,38 @@ def test_tls_without_proxy(tmp_path, cert):
         assert "proxy_accepted" not in server.counters()
 
 
+def test_end_handlers_reaches_a_tls_connection(tmp_path, cert):
+    """end_handlers() shuts down the SSLSocket that took over the accepted
+    socket: a handler waiting for its client ends."""
+    started = threading.Event()
+
+    class Waiting(fastlisten.StreamRequestHandler):
+        def handle(self):
+            started.set()
+            self.rfile.readline()       # the client never sends a line
+
+    class Server(fastlisten.ThreadingTCPServer):
+        ssl_context = server_context(*cert)
+
+    server = Server(("127.0.0.1", 0), Waiting)
+    t = threading.Thread(target=server.serve_forever, args=(0.05,))
+    t.start()
+    c = client_context(cert[0]).wrap_socket(
+        socket.create_connection(server.server_address, timeout=LIMIT),
+        server_hostname="localhost")
+    try:
+        assert started.wait(LIMIT)
+        server.shutdown()
+        assert server.drain(0) == 1     # ended, not waited for
+        assert c.recv(10) == b""        # the server's side is shut down
+        wait_for(lambda: server.counters()["handlers_running"] == 0)
+    finally:
+        c.close()
+        server.shutdown()
+        t.join(LIMIT)
+        server.server_close()
+
+
 # -- silent clients do not stop service ------------------------------------
 
 SILENT = 200
