@@ -1,6 +1,7 @@
 """fastlisten behind a real HAProxy (the Debian package): TCP mode with
 send-proxy (v1) and send-proxy-v2 (with CRC32C and UNIQUE_ID TLVs) in front
-of two fastlisten instances with health checks on.  Clients connect from
+of two fastlisten instances with health checks on, and terminating TLS
+with send-proxy-v2-ssl (the SSL and AUTHORITY TLVs).  Clients connect from
 different loopback addresses and each handler sees its own client's
 address and port; one instance is drained through HAProxy's runtime API and
 stopped gracefully without losing a connection.
@@ -21,6 +22,7 @@ from fastlisten import ListenConfig
 from fastlisten.benchmark.balancer import HAProxy, find_haproxy, free_port
 
 from test_socketserver_diff import LIMIT, wait_for
+from tlsutil import client_context, make_cert
 
 HAPROXY = find_haproxy()
 
@@ -183,3 +185,60 @@ def test_drain_then_graceful_stop_loses_nothing(balanced):
             c.close()
     assert errors == []
     assert results and set(results) == {"s2"}
+
+
+def test_haproxy_terminating_tls_sends_the_ssl_and_authority_tlvs(tmp_path):
+    """HAProxy terminates TLS and says so in the v2 header (send-proxy-v2-ssl,
+    proxy-v2-options authority): the handler reads the TLS version and the
+    name the client asked for."""
+    cert, key = make_cert(tmp_path)
+    pem = tmp_path / "site.pem"
+    with open(cert, "rb") as c, open(key, "rb") as k:
+        pem.write_bytes(c.read() + k.read())
+
+    seen = []
+
+    class Tell(fastlisten.StreamRequestHandler):
+        def handle(self):
+            try:
+                line = self.rfile.readline()
+            except ConnectionResetError:
+                return
+            header = self.server.proxy_header
+            if line and header is not None:
+                seen.append((list(self.client_address), header.ssl, header.authority))
+                self.wfile.write(b"ok\n")
+
+    class Server(Instance):
+        pass
+
+    server = Server(("127.0.0.1", 0), Tell)
+    t = threading.Thread(target=server.serve_forever, args=(0.05,))
+    t.start()
+    haproxy = HAProxy(HAPROXY, str(tmp_path), {free_port(): [("s1", server.server_address[1])]},
+                      "send-proxy-v2-ssl proxy-v2-options authority,crc32c check inter 100ms",
+                      bind_options=f"ssl crt {pem}")
+    try:
+        haproxy.wait_up(LIMIT)
+        raw = socket.socket()
+        raw.settimeout(LIMIT)
+        raw.bind(("127.0.0.7", 0))
+        raw.connect(("127.0.0.1", haproxy.port))
+        me = list(raw.getsockname())
+        c = client_context(cert).wrap_socket(raw, server_hostname="localhost")
+        try:
+            c.sendall(b"hello\n")
+            assert c.recv(10) == b"ok\n"
+            version = c.version()
+        finally:
+            c.close()
+    finally:
+        haproxy.close()
+        server.shutdown()
+        t.join(LIMIT)
+        server.server_close()
+    (client, ssl_info, authority), = seen
+    assert client == me
+    assert authority == "localhost"
+    assert ssl_info["client"] & 0x01            # PP2_CLIENT_SSL
+    assert ssl_info["version"] == version       # e.g. TLSv1.3

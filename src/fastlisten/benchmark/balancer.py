@@ -72,12 +72,14 @@ class HAProxy:
     ``backends`` maps a frontend port to the (name, port) servers behind
     it (frontend ``fe0`` and backend ``be0`` for the first, ...);
     ``server_options`` is appended to every server line (e.g.
-    ``send-proxy-v2 check inter 100ms``).  Use as a context manager, or
+    ``send-proxy-v2 check inter 100ms``), ``bind_options`` to every bind
+    line (e.g. ``ssl crt site.pem``: HAProxy terminates TLS).  Use as a context manager, or
     call close().
     """
 
     def __init__(self, executable: str, directory: str,
-                 backends: Dict[int, Sequence[Tuple[str, int]]], server_options: str) -> None:
+                 backends: Dict[int, Sequence[Tuple[str, int]]], server_options: str,
+                 bind_options: str = "") -> None:
         #: the first frontend's port
         self.port = next(iter(backends))
         self.stats = os.path.join(directory, "haproxy.sock")
@@ -88,7 +90,7 @@ class HAProxy:
                               for name, sport in servers)
             sections.append(f"""
 frontend fe{i}
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port} {bind_options}
     unique-id-format %ci:%cp
     default_backend be{i}
 
