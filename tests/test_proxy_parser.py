@@ -232,6 +232,8 @@ def test_versions_and_max_v2(core):
         core.proxy_parse(line, 3, pp.V2_LIMIT + 1)
     with pytest.raises(TypeError, match="max_v2"):
         core.proxy_parse(line, 3, 1000.0)
+    with pytest.raises(ValueError, match="max_v2="):
+        core.proxy_parse(line, 3, 2**70)
     assert core.proxy_parse(bytearray(line)).length == 15
     assert core.proxy_parse(memoryview(line)).length == 15
     assert core.proxy_parse(b"") is None
@@ -375,6 +377,25 @@ def test_read_refuses_late_cut_and_bad_headers(core, sent, close, timeout, reaso
         except BlockingIOError:
             rest = b""
         assert rest == left
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("timeout", [float("inf"), 1e12, 2**40, None])
+def test_read_with_huge_timeouts(core, timeout):
+    server, client = _pair()
+    with server, client:
+        client.send(b"PROXY UNKNOWN\r\n")
+        assert core.proxy_read(server, timeout=timeout).length == 15
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("timeout, exc", [(-1, ValueError), (float("nan"), ValueError),
+                                          ("3", TypeError)])
+def test_read_refuses_bad_timeouts(core, timeout, exc):
+    server, client = _pair()
+    with server, client:
+        with pytest.raises(exc, match="timeout"):
+            core.proxy_read(server, timeout=timeout)
 
 
 @pytest.mark.parametrize("core", CORES)

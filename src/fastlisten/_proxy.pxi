@@ -101,12 +101,12 @@ def proxy_read(sock, int versions=3, timeout=_proxy.DEFAULT_TIMEOUT,
     cdef fl_proxy_hdr h
     cdef long n = 0, r
     cdef int w = 0, err = 0, ms, fd
-    cdef double deadline = 0.0, left
+    cdef double deadline = 0.0
     cdef size_t have = 0, cap
     cdef unsigned char small[512]
     cdef unsigned char *buf = small
     if not (1 <= versions <= 3 and type(max_v2) is int
-            and _PROXY_MIN_MAX_V2 <= <long>max_v2 <= _PROXY_V2_LIMIT):
+            and _PROXY_MIN_MAX_V2 <= max_v2 <= _PROXY_V2_LIMIT):
         _proxy_check(versions, max_v2)      # the common case needs no Python call
     if type(timeout) is float and 0.0 <= <double>timeout <= 1e6:
         ms = <int>ceil(<double>timeout * 1000.0)
@@ -138,8 +138,7 @@ def proxy_read(sock, int versions=3, timeout=_proxy.DEFAULT_TIMEOUT,
             if err != EAGAIN:     # EWOULDBLOCK is EAGAIN on Linux
                 raise_errno(err)
             if timeout is not None:
-                left = deadline - _now()
-                ms = <int>ceil(left * 1000.0) if left > 0 else 0
+                ms = _ms_until(deadline)
             w = 0
             if ms != 0:
                 with nogil:
