@@ -10,6 +10,8 @@ finished threads waiting for the next job instead:
   ``max_queued`` jobs; ``submit`` blocks while that queue is full (so the
   accept loop stops and the kernel's backlog holds further connections)
   until a thread frees up or ``interrupt()`` finds it cancelled;
+  ``wait_for_room`` tells how many jobs it would take without waiting, so a
+  caller can take no more connections than that;
 - an exception that is not an ``Exception`` (``SystemExit``,
   ``KeyboardInterrupt``) ends the thread that ran the job, as it ends a
   thread of the stdlib, so ``threading.excepthook`` sees it;
@@ -162,6 +164,26 @@ class WorkerPool:
                 self._room.wait()
         self._start(thread)
         return True
+
+    def wait_for_room(self, cancelled: Optional[Callable[[], bool]] = None) -> int:
+        """How many jobs submit() would take now without waiting: with
+        max_threads, max_threads + max_queued less the jobs running or
+        queued; -1 for no limit (no max_threads, or a closed pool, whose
+        submit() refuses at once).  While that is 0, wait (as submit()
+        does) until it is not; 0 if ``cancelled()`` is true when the wait
+        begins or is interrupted."""
+        if self.max_threads is None:
+            return -1
+        with self._cond:
+            while True:
+                if self._closed:
+                    return -1
+                room = self.max_threads + self.max_queued - len(self._busy) - len(self._jobs)
+                if room > 0:
+                    return room
+                if cancelled is not None and cancelled():
+                    return 0
+                self._room.wait()
 
     def interrupt(self) -> None:
         """Wake a submit() waiting for room, so that it checks ``cancelled``."""

@@ -48,6 +48,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fastlisten import address as _address
+from fastlisten import sysinfo
 from fastlisten._coreshared import DEFAULT_BATCH
 from fastlisten._frontdoor import FrontDoor
 from fastlisten._wakeup import Waker
@@ -83,6 +84,11 @@ def _stock(cls: type, name: str, stdlib_owner: type) -> bool:
     return getattr(cls, name, None) is getattr(stdlib_owner, name)
 
 
+#: A server's accept batch takes at most 1/HEADROOM_SHARE of the descriptors
+#: its process may still open (see _FastLoop.accept_batch_size).
+HEADROOM_SHARE = 4
+
+
 class _FastLoop:
     """The serve loop, shutdown, drain and counters shared by every server
     and mixin here, and the listener options of ``listen_config``.
@@ -92,7 +98,12 @@ class _FastLoop:
     that it works over any stdlib server class, whoever's ``__init__`` ran.
     """
 
-    #: Connections taken from the core per wake-up (the GIL is taken once per batch).
+    #: Connections taken from the core per wake-up (the GIL is taken once per
+    #: batch).  The connections of a batch wait, open, for their turn: a batch
+    #: is therefore cut to a quarter (HEADROOM_SHARE) of the descriptors the
+    #: process may still open when serve_forever() starts, so that handlers
+    #: keep the rest, and with ThreadingMixIn's max_threads to the room in
+    #: its queue.
     accept_batch_size = DEFAULT_BATCH
 
     #: Listener options (a :class:`fastlisten.ListenConfig` without an
@@ -454,11 +465,15 @@ class _FastLoop:
         # As selectors do: a negative timeout means "do not wait".
         timeout = None if poll_interval is None else max(float(poll_interval), 0.0)
         handle_one = self._fl_handle_inline if self._fl_stock_hooks() else self._fl_handle_accepted
+        limit = self._fl_batch_limit()
         self._fl_publish(listener)
         try:
             while not self._BaseServer__shutdown_request:
+                take = self._fl_take(limit)
+                if take == 0:
+                    continue            # shutdown() ended the wait for room
                 try:
-                    batch = listener.accept_many(self.accept_batch_size, timeout)
+                    batch = listener.accept_many(take, timeout)
                 except OSError:
                     return False
                 if batch:
@@ -472,6 +487,19 @@ class _FastLoop:
                 except OSError:
                     pass
         return True
+
+    def _fl_batch_limit(self) -> int:
+        """accept_batch_size, cut to a share of the descriptor headroom."""
+        size = self.accept_batch_size
+        free = sysinfo.descriptor_headroom()
+        if free is not None:
+            size = min(size, max(1, free // HEADROOM_SHARE))
+        return size
+
+    def _fl_take(self, limit: int) -> int:
+        """How many connections the loop may take now (at most ``limit``);
+        0 when shutdown() ended a wait for room."""
+        return limit
 
     def _fl_handle_batch(self, batch: List[Tuple[socket.socket, Any]],
                          handle_one: Callable[[socket.socket, Any], None]) -> None:
@@ -654,7 +682,9 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     ``max_threads`` to cap the threads: requests beyond it wait in a FIFO
     queue of up to ``max_queued`` requests (default: max_threads); while
     that is full, the loop stops accepting and the kernel's backlog holds
-    new connections (shutdown() drops the one request waiting for room).
+    new connections.  So the server holds at most ``max_threads +
+    max_queued`` connections open: the loop takes no more at a time than
+    there is room for.
     """
 
     #: Seconds an idle thread waits for another request before it exits.
@@ -673,14 +703,26 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         pool = self._fl_pool
         return _BusyThreads(pool.busy_threads() if pool is not None else ())
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Run process_request_thread(request, client_address) on a pool thread."""
+    def _fl_get_pool(self) -> WorkerPool:
         pool = self._fl_pool
         if pool is None:
             pool = self._fl_pool = WorkerPool(
                 name=f"{type(self).__name__}-worker", daemon=self.daemon_threads,
                 idle_timeout=self.thread_idle_timeout, max_threads=self.max_threads,
                 max_queued=self.max_queued)
+        return pool
+
+    def _fl_take(self, limit: int) -> int:
+        """With max_threads: no more than the pool takes without waiting
+        (waiting, until shutdown(), while that is none)."""
+        if self.max_threads is None:
+            return limit
+        room = self._fl_get_pool().wait_for_room(self._fl_shutdown_requested)
+        return room if 0 <= room < limit else limit
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Run process_request_thread(request, client_address) on a pool thread."""
+        pool = self._fl_get_pool()
         pool.daemon = self.daemon_threads
         if not pool.submit(self.process_request_thread, request, client_address,
                            cancelled=self._fl_shutdown_requested):

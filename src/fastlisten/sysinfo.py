@@ -18,7 +18,7 @@ __all__ = [
     "somaxconn", "tcp_max_syn_backlog", "syncookies", "tcp_abort_on_overflow",
     "ephemeral_port_range", "reserved_ports", "unprivileged_port_start",
     "tcp_fastopen", "listen_counters", "features", "limits", "report",
-    "local_addresses", "find_holders",
+    "local_addresses", "find_holders", "descriptor_headroom",
 ]
 
 _SYSCTL = "/proc/sys/net"
@@ -186,6 +186,21 @@ def features() -> Dict[str, Any]:
                                                   "SO_REUSEADDR", 1),
         "accept4": hasattr(socket, "SOCK_CLOEXEC"),
     }
+
+
+def descriptor_headroom() -> Optional[int]:
+    """How many more descriptors this process may open now: the soft
+    RLIMIT_NOFILE minus those open (counted in /proc/self/fd).  None when
+    either is unknown or there is no limit."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        open_now = len(os.listdir("/proc/self/fd")) - 1     # less the listing's own
+    except (ImportError, OSError):
+        return None
+    return max(soft - open_now, 0)
 
 
 def limits() -> Dict[str, Any]:
