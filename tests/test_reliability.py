@@ -160,3 +160,69 @@ def test_shutdown_ends_a_wait_for_room_in_the_queue():
         server.server_close()
         t.join(10)
     assert not t.is_alive()
+
+
+# -- SIGINT under load --------------------------------------------------------
+
+_INTERRUPTED_SERVER = textwrap.dedent("""
+    import errno, socketserver, sys, threading
+    import fastlisten.server as fs
+    from fastlisten import _workers
+    where = sys.argv[1]
+    errors = []
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self):
+            try:
+                data = self.request.recv(1)
+                self.request.sendall(data + b"k")
+            except OSError as exc:
+                errors.append(exc.errno)
+
+    # Ctrl-C lands just after the request was handed to a worker thread:
+    # as the pool's submit() returns, or while Thread.start() waits for the
+    # new thread (the thread exists and runs the handler).
+    if where == "after-submit":
+        real_submit = _workers.WorkerPool.submit
+        def submit(self, *args, **kwargs):
+            real_submit(self, *args, **kwargs)
+            raise KeyboardInterrupt
+        _workers.WorkerPool.submit = submit
+    else:
+        real_start = threading.Thread.start
+        def start(self):
+            real_start(self)
+            raise KeyboardInterrupt
+        threading.Thread.start = start
+
+    server = fs.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    print(server.server_address[1], flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    sys.stdin.readline()        # the client has sent its byte
+    server.server_close()       # waits for the handler (block_on_close)
+    print(len(errors), flush=True)
+""")
+
+
+@pytest.mark.parametrize("where", ["after-submit", "in-thread-start"])
+def test_sigint_does_not_close_a_request_a_worker_thread_already_has(where):
+    """A KeyboardInterrupt in the serving thread just after a request went to
+    a worker thread must leave that request to the worker: the main thread
+    closing it made the handler fail with EBADF (the stdlib does that)."""
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_SERVER, where],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            assert proc.stdout.readline() == "interrupted\n"
+            client.sendall(b"o")
+            reply = client.recv(2)
+        out, _ = proc.communicate("go\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (reply, out) == (b"ok", "0\n")

@@ -31,6 +31,10 @@ __all__ = ["WorkerPool"]
 
 _Job = Tuple[Callable[..., Any], Tuple[Any, ...]]
 
+#: Seconds _start() waits, after Thread.start() was interrupted, to tell
+#: whether the thread was made.
+_START_GRACE = 5.0
+
 #: Every pool, so that idle threads can leave at interpreter exit.
 _pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
 
@@ -165,6 +169,13 @@ class WorkerPool:
         self._start(thread)
         return True
 
+    def holds(self, arg: Any) -> bool:
+        """True if a job queued or running now has ``arg`` among its
+        arguments (it is the job's to dispose of)."""
+        with self._cond:
+            return any(arg in args for args in self._busy.values()) or any(
+                arg in args for _, args in self._jobs)
+
     def wait_for_room(self, cancelled: Optional[Callable[[], bool]] = None) -> int:
         """How many jobs submit() would take now without waiting: with
         max_threads, max_threads + max_queued less the jobs running or
@@ -234,10 +245,17 @@ class WorkerPool:
     def _start(self, t: threading.Thread) -> None:
         try:
             t.start()
-        except BaseException:
-            with self._cond:
-                self._threads.discard(t)
-                self._busy.pop(t, None)
+        except BaseException as exc:
+            # A signal handler that raises (KeyboardInterrupt) may interrupt
+            # start() after the thread was made, while start() waits for it
+            # to run: that thread runs its job (holds() says so).  If the
+            # thread is not running within a few seconds, it was never made.
+            started = getattr(t, "_started", None)
+            if (isinstance(exc, RuntimeError) or started is None
+                    or not started.wait(_START_GRACE)):
+                with self._cond:
+                    self._threads.discard(t)
+                    self._busy.pop(t, None)
             raise
 
     def _next_job(self) -> Optional[_Job]:

@@ -570,10 +570,18 @@ class _FastLoop:
                 self.handle_error(request, client_address)  # type: ignore[attr-defined]
                 self.shutdown_request(request)  # type: ignore[attr-defined]
             except BaseException:
-                self.shutdown_request(request)  # type: ignore[attr-defined]
+                # (KeyboardInterrupt & co.) unless process_request handed
+                # the request on already: then its new owner closes it
+                if not self._fl_handed_on(request):
+                    self.shutdown_request(request)  # type: ignore[attr-defined]
                 raise
         else:
             self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def _fl_handed_on(self, request: socket.socket) -> bool:
+        """True if process_request gave ``request`` to someone else (a worker
+        thread) who will close it; the serving thread must not."""
+        return False
 
     def _fl_serve_selector(self, poll_interval: Optional[float]) -> None:
         """The stdlib's loop, plus a wake-up descriptor for shutdown()."""
@@ -727,6 +735,10 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         if not pool.submit(self.process_request_thread, request, client_address,
                            cancelled=self._fl_shutdown_requested):
             self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def _fl_handed_on(self, request: socket.socket) -> bool:
+        pool = self._fl_pool
+        return pool is not None and pool.holds(request)
 
     def _fl_shutdown_requested(self) -> bool:
         return bool(self._BaseServer__shutdown_request)
