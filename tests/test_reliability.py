@@ -5,6 +5,7 @@ Bounded in count and time, on loopback, with no timing asserts; each test
 that could hang waits on a real event with a deadline.
 """
 
+import errno
 import os
 import socket
 import socketserver
@@ -226,3 +227,208 @@ def test_sigint_does_not_close_a_request_a_worker_thread_already_has(where):
             proc.kill()
             proc.communicate()
     assert (reply, out) == (b"ok", "0\n")
+
+
+# -- abort storms, handler faults, shutdown races -----------------------------
+
+class _EchoLine(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.readline())
+
+
+def _serve(server):
+    t = threading.Thread(target=server.serve_forever, args=(0.05,))
+    t.start()
+    return t
+
+
+def _stop(server, t):
+    server.shutdown()
+    t.join(30)
+    server.server_close()
+    assert not t.is_alive()
+
+
+def _ask(address, line=b"ping\n"):
+    with socket.create_connection(address, timeout=30) as c:
+        c.sendall(line)
+        return _read_line(c)
+
+
+def _reset_connections(address, n):
+    """n connections that send a reset (SO_LINGER 0) as soon as they are made."""
+    for _ in range(n):
+        with socket.create_connection(address, timeout=30) as c:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+
+
+@pytest.mark.parametrize("cls", [fs.TCPServer, fs.ThreadingTCPServer])
+def test_an_abort_storm_leaves_the_server_serving_and_nothing_open(cls):
+    """2,000 clients reset their connection before (or as) it is accepted:
+    the server skips or serves them, then answers normal clients; no
+    descriptor or thread is left over (the conftest checks)."""
+    server = cls(LOOPBACK, _EchoLine)
+    t = _serve(server)
+    try:
+        _reset_connections(server.server_address, 2000)
+        assert [_ask(server.server_address) for _ in range(10)] == [b"ping\n"] * 10
+    finally:
+        _stop(server, t)
+
+
+class _Faulty(socketserver.StreamRequestHandler):
+    def handle(self):
+        line = self.rfile.readline()
+        if line == b"raise\n":
+            raise RuntimeError("a handler fault")
+        if line == b"exit\n":
+            raise SystemExit(3)         # ends a worker thread, as in the stdlib
+        self.wfile.write(line)
+
+
+@pytest.mark.parametrize("cls", [fs.TCPServer, fs.ThreadingTCPServer])
+def test_handler_faults_are_reported_and_the_server_goes_on(cls, monkeypatch):
+    reported, excepthook = [], []
+
+    class Server(cls):
+        def handle_error(self, request, client_address):
+            reported.append(sys.exc_info()[0])
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: excepthook.append(args.exc_type))
+    server = Server(LOOPBACK, _Faulty)
+    t = _serve(server)
+    try:
+        for _ in range(20):
+            assert _ask(server.server_address, b"raise\n") == b""
+            assert _ask(server.server_address) == b"ping\n"
+        if cls is fs.ThreadingTCPServer:
+            assert _ask(server.server_address, b"exit\n") == b""
+            wait_for(lambda: excepthook == [SystemExit])
+            assert _ask(server.server_address) == b"ping\n"
+    finally:
+        _stop(server, t)
+    assert reported == [RuntimeError] * 20
+
+
+@pytest.mark.parametrize("cls", [fs.TCPServer, fs.ThreadingTCPServer])
+def test_shutdown_races_with_connecting_clients(cls):
+    """50 cycles: serve, let clients connect, shut down at once; every
+    serve_forever returns and every descriptor is closed."""
+    for _ in range(50):
+        server = cls(LOOPBACK, _EchoLine)
+        t = _serve(server)
+        clients = []
+        try:
+            clients = [socket.create_connection(server.server_address, timeout=30)
+                       for _ in range(5)]
+            for c in clients:
+                c.sendall(b"x\n")
+        finally:
+            _stop(server, t)
+            for c in clients:
+                c.close()
+
+
+def test_close_races_with_threads_accepting():
+    """Threads loop on accept_many while clients connect; close() from
+    another thread ends every loop with EBADF and closes the descriptor."""
+    for _ in range(20):
+        lst = fastlisten.listen(LOOPBACK)
+        ends, got, lock = [], [], threading.Lock()
+
+        def loop():
+            try:
+                while True:
+                    batch = lst.accept_many(16, 5)
+                    with lock:
+                        got.extend(batch)
+            except OSError as exc:
+                ends.append(exc.errno)
+
+        workers = [threading.Thread(target=loop) for _ in range(3)]
+        for w in workers:
+            w.start()
+        clients = [socket.create_connection(lst.address, timeout=30) for _ in range(10)]
+        lst.close()
+        for w in workers:
+            w.join(30)
+        assert not any(w.is_alive() for w in workers)
+        assert ends == [errno.EBADF] * 3
+        for s, _ in got:
+            s.close()
+        for c in clients:
+            c.close()
+
+
+# -- fuzzed calls on both cores ------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from fastlisten import _corepy  # noqa: E402
+
+_CORES = [_corepy.RawListener]
+if fastlisten.compiled:
+    from fastlisten import _core
+    _CORES.insert(0, _core.RawListener)
+
+_HOSTS = st.sampled_from(["127.0.0.1", "::1", "0.0.0.0", "", "localhost", "1.2.3.4.5",
+                          "::ffff:127.0.0.1", "127.0.0.1\0", 7, None, b"127.0.0.1"])
+_PORTS = st.one_of(st.integers(-2, 70000), st.sampled_from([True, 2**64, 1.5, "80", None]))
+_ADDRESSES = st.one_of(
+    st.tuples(_HOSTS, _PORTS),
+    st.tuples(_HOSTS, _PORTS, st.integers(-1, 2**33), st.integers(-1, 2**33)),
+    st.tuples(_HOSTS),
+    st.builds(lambda n: b"\0fastlisten-fuzz-" + str(n).encode(), st.integers(0, 3)),
+    st.sampled_from([b"", "", b"a\0b", "x" * 200, b"\0" + b"y" * 200, None, 3.5, [1]]),
+)
+_OPS = st.one_of(
+    st.tuples(st.just("bind"), _ADDRESSES),
+    st.tuples(st.just("listen"), st.one_of(st.integers(-2**40, 2**40), st.sampled_from(
+        [None, 1.5, "5"]))),
+    st.tuples(st.just("accept_many"), st.one_of(st.integers(-2, 70000), st.just(2**70)),
+              st.sampled_from([0, 0.0, 1e-9, -1, float("nan"), float("-inf"), "1", True,
+                               2**70 * -1])),
+    st.tuples(st.just("setsockopt"), st.sampled_from([socket.SOL_SOCKET, -1, 2**40]),
+              st.sampled_from([socket.SO_REUSEADDR, socket.SO_RCVBUF, -1]),
+              st.integers(-2**40, 2**40)),
+    st.tuples(st.just("getsockopt"), st.sampled_from([socket.SOL_SOCKET, -1]),
+              st.sampled_from([socket.SO_REUSEADDR, socket.SO_ACCEPTCONN, -1])),
+    st.sampled_from([("wakeup",), ("close",), ("fileno",), ("getsockname",), ("queue",),
+                     ("stats",), ("detach",)]),
+)
+_REFUSALS = (OSError, ValueError, TypeError, OverflowError)
+
+
+def _fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("raw_class", _CORES, ids=lambda c: c.__module__.rsplit(".", 1)[1])
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX],
+                         ids=["inet", "inet6", "unix"])
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_OPS, max_size=10))
+def test_fuzzed_calls_raise_only_stdlib_errors_and_leak_nothing(raw_class, family, ops):
+    """Random sequences of RawListener calls, valid or not: each call works
+    or raises what the stdlib raises for bad input, and once the listener
+    is closed every descriptor it opened is closed again."""
+    before = _fd_count()
+    raw = raw_class(family)
+    detached = []
+    try:
+        for name, *args in ops:
+            try:
+                result = getattr(raw, name)(*args)
+            except _REFUSALS:
+                continue
+            if name == "detach" and result >= 0:
+                detached.append(result)
+            if name == "accept_many":
+                for conn, _ in result:
+                    conn.close()
+    finally:
+        raw.close()
+        for fd in detached:
+            os.close(fd)
+    assert _fd_count() == before
