@@ -432,3 +432,29 @@ def test_fuzzed_calls_raise_only_stdlib_errors_and_leak_nothing(raw_class, famil
         for fd in detached:
             os.close(fd)
     assert _fd_count() == before
+
+
+# -- fastlisten reliability -----------------------------------------------------
+
+def test_reliability_command_quick_end_to_end(tmp_path):
+    """Every scenario on both servers, small: the shape of the figures, and
+    what fastlisten guarantees (no descriptor left over, every normal
+    request answered).  Timing is never asserted."""
+    from fastlisten.benchmark.reliability import SCENARIOS, SERVERS
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    proc = subprocess.run([sys.executable, "-m", "fastlisten", "reliability", "--quick",
+                           "--json", str(out_json), "--markdown", str(out_md)],
+                          capture_output=True, text=True, timeout=55)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+    results = json.loads(out_json.read_text())
+    assert list(results) == list(SCENARIOS)
+    assert all(list(by_server) == list(SERVERS) for by_server in results.values())
+    ours = {name: by_server["fastlisten"] for name, by_server in results.items()}
+    assert ours["abort-storm"]["fds_added"] == 0 and ours["abort-storm"]["drain_ms"] is not None
+    assert ours["soak"]["served"] == 1.0 and ours["soak"]["fds_added"] == 0
+    assert ours["emfile-storm"]["recover_ms"] is not None
+    assert ours["handler-faults"]["normal_served"] == 1.0
+    assert ours["handler-faults"]["fds_added"] == 0
+    assert out_md.read_text() in proc.stdout
+    assert "| abort-storm | drain_ms |" in proc.stdout

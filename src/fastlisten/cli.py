@@ -17,7 +17,7 @@ import warnings
 from typing import Any, List, Optional
 
 #: Subcommands, in the order ``--help`` lists them.
-COMMANDS = ["demo", "info", "serve", "bench"]
+COMMANDS = ["demo", "info", "serve", "bench", "reliability"]
 
 
 def _version() -> str:

@@ -1,0 +1,376 @@
+"""``fastlisten reliability``: fastlisten's threading server and the standard
+library's, side by side, under the loads that break servers.
+
+Each server runs in a child process of its own (so that its descriptors,
+threads, memory and CPU time can be read from ``/proc/<pid>``); the clients
+run here, on loopback, bounded in count and time.  Scenarios:
+
+- **abort storm**: connections reset (``SO_LINGER`` 0) as soon as they are
+  made; then the time until a normal request is answered (the server has
+  worked through the storm), and the server's descriptors/threads after;
+- **soak**: many short requests: RSS, descriptors and threads before/after;
+
+("after" is once idle threads have retired, up to 8 s: fastlisten's pool
+keeps an idle thread for ``thread_idle_timeout``, 5 s.)
+- **EMFILE storm**: the server at ``RLIMIT_NOFILE=64``, held connections
+  use up its descriptors: its CPU share while it is out of them, and the
+  time until it answers again once they are released;
+- **handler faults**: every other handler raises: the others' success rate
+  and the descriptors after;
+- **SIGINT stop**: time from SIGINT to ``serve_forever()`` giving up
+  (``KeyboardInterrupt`` caught), under load.
+
+Figures are ratios and counts from one run on this machine; they are not
+asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+__all__ = ["SERVERS", "SCENARIOS", "Sizes", "run", "markdown"]
+
+#: The servers compared: a label and the class the child serves with.
+SERVERS = {
+    "fastlisten": "fastlisten.server.ThreadingTCPServer",
+    "stdlib": "socketserver.ThreadingTCPServer",
+}
+
+_CHILD = textwrap.dedent("""
+    import importlib, os, resource, socketserver, sys
+    module, _, name = sys.argv[1].rpartition(".")
+    base = getattr(importlib.import_module(module), name)
+    nofile = int(sys.argv[2])
+    if nofile:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            line = self.rfile.readline()
+            if line == b"fault\\n":
+                raise RuntimeError("a handler fault")
+            self.wfile.write(line)
+
+    class Server(base):
+        daemon_threads = True
+        block_on_close = False
+        request_queue_size = 4096       # the stdlib's 5 would measure its backlog
+        allow_reuse_address = True
+
+        def handle_error(self, request, client_address):
+            pass                         # counted by the clients, not printed
+
+    with Server(("127.0.0.1", 0), Handler) as server:
+        print(server.server_address[1], flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("stopped", flush=True)
+""")
+
+
+class Sizes:
+    """How big each scenario is (``quick``: small enough for a test)."""
+
+    def __init__(self, quick: bool = False) -> None:
+        self.aborts = 500 if quick else 20000
+        self.soak = 500 if quick else 100000
+        self.soak_threads = 4 if quick else 16
+        self.emfile_held = 80 if quick else 200
+        self.emfile_window = 0.3 if quick else 2.0
+        self.faults = 100 if quick else 2000
+        self.sigint_cycles = 2 if quick else 20
+        self.timeout = 30.0
+
+
+class _Child:
+    """A server in a child process."""
+
+    def __init__(self, server: str, nofile: int = 0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, SERVERS[server], str(nofile)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.strip().isdigit():
+            self.close()
+            raise RuntimeError(f"the {server} server did not start")
+        self.address = ("127.0.0.1", int(line))
+        # One request answered: serve_forever runs (its wake-up descriptor
+        # is open) and the handler's first-use costs are paid, so that
+        # "before" figures are taken from a serving server.
+        try:
+            _ask(self.address)
+        except OSError:
+            self.close()
+            raise
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def cpu_s(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def settled(self, probe: Callable[[], int], limit: float = 10.0) -> int:
+        """probe() once it stopped changing (threads finishing), bounded."""
+        deadline = time.monotonic() + limit
+        last = probe()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = probe()
+            if now == last:
+                return now
+            last = now
+        return last
+
+    def threads_after(self, before: int, limit: float = 8.0) -> int:
+        """Threads once idle ones are back to ``before`` (fastlisten's pool
+        retires an idle thread after thread_idle_timeout, 5 s), bounded."""
+        deadline = time.monotonic() + limit
+        while self.threads() > before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.settled(self.threads)
+
+    def stop(self) -> float:
+        """SIGINT; seconds until serve_forever() gave up (KeyboardInterrupt
+        caught: the interpreter's own exit is not counted)."""
+        start = time.perf_counter()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            line = self.proc.stdout.readline() if self.proc.stdout else ""
+            elapsed = time.perf_counter() - start
+            self.proc.wait(30)
+        finally:
+            self.close()
+        if line != "stopped\n":
+            raise RuntimeError("the server did not stop on SIGINT")
+        return elapsed
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def _ask(address: Tuple[str, int], line: bytes = b"ping\n", timeout: float = 30.0) -> bytes:
+    with socket.create_connection(address, timeout=timeout) as c:
+        c.sendall(line)
+        return c.makefile("rb").readline()
+
+
+def _time_to_answer(address: Tuple[str, int], limit: float) -> Optional[float]:
+    """Seconds until a request is answered (retrying refused or failed
+    attempts), None if not within ``limit``."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit:
+        try:
+            if _ask(address, timeout=limit) == b"ping\n":
+                return time.perf_counter() - start
+        except OSError:
+            time.sleep(0.01)
+    return None
+
+
+def _in_threads(n: int, threads: int, work: Callable[[], bool]) -> int:
+    """Run work() n times over ``threads`` client threads; how many returned True."""
+    ok = [0] * threads
+
+    def loop(i: int) -> None:
+        for _ in range(n // threads + (1 if i < n % threads else 0)):
+            try:
+                ok[i] += bool(work())
+            except OSError:
+                pass
+
+    ts = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(ok)
+
+
+def abort_storm(server: str, sizes: Sizes) -> Dict[str, Any]:
+    child = _Child(server)
+    try:
+        fds0, threads0 = child.settled(child.fds), child.settled(child.threads)
+        linger = b"\x01\0\0\0\0\0\0\0"
+        for _ in range(sizes.aborts):
+            with socket.create_connection(child.address, timeout=sizes.timeout) as c:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        drain = _time_to_answer(child.address, sizes.timeout)
+        threads_added = child.threads_after(threads0) - threads0
+        return {"drain_ms": None if drain is None else drain * 1000,
+                "fds_added": child.settled(child.fds) - fds0,
+                "threads_added": threads_added}
+    finally:
+        child.close()
+
+
+def soak(server: str, sizes: Sizes) -> Dict[str, Any]:
+    child = _Child(server)
+    try:
+        fds0, threads0 = child.settled(child.fds), child.settled(child.threads)
+        rss0 = child.rss_kb()
+        ok = _in_threads(sizes.soak, sizes.soak_threads,
+                         lambda: _ask(child.address) == b"ping\n")
+        threads_added = child.threads_after(threads0) - threads0
+        return {"served": ok / sizes.soak,
+                "rss_added_kb": child.rss_kb() - rss0,
+                "fds_added": child.settled(child.fds) - fds0,
+                "threads_added": threads_added}
+    finally:
+        child.close()
+
+
+def emfile_storm(server: str, sizes: Sizes) -> Dict[str, Any]:
+    child = _Child(server, nofile=64)
+    held: List[socket.socket] = []
+    try:
+        for _ in range(sizes.emfile_held):
+            c = socket.create_connection(child.address, timeout=sizes.timeout)
+            c.sendall(b"x")                 # no newline: the handler waits
+            held.append(c)
+        deadline = time.monotonic() + sizes.timeout
+        while child.fds() < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)                 # it took what it could
+        cpu0, t0 = child.cpu_s(), time.perf_counter()
+        time.sleep(sizes.emfile_window)      # the measuring window itself
+        cpu = (child.cpu_s() - cpu0) / (time.perf_counter() - t0)
+        for c in held:
+            c.close()
+        held = []
+        recover = _time_to_answer(child.address, sizes.timeout)
+        return {"cpu_share": cpu, "recover_ms": None if recover is None else recover * 1000}
+    finally:
+        for c in held:
+            c.close()
+        child.close()
+
+
+def handler_faults(server: str, sizes: Sizes) -> Dict[str, Any]:
+    child = _Child(server)
+    try:
+        fds0 = child.settled(child.fds)
+        counter = iter(range(sizes.faults))
+        lock = threading.Lock()
+        good = [0, 0]                          # normal requests: answered, made
+
+        def one() -> bool:
+            with lock:
+                i = next(counter)
+            fault = i % 2 == 0
+            try:
+                reply = _ask(child.address, b"fault\n" if fault else b"ping\n")
+            except OSError:
+                reply = b""
+            if not fault:
+                with lock:
+                    good[1] += 1
+                    good[0] += reply == b"ping\n"
+            return True
+
+        _in_threads(sizes.faults, 4, one)
+        return {"normal_served": good[0] / max(good[1], 1),
+                "fds_added": child.settled(child.fds) - fds0}
+    finally:
+        child.close()
+
+
+def sigint_stop(server: str, sizes: Sizes) -> Dict[str, Any]:
+    times = []
+    for _ in range(sizes.sigint_cycles):
+        child = _Child(server)
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    _ask(child.address, timeout=2)
+                except OSError:
+                    return
+
+        loaders = [threading.Thread(target=load) for _ in range(4)]
+        try:
+            for t in loaders:
+                t.start()
+            _ask(child.address)
+            times.append(child.stop())
+        finally:
+            stop.set()
+            for t in loaders:
+                t.join()
+            child.close()
+    return {"stop_ms_median": statistics.median(times) * 1000,
+            "stop_ms_max": max(times) * 1000}
+
+
+#: Scenario name -> function(server, sizes) -> figures.
+SCENARIOS: Dict[str, Callable[[str, Sizes], Dict[str, Any]]] = {
+    "abort-storm": abort_storm,
+    "soak": soak,
+    "emfile-storm": emfile_storm,
+    "handler-faults": handler_faults,
+    "sigint-stop": sigint_stop,
+}
+
+
+def run(scenarios: Optional[List[str]] = None, quick: bool = False,
+        progress: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """{scenario: {server: figures}}, each scenario run on every server in
+    turn (the same sizes for both)."""
+    sizes = Sizes(quick)
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for name in scenarios or list(SCENARIOS):
+        out[name] = {}
+        for server in SERVERS:
+            if progress is not None:
+                progress(f"{name}: {server}")
+            out[name][server] = SCENARIOS[name](server, sizes)
+    return out
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None:
+        return "never"
+    if key.endswith(("share", "served")):
+        return f"{value * 100:.1f} %"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    return f"{value:+,}" if key.endswith("added") or key.endswith("added_kb") else f"{value:,}"
+
+
+def markdown(results: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
+    """The results as one Markdown table: a row per scenario and figure."""
+    servers = list(SERVERS)
+    lines = ["| scenario | figure | " + " | ".join(servers) + " |",
+             "|---|---|" + "---:|" * len(servers)]
+    for name, by_server in results.items():
+        keys = list(next(iter(by_server.values())))
+        for key in keys:
+            cells = [_fmt(key, by_server[s][key]) for s in servers]
+            lines.append(f"| {name} | {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
