@@ -11,7 +11,8 @@ run here, on loopback, bounded in count and time.  Scenarios:
 - **soak**: many short requests: RSS, descriptors and threads before/after;
 
 ("after" is once idle threads have retired, up to 8 s: fastlisten's pool
-keeps an idle thread for ``thread_idle_timeout``, 5 s.)
+keeps an idle thread for ``thread_idle_timeout``, 5 s; --quick does not
+wait.)
 - **EMFILE storm**: the server at ``RLIMIT_NOFILE=64``, held connections
   use up its descriptors: its CPU share while it is out of them, and the
   time until it answers again once they are released;
@@ -90,6 +91,8 @@ class Sizes:
         self.emfile_window = 0.3 if quick else 2.0
         self.faults = 100 if quick else 2000
         self.sigint_cycles = 2 if quick else 20
+        #: how long "after" figures wait for idle threads to retire
+        self.retire_wait = 0.0 if quick else 8.0
         self.timeout = 30.0
 
 
@@ -144,7 +147,7 @@ class _Child:
             last = now
         return last
 
-    def threads_after(self, before: int, limit: float = 8.0) -> int:
+    def threads_after(self, before: int, limit: float) -> int:
         """Threads once idle ones are back to ``before`` (fastlisten's pool
         retires an idle thread after thread_idle_timeout, 5 s), bounded."""
         deadline = time.monotonic() + limit
@@ -222,7 +225,7 @@ def abort_storm(server: str, sizes: Sizes) -> Dict[str, Any]:
             with socket.create_connection(child.address, timeout=sizes.timeout) as c:
                 c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         drain = _time_to_answer(child.address, sizes.timeout)
-        threads_added = child.threads_after(threads0) - threads0
+        threads_added = child.threads_after(threads0, sizes.retire_wait) - threads0
         return {"drain_ms": None if drain is None else drain * 1000,
                 "fds_added": child.settled(child.fds) - fds0,
                 "threads_added": threads_added}
@@ -237,7 +240,7 @@ def soak(server: str, sizes: Sizes) -> Dict[str, Any]:
         rss0 = child.rss_kb()
         ok = _in_threads(sizes.soak, sizes.soak_threads,
                          lambda: _ask(child.address) == b"ping\n")
-        threads_added = child.threads_after(threads0) - threads0
+        threads_added = child.threads_after(threads0, sizes.retire_wait) - threads0
         return {"served": ok / sizes.soak,
                 "rss_added_kb": child.rss_kb() - rss0,
                 "fds_added": child.settled(child.fds) - fds0,
