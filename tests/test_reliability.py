@@ -36,6 +36,24 @@ def _queued(server):
 
 # -- descriptors a server holds -------------------------------------------------
 
+def _serve(server):
+    t = threading.Thread(target=server.serve_forever, args=(0.05,))
+    t.start()
+    return t
+
+
+def _stop(server, t):
+    server.shutdown()
+    t.join(30)
+    server.server_close()
+    assert not t.is_alive()
+
+
+def _connect(address, n):
+    return [socket.create_connection(address, timeout=30) for _ in range(n)]
+
+
+
 _LOW_LIMIT_SERVER = textwrap.dedent("""
     import os, resource, socketserver, sys, threading
     import fastlisten.server as fs
@@ -82,8 +100,7 @@ def test_a_synchronous_server_leaves_its_handler_descriptors_at_a_low_limit():
     clients = []
     try:
         port = int(proc.stdout.readline())
-        clients = [socket.create_connection(("127.0.0.1", port), timeout=30)
-                   for _ in range(clients_n)]
+        clients = _connect(("127.0.0.1", port), clients_n)
         proc.stdin.write("go\n")
         proc.stdin.flush()
         replies = [_read_line(c) for c in clients]
@@ -115,12 +132,9 @@ def test_max_queued_bounds_the_connections_a_threading_server_holds():
 
     clients_n = 12
     server = Server(LOOPBACK, _WaitsForAByte)
-    t = threading.Thread(target=server.serve_forever)
-    clients = []
+    t, clients = _serve(server), []
     try:
-        t.start()
-        clients = [socket.create_connection(server.server_address, timeout=30)
-                   for _ in range(clients_n)]
+        clients = _connect(server.server_address, clients_n)
         wait_for(lambda: server.counters().get("accepted") == 4
                  and _queued(server) == clients_n - 4)
         for c in clients:              # every client is served in the end
@@ -130,10 +144,7 @@ def test_max_queued_bounds_the_connections_a_threading_server_holds():
     finally:
         for c in clients:
             c.close()                   # a handler still waiting sees EOF
-        server.shutdown()
-        server.server_close()
-        t.join(10)
-    assert not t.is_alive()
+        _stop(server, t)
 
 
 def test_shutdown_ends_a_wait_for_room_in_the_queue():
@@ -144,12 +155,9 @@ def test_shutdown_ends_a_wait_for_room_in_the_queue():
         block_on_close = False
 
     server = Server(LOOPBACK, _WaitsForAByte)
-    t = threading.Thread(target=server.serve_forever)
-    clients = []
+    t, clients = _serve(server), []
     try:
-        t.start()
-        clients = [socket.create_connection(server.server_address, timeout=30)
-                   for _ in range(4)]
+        clients = _connect(server.server_address, 4)
         wait_for(lambda: server.counters().get("accepted") == 2)
         done = threading.Thread(target=server.shutdown)
         done.start()
@@ -236,19 +244,6 @@ class _EchoLine(socketserver.StreamRequestHandler):
         self.wfile.write(self.rfile.readline())
 
 
-def _serve(server):
-    t = threading.Thread(target=server.serve_forever, args=(0.05,))
-    t.start()
-    return t
-
-
-def _stop(server, t):
-    server.shutdown()
-    t.join(30)
-    server.server_close()
-    assert not t.is_alive()
-
-
 def _ask(address, line=b"ping\n"):
     with socket.create_connection(address, timeout=30) as c:
         c.sendall(line)
@@ -319,8 +314,7 @@ def test_shutdown_races_with_connecting_clients(cls):
         t = _serve(server)
         clients = []
         try:
-            clients = [socket.create_connection(server.server_address, timeout=30)
-                       for _ in range(5)]
+            clients = _connect(server.server_address, 5)
             for c in clients:
                 c.sendall(b"x\n")
         finally:
@@ -348,7 +342,7 @@ def test_close_races_with_threads_accepting():
         workers = [threading.Thread(target=loop) for _ in range(3)]
         for w in workers:
             w.start()
-        clients = [socket.create_connection(lst.address, timeout=30) for _ in range(10)]
+        clients = _connect(lst.address, 10)
         lst.close()
         for w in workers:
             w.join(30)
