@@ -450,5 +450,10 @@ def test_reliability_command_quick_end_to_end(tmp_path):
     assert ours["emfile-storm"]["recover_ms"] is not None
     assert ours["handler-faults"]["normal_served"] == 1.0
     assert ours["handler-faults"]["fds_added"] == 0
+    from fastlisten.benchmark.reliability import SLOW_DEFENCES
+    assert set(ours["slowloris"]) == {f"{d}: {f}" for d in SLOW_DEFENCES
+                                      for f in ("normal_served", "p99_ms")}
+    assert set(results["slowloris"]["stdlib"]) == {"unbounded: normal_served",
+                                                   "unbounded: p99_ms"}
     assert out_md.read_text() in proc.stdout
     assert "| abort-storm | drain_ms |" in proc.stdout

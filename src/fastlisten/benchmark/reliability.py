@@ -19,7 +19,12 @@ wait.)
 - **handler faults**: every other handler raises: the others' success rate
   and the descriptors after;
 - **SIGINT stop**: time from SIGINT to ``serve_forever()`` giving up
-  (``KeyboardInterrupt`` caught), under load.
+  (``KeyboardInterrupt`` caught), under load;
+- **slowloris**: silent clients and clients that send a byte a second
+  hold on while normal clients make requests (each with a short timeout):
+  their success rate and p99, against an unbounded server, one with
+  ``max_threads=8`` and one that adds ``defer_accept`` (silent clients
+  stay in the kernel).
 
 Figures are ratios and counts from one run on this machine; they are not
 asserted anywhere.
@@ -27,6 +32,7 @@ asserted anywhere.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -47,10 +53,11 @@ SERVERS = {
 }
 
 _CHILD = textwrap.dedent("""
-    import importlib, os, resource, socketserver, sys
+    import importlib, json, os, resource, socketserver, sys
     module, _, name = sys.argv[1].rpartition(".")
     base = getattr(importlib.import_module(module), name)
     nofile = int(sys.argv[2])
+    options = json.loads(sys.argv[3])
     if nofile:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
@@ -70,6 +77,12 @@ _CHILD = textwrap.dedent("""
 
         def handle_error(self, request, client_address):
             pass                         # counted by the clients, not printed
+
+    if "max_threads" in options:
+        Server.max_threads = options["max_threads"]
+    if "defer_accept" in options:
+        import fastlisten
+        Server.listen_config = fastlisten.ListenConfig(defer_accept=options["defer_accept"])
 
     with Server(("127.0.0.1", 0), Handler) as server:
         print(server.server_address[1], flush=True)
@@ -91,6 +104,10 @@ class Sizes:
         self.emfile_window = 0.3 if quick else 2.0
         self.faults = 100 if quick else 2000
         self.sigint_cycles = 2 if quick else 20
+        self.slow_silent = 40 if quick else 500
+        self.slow_dribble = 20 if quick else 500
+        self.slow_normal = 8 if quick else 40
+        self.slow_normal_timeout = 1.0 if quick else 2.0
         #: how long "after" figures wait for idle threads to retire
         self.retire_wait = 0.0 if quick else 8.0
         self.timeout = 30.0
@@ -99,9 +116,11 @@ class Sizes:
 class _Child:
     """A server in a child process."""
 
-    def __init__(self, server: str, nofile: int = 0) -> None:
+    def __init__(self, server: str, nofile: int = 0,
+                 options: Optional[Dict[str, int]] = None) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, SERVERS[server], str(nofile)],
+            [sys.executable, "-c", _CHILD, SERVERS[server], str(nofile),
+             json.dumps(options or {})],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.strip().isdigit():
@@ -331,6 +350,77 @@ def sigint_stop(server: str, sizes: Sizes) -> Dict[str, Any]:
             "stop_ms_max": max(times) * 1000}
 
 
+#: Slow-client defences measured, and the options of the server they need
+#: (the stdlib has neither max_threads nor defer_accept: unbounded only).
+SLOW_DEFENCES = {
+    "unbounded": {},
+    "max_threads=8": {"max_threads": 8},
+    "max_threads=8+defer_accept": {"max_threads": 8, "defer_accept": 30},
+}
+
+
+def _slow_clients(address: Tuple[str, int], sizes: Sizes, stop: threading.Event
+                  ) -> Tuple[List[socket.socket], threading.Thread]:
+    """Silent clients (connect, send nothing) and dribbling ones (a byte a
+    second, never a whole line), until stop is set."""
+    silent = [socket.create_connection(address, timeout=sizes.timeout)
+              for _ in range(sizes.slow_silent)]
+    dribble = [socket.create_connection(address, timeout=sizes.timeout)
+               for _ in range(sizes.slow_dribble)]
+
+    def drip() -> None:
+        while not stop.is_set():
+            for c in dribble:
+                try:
+                    c.send(b"x")
+                except OSError:
+                    pass
+            stop.wait(1.0)
+
+    t = threading.Thread(target=drip)
+    t.start()
+    return silent + dribble, t
+
+
+def slowloris(server: str, sizes: Sizes) -> Dict[str, Any]:
+    """Normal clients' success rate and p99 while slow clients hold on,
+    with each defence the server offers."""
+    out: Dict[str, Any] = {}
+    for defence, options in SLOW_DEFENCES.items():
+        if options and server != "fastlisten":
+            continue
+        child = _Child(server, options=options)
+        stop = threading.Event()
+        slow: List[socket.socket] = []
+        dripper = None
+        try:
+            slow, dripper = _slow_clients(child.address, sizes, stop)
+            latencies: List[float] = []
+            lock = threading.Lock()
+
+            def normal() -> bool:
+                start = time.perf_counter()
+                ok = _ask(child.address, timeout=sizes.slow_normal_timeout) == b"ping\n"
+                if ok:
+                    with lock:
+                        latencies.append(time.perf_counter() - start)
+                return ok
+
+            served = _in_threads(sizes.slow_normal, 4, normal)
+        finally:
+            stop.set()
+            if dripper is not None:
+                dripper.join()
+            for c in slow:
+                c.close()
+            child.close()
+        latencies.sort()
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None
+        out[f"{defence}: normal_served"] = served / sizes.slow_normal
+        out[f"{defence}: p99_ms"] = None if p99 is None else p99 * 1000
+    return out
+
+
 #: Scenario name -> function(server, sizes) -> figures.
 SCENARIOS: Dict[str, Callable[[str, Sizes], Dict[str, Any]]] = {
     "abort-storm": abort_storm,
@@ -338,6 +428,7 @@ SCENARIOS: Dict[str, Callable[[str, Sizes], Dict[str, Any]]] = {
     "emfile-storm": emfile_storm,
     "handler-faults": handler_faults,
     "sigint-stop": sigint_stop,
+    "slowloris": slowloris,
 }
 
 
@@ -358,7 +449,7 @@ def run(scenarios: Optional[List[str]] = None, quick: bool = False,
 
 def _fmt(key: str, value: Any) -> str:
     if value is None:
-        return "never"
+        return "no reply" if key.endswith("p99_ms") else "never"
     if key.endswith(("share", "served")):
         return f"{value * 100:.1f} %"
     if isinstance(value, float):
@@ -374,6 +465,7 @@ def markdown(results: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
     for name, by_server in results.items():
         keys = list(next(iter(by_server.values())))
         for key in keys:
-            cells = [_fmt(key, by_server[s][key]) for s in servers]
+            cells = [_fmt(key, by_server[s][key]) if key in by_server[s] else "n/a"
+                     for s in servers]
             lines.append(f"| {name} | {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
