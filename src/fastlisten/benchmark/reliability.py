@@ -93,24 +93,37 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+#: Each size: (with --quick, full run).
+_SIZES: Dict[str, Tuple[Any, Any]] = {
+    "aborts": (500, 20000),             # connections reset in the abort storm
+    "soak": (500, 100000),              # requests in the soak
+    "soak_threads": (4, 16),            # client threads making them
+    "emfile_held": (80, 200),           # connections held in the EMFILE storm
+    "emfile_window": (0.3, 2.0),        # s of CPU measured while out of descriptors
+    "faults": (100, 2000),              # requests in handler-faults (half fail)
+    "sigint_cycles": (2, 20),
+    "slow_silent": (40, 500),           # slowloris: clients that send nothing
+    "slow_dribble": (20, 500),          # ... and a byte a second
+    "slow_normal": (8, 40),             # normal requests meanwhile
+    "slow_normal_timeout": (1.0, 2.0),  # s each may take
+    "retire_wait": (0.0, 8.0),          # s "after" figures wait for idle threads to retire
+}
+
+
 class Sizes:
-    """How big each scenario is (``quick``: small enough for a test)."""
+    """How big each scenario is (``quick``: small enough for a test); the
+    attributes are the keys of _SIZES, and ``timeout`` (s) for anything
+    that should not take long at all."""
 
     def __init__(self, quick: bool = False) -> None:
-        self.aborts = 500 if quick else 20000
-        self.soak = 500 if quick else 100000
-        self.soak_threads = 4 if quick else 16
-        self.emfile_held = 80 if quick else 200
-        self.emfile_window = 0.3 if quick else 2.0
-        self.faults = 100 if quick else 2000
-        self.sigint_cycles = 2 if quick else 20
-        self.slow_silent = 40 if quick else 500
-        self.slow_dribble = 20 if quick else 500
-        self.slow_normal = 8 if quick else 40
-        self.slow_normal_timeout = 1.0 if quick else 2.0
-        #: how long "after" figures wait for idle threads to retire
-        self.retire_wait = 0.0 if quick else 8.0
+        for name, (small, full) in _SIZES.items():
+            setattr(self, name, small if quick else full)
         self.timeout = 30.0
+
+    def __getattr__(self, name: str) -> Any:
+        """(Only reached for a name that is not a size: for type checkers,
+        which cannot see the setattr above.)"""
+        raise AttributeError(name)
 
 
 class _Child:
