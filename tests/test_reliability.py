@@ -323,6 +323,44 @@ def test_shutdown_races_with_connecting_clients(cls):
                 c.close()
 
 
+def test_wakeups_interleaved_with_connections_never_stop_accepting():
+    """Four threads loop on accept_many (waiting for ever) while wakeup() is
+    called between connections, often while an earlier one is still being
+    delivered: every connection is accepted, and close() ends the loops."""
+    lst = fastlisten.listen(LOOPBACK, backlog=1024)
+    got, ends, lock = [], [], threading.Lock()
+
+    def loop():
+        try:
+            while True:
+                batch = lst.accept_many(8)
+                with lock:
+                    got.extend(batch)
+        except OSError as exc:
+            ends.append(exc.errno)
+
+    workers = [threading.Thread(target=loop) for _ in range(4)]
+    clients = []
+    try:
+        for w in workers:
+            w.start()
+        for i in range(600):
+            if i % 3 == 0:
+                lst.wakeup()
+            clients.append(socket.create_connection(lst.address, timeout=30))
+        wait_for(lambda: len(got) == 600)
+    finally:
+        lst.close()
+        for w in workers:
+            w.join(30)
+        for s, _ in got:
+            s.close()
+        for c in clients:
+            c.close()
+    assert not any(w.is_alive() for w in workers)
+    assert ends == [errno.EBADF] * 4
+
+
 def test_close_races_with_threads_accepting():
     """Threads loop on accept_many while clients connect; close() from
     another thread ends every loop with EBADF and closes the descriptor."""
