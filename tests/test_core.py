@@ -775,3 +775,23 @@ def test_one_wakeup_ends_each_waiting_loop_once_then_all_connections_are_accepte
         assert not any(t.is_alive() for t in workers)
         close_all(got)
         close_all(clients)
+
+
+@pytest.mark.parametrize("call, exc", [
+    (lambda r: r.listen(1.5), TypeError),                 # never truncated
+    (lambda r: r.listen(-2**40), OverflowError),          # as socket.listen
+    (lambda r: r.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1.5), TypeError),
+    (lambda r: r.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 2**40), OverflowError),
+    (lambda r: r.accept_many(1.5, 0), TypeError),
+    (lambda r: r.accept_many(2**70, 0), OverflowError),
+    (lambda r: r.accept_many(0, 0), ValueError),
+    (lambda r: r.bind(("127.0.0.1", 0, 0, 0)), TypeError),  # an AF_INET address is a pair
+], ids=["listen-float", "listen-huge", "sockopt-float", "sockopt-huge", "max-float",
+        "max-huge", "max-zero", "inet-4-tuple"])
+def test_both_raw_listeners_refuse_bad_numbers_with_one_exception(core, call, exc):
+    raw = core.raw(socket.AF_INET)
+    try:
+        with pytest.raises(exc):
+            call(raw)
+    finally:
+        raw.close()

@@ -41,7 +41,8 @@ import socket as _socket
 import threading as _threading
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, ERRNO_SLOTS, MAX_BATCH, MAX_WAIT_MS, check_max,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, DEFAULT_BATCH, ERRNO_SLOTS, MAX_BATCH, MAX_WAIT_MS,
+    c_int, check_max,
     timeout_ms, closed_error,
 )
 
@@ -245,10 +246,11 @@ cdef class RawListener:
         """The listening descriptor, or -1 once closed (like socket.fileno)."""
         return -1 if self.closed else self._fd
 
-    def setsockopt(self, int level, int option, int value):
+    def setsockopt(self, int level, int option, value):
         """setsockopt(2) with an int value."""
+        cdef int v = c_int(value, "value")
         self._check_open()
-        if c_setsockopt(self._fd, level, option, &value, sizeof(int)) < 0:
+        if c_setsockopt(self._fd, level, option, &v, sizeof(int)) < 0:
             raise_errno(errno)
 
     def getsockopt(self, int level, int option):
@@ -269,12 +271,11 @@ cdef class RawListener:
         if c_bind(self._fd, <sockaddr *>&ss, n) < 0:
             raise_errno(errno)
 
-    def listen(self, int backlog):
+    def listen(self, backlog):
         """listen(2); a negative backlog is clamped to 0, as socket.listen does."""
+        cdef int n = c_int(backlog, "backlog")
         self._check_open()
-        if backlog < 0:
-            backlog = 0
-        if c_listen(self._fd, backlog) < 0:
+        if c_listen(self._fd, n if n > 0 else 0) < 0:
             raise_errno(errno)
 
     def getsockname(self):
@@ -364,7 +365,7 @@ cdef class RawListener:
             self._nconns = n
         return 0
 
-    def accept_many(self, int max=64, timeout=None):
+    def accept_many(self, max=DEFAULT_BATCH, timeout=None):
         """Wait for connections and accept up to ``max`` of them.
 
         Returns a list of ``(socket.socket, address)``, empty when the wait
@@ -386,9 +387,12 @@ cdef class RawListener:
         cdef sigset_t old_mask
         cdef const sigset_t *wait_mask
         cdef bint main = PyThread_get_thread_ident() == _main_thread
+        cdef int nmax
         self._check_open()
-        if max < 1 or max > _MAX_BATCH:
-            check_max(max)                  # raises with the message
+        if type(max) is int and 1 <= max <= _MAX_BATCH:
+            nmax = max
+        else:
+            nmax = check_max(max)           # a float, a bool... raise with the message
         # Timeouts are converted in C: a server loop calls this once per
         # batch, with None or its poll_interval.
         if timeout is None:
@@ -405,13 +409,13 @@ cdef class RawListener:
         # thread accepting concurrently gets a buffer of its own.
         private = NULL
         if self._buf_in_use:
-            private = <fl_conn *>malloc(max * sizeof(fl_conn))
+            private = <fl_conn *>malloc(nmax * sizeof(fl_conn))
             if private == NULL:
                 raise MemoryError()
             conns = private
         else:
-            if max > self._nconns:
-                self._reserve(max)
+            if nmax > self._nconns:
+                self._reserve(nmax)
             conns = self._conns
             self._buf_in_use = True     # until _wrap is done with it
         gen = self._gen
@@ -440,7 +444,7 @@ cdef class RawListener:
                             fl_restore_signals(&old_mask)
                             raise
                     with nogil:
-                        n = fl_wait_accept(lfd, wake, ms, wait_mask, conns, max, st,
+                        n = fl_wait_accept(lfd, wake, ms, wait_mask, conns, nmax, st,
                                            &status, &err)
                         if wait_mask != NULL:
                             fl_restore_signals(wait_mask)

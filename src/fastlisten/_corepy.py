@@ -18,8 +18,8 @@ from time import monotonic
 from typing import Any, Dict, List, Optional, Tuple
 
 from fastlisten._coreshared import (
-    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, ERRNO_SLOTS, IGNORABLE, MAX_WAIT_MS,
-    check_max, closed_error, remaining, timeout_ms,
+    BACKOFF_FIRST_MS, BACKOFF_MAX_MS, CAPACITY, DEFAULT_BATCH, ERRNO_SLOTS, IGNORABLE,
+    MAX_WAIT_MS, c_int, check_max, closed_error, remaining, timeout_ms,
 )
 from fastlisten import proxy as _proxy
 from fastlisten._wakeup import Waker
@@ -164,7 +164,7 @@ class RawListener:
 
     def setsockopt(self, level: int, option: int, value: int) -> None:
         """setsockopt(2) with an int value."""
-        self._open_sock().setsockopt(level, option, int(value))
+        self._open_sock().setsockopt(level, option, c_int(value, "value"))
 
     def getsockopt(self, level: int, option: int) -> int:
         """getsockopt(2) for an int value."""
@@ -177,7 +177,7 @@ class RawListener:
 
     def listen(self, backlog: int) -> None:
         """listen(2); a negative backlog is clamped to 0, as socket.listen does."""
-        self._open_sock().listen(max(int(backlog), 0) if isinstance(backlog, int) else backlog)
+        self._open_sock().listen(max(c_int(backlog, "backlog"), 0))
 
     def getsockname(self) -> Any:
         """The bound address, in the stdlib's form."""
@@ -247,11 +247,11 @@ class RawListener:
         slot = err if 0 <= err < ERRNO_SLOTS else ERRNO_SLOTS - 1
         self._errors[slot] = self._errors.get(slot, 0) + 1
 
-    def accept_many(self, max: int = 64, timeout: Optional[float] = None
+    def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None
                     ) -> List[Tuple[_socket.socket, Any]]:
         """Wait for connections and accept up to ``max`` of them (see the
         compiled core's docstring: the same contract)."""
-        check_max(max)
+        max = check_max(max)
         ms = timeout_ms(timeout)
         deadline = None if ms < 0 else monotonic() + timeout  # type: ignore[operator]
         with self._lock:            # so that close() cannot slip in between

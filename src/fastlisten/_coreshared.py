@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import errno
 import math
+import operator
 from time import monotonic
-from typing import Optional
+from typing import Any, Optional
 
 #: Largest batch one accept_many call takes (bounds the core's buffer).
 MAX_BATCH = 65536
@@ -40,10 +41,30 @@ IGNORABLE = frozenset(
 CAPACITY = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
-def check_max(n: int) -> None:
-    """Validate accept_many's ``max``."""
+#: The range of a C int, which the system calls take.
+INT_MIN, INT_MAX = -2**31, 2**31 - 1
+
+
+def c_int(value: Any, name: str) -> int:
+    """``value`` as the C int a system call takes, checked as the socket
+    module checks it: TypeError for anything but an integer (a float
+    included, never truncated), OverflowError outside the C int range."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}: "
+                        f"{value!r}") from None
+    if not INT_MIN <= n <= INT_MAX:
+        raise OverflowError(f"{name} {n} does not fit a C int")
+    return n
+
+
+def check_max(n: Any) -> int:
+    """accept_many's ``max``, checked: an integer 1 to MAX_BATCH."""
+    n = c_int(n, "max")
     if not 1 <= n <= MAX_BATCH:
         raise ValueError(f"max must be between 1 and {MAX_BATCH}, not {n}")
+    return n
 
 
 #: The longest single poll() wait, in ms (about 24.8 days; poll takes an

@@ -136,6 +136,8 @@ def check_numeric(family: int, address: Any) -> Any:
         check_port(address[1])
         if family == socket.AF_INET6 and len(address) > 4:
             raise TypeError(f"an AF_INET6 address has at most 4 items, not {address!r}")
+        if family == socket.AF_INET and len(address) > 2:
+            raise TypeError(f"an AF_INET address is (host, port), not {address!r}")
         try:
             socket.inet_pton(family, host)
         except (OSError, TypeError, ValueError):
