@@ -277,3 +277,13 @@ def test_shutdown_is_not_held_up_by_a_full_forking_server():
         assert server.end_handlers() == 1
         first.close()
         second.close()
+
+
+def test_a_servers_counters_show_its_accept_queue():
+    with fastlisten.TCPServer(("127.0.0.1", 0), EchoLine) as server:
+        with served(server):
+            assert ask(server.server_address) == b"ping\n"
+            wait_for(lambda: server.counters()["accepted"] == 1)
+            counters = server.counters()
+    assert counters["queued"] == 0
+    assert counters["backlog"] == fastlisten.default_backlog()

@@ -146,7 +146,15 @@ class Listener:
                           f"fastlisten listens on stream sockets only, not type {type!r}")
         self._raw = RawListener(family, type, proto, fileno, owned=owned)
         self._backlog: Optional[int] = None
+        # An adopted descriptor may be listening already (a server's socket,
+        # one systemd passed): then its queue can be read at once.
         self._listening = False
+        if fileno is not None:
+            try:
+                self._listening = bool(
+                    self._raw.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+            except OSError:
+                pass        # not a socket: what the caller does next says so
         self._logged_episodes = 0
         #: The ListenConfig this listener was built from (None when built by hand).
         self.config: Optional[ListenConfig] = None
