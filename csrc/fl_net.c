@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include <netinet/tcp.h>
 #ifdef __linux__
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #endif
 
@@ -166,6 +167,52 @@ fl_count_error(fl_stats *st, int err)
     st->errors[err]++;
 }
 
+/* accept4 until EAGAIN or max connections are in out[]; returns how many.
+ * *err is 0 or the errno that ended the batch early (see fl_wait_accept);
+ * ignorable errors are counted in st and skipped. */
+static int
+fl_drain_accept(int lfd, fl_conn *out, int max, fl_stats *st, int *err)
+{
+    int n = 0;
+
+    while (n < max) {
+        fl_conn *c = &out[n];
+        c->addrlen = sizeof c->addr;
+        int fd = fl_accept4(lfd, (struct sockaddr *)&c->addr, &c->addrlen);
+        if (fd >= 0) {
+            c->fd = fd;
+            n++;
+            continue;
+        }
+        int e = errno;
+        if (e == EAGAIN || e == EWOULDBLOCK)
+            break;
+        if (e == EINTR)
+            continue;
+        fl_count_error(st, e);
+        if (fl_accept_error_class(e) == FL_ERR_IGNORE)
+            continue;
+        if (fl_accept_error_class(e) == FL_ERR_CAPACITY) {
+            st->last_capacity_errno = e;
+            if (!st->in_capacity_episode) {
+                st->in_capacity_episode = 1;
+                st->capacity_episodes++;
+            }
+        }
+        *err = e;
+        break;
+    }
+    if (n > 0) {
+        st->accepted += (unsigned long long)n;
+        st->batches++;
+        if ((unsigned long long)n > st->max_batch)
+            st->max_batch = (unsigned long long)n;
+        if (*err == 0)
+            st->in_capacity_episode = 0;
+    }
+    return n;
+}
+
 /* Contract: called WITHOUT the GIL; touches no Python object.
  * lfd must be non-blocking.  Waits until lfd or wfd is readable or
  * timeout_ms passes (-1: forever), then accepts up to max connections into
@@ -185,7 +232,7 @@ fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
                fl_conn *out, int max, fl_stats *st, int *status, int *err)
 {
     struct pollfd pfd[2];
-    int n = 0, r;
+    int r;
 
     *err = 0;
     pfd[0].fd = lfd;
@@ -231,43 +278,132 @@ fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
         *err = EBADF;
         return 0;
     }
+    return fl_drain_accept(lfd, out, max, st, err);
+}
 
-    while (n < max) {
-        fl_conn *c = &out[n];
-        c->addrlen = sizeof c->addr;
-        int fd = fl_accept4(lfd, (struct sockaddr *)&c->addr, &c->addrlen);
-        if (fd >= 0) {
-            c->fd = fd;
-            n++;
-            continue;
-        }
-        int e = errno;
-        if (e == EAGAIN || e == EWOULDBLOCK)
-            break;
-        if (e == EINTR)
-            continue;
-        fl_count_error(st, e);
-        if (fl_accept_error_class(e) == FL_ERR_IGNORE)
-            continue;
-        if (fl_accept_error_class(e) == FL_ERR_CAPACITY) {
-            st->last_capacity_errno = e;
-            if (!st->in_capacity_episode) {
-                st->in_capacity_episode = 1;
-                st->capacity_episodes++;
+int
+fl_waiter_open(int lfd, int wfd, int stop_fd, int *exclusive)
+{
+#ifdef __linux__
+    struct epoll_event ev;
+    int epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0)
+        return -1;
+    memset(&ev, 0, sizeof ev);
+    *exclusive = 0;
+#ifdef EPOLLEXCLUSIVE
+    ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+    ev.data.fd = lfd;
+    if (epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) == 0)
+        *exclusive = 1;
+    else if (errno != EINVAL)
+        goto fail;
+#endif
+    ev.events = EPOLLIN;
+    ev.data.fd = lfd;
+    if (!*exclusive && epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0)
+        goto fail;
+    ev.data.fd = wfd;
+    if (epoll_ctl(epfd, EPOLL_CTL_ADD, wfd, &ev) < 0)
+        goto fail;
+    if (stop_fd >= 0) {
+        ev.data.fd = stop_fd;
+        if (epoll_ctl(epfd, EPOLL_CTL_ADD, stop_fd, &ev) < 0)
+            goto fail;
+    }
+    return epfd;
+fail:
+    {
+        int saved = errno;
+        close(epfd);
+        errno = saved;
+    }
+    return -1;
+#else
+    (void)lfd; (void)wfd; (void)stop_fd;
+    *exclusive = 0;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+static long long
+fl_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Contract: called WITHOUT the GIL; touches no Python object.  As
+ * fl_wait_accept, but waits on epfd (from fl_waiter_open), and a readable
+ * stop_fd ends the wait with FL_WAIT_STOPPED (before the wake-up descriptor
+ * and the listener: a stopped waiter accepts nothing).  When the listener
+ * was readable but another waiter took the connection first (EAGAIN at
+ * once), it waits again, still without the GIL, for the time left. */
+int
+fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, int timeout_ms,
+                  const sigset_t *wait_mask, fl_conn *out, int max,
+                  fl_stats *st, int *status, int *err)
+{
+#ifdef __linux__
+    struct epoll_event ev[3];
+    long long end = timeout_ms >= 0 ? fl_now_ms() + timeout_ms : 0;
+    int ms = timeout_ms;
+
+    *err = 0;
+    for (;;) {
+        int r, i, listener = 0, woken = 0;
+        r = epoll_pwait(epfd, ev, 3, ms, wait_mask);
+        if (r < 0) {
+            if (errno == EINTR) {
+                *status = FL_WAIT_EINTR;
+                return 0;
             }
+            *status = FL_WAIT_READY;
+            *err = errno;
+            return 0;
         }
-        *err = e;
-        break;
+        if (r == 0) {
+            *status = FL_WAIT_TIMEOUT;
+            return 0;
+        }
+        for (i = 0; i < r; i++) {
+            if (ev[i].data.fd == stop_fd && stop_fd >= 0) {
+                *status = FL_WAIT_STOPPED;
+                return 0;
+            }
+            if (ev[i].data.fd == wfd)
+                woken = 1;
+            else if (ev[i].data.fd == lfd)
+                listener = 1;
+        }
+        if (woken) {
+            *status = FL_WAIT_WOKEN;   /* left set, as in fl_wait_accept */
+            return 0;
+        }
+        *status = FL_WAIT_READY;
+        if (listener) {
+            int n = fl_drain_accept(lfd, out, max, st, err);
+            if (n > 0 || *err != 0)
+                return n;
+        }
+        if (timeout_ms >= 0) {
+            long long left = end - fl_now_ms();
+            if (left <= 0) {
+                *status = FL_WAIT_TIMEOUT;
+                return 0;
+            }
+            ms = (int)left;
+        }
     }
-    if (n > 0) {
-        st->accepted += (unsigned long long)n;
-        st->batches++;
-        if ((unsigned long long)n > st->max_batch)
-            st->max_batch = (unsigned long long)n;
-        if (*err == 0)
-            st->in_capacity_episode = 0;
-    }
-    return n;
+#else
+    (void)epfd; (void)lfd; (void)wfd; (void)stop_fd; (void)timeout_ms;
+    (void)wait_mask; (void)out; (void)max; (void)st;
+    *status = FL_WAIT_READY;
+    *err = ENOSYS;
+    return 0;
+#endif
 }
 
 /* Block every signal that can be blocked and is not synchronous (a fault

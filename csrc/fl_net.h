@@ -47,7 +47,8 @@ enum {
     FL_WAIT_READY = 0,    /* the listener was readable; the batch was drained */
     FL_WAIT_TIMEOUT = 1,
     FL_WAIT_WOKEN = 2,    /* the wake-up descriptor fired (left set for other waiters) */
-    FL_WAIT_EINTR = 3     /* poll() was interrupted by a signal: run handlers, retry */
+    FL_WAIT_EINTR = 3,    /* poll() was interrupted by a signal: run handlers, retry */
+    FL_WAIT_STOPPED = 4   /* a waiter's stop descriptor is readable (left set) */
 };
 
 int fl_socket(int family, int type, int proto);
@@ -60,6 +61,16 @@ void fl_wakeup_drain(int rfd);
 
 int fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
                    fl_conn *out, int max, fl_stats *st, int *status, int *err);
+/* Leader/follower: one epoll instance per waiting thread, watching the
+ * listener (EPOLLEXCLUSIVE where the kernel has it, so that a connection
+ * wakes one waiting thread, not all), the listener's wake-up descriptor and
+ * an optional stop descriptor (stop_fd < 0: none).  Returns the epoll
+ * descriptor (close-on-exec) or -1 with errno; *exclusive says whether
+ * EPOLLEXCLUSIVE was accepted. */
+int fl_waiter_open(int lfd, int wfd, int stop_fd, int *exclusive);
+int fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, int timeout_ms,
+                      const sigset_t *wait_mask, fl_conn *out, int max,
+                      fl_stats *st, int *status, int *err);
 int fl_block_signals(sigset_t *old);
 int fl_restore_signals(const sigset_t *old);
 void fl_capacity_backoff(int wfd, int ms);

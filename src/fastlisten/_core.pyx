@@ -33,6 +33,7 @@ from fastlisten.includes.fl_net cimport (
     fl_stats, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
     fl_wakeup_signal, fl_wakeup_drain, fl_wait_accept, fl_capacity_backoff,
     fl_tcp_queue, fl_accept_error_class, fl_block_signals, fl_restore_signals,
+    fl_waiter_open, fl_wait_accept_ep,
     FL_ERRNO_SLOTS, FL_ERR_CAPACITY,
     FL_WAIT_EINTR, FL_WAIT_WOKEN, FL_WAIT_TIMEOUT,
 )
@@ -51,7 +52,7 @@ if ERRNO_SLOTS != FL_ERRNO_SLOTS:
                       f"but fastlisten._coreshared says {ERRNO_SLOTS}: rebuild")
 from fastlisten.address import decode_unix_path
 
-__all__ = ["RawListener", "proxy_parse", "proxy_read", "crc32c"]
+__all__ = ["RawListener", "Waiter", "proxy_parse", "proxy_read", "crc32c"]
 
 cdef object _socket_class = _socket.socket
 # socket.socket(family, type, proto, fd) runs a Python-level __init__ that
@@ -141,6 +142,44 @@ cdef list _wrap(fl_conn *conns, int n, int family, int proto):
             (item[0] if type(item) is tuple else item).close()
         raise
     return out
+
+
+@cython.final
+cdef class Waiter:
+    """One thread's way to wait in ``RawListener.accept_many(..., waiter=)``
+    (leader/follower): an epoll descriptor watching the listener (with
+    EPOLLEXCLUSIVE where the kernel has it, so that each connection wakes
+    one waiting thread, not every one), the listener's wake-up descriptor,
+    and ``stop_fd`` if given.  While ``stop_fd`` is readable, every
+    accept_many with this waiter returns an empty batch at once, accepting
+    nothing, and leaves it set.  Made by ``RawListener.waiter()``; use it
+    from one thread at a time; close() it when that thread is done.
+    """
+    cdef int _epfd
+    cdef readonly int stop_fd
+    cdef readonly bint exclusive
+    cdef object _listener
+
+    def __cinit__(self):
+        self._epfd = -1
+
+    def __dealloc__(self):
+        if self._epfd >= 0:
+            c_close(self._epfd)
+
+    def fileno(self):
+        """The epoll descriptor, -1 once closed."""
+        return self._epfd
+
+    def close(self):
+        """Close the epoll descriptor.  Idempotent."""
+        if self._epfd >= 0:
+            c_close(self._epfd)
+            self._epfd = -1
+
+    def __repr__(self):
+        return (f"<fastlisten._core.Waiter epfd={self._epfd} stop_fd={self.stop_fd} "
+                f"exclusive={bool(self.exclusive)}>")
 
 
 @cython.final
@@ -365,7 +404,24 @@ cdef class RawListener:
             self._nconns = n
         return 0
 
-    def accept_many(self, max=DEFAULT_BATCH, timeout=None):
+    def waiter(self, int stop_fd=-1):
+        """A :class:`Waiter` for one thread's ``accept_many(..., waiter=)``
+        calls on this listener (``stop_fd``: a descriptor whose readability
+        means "stop"; -1: none)."""
+        cdef int exclusive = 0
+        cdef Waiter w
+        self._check_open()
+        fd = fl_waiter_open(self._fd, self._wake_r, stop_fd, &exclusive)
+        if fd < 0:
+            raise_errno(errno)
+        w = Waiter.__new__(Waiter)
+        w._epfd = fd
+        w.stop_fd = stop_fd
+        w.exclusive = exclusive
+        w._listener = self
+        return w
+
+    def accept_many(self, max=DEFAULT_BATCH, timeout=None, Waiter waiter=None):
         """Wait for connections and accept up to ``max`` of them.
 
         Returns a list of ``(socket.socket, address)``, empty when the wait
@@ -376,8 +432,15 @@ cdef class RawListener:
         counted and skipped; others raise the stdlib's OSError subclass.
         Signals interrupt the wait: their Python handlers run, and the wait
         goes on with the time left unless a handler raised.
+
+        With a ``waiter`` (from this listener's ``waiter()``), the wait is
+        on its epoll descriptor: several threads can wait so, and the kernel
+        gives each connection to one of them; a readable stop descriptor
+        makes it return an empty batch at once.
         """
         cdef int n = 0, status = 0, err = 0, ms, fd, wake, i, lfd
+        cdef int epfd = -1, stop_fd = -1
+        cdef fl_conn one
         cdef unsigned long long gen
         cdef double deadline = 0.0
         cdef bint stepped          # the timeout is longer than one poll() can wait
@@ -405,10 +468,19 @@ cdef class RawListener:
             if ms >= 0:                     # (-1: so long it is for ever)
                 deadline = _now() + <double>timeout
         stepped = ms == _MAX_WAIT_MS
+        if waiter is not None:
+            if waiter._listener is not self:
+                raise ValueError("that waiter belongs to another listener")
+            epfd, stop_fd = waiter._epfd, waiter.stop_fd
+            if epfd < 0:
+                raise ValueError("that waiter is closed")
         # The listener's own buffer serves one caller at a time; a second
-        # thread accepting concurrently gets a buffer of its own.
+        # thread accepting concurrently gets a buffer of its own (one
+        # connection: on the stack).
         private = NULL
-        if self._buf_in_use:
+        if nmax == 1 and self._buf_in_use:
+            conns = &one
+        elif self._buf_in_use:
             private = <fl_conn *>malloc(nmax * sizeof(fl_conn))
             if private == NULL:
                 raise MemoryError()
@@ -444,8 +516,12 @@ cdef class RawListener:
                             fl_restore_signals(&old_mask)
                             raise
                     with nogil:
-                        n = fl_wait_accept(lfd, wake, ms, wait_mask, conns, nmax, st,
-                                           &status, &err)
+                        if epfd >= 0:
+                            n = fl_wait_accept_ep(epfd, lfd, wake, stop_fd, ms, wait_mask,
+                                                  conns, nmax, st, &status, &err)
+                        else:
+                            n = fl_wait_accept(lfd, wake, ms, wait_mask, conns, nmax, st,
+                                               &status, &err)
                         if wait_mask != NULL:
                             fl_restore_signals(wait_mask)
                         if n == 0 and err != 0 and fl_accept_error_class(err) == FL_ERR_CAPACITY:
@@ -488,7 +564,7 @@ cdef class RawListener:
             self._backoff_ms = BACKOFF_FIRST_MS
             return _wrap(conns, n, self.family, self.proto)
         finally:
-            if private == NULL:
+            if conns == self._conns:
                 self._buf_in_use = False
             free(private)
 

@@ -25,7 +25,7 @@ from fastlisten import proxy as _proxy
 from fastlisten._wakeup import Waker
 from fastlisten.address import check_numeric, decode_unix_path
 
-__all__ = ["RawListener", "proxy_parse", "proxy_read", "crc32c"]
+__all__ = ["RawListener", "Waiter", "proxy_parse", "proxy_read", "crc32c"]
 
 #: The head of Linux's struct tcp_info (<linux/tcp.h>), as far as queue()
 #: reads it: on a listener, tcpi_unacked is the accept queue's length and
@@ -37,6 +37,68 @@ _TCP_INFO_HEAD = struct.Struct("=8B6I")
 
 _POLLIN = select.POLLIN
 _POLLNVAL = select.POLLNVAL
+
+
+class _EpollPoller:
+    """select.epoll with the register/unregister/poll(ms) of select.poll,
+    as RawListener._wait uses it."""
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+
+    def register(self, fd: int, events: int) -> None:
+        self.ep.register(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        self.ep.unregister(fd)
+
+    def poll(self, ms: int) -> List[Tuple[int, int]]:
+        return self.ep.poll(-1 if ms < 0 else ms / 1000)
+
+
+class Waiter:
+    """One thread's way to wait in ``RawListener.accept_many(..., waiter=)``
+    (see ``fastlisten._core.Waiter``; this class behaves the same): an
+    epoll object watching the listener (EPOLLEXCLUSIVE where the kernel has
+    it), the listener's wake-up descriptor and ``stop_fd``."""
+
+    def __init__(self, listener: "RawListener", lfd: int, wake_r: int, stop_fd: int) -> None:
+        self._listener = listener
+        self.stop_fd = stop_fd
+        self.exclusive = False
+        self._poller: Optional[_EpollPoller] = _EpollPoller()
+        ep = self._poller.ep
+        try:
+            flag = getattr(select, "EPOLLEXCLUSIVE", 0)
+            if flag:
+                try:
+                    ep.register(lfd, select.EPOLLIN | flag)
+                    self.exclusive = True
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+            if not self.exclusive:
+                ep.register(lfd, select.EPOLLIN)
+            ep.register(wake_r, select.EPOLLIN)
+            if stop_fd >= 0:
+                ep.register(stop_fd, select.EPOLLIN)
+        except BaseException:
+            ep.close()
+            raise
+
+    def fileno(self) -> int:
+        """The epoll descriptor, -1 once closed."""
+        return -1 if self._poller is None else self._poller.ep.fileno()
+
+    def close(self) -> None:
+        """Close the epoll descriptor.  Idempotent."""
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.ep.close()
+
+    def __repr__(self) -> str:
+        return (f"<fastlisten._corepy.Waiter epfd={self.fileno()} stop_fd={self.stop_fd} "
+                f"exclusive={self.exclusive}>")
 
 
 class RawListener:
@@ -247,10 +309,21 @@ class RawListener:
         slot = err if 0 <= err < ERRNO_SLOTS else ERRNO_SLOTS - 1
         self._errors[slot] = self._errors.get(slot, 0) + 1
 
-    def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None
-                    ) -> List[Tuple[_socket.socket, Any]]:
+    def waiter(self, stop_fd: int = -1) -> Waiter:
+        """A :class:`Waiter` for one thread's ``accept_many(..., waiter=)``
+        calls on this listener (see the compiled core)."""
+        sock = self._open_sock()
+        return Waiter(self, sock.fileno(), self._waker.fileno(), stop_fd)  # type: ignore[union-attr]
+
+    def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None,
+                    waiter: Optional[Waiter] = None) -> List[Tuple[_socket.socket, Any]]:
         """Wait for connections and accept up to ``max`` of them (see the
         compiled core's docstring: the same contract)."""
+        if waiter is not None:
+            if waiter._listener is not self:
+                raise ValueError("that waiter belongs to another listener")
+            if waiter._poller is None:
+                raise ValueError("that waiter is closed")
         max = check_max(max)
         ms = timeout_ms(timeout)
         deadline = None if ms < 0 else monotonic() + timeout  # type: ignore[operator]
@@ -265,14 +338,18 @@ class RawListener:
                 if self._old > 0:
                     self._park(gen, deadline)
                 ready = self._old == 0 and gen == self._gen and not self._close_pending
-            if ready:
+            while ready:
                 lfd, wfd = sock.fileno(), self._waker.fileno()  # type: ignore[union-attr]
-                poller = select.poll()
-                poller.register(lfd, _POLLIN)
-                poller.register(wfd, _POLLIN)
+                if waiter is None:
+                    poller: Any = select.poll()
+                    poller.register(lfd, _POLLIN)
+                    poller.register(wfd, _POLLIN)
+                else:
+                    poller = waiter._poller
                 events = self._wait(poller, ms, deadline)
-                if self._close_pending:
-                    events = {}         # closed meanwhile: nothing to take
+                ready = False
+                if self._close_pending or (waiter is not None and waiter.stop_fd in events):
+                    events = {}         # closed meanwhile, or stopped: nothing to take
                 if wfd in events:
                     with self._lock:
                         if gen == self._gen:
@@ -285,6 +362,11 @@ class RawListener:
                         err = errno.EBADF
                     else:
                         err = self._drain(sock, max, out)
+                    if waiter is not None and not out and not err:
+                        # another waiter took it: wait again for the time left
+                        if deadline is not None:
+                            ms = timeout_ms(remaining(deadline))
+                        ready = ms != 0
         finally:
             with self._lock:
                 self._leave(gen)
@@ -343,6 +425,7 @@ class RawListener:
         finally:
             if sig_r >= 0:
                 signal.set_wakeup_fd(-1)
+                poller.unregister(sig_r)
 
     def _arm_signal_pipe(self) -> int:
         """Make our pipe the signal wake-up fd; -1 if that is not ours to do."""

@@ -25,9 +25,9 @@ import collections
 import threading
 import time
 import weakref
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple
 
-__all__ = ["WorkerPool"]
+__all__ = ["WorkerPool", "LeaderPool"]
 
 _Job = Tuple[Callable[..., Any], Tuple[Any, ...]]
 
@@ -73,7 +73,8 @@ class WorkerPool:
         if max_queued is not None and max_queued < 1:
             raise ValueError(f"max_queued must be None or at least 1, not {max_queued}")
         self.max_queued = max_queued if max_queued is not None else (max_threads or 1)
-        self._cond = threading.Condition(threading.Lock())   # workers wait on it
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)          # workers wait on it
         self._room = threading.Condition(self._cond)          # submit() waits on it (same lock)
         self._done = threading.Condition(self._cond)          # wait_idle() waits on it
         self._jobs: Deque[_Job] = collections.deque()
@@ -306,3 +307,164 @@ class WorkerPool:
                     self._room.notify()     # a submit() may wait for that room
             if replacement is not None:
                 self._start(replacement)
+
+
+class Source(Protocol):
+    """Where LeaderPool threads take work from themselves (see LeaderPool.lead)."""
+
+    def open(self, timeout: float) -> Tuple[Callable[[], List[Tuple[Any, ...]]],
+                                            Callable[[], None]]:
+        """Per thread, in that thread: (accept, close).  accept() waits up to
+        ``timeout`` seconds and returns [] or [args] (args: what run() takes
+        and running() reports); close() frees what open() made."""
+
+    def run(self, *args: Any) -> None:
+        """Handle one item that accept() returned."""
+
+    def failed(self, exc: BaseException) -> None:
+        """open() or accept() raised exc: the source is broken."""
+
+
+class LeaderPool(WorkerPool):
+    """A WorkerPool whose threads can also wait for work themselves
+    (leader/follower): while ``lead(source)`` is in force, idle threads wait
+    in ``source``'s accept() (without the GIL, in fastlisten's core), each
+    item goes to one of them, and that thread runs it at once: no queue, no
+    condition variable, no hand-off between threads per item.
+
+    - One thread waits at all times (a thread that takes an item while no
+      other waits starts another first), up to ``max_threads``: beyond it,
+      nobody waits and items stay where they are (a listener's backlog);
+    - a thread that waited ``idle_timeout`` seconds with nothing to do
+      exits, unless it is the only one waiting;
+    - the caller ends it: make every waiting accept() return (its stop
+      descriptor), then stop_leading(); threads running an item finish it
+      and exit; running(), busy_threads(), wait_idle(), join() see them as
+      for submitted jobs.
+    """
+
+    _source: Optional[Source] = None
+    _waiting = 0    # threads waiting in (or about to call) the source's accept()
+
+    def lead(self, source: Source) -> None:
+        """Serve ``source``: start a thread waiting in it."""
+        with self._lock:
+            if self._source is not None:
+                raise RuntimeError("this pool already leads a source")
+            self._left = threading.Condition(self._lock)
+            self._source = source
+            thread = self._new_follower()
+        if thread is not None:
+            self._start_follower(thread)
+
+    def stop_leading(self) -> None:
+        """Stop serving the source, once the caller has made every waiting
+        accept() return (and any later one return at once): wait until no
+        thread waits in it any more."""
+        with self._lock:
+            self._source = None
+            while self._waiting:
+                self._left.wait()
+
+    def _new_follower(self) -> Optional[threading.Thread]:
+        """A thread to wait in the source, if none waits and one may start.
+        Called with the lock held; counted as waiting from now on; start it
+        with _start_follower() once the lock is released."""
+        if (self._source is None or self._closed or self._waiting
+                or (self.max_threads is not None and len(self._threads) >= self.max_threads)):
+            return None
+        self._serial += 1
+        t = threading.Thread(target=self._follow, args=(self._source,),
+                             name=f"{self._name}-{self._serial}", daemon=self.daemon)
+        self._threads.add(t)
+        self._waiting += 1
+        return t
+
+    def _start_follower(self, t: threading.Thread) -> None:
+        try:
+            t.start()
+        except BaseException:
+            with self._lock:
+                self._threads.discard(t)
+                self._waiting -= 1
+                self._left.notify_all()
+            raise
+
+    def _follow(self, source: Source) -> None:
+        """A follower thread: wait in the source, run what it gives, wait again."""
+        me = threading.current_thread()
+        lock, busy = self._lock, self._busy
+        waiting = True          # counted in self._waiting
+        broken = False          # the source failed: no replacement either
+        close: Optional[Callable[[], None]] = None
+        try:
+            try:
+                accept, close = source.open(self.idle_timeout)
+            except BaseException as exc:
+                broken = True
+                source.failed(exc)      # the caller sees it there
+                if isinstance(exc, OSError):
+                    return
+                raise
+            run = source.run
+            idle_since = time.monotonic()
+            while True:
+                try:
+                    batch = accept()
+                except BaseException as exc:
+                    broken = True
+                    source.failed(exc)      # while counted: the source is still open
+                    if isinstance(exc, OSError):
+                        return
+                    raise
+                with lock:
+                    self._waiting -= 1
+                    waiting = False
+                    leading = self._source is source and not self._closed
+                    if not leading:
+                        self._left.notify_all()
+                    if batch:
+                        args = batch[0]
+                        busy[me] = args
+                        if len(busy) > self.peak:
+                            self.peak = len(busy)
+                        spawn = self._new_follower()    # someone must wait meanwhile
+                    elif not leading or (self._waiting and
+                                         time.monotonic() - idle_since >= self.idle_timeout):
+                        return      # stopped, or idle while another thread waits
+                    else:
+                        self._waiting += 1
+                        waiting = True
+                        continue
+                del batch
+                if spawn is not None:
+                    self._start_follower(spawn)
+                try:
+                    run(*args)
+                finally:
+                    del args
+                    with lock:
+                        del busy[me]
+                        if not busy and not self._jobs:
+                            self._stop_waiting = False     # idle: that stop is served
+                            self._done.notify_all()
+                        leading = self._source is source and not self._closed
+                        if leading:
+                            self._waiting += 1
+                            waiting = True
+                if not leading:
+                    return
+                idle_since = time.monotonic()
+        finally:
+            if close is not None:
+                close()
+            with self._lock:
+                if waiting:
+                    self._waiting -= 1
+                    self._left.notify_all()
+                self._threads.discard(me)
+                busy.pop(me, None)
+                # ended by SystemExit & co.: the wait must go on
+                spawn = None if broken else self._new_follower()
+            if spawn is not None:
+                self._start_follower(spawn)

@@ -295,20 +295,30 @@ class Listener:
             self._deepest = queued
         return queued, backlog
 
-    def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None
-                    ) -> List[Tuple[socket.socket, Any]]:
+    def waiter(self, stop_fd: int = -1) -> Any:
+        """A waiter for one thread's ``accept_many(..., waiter=)`` calls
+        (leader/follower: several threads wait on this listener, each
+        connection goes to one of them).  While ``stop_fd`` (a descriptor;
+        -1: none) is readable, those calls return an empty batch at once.
+        Close it when the thread is done with it."""
+        return self._raw.waiter(stop_fd)
+
+    def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None,
+                    waiter: Any = None) -> List[Tuple[socket.socket, Any]]:
         """Wait up to ``timeout`` seconds (None: for ever) for connections and
         accept up to ``max`` pending ones in one go, without the GIL.
 
-        Returns a list of (socket, address); empty on timeout or wakeup().
+        Returns a list of (socket, address); empty on timeout or wakeup()
+        (and, with a ``waiter``, when its stop descriptor is readable or
+        another thread took the connection first).
         """
-        batch = self._raw.accept_many(max, timeout)
+        batch = self._raw.accept_many(max, timeout, waiter)
         if self._raw.capacity_episodes != self._logged_episodes:
             self._log_capacity()
         n = len(batch)
         if n:
             depth = n
-            if n >= max and self._raw.family != socket.AF_UNIX:
+            if n >= max and waiter is None and self._raw.family != socket.AF_UNIX:
                 # A full batch left some behind: they were queued too.
                 try:
                     depth += self._raw.queue()[0]

@@ -34,6 +34,7 @@ The request handlers are the standard library's own classes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -52,7 +53,7 @@ from fastlisten import sysinfo
 from fastlisten._coreshared import DEFAULT_BATCH
 from fastlisten._frontdoor import FrontDoor
 from fastlisten._wakeup import Waker
-from fastlisten._workers import WorkerPool
+from fastlisten._workers import LeaderPool
 from fastlisten.config import ListenConfig
 from fastlisten.errors import (
     effective_backlog, explain_bind_error, stale_socket_hint, warn_if_ephemeral,
@@ -464,6 +465,21 @@ class _FastLoop:
         listener = self._fl_get_listener(sock)
         # As selectors do: a negative timeout means "do not wait".
         timeout = None if poll_interval is None else max(float(poll_interval), 0.0)
+        try:
+            run = self._fl_lead_handler()
+            if run is not None:
+                return self._fl_serve_leader(listener, timeout, run)
+            return self._fl_serve_accepted(listener, timeout)
+        finally:
+            if sock.fileno() >= 0:
+                try:
+                    sock.settimeout(sock.gettimeout())
+                except OSError:
+                    pass
+
+    def _fl_serve_accepted(self, listener: Listener, timeout: Optional[float]) -> bool:
+        """The serving thread takes batches from the core and hands each
+        connection to the hooks (or runs the stock ones inline)."""
         handle_one = self._fl_handle_inline if self._fl_stock_hooks() else self._fl_handle_accepted
         limit = self._fl_batch_limit()
         self._fl_publish(listener)
@@ -481,11 +497,6 @@ class _FastLoop:
                 self.service_actions()  # type: ignore[attr-defined]
         finally:
             self._fl_unpublish()
-            if sock.fileno() >= 0:
-                try:
-                    sock.settimeout(sock.gettimeout())
-                except OSError:
-                    pass
         return True
 
     def _fl_batch_limit(self) -> int:
@@ -500,6 +511,16 @@ class _FastLoop:
         """How many connections the loop may take now (at most ``limit``);
         0 when shutdown() ended a wait for room."""
         return limit
+
+    def _fl_lead_handler(self) -> Optional[Callable[[socket.socket, Any], None]]:
+        """What a worker thread runs per connection when worker threads wait
+        for connections themselves (ThreadingMixIn's leader/follower); None:
+        the serving thread accepts (here: always)."""
+        return None
+
+    def _fl_serve_leader(self, listener: Listener, timeout: Optional[float],
+                         run: Callable[[socket.socket, Any], None]) -> bool:
+        raise NotImplementedError   # only servers whose _fl_lead_handler() is not None
 
     def _fl_handle_batch(self, batch: List[Tuple[socket.socket, Any]],
                          handle_one: Callable[[socket.socket, Any], None]) -> None:
@@ -522,18 +543,25 @@ class _FastLoop:
             self._fl_in_batch = False
 
     def _fl_stock_hooks(self) -> bool:
-        """True when every per-connection hook is the stdlib TCPServer's own
-        (on the class and not replaced on the instance), so that
-        _fl_handle_inline may stand in for the chain of them.  Checked when
-        serve_forever starts."""
+        """True when every per-connection hook is stock (on the class and
+        not replaced on the instance) and finish_request has no front door
+        work, so that _fl_handle_inline may stand in for the chain of them.
+        Checked when serve_forever starts."""
+        return self._fl_plain_finish() and self._fl_stock(
+            ("verify_request", "process_request", "shutdown_request", "close_request"))
+
+    def _fl_plain_finish(self) -> bool:
+        """True when finish_request is fastlisten's own and has no PROXY
+        header or TLS handshake to do first (it only builds the handler)."""
+        return (getattr(type(self), "finish_request", None) is _FastLoop.finish_request
+                and "finish_request" not in vars(self)
+                and self._fl_frontdoor() is None)
+
+    def _fl_stock(self, names: Tuple[str, ...], owner: type = _std.TCPServer) -> bool:
+        """True when each hook in ``names`` is ``owner``'s own, on the class
+        and not replaced on the instance."""
         cls, own = type(self), vars(self)
-        if self._fl_frontdoor() is not None:
-            return False        # finish_request has work to do first
-        return (getattr(cls, "finish_request", None) is _FastLoop.finish_request
-                and "finish_request" not in own
-                and all(_stock(cls, name, _std.TCPServer) and name not in own for name in (
-                    "verify_request", "process_request", "shutdown_request",
-                    "close_request")))
+        return all(_stock(cls, name, owner) and name not in own for name in names)
 
     def _fl_handle_inline(self, request: socket.socket, client_address: Any) -> None:
         """What the stock hooks do for one connection, without the five
@@ -681,6 +709,31 @@ class _BusyThreads(list):
         pass
 
 
+class _LeaderSource:
+    """What ThreadingMixIn's worker threads serve under leader/follower
+    (a ``fastlisten._workers.Source``): each waits in the core on its own
+    waiter over the listener and ``stop`` (a Waker: set means stop), and
+    runs ``run(request, client_address)`` for what it accepted."""
+
+    def __init__(self, listener: Listener, stop: Waker,
+                 run: Callable[[socket.socket, Any], None]) -> None:
+        self.listener = listener
+        self.stop = stop
+        self.run = run
+        #: The first error open() or accept() raised, if any.
+        self.error: Optional[BaseException] = None
+
+    def open(self, timeout: float) -> Tuple[Callable[[], List[Tuple[socket.socket, Any]]],
+                                            Callable[[], None]]:
+        waiter = self.listener.waiter(self.stop.fileno())
+        return functools.partial(self.listener.accept_many, 1, timeout, waiter), waiter.close
+
+    def failed(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.stop.wakeup()      # the serving thread (and the other workers) stop
+
+
 class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     """Mix-in class to handle each request in a thread, reusing threads.
 
@@ -693,6 +746,21 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     new connections.  So the server holds at most ``max_threads +
     max_queued`` connections open: the loop takes no more at a time than
     there is room for.
+
+    Leader/follower: when the hooks that the stdlib calls in the serving
+    thread are stock (``verify_request``, ``process_request``,
+    ``service_actions``) on a listening stream socket that the core can
+    serve, the serving thread accepts nothing: idle worker threads wait for
+    connections in the core themselves, the kernel gives each connection to
+    one of them, and that thread runs ``process_request_thread`` (or, with
+    the stock ``finish_request``/``shutdown_request``/``close_request``,
+    the same steps inline) at once.  One thread always waits (up to
+    ``max_threads``); connections beyond ``max_threads`` stay in the
+    kernel's backlog (``max_queued`` plays no part: no request waits in
+    the process, and the server holds at most ``max_threads`` connections,
+    one per running handler).  The serving thread keeps ``shutdown()``,
+    ``service_actions()`` and Ctrl-C; ``shutdown()`` makes every waiting
+    worker leave the core at once.
     """
 
     #: Seconds an idle thread waits for another request before it exits.
@@ -711,10 +779,10 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         pool = self._fl_pool
         return _BusyThreads(pool.busy_threads() if pool is not None else ())
 
-    def _fl_get_pool(self) -> WorkerPool:
+    def _fl_get_pool(self) -> LeaderPool:
         pool = self._fl_pool
         if pool is None:
-            pool = self._fl_pool = WorkerPool(
+            pool = self._fl_pool = LeaderPool(
                 name=f"{type(self).__name__}-worker", daemon=self.daemon_threads,
                 idle_timeout=self.thread_idle_timeout, max_threads=self.max_threads,
                 max_queued=self.max_queued)
@@ -735,6 +803,51 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         if not pool.submit(self.process_request_thread, request, client_address,
                            cancelled=self._fl_shutdown_requested):
             self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def _fl_lead_handler(self) -> Optional[Callable[[socket.socket, Any], None]]:
+        """Leader/follower applies when the hooks the stdlib runs in the
+        serving thread are stock (else a worker would run them): then the
+        workers run _fl_handle_inline (stock per-connection hooks) or
+        process_request_thread, in the thread that handles the request."""
+        if not hasattr(select, "epoll"):
+            return None
+        cls = type(self)
+        if not (self._fl_stock(("verify_request", "service_actions"), _std.BaseServer)
+                and getattr(cls, "process_request", None) is ThreadingMixIn.process_request
+                and "process_request" not in vars(self)):
+            return None
+        if (self._fl_plain_finish() and self._fl_stock(("shutdown_request", "close_request"))
+                and self._fl_stock(("process_request_thread",), _std.ThreadingMixIn)):
+            return self._fl_handle_inline
+        return self.process_request_thread  # type: ignore[no-any-return]
+
+    def _fl_serve_leader(self, listener: Listener, timeout: Optional[float],
+                         run: Callable[[socket.socket, Any], None]) -> bool:
+        """serve_forever's loop under leader/follower: the workers accept;
+        this thread waits for shutdown() (or a worker's accept error, which
+        returns False: the selector loop takes over), running
+        service_actions() every ``timeout`` seconds."""
+        pool = self._fl_get_pool()
+        pool.daemon = self.daemon_threads
+        stop = Waker()
+        source = _LeaderSource(listener, stop, run)
+        self._fl_publish(stop)      # shutdown() sets it
+        try:
+            pool.lead(source)
+            poller = select.poll()
+            poller.register(stop.fileno(), select.POLLIN)
+            ms = None if timeout is None else int(timeout * 1000 + 0.999)
+            while not self._BaseServer__shutdown_request and source.error is None:
+                poller.poll(ms)
+                if self._BaseServer__shutdown_request or source.error is not None:
+                    break
+                self.service_actions()  # type: ignore[attr-defined]
+        finally:
+            stop.wakeup()           # every waiting worker leaves the core, at once
+            pool.stop_leading()     # ... and none enters it again
+            self._fl_unpublish()
+            stop.close()
+        return source.error is None
 
     def _fl_handed_on(self, request: socket.socket) -> bool:
         pool = self._fl_pool

@@ -31,6 +31,7 @@ cdef extern from "fl_net.h" nogil:
         FL_WAIT_TIMEOUT
         FL_WAIT_WOKEN
         FL_WAIT_EINTR
+        FL_WAIT_STOPPED
 
     int fl_accept_error_class(int err)
     int fl_socket(int family, int type, int proto)
@@ -41,6 +42,10 @@ cdef extern from "fl_net.h" nogil:
     void fl_wakeup_drain(int rfd)
     int fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
                        fl_conn *out, int max, fl_stats *st, int *status, int *err)
+    int fl_waiter_open(int lfd, int wfd, int stop_fd, int *exclusive)
+    int fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, int timeout_ms,
+                          const sigset_t *wait_mask, fl_conn *out, int max,
+                          fl_stats *st, int *status, int *err)
     int fl_block_signals(sigset_t *old)
     int fl_restore_signals(const sigset_t *old)
     void fl_capacity_backoff(int wfd, int ms)
