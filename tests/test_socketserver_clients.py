@@ -10,7 +10,6 @@ import xmlrpc.server
 import pytest
 
 import fastlisten
-from fastlisten import Listener
 
 from test_socketserver_diff import LIMIT, serving, wait_for
 
@@ -20,8 +19,8 @@ def _url(server, path="/"):
 
 
 def _served_by_core(server):
-    wait_for(lambda: server._fl_waker is not None)
-    return type(server._fl_waker) is Listener
+    wait_for(lambda: server._fl_loop is not None)
+    return server._fl_loop in ("batches", "leader")
 
 
 class Hello(http.server.BaseHTTPRequestHandler):

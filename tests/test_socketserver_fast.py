@@ -15,8 +15,6 @@ import pytest
 
 import fastlisten
 from fastlisten import server as flserver
-from fastlisten import Listener
-from fastlisten._wakeup import Waker
 from fastlisten._workers import WorkerPool
 
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
@@ -67,21 +65,22 @@ def test_request_queue_size_is_somaxconn_unless_a_subclass_sets_it():
             assert _backlog_of(server.socket) == backlog, cls
 
 
-def _waker_while_serving(server):
+def _loop_while_serving(server):
     with serving(server):
-        wait_for(lambda: server._fl_waker is not None)
-        kind = type(server._fl_waker)
+        wait_for(lambda: server._fl_loop is not None)
+        loop = server._fl_loop
         assert ask(server.server_address) == b"ping\n"
-    assert server._fl_waker is None
-    return kind
+    assert server._fl_waker is None and server._fl_loop is None
+    return loop
 
 
 def test_the_core_serves_stream_servers_and_mixins_over_stdlib_bases():
     class Mixed(fastlisten.ThreadingMixIn, socketserver.TCPServer):
         pass
 
-    for cls in (fastlisten.TCPServer, fastlisten.ThreadingTCPServer, Mixed):
-        assert _waker_while_serving(cls(("127.0.0.1", 0), EchoLine)) is Listener
+    assert _loop_while_serving(fastlisten.TCPServer(("127.0.0.1", 0), EchoLine)) == "batches"
+    for cls in (fastlisten.ThreadingTCPServer, Mixed):     # leader/follower: workers accept
+        assert _loop_while_serving(cls(("127.0.0.1", 0), EchoLine)) == "leader"
 
 
 def test_overridden_get_request_keeps_the_stdlib_loop():
@@ -89,13 +88,13 @@ def test_overridden_get_request_keeps_the_stdlib_loop():
         def get_request(self):
             return super().get_request()
 
-    assert _waker_while_serving(Custom(("127.0.0.1", 0), EchoLine)) is Waker
+    assert _loop_while_serving(Custom(("127.0.0.1", 0), EchoLine)) == "selector"
 
     patched = fastlisten.TCPServer(("127.0.0.1", 0), EchoLine)
     stock = patched.get_request
     calls = []
     patched.get_request = lambda: (calls.append(1), stock())[1]
-    assert _waker_while_serving(patched) is Waker   # replaced on the instance
+    assert _loop_while_serving(patched) == "selector"   # replaced on the instance
     assert calls == [1]
 
 
@@ -121,7 +120,12 @@ def test_threads_are_reused():
             idents.append(threading.get_ident())
             super().handle()
 
-    server = fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    class Handed(fastlisten.ThreadingTCPServer):
+        def verify_request(self, request, client_address):  # today's hand-off path
+            return True
+
+    # the serving thread hands connections to the pool: one thread does
+    server = Handed(("127.0.0.1", 0), Handler)
     with serving(server):
         for _ in range(5):
             assert ask(server.server_address) == b"ping\n"
@@ -130,17 +134,32 @@ def test_threads_are_reused():
         assert len(server._fl_pool) == 1
         assert len(server._threads) == 0     # none busy
     assert len(set(idents)) == 1
+    # leader/follower: one thread waits while another handles, so two do
+    idents.clear()
+    server = fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    with serving(server):
+        for _ in range(5):
+            assert ask(server.server_address) == b"ping\n"
+            wait_for(lambda: server._fl_pool.busy == 0)
+        assert len(server._fl_pool) == 2
+        assert len(server._threads) == 0
+    assert len(set(idents)) <= 2
 
 
 def test_idle_threads_retire():
     class S(fastlisten.ThreadingTCPServer):
         thread_idle_timeout = 0.01
 
-    server = S(("127.0.0.1", 0), EchoLine)
+    class Handed(S):
+        def verify_request(self, request, client_address):  # today's hand-off path
+            return True
+
+    server = Handed(("127.0.0.1", 0), EchoLine)
     with serving(server):
         assert ask(server.server_address) == b"ping\n"
         wait_for(lambda: len(server._fl_pool) == 0)
         assert ask(server.server_address) == b"ping\n"
+    # (leader/follower keeps one thread waiting: test_leader_follower.py)
 
 
 def test_daemon_threads():
@@ -174,6 +193,9 @@ def test_max_threads_queues_in_order_and_shutdown_drops_the_waiting_one():
     class Capped(fastlisten.ThreadingTCPServer):
         max_threads = 1
         max_queued = 1
+
+        def verify_request(self, request, client_address):  # today's hand-off path
+            return True     # (leader/follower queues nothing: test_leader_follower.py)
 
     server = Capped(("127.0.0.1", 0), Handler)
     clients = []

@@ -127,6 +127,10 @@ class _FastLoop:
     handshake_timeout: Optional[float] = 10.0
 
     _fl_waker: Any = None       # the running loop's wake-up source, if any
+    #: Which loop serve_forever runs now: "batches" (the serving thread takes
+    #: batches from the core), "leader" (worker threads accept: ThreadingMixIn's
+    #: leader/follower), "selector" (the stdlib's loop); None when not serving.
+    _fl_loop: Optional[str] = None
     _fl_defer = False           # a base class below brings its own loop: use it
     _fl_listener: Optional[Listener] = None    # over self.socket, for the server's life
     _fl_config: Optional[ListenConfig] = None  # listen_config at server_address
@@ -413,13 +417,13 @@ class _FastLoop:
         """Wait for running handlers (drain()); True when none is left."""
         return True
 
-    def _fl_publish(self, waker: Any) -> None:
+    def _fl_publish(self, waker: Any, loop: str) -> None:
         with _wake_lock:
-            self._fl_waker = waker
+            self._fl_waker, self._fl_loop = waker, loop
 
     def _fl_unpublish(self) -> None:
         with _wake_lock:
-            self._fl_waker = None
+            self._fl_waker = self._fl_loop = None
 
     def _fl_can_batch(self) -> bool:
         """True when taking connections from the core changes nothing a
@@ -482,7 +486,7 @@ class _FastLoop:
         connection to the hooks (or runs the stock ones inline)."""
         handle_one = self._fl_handle_inline if self._fl_stock_hooks() else self._fl_handle_accepted
         limit = self._fl_batch_limit()
-        self._fl_publish(listener)
+        self._fl_publish(listener, "batches")
         try:
             while not self._BaseServer__shutdown_request:
                 take = self._fl_take(limit)
@@ -614,7 +618,7 @@ class _FastLoop:
     def _fl_serve_selector(self, poll_interval: Optional[float]) -> None:
         """The stdlib's loop, plus a wake-up descriptor for shutdown()."""
         waker = Waker()
-        self._fl_publish(waker)
+        self._fl_publish(waker, "selector")
         try:
             with selectors.PollSelector() as selector:
                 if self.fileno() >= 0:  # type: ignore[attr-defined]
@@ -831,7 +835,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         pool.daemon = self.daemon_threads
         stop = Waker()
         source = _LeaderSource(listener, stop, run)
-        self._fl_publish(stop)      # shutdown() sets it
+        self._fl_publish(stop, "leader")      # shutdown() sets it
         try:
             pool.lead(source)
             poller = select.poll()
