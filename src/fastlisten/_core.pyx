@@ -33,7 +33,7 @@ from fastlisten.includes.fl_net cimport (
     fl_stats, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
     fl_wakeup_signal, fl_wakeup_drain, fl_wait_accept, fl_capacity_backoff,
     fl_tcp_queue, fl_accept_error_class, fl_block_signals, fl_restore_signals,
-    fl_waiter_open, fl_wait_accept_ep,
+    fl_waiter_open, fl_wait_accept_ep, fl_format_ipv4,
     FL_ERRNO_SLOTS, FL_ERR_CAPACITY,
     FL_WAIT_EINTR, FL_WAIT_WOKEN, FL_WAIT_TIMEOUT,
 )
@@ -99,8 +99,8 @@ cdef object _addr_to_py(const sockaddr_storage *ss, socklen_t addrlen):
     cdef Py_ssize_t n
     if ss.ss_family == AF_INET:
         sin = <const sockaddr_in *>ss
-        inet_ntop(AF_INET, &sin.sin_addr, buf, sizeof(buf))
-        return (buf.decode('ascii'), ntohs(sin.sin_port))
+        n = fl_format_ipv4(&sin.sin_addr, buf)
+        return (buf[:n].decode('ascii'), ntohs(sin.sin_port))
     if ss.ss_family == AF_INET6:
         sin6 = <const sockaddr_in6 *>ss
         inet_ntop(AF_INET6, &sin6.sin6_addr, buf, sizeof(buf))

@@ -321,6 +321,9 @@ class Source(Protocol):
     def run(self, *args: Any) -> None:
         """Handle one item that accept() returned."""
 
+    def empty(self) -> None:
+        """accept() returned nothing (a timeout, a stop, another thread was first)."""
+
     def failed(self, exc: BaseException) -> None:
         """open() or accept() raised exc: the source is broken."""
 
@@ -407,7 +410,9 @@ class LeaderPool(WorkerPool):
                     return
                 raise
             run = source.run
-            idle_since = time.monotonic()
+            acquire, release = lock.acquire, lock.release
+            monotonic = time.monotonic
+            idle_since = monotonic()
             while True:
                 try:
                     batch = accept()
@@ -417,25 +422,33 @@ class LeaderPool(WorkerPool):
                     if isinstance(exc, OSError):
                         return
                     raise
-                with lock:
+                if not batch:
+                    source.empty()
+                # (acquire/release rather than "with": this runs per connection)
+                acquire()
+                try:
                     self._waiting -= 1
                     waiting = False
                     leading = self._source is source and not self._closed
                     if not leading:
                         self._left.notify_all()
+                    spawn = None
                     if batch:
                         args = batch[0]
                         busy[me] = args
                         if len(busy) > self.peak:
                             self.peak = len(busy)
-                        spawn = self._new_follower()    # someone must wait meanwhile
+                        if not self._waiting:
+                            spawn = self._new_follower()    # someone must wait meanwhile
                     elif not leading or (self._waiting and
-                                         time.monotonic() - idle_since >= self.idle_timeout):
+                                         monotonic() - idle_since >= self.idle_timeout):
                         return      # stopped, or idle while another thread waits
                     else:
                         self._waiting += 1
                         waiting = True
                         continue
+                finally:
+                    release()
                 del batch
                 if spawn is not None:
                     self._start_follower(spawn)
@@ -443,7 +456,8 @@ class LeaderPool(WorkerPool):
                     run(*args)
                 finally:
                     del args
-                    with lock:
+                    acquire()
+                    try:
                         del busy[me]
                         if not busy and not self._jobs:
                             self._stop_waiting = False     # idle: that stop is served
@@ -452,9 +466,11 @@ class LeaderPool(WorkerPool):
                         if leading:
                             self._waiting += 1
                             waiting = True
+                    finally:
+                        release()
                 if not leading:
                     return
-                idle_since = time.monotonic()
+                idle_since = monotonic()
         finally:
             if close is not None:
                 close()

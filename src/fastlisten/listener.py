@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
 import threading
 from time import monotonic
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from fastlisten import address as _address
 from fastlisten import sysinfo
@@ -313,8 +314,7 @@ class Listener:
         another thread took the connection first).
         """
         batch = self._raw.accept_many(max, timeout, waiter)
-        if self._raw.capacity_episodes != self._logged_episodes:
-            self._log_capacity()
+        self.check_capacity()
         n = len(batch)
         if n:
             depth = n
@@ -334,6 +334,23 @@ class Listener:
                     except OSError as exc:   # the peer is gone already; its handler will see
                         _log.debug("options on accepted connection: %s", exc)
         return batch
+
+    def accept_one_with(self, waiter: Any, timeout: Optional[float]
+                        ) -> Callable[[], List[Tuple[socket.socket, Any]]]:
+        """``accept_many(1, timeout, waiter)`` as a function of no argument,
+        for a thread that calls it once per connection: the core's own
+        when there is nothing to do per connection in Python (no
+        accepted-connection options); its caller then calls
+        check_capacity() after an empty batch."""
+        config = self.config
+        if config is not None and config.accepted_options:
+            return functools.partial(self.accept_many, 1, timeout, waiter)
+        return functools.partial(self._raw.accept_many, 1, timeout, waiter)
+
+    def check_capacity(self) -> None:
+        """Log a warning for a new run of capacity errors (EMFILE ...)."""
+        if self._raw.capacity_episodes != self._logged_episodes:
+            self._log_capacity()
 
     def _log_capacity(self) -> None:
         self._logged_episodes = self._raw.capacity_episodes

@@ -34,7 +34,6 @@ The request handlers are the standard library's own classes.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import select
@@ -730,7 +729,10 @@ class _LeaderSource:
     def open(self, timeout: float) -> Tuple[Callable[[], List[Tuple[socket.socket, Any]]],
                                             Callable[[], None]]:
         waiter = self.listener.waiter(self.stop.fileno())
-        return functools.partial(self.listener.accept_many, 1, timeout, waiter), waiter.close
+        return self.listener.accept_one_with(waiter, timeout), waiter.close
+
+    def empty(self) -> None:
+        self.listener.check_capacity()
 
     def failed(self, exc: BaseException) -> None:
         if self.error is None:

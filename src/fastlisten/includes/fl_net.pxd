@@ -50,3 +50,4 @@ cdef extern from "fl_net.h" nogil:
     int fl_restore_signals(const sigset_t *old)
     void fl_capacity_backoff(int wfd, int ms)
     int fl_tcp_queue(int fd, unsigned int *queued, unsigned int *backlog)
+    int fl_format_ipv4(const void *addr, char *buf)
