@@ -464,3 +464,22 @@ fl_tcp_queue(int fd, unsigned int *queued, unsigned int *backlog)
     return -1;
 #endif
 }
+
+int
+fl_format_ipv4(const struct in_addr *addr, char *buf)
+{
+    const unsigned char *b = (const unsigned char *)&addr->s_addr;
+    int i, n = 0;
+    for (i = 0; i < 4; i++) {
+        unsigned v = b[i];
+        if (i)
+            buf[n++] = '.';
+        if (v >= 100)
+            buf[n++] = (char)('0' + v / 100);
+        if (v >= 10)
+            buf[n++] = (char)('0' + v / 10 % 10);
+        buf[n++] = (char)('0' + v % 10);
+    }
+    buf[n] = '\0';
+    return n;
+}

@@ -77,4 +77,8 @@ void fl_capacity_backoff(int wfd, int ms);
 
 int fl_tcp_queue(int fd, unsigned int *queued, unsigned int *backlog);
 
+/* An IPv4 address in dotted-quad form (what inet_ntop gives, without its
+ * sprintf per octet) into buf (16 bytes at least); returns the length. */
+int fl_format_ipv4(const struct in_addr *addr, char *buf);
+
 #endif

@@ -370,3 +370,35 @@ def test_ctrl_c_with_every_worker_blocked(core):  # noqa: F811
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0 and out.strip() == "interrupted 0"
+
+
+def test_closing_the_pool_under_a_running_loop_wakes_every_waiting_worker():
+    # what happens at interpreter exit while serve_forever runs in a daemon thread
+    gate = threading.Barrier(3, timeout=LIMIT)
+    calls = []
+
+    class Handler(EchoLine):
+        def handle(self):
+            calls.append(1)
+            if len(calls) <= 2:
+                gate.wait()
+            super().handle()
+
+    class S(fastlisten.ThreadingTCPServer):
+        thread_idle_timeout = 10 * LIMIT      # only the interrupt ends their waits in time
+
+    server = S(("127.0.0.1", 0), Handler)
+    with serving(server, poll_interval=None):    # only a wake-up ends its wait
+        wait_for(lambda: _leading(server))
+        askers = [threading.Thread(target=ask, args=(server.server_address,)) for _ in range(2)]
+        for a in askers:
+            a.start()
+        gate.wait()
+        for a in askers:
+            a.join(LIMIT)
+        pool = server._fl_pool
+        wait_for(lambda: pool.busy == 0 and pool._waiting == len(pool) >= 2)
+        pool.close()
+        wait_for(lambda: len(pool) == 0)
+        wait_for(lambda: server._fl_loop == "selector")
+        assert ask(server.server_address) == b""   # a closed pool runs nothing

@@ -17,6 +17,9 @@ finished threads waiting for the next job instead:
   thread of the stdlib, so ``threading.excepthook`` sees it;
 - bookkeeping is bounded: the pool remembers its live threads only;
 - at interpreter exit, idle threads leave at once (busy ones finish first).
+
+``LeaderPool`` adds leader/follower: idle threads wait for work in a
+source themselves (a listener, in the core) instead of in this pool's queue.
 """
 
 from __future__ import annotations
@@ -324,6 +327,9 @@ class Source(Protocol):
     def empty(self) -> None:
         """accept() returned nothing (a timeout, a stop, another thread was first)."""
 
+    def interrupt(self) -> None:
+        """Make every waiting accept() return now (the pool was closed)."""
+
     def failed(self, exc: BaseException) -> None:
         """open() or accept() raised exc: the source is broken."""
 
@@ -343,7 +349,8 @@ class LeaderPool(WorkerPool):
     - the caller ends it: make every waiting accept() return (its stop
       descriptor), then stop_leading(); threads running an item finish it
       and exit; running(), busy_threads(), wait_idle(), join() see them as
-      for submitted jobs.
+      for submitted jobs; close() (e.g. at interpreter exit) interrupts the
+      source's waits and the threads exit.
     """
 
     _source: Optional[Source] = None
@@ -359,6 +366,21 @@ class LeaderPool(WorkerPool):
             thread = self._new_follower()
         if thread is not None:
             self._start_follower(thread)
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Take no more jobs (see WorkerPool.close); threads waiting in the
+        source are woken and exit."""
+        super().close()
+        with self._lock:
+            if self._source is not None:
+                # under the lock: stop_leading() has not returned, so the
+                # source's descriptors are still open
+                self._source.interrupt()
 
     def stop_leading(self) -> None:
         """Stop serving the source, once the caller has made every waiting

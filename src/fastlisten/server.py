@@ -14,7 +14,9 @@ library working.  Each class here subclasses its standard-library namesake
   ``get_request``, a TLS-wrapped ``self.socket``) keep the stdlib's loop.
 - ``shutdown()`` wakes ``serve_forever`` at once instead of waiting for the
   next ``poll_interval`` tick (CPython gh-88932).
-- ``ThreadingMixIn`` reuses threads (``fastlisten._workers``).
+- ``ThreadingMixIn`` reuses threads (``fastlisten._workers``); with stock
+  serving-thread hooks its idle threads accept connections themselves
+  (leader/follower) and run the request at once.
 - ``request_queue_size`` is the kernel's somaxconn, not 5.
 
 Behind a load balancer and with TLS (fastlisten's additions): a
@@ -734,6 +736,9 @@ class _LeaderSource:
     def empty(self) -> None:
         self.listener.check_capacity()
 
+    def interrupt(self) -> None:
+        self.stop.wakeup()
+
     def failed(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
@@ -843,9 +848,13 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             poller = select.poll()
             poller.register(stop.fileno(), select.POLLIN)
             ms = None if timeout is None else int(timeout * 1000 + 0.999)
-            while not self._BaseServer__shutdown_request and source.error is None:
+            while True:
+                if (self._BaseServer__shutdown_request or source.error is not None
+                        or pool.closed):
+                    break
                 poller.poll(ms)
-                if self._BaseServer__shutdown_request or source.error is not None:
+                if (self._BaseServer__shutdown_request or source.error is not None
+                        or pool.closed):
                     break
                 self.service_actions()  # type: ignore[attr-defined]
         finally:
@@ -853,7 +862,9 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             pool.stop_leading()     # ... and none enters it again
             self._fl_unpublish()
             stop.close()
-        return source.error is None
+        # A worker's accept error, or a pool closed under a running loop (at
+        # interpreter exit): the selector loop goes on, as the stdlib's would.
+        return source.error is None and not pool.closed
 
     def _fl_handed_on(self, request: socket.socket) -> bool:
         pool = self._fl_pool
