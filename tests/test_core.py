@@ -795,3 +795,16 @@ def test_both_raw_listeners_refuse_bad_numbers_with_one_exception(core, call, ex
             call(raw)
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("source", ["127.0.0.1", "127.0.0.9", "127.10.100.255", "127.200.1.0",
+                                    "127.99.255.10"])
+def test_client_ipv4_addresses_are_formatted_as_the_stdlib_does(source):
+    with fastlisten.listen(LOOPBACK) as lst, socket.socket() as c:
+        c.settimeout(10)
+        c.bind((source, 0))
+        c.connect(lst.address)
+        conn, addr = lst.accept(10)
+        with conn:
+            assert addr == c.getsockname() == conn.getpeername()
+            assert type(addr[0]) is str
