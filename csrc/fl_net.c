@@ -213,6 +213,28 @@ fl_drain_accept(int lfd, fl_conn *out, int max, fl_stats *st, int *err)
     return n;
 }
 
+/* poll()'s or epoll_wait()'s result r: 1 when the wait ended without
+ * events (a signal, an error, the timeout: *status and *err say which),
+ * else 0.  errno is poll()'s. */
+static int
+fl_wait_ended(int r, int *status, int *err)
+{
+    if (r < 0) {
+        if (errno == EINTR) {
+            *status = FL_WAIT_EINTR;
+            return 1;
+        }
+        *status = FL_WAIT_READY;
+        *err = errno;
+        return 1;
+    }
+    if (r == 0) {
+        *status = FL_WAIT_TIMEOUT;
+        return 1;
+    }
+    return 0;
+}
+
 /* Contract: called WITHOUT the GIL; touches no Python object.
  * lfd must be non-blocking.  Waits until lfd or wfd is readable or
  * timeout_ms passes (-1: forever), then accepts up to max connections into
@@ -253,19 +275,8 @@ fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
     } else {
         r = poll(pfd, 2, timeout_ms);
     }
-    if (r < 0) {
-        if (errno == EINTR) {
-            *status = FL_WAIT_EINTR;
-            return 0;
-        }
-        *status = FL_WAIT_READY;
-        *err = errno;
+    if (fl_wait_ended(r, status, err))
         return 0;
-    }
-    if (r == 0) {
-        *status = FL_WAIT_TIMEOUT;
-        return 0;
-    }
     if (pfd[1].revents) {
         /* a wake-up wins over pending connections: shutdown() means no
          * more accepts.  Left readable for the other waiters: the caller
@@ -355,19 +366,8 @@ fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, int timeout_ms,
     for (;;) {
         int r, i, listener = 0, woken = 0;
         r = epoll_pwait(epfd, ev, 3, ms, wait_mask);
-        if (r < 0) {
-            if (errno == EINTR) {
-                *status = FL_WAIT_EINTR;
-                return 0;
-            }
-            *status = FL_WAIT_READY;
-            *err = errno;
+        if (fl_wait_ended(r, status, err))
             return 0;
-        }
-        if (r == 0) {
-            *status = FL_WAIT_TIMEOUT;
-            return 0;
-        }
         for (i = 0; i < r; i++) {
             if (ev[i].data.fd == stop_fd && stop_fd >= 0) {
                 *status = FL_WAIT_STOPPED;

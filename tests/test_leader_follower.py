@@ -34,6 +34,35 @@ def _leading(server):
     return server._fl_loop == "leader"
 
 
+def _together(n):
+    """A handler class whose first n requests wait for each other and for
+    the test (``gate.wait()``), so that n workers run at once; and the gate."""
+    gate = threading.Barrier(n + 1, timeout=LIMIT)
+    calls = []
+
+    class Handler(EchoLine):
+        def handle(self):
+            calls.append(1)
+            if len(calls) <= n:
+                gate.wait()
+            super().handle()
+
+    return Handler, gate
+
+
+def _ask_together(server, gate, n):
+    """n clients at once (their handlers meet at gate); their answers."""
+    answers = []
+    askers = [threading.Thread(target=lambda: answers.append(ask(server.server_address)))
+              for _ in range(n)]
+    for a in askers:
+        a.start()
+    gate.wait()
+    for a in askers:
+        a.join(LIMIT)
+    return answers
+
+
 # -- the core: waiters ----------------------------------------------------
 
 def test_a_connection_goes_to_one_waiter_and_the_stop_descriptor_ends_the_rest():
@@ -229,27 +258,13 @@ def test_max_threads_leaves_further_connections_in_the_kernel():
 
 @needs_syscall_table
 def test_shutdown_with_workers_waiting_in_the_kernel():
-    gate = threading.Barrier(4, timeout=LIMIT)    # three handlers at once, and the test
-
-    class Handler(EchoLine):
-        def handle(self):
-            gate.wait()
-            super().handle()
-
+    Handler, gate = _together(3)
     server = fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Handler)
     t = threading.Thread(target=server.serve_forever, args=(None,))
     t.start()
     try:
         wait_for(lambda: _leading(server))
-        answers = []
-        askers = [threading.Thread(target=lambda: answers.append(ask(server.server_address)))
-                  for _ in range(3)]
-        for a in askers:
-            a.start()
-        gate.wait()
-        for a in askers:
-            a.join(LIMIT)
-        assert answers == [b"ping\n"] * 3
+        assert _ask_together(server, gate, 3) == [b"ping\n"] * 3
         # every worker is back in the core, waiting (three, and the one that waited meanwhile)
         pool = server._fl_pool
         wait_for(lambda: pool.busy == 0 and pool._waiting == len(pool) >= 2)
@@ -267,15 +282,7 @@ def test_shutdown_with_workers_waiting_in_the_kernel():
 
 
 def test_idle_workers_retire_down_to_the_one_that_waits():
-    gate = threading.Barrier(3, timeout=LIMIT)     # two handlers at once, and the test
-    calls = []
-
-    class Handler(EchoLine):
-        def handle(self):
-            calls.append(1)
-            if len(calls) <= 2:
-                gate.wait()
-            super().handle()
+    Handler, gate = _together(2)
 
     class S(fastlisten.ThreadingTCPServer):
         thread_idle_timeout = 0.05
@@ -283,12 +290,7 @@ def test_idle_workers_retire_down_to_the_one_that_waits():
     server = S(("127.0.0.1", 0), Handler)
     with serving(server):
         wait_for(lambda: _leading(server))
-        askers = [threading.Thread(target=ask, args=(server.server_address,)) for _ in range(2)]
-        for a in askers:
-            a.start()
-        gate.wait()
-        for a in askers:
-            a.join(LIMIT)
+        assert _ask_together(server, gate, 2) == [b"ping\n"] * 2
         assert len(server._fl_pool) >= 2
         wait_for(lambda: len(server._fl_pool) == 1)
         assert ask(server.server_address) == b"ping\n"
@@ -374,15 +376,7 @@ def test_ctrl_c_with_every_worker_blocked(core):  # noqa: F811
 
 def test_closing_the_pool_under_a_running_loop_wakes_every_waiting_worker():
     # what happens at interpreter exit while serve_forever runs in a daemon thread
-    gate = threading.Barrier(3, timeout=LIMIT)
-    calls = []
-
-    class Handler(EchoLine):
-        def handle(self):
-            calls.append(1)
-            if len(calls) <= 2:
-                gate.wait()
-            super().handle()
+    Handler, gate = _together(2)
 
     class S(fastlisten.ThreadingTCPServer):
         thread_idle_timeout = 10 * LIMIT      # only the interrupt ends their waits in time
@@ -390,12 +384,7 @@ def test_closing_the_pool_under_a_running_loop_wakes_every_waiting_worker():
     server = S(("127.0.0.1", 0), Handler)
     with serving(server, poll_interval=None):    # only a wake-up ends its wait
         wait_for(lambda: _leading(server))
-        askers = [threading.Thread(target=ask, args=(server.server_address,)) for _ in range(2)]
-        for a in askers:
-            a.start()
-        gate.wait()
-        for a in askers:
-            a.join(LIMIT)
+        assert _ask_together(server, gate, 2) == [b"ping\n"] * 2
         pool = server._fl_pool
         wait_for(lambda: pool.busy == 0 and pool._waiting == len(pool) >= 2)
         pool.close()

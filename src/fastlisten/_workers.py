@@ -407,10 +407,9 @@ class LeaderPool(WorkerPool):
 
     def _start_follower(self, t: threading.Thread) -> None:
         try:
-            t.start()
+            self._start(t)      # (which forgets t if it cannot start)
         except BaseException:
             with self._lock:
-                self._threads.discard(t)
                 self._waiting -= 1
                 self._left.notify_all()
             raise
