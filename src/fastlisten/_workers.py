@@ -88,6 +88,7 @@ class WorkerPool:
         self.peak = 0
         self._idle = 0          # threads waiting for a job
         self._stop_waiting = False
+        self._idle_waiters = 0  # wait_idle() calls waiting on _done
         self._closed = False
         self._serial = 0
         _pools.add(self)
@@ -132,7 +133,11 @@ class WorkerPool:
                 left = None if deadline is None else deadline - time.monotonic()
                 if self._stop_waiting or (left is not None and left <= 0):
                     return False
-                self._done.wait(left)
+                self._idle_waiters += 1
+                try:
+                    self._done.wait(left)
+                finally:
+                    self._idle_waiters -= 1
             return True
 
     def stop_waiting(self) -> None:
@@ -294,7 +299,8 @@ class WorkerPool:
                         del self._busy[me]
                         if not self._busy and not self._jobs:
                             self._stop_waiting = False     # idle: that stop is served
-                            self._done.notify_all()
+                            if self._idle_waiters:
+                                self._done.notify_all()
                 with self._cond:
                     job = self._next_job()
                     if job is not None:
@@ -482,7 +488,8 @@ class LeaderPool(WorkerPool):
                         del busy[me]
                         if not busy and not self._jobs:
                             self._stop_waiting = False     # idle: that stop is served
-                            self._done.notify_all()
+                            if self._idle_waiters:
+                                self._done.notify_all()
                         leading = self._source is source and not self._closed
                         if leading:
                             self._waiting += 1
