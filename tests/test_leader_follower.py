@@ -391,3 +391,26 @@ def test_closing_the_pool_under_a_running_loop_wakes_every_waiting_worker():
         wait_for(lambda: len(pool) == 0)
         wait_for(lambda: server._fl_loop == "selector")
         assert ask(server.server_address) == b""   # a closed pool runs nothing
+
+
+def test_the_proxy_header_is_read_by_the_worker_that_handles_the_connection():
+    seen = []
+
+    class Handler(EchoLine):
+        def handle(self):
+            seen.append((threading.current_thread(), self.client_address,
+                         self.server.proxy_header.version))
+            super().handle()
+
+    class S(fastlisten.ThreadingTCPServer):
+        listen_config = fastlisten.ListenConfig(proxy_protocol="v1")
+
+    server = S(("127.0.0.1", 0), Handler)
+    with serving(server):
+        wait_for(lambda: _leading(server))
+        assert ask(server.server_address,
+                   b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 80\r\nping\n") == b"ping\n"
+        assert server.counters()["proxy_accepted"] == 1
+    (thread, address, version), = seen
+    assert thread.name.startswith("S-worker") and address == ("203.0.113.9", 40000)
+    assert version == 1
