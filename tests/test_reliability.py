@@ -121,12 +121,24 @@ class _WaitsForAByte(socketserver.BaseRequestHandler):
             self.request.sendall(b"x")
 
 
-def test_max_queued_bounds_the_connections_a_threading_server_holds():
-    """With max_threads=2 and max_queued=2, silent clients: the server takes
-    4 connections (2 handled, 2 queued) and leaves the rest in the kernel's
-    accept queue, instead of holding a whole batch open while it waits."""
+class _HandOff(fs.ThreadingTCPServer):
+    """A ThreadingTCPServer on the hand-off path (the serving thread
+    accepts, a pool thread handles): a serving-thread hook is overridden."""
 
-    class Server(fs.ThreadingTCPServer):
+    def verify_request(self, request, client_address):
+        return True
+
+
+@pytest.mark.parametrize("base, held", [(_HandOff, 4), (fs.ThreadingTCPServer, 2)],
+                         ids=["hand-off", "leader-follower"])
+def test_max_queued_bounds_the_connections_a_threading_server_holds(base, held):
+    """With max_threads=2 and max_queued=2, silent clients: the hand-off
+    path takes 4 connections (2 handled, 2 queued) and leaves the rest in
+    the kernel's accept queue, instead of holding a whole batch open while
+    it waits; leader/follower takes 2 (one per worker: nothing waits in the
+    process)."""
+
+    class Server(base):
         max_threads = 2
         max_queued = 2
 
@@ -135,8 +147,8 @@ def test_max_queued_bounds_the_connections_a_threading_server_holds():
     t, clients = _serve(server), []
     try:
         clients = _connect(server.server_address, clients_n)
-        wait_for(lambda: server.counters().get("accepted") == 4
-                 and _queued(server) == clients_n - 4)
+        wait_for(lambda: server.counters().get("accepted") == held
+                 and _queued(server) == clients_n - held)
         for c in clients:              # every client is served in the end
             c.sendall(b"x")
         assert [c.recv(1) for c in clients] == [b"x"] * clients_n
@@ -148,7 +160,7 @@ def test_max_queued_bounds_the_connections_a_threading_server_holds():
 
 
 def test_shutdown_ends_a_wait_for_room_in_the_queue():
-    class Server(fs.ThreadingTCPServer):
+    class Server(_HandOff):     # (leader/follower has no such wait)
         max_threads = 1
         max_queued = 1
         daemon_threads = True
@@ -204,7 +216,13 @@ _INTERRUPTED_SERVER = textwrap.dedent("""
             raise KeyboardInterrupt
         threading.Thread.start = start
 
-    server = fs.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    class Server(fs.ThreadingTCPServer):
+        # the hand-off path, where the serving thread holds the request
+        # first (leader/follower workers accept for themselves)
+        def verify_request(self, request, client_address):
+            return True
+
+    server = Server(("127.0.0.1", 0), Echo)
     print(server.server_address[1], flush=True)
     try:
         server.serve_forever()
@@ -483,11 +501,16 @@ def test_reliability_command_quick_end_to_end(tmp_path):
     assert list(results) == list(SCENARIOS)
     assert all(list(by_server) == list(SERVERS) for by_server in results.values())
     ours = {name: by_server["fastlisten"] for name, by_server in results.items()}
-    assert ours["abort-storm"]["fds_added"] == 0 and ours["abort-storm"]["drain_ms"] is not None
-    assert ours["soak"]["served"] == 1.0 and ours["soak"]["fds_added"] == 0
+    # --quick does not wait for idle threads to retire, and each idle
+    # leader/follower worker holds its epoll descriptor until it does: no
+    # more descriptors than threads are left, none once they retired
+    storm, soak = ours["abort-storm"], ours["soak"]
+    assert storm["fds_added"] <= max(storm["threads_added"], 0) and storm["drain_ms"] is not None
+    assert soak["served"] == 1.0 and soak["fds_added"] <= max(soak["threads_added"], 0)
     assert ours["emfile-storm"]["recover_ms"] is not None
     assert ours["handler-faults"]["normal_served"] == 1.0
-    assert ours["handler-faults"]["fds_added"] == 0
+    faults = ours["handler-faults"]
+    assert faults["fds_added"] <= max(faults["threads_added"], 0)
     from fastlisten.benchmark.reliability import SLOW_DEFENCES
     assert set(ours["slowloris"]) == {f"{d}: {f}" for d in SLOW_DEFENCES
                                       for f in ("normal_served", "p99_ms")}

@@ -11,8 +11,9 @@ run here, on loopback, bounded in count and time.  Scenarios:
 - **soak**: many short requests: RSS, descriptors and threads before/after;
 
 ("after" is once idle threads have retired, up to 8 s: fastlisten's pool
-keeps an idle thread for ``thread_idle_timeout``, 5 s; --quick does not
-wait.)
+keeps an idle thread for ``thread_idle_timeout``, 5 s, and each idle
+leader/follower worker holds one epoll descriptor until then; --quick does
+not wait.)
 - **EMFILE storm**: the server at ``RLIMIT_NOFILE=64``, held connections
   use up its descriptors: its CPU share while it is out of them, and the
   time until it answers again once they are released;
@@ -309,7 +310,7 @@ def emfile_storm(server: str, sizes: Sizes) -> Dict[str, Any]:
 def handler_faults(server: str, sizes: Sizes) -> Dict[str, Any]:
     child = _Child(server)
     try:
-        fds0 = child.settled(child.fds)
+        fds0, threads0 = child.settled(child.fds), child.settled(child.threads)
         counter = iter(range(sizes.faults))
         lock = threading.Lock()
         good = [0, 0]                          # normal requests: answered, made
@@ -329,8 +330,10 @@ def handler_faults(server: str, sizes: Sizes) -> Dict[str, Any]:
             return True
 
         _in_threads(sizes.faults, 4, one)
+        threads_added = child.threads_after(threads0, sizes.retire_wait) - threads0
         return {"normal_served": good[0] / max(good[1], 1),
-                "fds_added": child.settled(child.fds) - fds0}
+                "fds_added": child.settled(child.fds) - fds0,
+                "threads_added": threads_added}
     finally:
         child.close()
 
