@@ -15,3 +15,13 @@ def wait_for(predicate, timeout=10.0, interval=0.002):
 def queued(listener):
     """Connections waiting in the listener's accept queue (TCP_INFO)."""
     return listener.queue()[0]
+
+
+def end_child(proc, socks=()):
+    """In a test's finally: close its client sockets, then make sure the
+    child process is gone (killed if it still runs)."""
+    for s in socks:
+        s.close()
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()

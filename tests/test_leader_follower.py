@@ -21,6 +21,7 @@ from fastlisten._wakeup import Waker
 from test_core import (  # noqa: F401  (core: autouse, both cores)
     LOOPBACK, _POLL_SYSCALLS, _in_syscall, core, needs_syscall_table,
 )
+from helpers import end_child
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
 
 _EPOLL_SYSCALLS = {"x86_64": {232, 281}, "aarch64": {22}}.get(os.uname().machine, set())
@@ -366,11 +367,7 @@ def test_ctrl_c_with_every_worker_blocked(core):  # noqa: F811
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=LIMIT)
     finally:
-        for c in clients:
-            c.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        end_child(proc, clients)
     assert proc.returncode == 0 and out.strip() == "interrupted 0"
 
 

@@ -18,7 +18,7 @@ import pytest
 
 import fastlisten
 import fastlisten.server as fs
-from helpers import wait_for
+from helpers import end_child, wait_for
 
 LOOPBACK = ("127.0.0.1", 0)
 
@@ -106,11 +106,7 @@ def test_a_synchronous_server_leaves_its_handler_descriptors_at_a_low_limit():
         replies = [_read_line(c) for c in clients]
         out, _ = proc.communicate(timeout=60)
     finally:
-        for c in clients:
-            c.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        end_child(proc, clients)
     assert replies == [b"ok\n"] * clients_n
     assert out.split() == ["0", str(clients_n)]      # no failure; every request handled
 
