@@ -69,6 +69,13 @@ def syncookies() -> Optional[int]:
     return _read_int("ipv4/tcp_syncookies")
 
 
+def tcp_migrate_req() -> Optional[int]:
+    """``net.ipv4.tcp_migrate_req`` (Linux 5.14+): 1 moves the queue of a
+    closing SO_REUSEPORT listener to another live one of its group, 0
+    (default) resets those connections; None where the kernel lacks it."""
+    return _read_int("ipv4/tcp_migrate_req")
+
+
 def tcp_abort_on_overflow() -> Optional[int]:
     """``net.ipv4.tcp_abort_on_overflow``: 1 resets clients when the accept
     queue is full, 0 (default) drops their handshake so they retry."""
