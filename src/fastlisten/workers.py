@@ -75,6 +75,7 @@ import sys
 import sysconfig
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
@@ -82,6 +83,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from fastlisten import sysinfo
 from fastlisten._wakeup import Waker
 from fastlisten.config import ListenConfig
+from fastlisten.errors import EphemeralPortWarning
 from fastlisten.listener import Listener
 from fastlisten.systemd import Notifier
 
@@ -296,6 +298,7 @@ class Workers:
         self._generation = 0
         self._failures = 0
         self._next_spawn = 0.0
+        self._last_failure = 0.0
         self._requests: Deque[str] = deque()
         self._waker: Optional[Waker] = None
         self._lifeline: Optional[Tuple[int, int]] = None
@@ -380,7 +383,11 @@ class Workers:
         if self._slots and config.family != socket.AF_UNIX:
             first = next(s.listener for s in self._slots if s.listener is not None)
             config = config.replace(port=first.address[1])
-        listener = Listener.from_config(config)
+            with warnings.catch_warnings():     # said once, for the first socket
+                warnings.simplefilter("ignore", EphemeralPortWarning)
+                listener = Listener.from_config(config)
+        else:
+            listener = Listener.from_config(config)
         for i, slot in enumerate(self._slots):
             if slot.listener is None:
                 self._slots[i] = _Slot(listener)
@@ -562,6 +569,9 @@ class Workers:
         _log.info("stopping %s: %d worker(s)", "gracefully" if how == "graceful" else "now",
                   len(self._workers))
         self._notify(STOPPING=1, STATUS="stopping")
+        # New connections are refused from now on (a socket systemd passed
+        # stays open in systemd, and queues them for the next start).
+        self._close_listeners()
         if how == "now":
             for w in self._workers.values():
                 self._signal(w, signal.SIGKILL)
@@ -569,7 +579,7 @@ class Workers:
             return
         self._stop_deadline = time.monotonic() + self.graceful_timeout + 1.0
         for w in list(self._workers.values()):
-            if w.state != "retiring":
+            if w.state not in ("retiring", "killed"):
                 self._retire(w, close_slot=False)
 
     def _stop_step(self, now: float) -> None:
@@ -588,6 +598,8 @@ class Workers:
 
     def _check_workers(self, now: float) -> None:
         for w in list(self._workers.values()):
+            if w.state == "killed":
+                continue
             if w.state == "retiring":
                 if w.deadline is not None and now >= w.deadline:
                     _log.warning("worker %d did not finish within graceful_timeout: killing "
@@ -599,18 +611,19 @@ class Workers:
                 last = w.started
             else:
                 last = w.record()[0]
-                if w.ready_at is not None and self._failures and \
+                if self._failures and w.ready_at is not None and \
+                        w.ready_at > self._last_failure and \
                         now - w.ready_at >= self.min_uptime:
-                    self._failures = 0
+                    self._failures = 0      # one started since, and stays up
             if now - last > self.timeout:
                 _log.error("worker %d %s for %.3g s (timeout): killing it", w.pid,
                            "has not started" if w.state == "starting" else "has not "
                            "run its serving loop", now - last)
                 self._signal(w, signal.SIGKILL)
-                w.state, w.deadline = "retiring", None
+                w.state, w.deadline = "killed", None
 
     def _balance(self, now: float) -> None:
-        live = [w for w in self._workers.values() if w.state != "retiring"]
+        live = [w for w in self._workers.values() if w.state not in ("retiring", "killed")]
         for w in live:
             if w.state == "closing" and w.slot < self.target:   # SIGTTIN took it back
                 w.state, w.steered_at = "ready", None
@@ -725,6 +738,7 @@ class Workers:
         now = time.monotonic()
         if w.ready_at is None or now - w.ready_at < self.min_uptime:
             self._failures += 1
+            self._last_failure = now
             delay = min(self.backoff * 2 ** (self._failures - 1), self.max_backoff)
             self._next_spawn = now + delay
             _log.error("worker %d ended (%s) %s; %d failure(s) in a row: next start in "
@@ -735,6 +749,8 @@ class Workers:
             if self._reloading and w.generation == self._generation:
                 # Type=notify-reload waits for READY=1: the old workers still serve.
                 self._reloading = False
+                _log.error("reload failed: the previous workers go on serving; the new "
+                           "generation is retried with back-off")
                 self._notify(READY=1, STATUS=f"reload failed ({how}): the previous "
                                              "workers go on serving")
         else:
@@ -761,7 +777,7 @@ class Workers:
             w.shm.close()
         self._workers.clear()
 
-    def _close(self) -> None:
+    def _close_listeners(self) -> None:
         if self._shared is not None:
             self._shared.close()
             self._shared = None
@@ -769,6 +785,9 @@ class Workers:
             if self._slots[i].listener is not None:
                 self._close_slot(i)
         self._slots.clear()
+
+    def _close(self) -> None:
+        self._close_listeners()
         if self._lifeline is not None:
             for fd in self._lifeline:
                 os.close(fd)
@@ -814,7 +833,7 @@ class Workers:
             _log.info("%d worker(s) accepting", self.target)
             self._notify(READY=1, STATUS=f"{self.target} worker(s) accepting")
         elif self._reloading and not any(w.generation < self._generation
-                                         and w.state != "retiring"
+                                         and w.state not in ("retiring", "killed")
                                          for w in self._workers.values()):
             self._reloading = False
             _log.info("reloaded: generation %d accepting", self._generation)
@@ -918,7 +937,7 @@ class Workers:
                               else sock.getsockname(), handler, bind_and_activate=False)
         _adopt_socket(server, sock)
         return _WorkerLoop(server, status_fd, shm, limit, lifeline,
-                           min(0.5, self.timeout / 4), self.graceful_timeout).run()
+                           min(0.1, self.timeout / 4), self.graceful_timeout).run()
 
     def _worker_close_parent_fds(self, slot: int, status_fd: int) -> int:
         """Close what the parent holds that this worker must not keep: the
@@ -970,6 +989,12 @@ def _adopt_socket(server: Any, sock: socket.socket) -> None:
             server.setup_environ()
 
 
+class _StopServing(BaseException):
+    """Raised by a worker's service_actions to end serve_forever() between
+    two batches: every connection the loop accepted has been handed to the
+    server (shutdown() from another thread may close part of a batch)."""
+
+
 class _WorkerLoop:
     """A worker: serve_forever() in a thread; the main thread waits for
     SIGTERM (graceful stop), SIGUSR2 (graceful stop that empties the
@@ -985,6 +1010,7 @@ class _WorkerLoop:
         self.poll_interval = poll_interval
         self.graceful_timeout = graceful_timeout
         self.stop: Optional[str] = None
+        self.stopping = threading.Event()
         self.recycle_sent = False
         self.counted = 0      # connections, for servers without fastlisten's counters
         self.waker = Waker(pipe=True)
@@ -1030,6 +1056,8 @@ class _WorkerLoop:
         def service_actions() -> None:
             actions()
             self.beat()
+            if self.stopping.is_set():
+                raise _StopServing
         server.service_actions = service_actions
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGUSR2, self._on_signal)
@@ -1039,6 +1067,8 @@ class _WorkerLoop:
         def serve() -> None:
             try:
                 server.serve_forever(self.poll_interval)
+                outcome.append(None)
+            except _StopServing:
                 outcome.append(None)
             except BaseException as exc:    # noqa: BLE001 - reported below
                 outcome.append(exc)
@@ -1052,19 +1082,28 @@ class _WorkerLoop:
         poller = select.poll()
         poller.register(self.waker.fileno(), select.POLLIN)
         poller.register(self.lifeline, select.POLLIN)
-        while self.stop is None and not outcome:
+        while not outcome:
             events = poller.poll()
-            if any(fd == self.lifeline for fd, _ in events):
+            if any(fd == self.lifeline for fd, _ in events) and self.stop is None:
                 _log.warning("worker %d: the supervisor is gone; stopping", os.getpid())
                 self.stop = "orphan"
+                poller.unregister(self.lifeline)
             self.waker.drain()
-        if outcome:
-            if isinstance(outcome[0], BaseException):
-                raise outcome[0]
-            return 1
-        server.shutdown()
+            if self.stop is not None and not self.stopping.is_set():
+                self.stopping.set()
+                listener = getattr(server, "_fl_listener", None)
+                if listener is not None:
+                    listener.wakeup()       # service_actions runs at once
+        thread.join()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        if self.stop is None:
+            return 1            # serve_forever returned by itself
         if self.stop == "empty":
             self._empty_queue()
+        # Stop listening before the handlers drain: this copy of the socket
+        # must not hold connections nobody will accept.
+        server.socket.close()
         drain = getattr(server, "drain", None)
         if drain is not None:
             ended = drain(self.graceful_timeout)
@@ -1089,12 +1128,8 @@ class _WorkerLoop:
             return
         try:
             queued = probe.queue()[0]
-            sock.setblocking(False)
             for _ in range(queued):
-                try:
-                    self.server._handle_request_noblock()
-                except OSError:
-                    break
+                self.server._handle_request_noblock()
         except OSError:
             pass
         finally:
