@@ -628,3 +628,48 @@ def test_library_use_with_a_stdlib_http_server(tmp_path):
     finally:
         s.close()
     assert rc == 0, log
+
+
+def _accept_all(sock):
+    n = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return n
+        conn.close()
+        n += 1
+
+
+def test_steering_follows_the_reuseport_group_array():
+    """The model Workers keeps of the kernel's reuseport group (members in
+    listen() order; a closed member's place taken by the last one) matches
+    the kernel: the program's indices reach exactly the sockets meant."""
+    from fastlisten.workers import _attach_cbpf
+
+    socks = []
+    try:
+        for i in range(3):
+            s = socket.socket()
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", socks[0].getsockname()[1] if i else 0))
+            s.listen(128)
+            s.setblocking(False)
+        address = socks[0].getsockname()
+        _attach_cbpf(socks[0].fileno(), steering_program([0, 2]))
+        clients = [socket.create_connection(address, timeout=10) for _ in range(40)]
+        got = [_accept_all(s) for s in socks]
+        for c in clients:
+            c.close()
+        assert got[1] == 0 and got[0] > 0 and got[2] > 0 and sum(got) == 40, got
+        socks.pop(0).close()          # group: [third, second]
+        _attach_cbpf(socks[0].fileno(), steering_program([0]))
+        clients = [socket.create_connection(address, timeout=10) for _ in range(20)]
+        got = [_accept_all(s) for s in socks]
+        for c in clients:
+            c.close()
+        assert got == [0, 20], got    # all to the third socket, now at position 0
+    finally:
+        for s in socks:
+            s.close()

@@ -28,6 +28,13 @@ SIGINT or SIGTERM stop accepting and give running handlers --grace seconds
 to finish; then they are ended (their connections are shut down; processes
 get SIGTERM, then SIGKILL) and the command exits 0 without waiting for a
 thread that still does not return.  A second signal ends them at once.
+
+With --workers N the same server runs in N supervised processes
+(fastlisten.Workers): SIGTERM/SIGINT stop them gracefully within --grace
+(--graceful-timeout), SIGQUIT at once, SIGHUP reloads (new workers, with the
+handler's package imported afresh, accept before the old ones stop),
+SIGTTIN/SIGTTOU add or remove one, SIGUSR1 logs the counters of every
+worker; --reuse-port gives each worker its own SO_REUSEPORT socket.
 """
 
 from __future__ import annotations
