@@ -420,19 +420,23 @@ def test_max_requests_recycles_workers_without_loss():
                    "--max-requests-jitter", "5")
     try:
         s.expect("worker(s) accepting")
+        first = set(s.wait_workers(2))
         load = Load(s.address, threads=2)
+        recycled = set()
         try:
             for _ in range(3):
-                s.expect("reached max_requests")
+                line = s.expect("reached max_requests")
+                recycled.add(int(line.split("worker ")[1].split()[0]))
             load.wait_for(load.ok + 20)
         finally:
             ok, failures = load.stop()
         assert failures == []
+        s.seen_workers |= recycled          # checked gone in close()
+        assert len(recycled) == 3 and recycled & first
         rc, log = s.stop()
     finally:
         s.close()
     assert rc == 0, log
-    assert len(s.seen_workers) > 2
 
 
 def test_a_dying_worker_is_replaced_and_the_pid_file_follows_the_supervisor(tmp_path):
