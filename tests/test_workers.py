@@ -7,7 +7,6 @@ import os
 import queue
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,6 @@ import time
 import pytest
 
 import fastlisten
-from fastlisten import sysinfo
 from fastlisten.systemd import Notifier
 from fastlisten.workers import Workers, steering_program
 
@@ -677,3 +675,21 @@ def test_steering_follows_the_reuseport_group_array():
     finally:
         for s in socks:
             s.close()
+
+
+def test_a_second_sigterm_stops_at_once(tmp_path):
+    (tmp_path / "slow.py").write_text(SLOW)
+    s = Supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "1",
+                   "--graceful-timeout", "60", cwd=tmp_path)
+    try:
+        s.expect("worker(s) accepting")
+        with socket.create_connection(s.address, timeout=20) as c:
+            f = c.makefile("rb")
+            assert f.readline() == b"started\n"
+            s.send(signal.SIGTERM)
+            s.expect("stopping gracefully")
+            rc, log = s.stop(signal.SIGTERM, timeout=20)     # not the 60 s of grace
+            f.close()
+    finally:
+        s.close()
+    assert rc == 0 and "stopping now" in log

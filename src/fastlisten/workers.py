@@ -35,15 +35,17 @@ Sharing the port (``reuse_port``):
 
 Signals (run() installs them; the methods below do the same from code):
 SIGTERM/SIGINT stop gracefully (workers stop accepting; running handlers get
-``graceful_timeout`` seconds, then are ended); SIGQUIT stops at once; SIGHUP
+``graceful_timeout`` seconds, then are ended; a second one stops at once);
+SIGQUIT stops at once; SIGHUP
 reloads (new workers, with the handler's package imported afresh, accept
 before the old ones stop accepting and drain); SIGTTIN/SIGTTOU add/remove a
 worker; SIGUSR1 logs the counters summed over the workers, with each
 worker's connections.
 
 Supervision: a worker that dies is replaced; one that dies before it
-accepts (or within ``min_uptime`` seconds) counts as a failure and the next
-start waits ``backoff`` seconds, doubling up to ``max_backoff``.  Every
+accepts counts as a failure and the next start waits ``backoff`` seconds,
+doubling up to ``max_backoff`` (reset once a worker started since has
+accepted for ``min_uptime`` seconds).  Every
 worker's serving loop writes a heartbeat (a CLOCK_MONOTONIC time) into
 memory shared with the parent; the parent kills (SIGKILL) a worker whose
 heartbeat is older than ``timeout`` seconds, without asking the worker's
@@ -544,6 +546,8 @@ class Workers:
             what = self._requests.popleft()
             if what == "stop" and self._stopping is None:
                 self._begin_stop("graceful")
+            elif what == "stop" and self._stopping == "graceful":
+                self._begin_stop("now")     # a second SIGTERM/SIGINT: do not wait
             elif what == "quit" and self._stopping != "now":
                 self._begin_stop("now")
             elif self._stopping is not None:
@@ -736,14 +740,13 @@ class Workers:
                     self._close_slot(w.slot)
             return
         now = time.monotonic()
-        if w.ready_at is None or now - w.ready_at < self.min_uptime:
+        if w.ready_at is None:
             self._failures += 1
             self._last_failure = now
             delay = min(self.backoff * 2 ** (self._failures - 1), self.max_backoff)
             self._next_spawn = now + delay
-            _log.error("worker %d ended (%s) %s; %d failure(s) in a row: next start in "
-                       "%.3g s", w.pid, how, "before it accepted" if w.ready_at is None
-                       else "just after it started", self._failures, delay)
+            _log.error("worker %d ended (%s) before it accepted; %d failure(s) in a row: "
+                       "next start in %.3g s", w.pid, how, self._failures, delay)
             self._notify(STATUS=f"workers failing to start ({self._failures} in a row); "
                                 f"retrying in {delay:.3g} s")
             if self._reloading and w.generation == self._generation:
