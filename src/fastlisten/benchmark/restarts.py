@@ -22,6 +22,7 @@ shared socket shows in the last).
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import re
@@ -350,15 +351,16 @@ def to_text(report: Dict[str, Any]) -> str:
              "|---|---:|---:|---:|---|"]
     for key, row in report["events"].items():
         what, _, mode = key.partition("/")
-        note = ""
+        notes = []
         if "held_by_killed" in row:
-            note = f"held by the killed workers: {row['held_by_killed']}"
+            notes.append(f"held by the killed workers: {row['held_by_killed']}")
         if "max_requests" in row:
-            note = f"--max-requests {row['max_requests']}"
+            notes.append(f"--max-requests {row['max_requests']}")
         if row["first_errno"]:
-            note += f" first errno {row['first_errno']}"
+            code = errno.errorcode.get(row["first_errno"], row["first_errno"])
+            notes.append(f"first error {code}")
         lines.append(f"| {what}, {mode} | {row['events']} | {row['completed']} | "
-                     f"{row['lost']} | {note.strip()} |")
+                     f"{row['lost']} | {'; '.join(notes)} |")
     lines += ["", "| mode | workers | conn/s | connections per worker | max/min | "
                   "CPU µs/conn | context switches/conn |",
               "|---|---:|---:|---|---:|---:|---:|"]
