@@ -3,6 +3,7 @@ signals, real sockets.  Every test ends with the supervisor gone and none of
 its workers left (checked through /proc), and waits on log lines or socket
 events with a deadline, never on a bare sleep."""
 
+import contextlib
 import os
 import queue
 import signal
@@ -133,6 +134,17 @@ class Supervised:
         assert not left, f"workers left running: {left}"
 
 
+@contextlib.contextmanager
+def supervised(*args, **kwargs):
+    """A Supervised whose workers all accept; closed (and checked) on exit."""
+    s = Supervised(*args, **kwargs)
+    try:
+        s.expect("worker(s) accepting")
+        yield s
+    finally:
+        s.close()
+
+
 def echo(address, payload=b"ping", timeout=10):
     with socket.create_connection(address, timeout=timeout) as c:
         c.sendall(payload)
@@ -200,9 +212,8 @@ class Tag(socketserver.StreamRequestHandler):
 def test_reload_under_load_loses_nothing_and_deploys_new_code(tmp_path, mode):
     (tmp_path / "tagged.py").write_text(HANDLER.format(version="v0"))
     extra = ["--reuse-port"] if mode == "reuse-port" else []
-    s = Supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2", *extra, cwd=tmp_path)
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2", *extra,
+                    cwd=tmp_path) as s:
         first = set(s.wait_workers(2))
         load = Load(s.address)
         try:
@@ -217,17 +228,14 @@ def test_reload_under_load_loses_nothing_and_deploys_new_code(tmp_path, mode):
         now = set(s.wait_workers(2))
         assert not now & first            # every worker was replaced
         rc, log = s.stop(signal.SIGTERM)
-    finally:
-        s.close()
     assert rc == 0, log
 
 
 def test_reload_imports_the_handler_module_afresh(tmp_path):
     module = tmp_path / "tagged.py"
     module.write_text(HANDLER.format(version="v1"))
-    s = Supervised("tagged:Tag", "--bind", "127.0.0.1:0", "--workers", "2", cwd=tmp_path)
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("tagged:Tag", "--bind", "127.0.0.1:0", "--workers", "2",
+                    cwd=tmp_path) as s:
         assert echo(s.address) == b"v1"
         module.write_text(HANDLER.format(version="v2-longer"))   # new size: no stale .pyc
         s.send(signal.SIGHUP)
@@ -235,17 +243,14 @@ def test_reload_imports_the_handler_module_afresh(tmp_path):
         s.wait_workers(2)
         assert {echo(s.address) for _ in range(6)} == {b"v2-longer"}
         rc, log = s.stop(signal.SIGINT)
-    finally:
-        s.close()
     assert rc == 0, log
 
 
 def test_a_reload_that_crashes_backs_off_and_keeps_the_old_workers(tmp_path):
     module = tmp_path / "tagged.py"
     module.write_text(HANDLER.format(version="old"))
-    s = Supervised("tagged:Tag", "--bind", "127.0.0.1:0", "--workers", "1", cwd=tmp_path)
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("tagged:Tag", "--bind", "127.0.0.1:0", "--workers", "1",
+                    cwd=tmp_path) as s:
         (old,) = s.wait_workers(1)
         module.write_text("raise RuntimeError('broken deploy')\n")
         s.send(signal.SIGHUP)
@@ -257,8 +262,6 @@ def test_a_reload_that_crashes_backs_off_and_keeps_the_old_workers(tmp_path):
         assert delays == sorted(delays) and delays[-1] >= 4 * delays[0], delays
         assert old in s.workers() and echo(s.address) == b"old"
         rc, log = s.stop(signal.SIGTERM)
-    finally:
-        s.close()
     assert rc == 0
     assert "broken deploy" in log and "reload failed" in log
 
@@ -275,10 +278,8 @@ class Freeze(socketserver.StreamRequestHandler):
 
 def test_a_hung_worker_is_killed_and_replaced(tmp_path):
     (tmp_path / "freeze.py").write_text(SELF_STOPPING)
-    s = Supervised("freeze:Freeze", "--bind", "127.0.0.1:0", "--workers", "1",
-                   "--timeout", "1", cwd=tmp_path)
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("freeze:Freeze", "--bind", "127.0.0.1:0", "--workers", "1",
+                    "--timeout", "1", cwd=tmp_path) as s:
         (hung,) = s.wait_workers(1)
         with socket.create_connection(s.address, timeout=10) as c:
             c.sendall(b"freeze\n")
@@ -288,8 +289,6 @@ def test_a_hung_worker_is_killed_and_replaced(tmp_path):
         assert echo(s.address, b"hello\n") == b"alive"
         assert hung not in s.wait_workers(1)
         rc, log = s.stop()
-    finally:
-        s.close()
     assert rc == 0, log
 
 
@@ -305,10 +304,8 @@ class Slow(socketserver.StreamRequestHandler):
 
 def test_graceful_stop_lets_a_running_handler_finish(tmp_path):
     (tmp_path / "slow.py").write_text(SLOW)
-    s = Supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "2",
-                   "--graceful-timeout", "20", cwd=tmp_path)
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "2",
+                    "--graceful-timeout", "20", cwd=tmp_path) as s:
         s.wait_workers(2)
         with socket.create_connection(s.address, timeout=10) as c:
             f = c.makefile("rb")
@@ -322,8 +319,6 @@ def test_graceful_stop_lets_a_running_handler_finish(tmp_path):
             f.close()
         s.proc.wait(20)
         rc, log = s.stop()
-    finally:
-        s.close()
     assert rc == 0, log
 
 
@@ -337,10 +332,8 @@ def _connect_until_refused(address, tries=200):
 
 def test_graceful_stop_ends_a_handler_after_the_deadline(tmp_path):
     (tmp_path / "slow.py").write_text(SLOW)
-    s = Supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "1",
-                   "--graceful-timeout", "0.5", cwd=tmp_path)
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "1",
+                    "--graceful-timeout", "0.5", cwd=tmp_path) as s:
         with socket.create_connection(s.address, timeout=20) as c:
             f = c.makefile("rb")
             assert f.readline() == b"started\n"
@@ -350,46 +343,34 @@ def test_graceful_stop_ends_a_handler_after_the_deadline(tmp_path):
         s.expect("ended 1 handler(s)")
         s.proc.wait(20)
         rc, log = s.stop()
-    finally:
-        s.close()
     assert rc == 0, log
 
 
 def test_sigterm_during_a_reload_stops_cleanly(tmp_path):
-    s = Supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2")
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2") as s:
         s.wait_workers(2)
         s.send(signal.SIGHUP)
         s.expect("reloading: starting generation 1")
         rc, log = s.stop(signal.SIGTERM)
-    finally:
-        s.close()
     assert rc == 0, log
 
 
 def test_sigquit_stops_at_once(tmp_path):
     (tmp_path / "slow.py").write_text(SLOW)
-    s = Supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "2",
-                   "--graceful-timeout", "60", cwd=tmp_path)
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "2",
+                    "--graceful-timeout", "60", cwd=tmp_path) as s:
         with socket.create_connection(s.address, timeout=20) as c:
             f = c.makefile("rb")
             assert f.readline() == b"started\n"
             rc, log = s.stop(signal.SIGQUIT, timeout=20)     # does not wait 60 s
             f.close()
-    finally:
-        s.close()
     assert rc == 0 and "stopping now" in log
 
 
 @pytest.mark.parametrize("mode", ["shared", "reuse-port"])
 def test_ttin_ttou_under_load(mode):
     extra = ["--reuse-port"] if mode == "reuse-port" else []
-    s = Supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2", *extra)
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2", *extra) as s:
         s.wait_workers(2)
         load = Load(s.address)
         try:
@@ -406,18 +387,14 @@ def test_ttin_ttou_under_load(mode):
         line = s.expect("counters: workers=2")
         assert "per-worker accepted {" in line
         rc, log = s.stop()
-    finally:
-        s.close()
     assert rc == 0, log
     if mode == "reuse-port":
         assert "SO_ATTACH_REUSEPORT_CBPF" in log or "tcp_migrate_req=1" in log
 
 
 def test_max_requests_recycles_workers_without_loss():
-    s = Supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2", "--max-requests", "20",
-                   "--max-requests-jitter", "5")
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2", "--max-requests", "20",
+                    "--max-requests-jitter", "5") as s:
         first = set(s.wait_workers(2))
         load = Load(s.address, threads=2)
         recycled = set()
@@ -432,17 +409,13 @@ def test_max_requests_recycles_workers_without_loss():
         s.seen_workers |= recycled          # checked gone in close()
         assert len(recycled) == 3 and recycled & first
         rc, log = s.stop()
-    finally:
-        s.close()
     assert rc == 0, log
 
 
 def test_a_dying_worker_is_replaced_and_the_pid_file_follows_the_supervisor(tmp_path):
     pid_file = tmp_path / "fl.pid"
-    s = Supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2", "--pid-file",
-                   str(pid_file))
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2", "--pid-file",
+                    str(pid_file)) as s:
         assert pid_file.read_text().strip() == str(s.proc.pid)
         victim = s.wait_workers(2)[0]
         os.kill(victim, signal.SIGKILL)
@@ -450,8 +423,6 @@ def test_a_dying_worker_is_replaced_and_the_pid_file_follows_the_supervisor(tmp_
         assert victim not in s.wait_workers(2)
         assert echo(s.address) == b"ping"
         rc, log = s.stop()
-    finally:
-        s.close()
     assert rc == 0, log
     assert not pid_file.exists()
 
@@ -618,17 +589,13 @@ def test_library_use_with_a_stdlib_http_server(tmp_path):
         print("listening on 127.0.0.1:%d" % w.address[1], flush=True)
         sys.exit(w.run())
     """))
-    s = Supervised(cmd=[sys.executable, str(script)], cwd=tmp_path)
-    try:
-        s.expect("worker(s) accepting")
+    with supervised(cmd=[sys.executable, str(script)], cwd=tmp_path) as s:
         import http.client
         conn = http.client.HTTPConnection(*s.address, timeout=10)
         conn.request("GET", "/")
         assert conn.getresponse().read() == str(s.address[1]).encode()
         conn.close()
         rc, log = s.stop(signal.SIGINT)
-    finally:
-        s.close()
     assert rc == 0, log
 
 
@@ -679,10 +646,8 @@ def test_steering_follows_the_reuseport_group_array():
 
 def test_a_second_sigterm_stops_at_once(tmp_path):
     (tmp_path / "slow.py").write_text(SLOW)
-    s = Supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "1",
-                   "--graceful-timeout", "60", cwd=tmp_path)
-    try:
-        s.expect("worker(s) accepting")
+    with supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "1",
+                    "--graceful-timeout", "60", cwd=tmp_path) as s:
         with socket.create_connection(s.address, timeout=20) as c:
             f = c.makefile("rb")
             assert f.readline() == b"started\n"
@@ -690,6 +655,12 @@ def test_a_second_sigterm_stops_at_once(tmp_path):
             s.expect("stopping gracefully")
             rc, log = s.stop(signal.SIGTERM, timeout=20)     # not the 60 s of grace
             f.close()
-    finally:
-        s.close()
     assert rc == 0 and "stopping now" in log
+
+
+def test_the_bench_reload_scenario_counts_no_loss_for_fastlisten():
+    from fastlisten.benchmark import restarts
+
+    row = restarts.reload_scenario("shared", 2, 1.5, 4)
+    assert row["events"] == 2 and row["completed"] > 0
+    assert row["lost"] == 0, row

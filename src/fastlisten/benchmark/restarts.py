@@ -215,7 +215,8 @@ def reload_scenario(mode: str, cycles: int, duration: float, concurrency: int) -
 def recycle_scenario(mode: str, cycles: int, duration: float, concurrency: int,
                      expected_rate: float) -> Dict[str, Any]:
     """Workers recycled by --max-requests about ``cycles`` times under load."""
-    per_worker = max(int(expected_rate * duration / 2 / (cycles / 2 + 1)), 50)
+    # aim above ``cycles``: the rate under recycling is below expected_rate
+    per_worker = max(int(expected_rate * duration / (1.5 * cycles + 2)), 50)
     served = _supervised(mode, 2, "--max-requests", str(per_worker),
                          "--max-requests-jitter", str(per_worker // 10))
     try:

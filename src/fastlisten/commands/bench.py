@@ -53,7 +53,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--restarts", action="store_true",
                    help="instead: reloads, recycling, scaling and killed workers of "
                         "'serve --workers' under a steady load (both port-sharing modes, "
-                        "beside a naive stop-then-start), and balance over 1, 2, 4 workers")
+                        "beside a naive stop-then-start), and balance over 1, 2, 4 workers; "
+                        "20 events per row (quick: 5), --duration seconds of load per "
+                        "scenario (default 8; quick 3), --concurrency (default 16)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
     p.add_argument("--plot", metavar="PNG", help="draw the chart (needs matplotlib: fastlisten[bench])")
