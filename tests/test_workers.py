@@ -24,11 +24,19 @@ FL = [sys.executable, "-m", "fastlisten"]
 
 
 def _children(pid):
+    """Children of process pid, forked by any of its threads."""
+    out = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return out
 
 
 def _state(pid):
@@ -43,7 +51,7 @@ class Supervised:
     """``fastlisten serve ... --workers N`` in a child process; its stderr is
     read by a thread into a queue, so a test can wait for a log line."""
 
-    def __init__(self, *args, cwd=None, env=None, cmd=None, before_start=None):
+    def __init__(self, *args, cwd=None, env=None, cmd=None, before_start=None, address=None):
         self.proc = subprocess.Popen(cmd or FL + ["serve"] + list(args),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd=cwd, env=env)
@@ -52,12 +60,19 @@ class Supervised:
         self.seen_workers = set()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if before_start is not None:
-            before_start()
-        line = self.proc.stdout.readline()
+        try:
+            if before_start is not None:
+                before_start()
+            line = self.proc.stdout.readline()
+        except BaseException:       # the test's time limit: leave nothing running
+            self.close()
+            raise
         if not line.startswith("listening on "):
             self.close()
             raise AssertionError(f"serve did not start: {line!r} {''.join(self.log)}")
+        if address is not None:
+            self.address = address
+            return
         where = line[len("listening on "):].strip()
         host, _, port = where.rpartition(":")
         self.address = (host.strip("[]"), int(port))
@@ -664,3 +679,41 @@ def test_the_bench_reload_scenario_counts_no_loss_for_fastlisten():
     row = restarts.reload_scenario("shared", 2, 1.5, 4)
     assert row["events"] == 2 and row["completed"] > 0
     assert row["lost"] == 0, row
+
+
+def test_workers_on_a_unix_socket_remove_its_file_at_the_end(tmp_path):
+    path = str(tmp_path / "echo.sock")
+    s = Supervised("echo", "--bind", f"unix:{path}", "--workers", "2", address=path)
+    with contextlib.closing(s):
+        s.expect("worker(s) accepting")
+        for generation in (1, 2):
+            s.send(signal.SIGHUP)
+            s.expect(f"reloaded: generation {generation} accepting")
+        with socket.socket(socket.AF_UNIX) as c:
+            c.settimeout(10)
+            c.connect(path)
+            c.sendall(b"unix")
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(100) == b"unix"
+        rc, log = s.stop()
+    assert rc == 0, log
+    assert not os.path.exists(path)
+    with pytest.raises(ValueError, match="TCP option"):
+        Workers(fastlisten.UnixStreamServer, path, fastlisten.StreamRequestHandler,
+                reuse_port=True)
+
+
+def test_forking_handlers_inside_workers_stop_with_them(tmp_path):
+    (tmp_path / "slow.py").write_text(SLOW)
+    with supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "2", "--processes", "4",
+                    "--graceful-timeout", "0.5", cwd=tmp_path) as s:
+        with socket.create_connection(s.address, timeout=20) as c:
+            f = c.makefile("rb")
+            assert f.readline() == b"started\n"
+            handlers = [p for w in s.workers() for p in _children(w)]
+            assert len(handlers) == 1
+            s.seen_workers.update(handlers)         # checked gone in close()
+            rc, log = s.stop()
+            assert f.readline() == b""      # its process was ended after the grace
+            f.close()
+    assert rc == 0, log

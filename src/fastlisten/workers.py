@@ -278,6 +278,8 @@ class Workers:
         if self.reuse_port and self.config.fd is not None:
             raise ValueError("reuse_port needs sockets of its own; it cannot share "
                              f"fd={self.config.fd!r}: use one inherited socket instead")
+        if self.reuse_port:
+            self.config.replace(reuse_port=True)    # raises what does not fit (a Unix path)
         self.server_class = server_class
         self.handler = RequestHandlerClass
         self.target = workers
@@ -709,6 +711,10 @@ class Workers:
                     os._exit(code)
         os.close(w)
         os.set_blocking(r, False)
+        try:
+            os.setpgid(pid, pid)    # as the worker does: whichever runs first
+        except OSError:
+            pass                    # it has done so, or is gone already
         self._workers[pid] = _Worker(pid=pid, slot=slot, generation=generation, status_fd=r,
                                      shm=shm, limit=limit, started=time.monotonic())
         _log.debug("started worker %d (slot %d, generation %d)", pid, slot, generation)
@@ -760,8 +766,16 @@ class Workers:
             _log.warning("worker %d ended (%s): replacing it", w.pid, how)
 
     def _signal(self, w: _Worker, sig: int) -> None:
+        """Send sig to worker w; SIGKILL goes to its process group, so that
+        the processes it forked (ForkingMixIn handlers) end with it."""
         w.signalled = True
         try:
+            if sig == signal.SIGKILL:
+                try:
+                    os.killpg(w.pid, sig)
+                    return
+                except ProcessLookupError:
+                    pass        # not its own group yet: the worker alone
             os.kill(w.pid, sig)
         except ProcessLookupError:
             pass
@@ -921,6 +935,11 @@ class Workers:
     def _worker_main(self, slot: int, generation: int, status_fd: int, shm: mmap.mmap,
                      limit: int) -> int:
         """The body of a worker process (after fork); returns its exit code."""
+        # Its own process group: the supervisor's SIGKILL reaches the
+        # processes it forks too, and a terminal's Ctrl-C reaches the
+        # supervisor alone, which decides.
+        os.setpgid(0, 0)
+        os.register_at_fork(after_in_child=_handler_process_after_fork)
         signal.set_wakeup_fd(-1)
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -968,6 +987,14 @@ _SIGNALS = {
     signal.SIGHUP: "reload", signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou",
     signal.SIGUSR1: "usr1", signal.SIGCHLD: "chld",
 }
+
+
+def _handler_process_after_fork() -> None:
+    """In a process a worker forks (ForkingMixIn): the worker's signal
+    handling is not its own; SIGTERM from the worker's end_handlers() ends it."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _adopt_socket(server: Any, sock: socket.socket) -> None:
