@@ -198,7 +198,6 @@ class _Worker:
     deadline: Optional[float] = None    # retiring: SIGKILL after this
     recycle: bool = False           # asked to be replaced (max_requests)
     steered_at: Optional[float] = None  # reuseport slot closing: steered away since
-    signalled: bool = False
 
     def record(self) -> Tuple[float, int, int, int]:
         return _SLOT.unpack_from(self.shm, 0)
@@ -768,7 +767,6 @@ class Workers:
     def _signal(self, w: _Worker, sig: int) -> None:
         """Send sig to worker w; SIGKILL goes to its process group, so that
         the processes it forked (ForkingMixIn handlers) end with it."""
-        w.signalled = True
         try:
             if sig == signal.SIGKILL:
                 try:
