@@ -717,3 +717,48 @@ def test_forking_handlers_inside_workers_stop_with_them(tmp_path):
             assert f.readline() == b""      # its process was ended after the grace
             f.close()
     assert rc == 0, log
+
+
+def test_proxy_protocol_and_tls_work_in_every_worker(tmp_path):
+    from test_cli_proxy_tls import WHO, _talk
+    from tlsutil import client_context, make_cert
+
+    cert, key = make_cert(tmp_path)
+    (tmp_path / "who.py").write_text(WHO)
+    with supervised("who:Who", "--bind", "127.0.0.1:0", "--workers", "2",
+                    "--proxy-protocol", "v1", "--trusted-proxy", "127.0.0.0/8",
+                    "--tls-cert", cert, "--tls-key", key, cwd=tmp_path) as s:
+        for generation in (0, 1):
+            if generation:
+                s.send(signal.SIGHUP)
+                s.expect("reloaded: generation 1 accepting")
+            for port in (4242, 4243, 4244):
+                got = _talk(s.address, [b"PROXY TCP4 203.0.113.5 127.0.0.1 %d 443\r\n" % port,
+                                        b"hi\n"], ctx=client_context(cert))
+                assert got == b"203.0.113.5:%d v1\n" % port
+        rc, log = s.stop()
+    assert rc == 0, log
+
+
+def test_a_listen_config_given_to_workers_reaches_the_servers(tmp_path):
+    from test_cli_proxy_tls import WHO, _talk
+
+    (tmp_path / "who.py").write_text(WHO)
+    (tmp_path / "app.py").write_text(textwrap.dedent("""
+        import logging, sys, fastlisten
+        from who import Who
+        logging.basicConfig(level=logging.INFO)
+        w = fastlisten.Workers(fastlisten.ThreadingTCPServer, ("127.0.0.1", 0), Who,
+                               workers=2, reuse_port=True,
+                               listen_config=fastlisten.ListenConfig(proxy_protocol="v2"))
+        w.bind()
+        print("listening on 127.0.0.1:%d" % w.address[1], flush=True)
+        sys.exit(w.run())
+    """))
+    v2 = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + socket.inet_aton("198.51.100.7")
+          + socket.inet_aton("127.0.0.1") + (5555).to_bytes(2, "big") + (80).to_bytes(2, "big"))
+    with supervised(cmd=[sys.executable, "app.py"], cwd=tmp_path) as s:
+        for _ in range(4):
+            assert _talk(s.address, [v2 + b"hi\n"]) == b"198.51.100.7:5555 v2\n"
+        rc, log = s.stop()
+    assert rc == 0, log

@@ -360,7 +360,7 @@ class Workers:
         if self._shared is not None or self._slots:
             return
         if not self.reuse_port:
-            self._shared = Listener.from_config(self.config)
+            self._shared = Listener.from_config(self._socket_config())
             return
         migrate = sysinfo.tcp_migrate_req()
         self.handover = "migrate" if migrate == 1 else "steer"
@@ -381,8 +381,15 @@ class Workers:
                   "(SO_ATTACH_REUSEPORT_CBPF) and the worker empties it before it closes "
                   f"(net.ipv4.tcp_migrate_req={migrate})")
 
+    def _socket_config(self) -> ListenConfig:
+        """The config of the listening socket(s) the parent opens: the PROXY
+        protocol options are for the servers in the workers, which read the
+        header of each connection (a Listener refuses them)."""
+        return self.config.replace(proxy_protocol=None, trusted_proxies=None,
+                                   proxy_timeout=None, proxy_max_v2=None)
+
     def _open_slot(self) -> int:
-        config = self.config.replace(reuse_port=True)
+        config = self._socket_config().replace(reuse_port=True)
         if self._slots and config.family != socket.AF_UNIX:
             first = next(s.listener for s in self._slots if s.listener is not None)
             config = config.replace(port=first.address[1])
@@ -956,6 +963,10 @@ class Workers:
         server = server_class(self.config.address if self.config.fd is None
                               else sock.getsockname(), handler, bind_and_activate=False)
         _adopt_socket(server, sock)
+        if hasattr(server, "_fl_config"):
+            # a fastlisten server: Workers' listen_config is its own (the
+            # PROXY protocol and connection options apply in the worker)
+            server._fl_config = self.config
         return _WorkerLoop(server, status_fd, shm, limit, lifeline,
                            min(0.1, self.timeout / 4), self.graceful_timeout).run()
 
