@@ -17,26 +17,11 @@ import time
 import pytest
 
 import fastlisten
+from fastlisten import sysinfo
 from fastlisten.systemd import Notifier
 from fastlisten.workers import Workers, steering_program
 
 FL = [sys.executable, "-m", "fastlisten"]
-
-
-def _children(pid):
-    """Children of process pid, forked by any of its threads."""
-    out = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(p) for p in f.read().split()]
-        except OSError:
-            pass
-    return out
 
 
 def _state(pid):
@@ -98,7 +83,7 @@ class Supervised:
                 return line
 
     def workers(self):
-        pids = _children(self.proc.pid)
+        pids = sysinfo.children(self.proc.pid)
         self.seen_workers.update(pids)
         return pids
 
@@ -710,7 +695,7 @@ def test_forking_handlers_inside_workers_stop_with_them(tmp_path):
         with socket.create_connection(s.address, timeout=20) as c:
             f = c.makefile("rb")
             assert f.readline() == b"started\n"
-            handlers = [p for w in s.workers() for p in _children(w)]
+            handlers = [p for w in s.workers() for p in sysinfo.children(w)]
             assert len(handlers) == 1
             s.seen_workers.update(handlers)         # checked gone in close()
             rc, log = s.stop()
@@ -762,3 +747,19 @@ def test_a_listen_config_given_to_workers_reaches_the_servers(tmp_path):
             assert _talk(s.address, [v2 + b"hi\n"]) == b"198.51.100.7:5555 v2\n"
         rc, log = s.stop()
     assert rc == 0, log
+
+
+def test_sysinfo_reads_children_sockets_and_switches_of_a_process():
+    before = sysinfo.open_sockets(os.getpid())
+    with socket.socket() as s:
+        assert sysinfo.open_sockets(os.getpid()) == before + 1
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        assert child.pid in sysinfo.children(os.getpid())
+        assert sysinfo.context_switches(child.pid) > 0
+    finally:
+        child.stdin.close()
+        child.wait(10)
+    assert child.pid not in sysinfo.children(os.getpid())
+    assert sysinfo.children(2**22 + 1) == [] and sysinfo.open_sockets(2**22 + 1) == 0

@@ -157,6 +157,51 @@ def process_cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+def context_switches(pid: int) -> int:
+    """Context switches (voluntary and not, all threads) process ``pid``
+    has made, from /proc/PID/task/*/status; 0 where unreadable."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        text = read_proc(f"/proc/{pid}/task/{task}/status") or ""
+        for line in text.splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+def open_sockets(pid: int) -> int:
+    """How many sockets process ``pid`` has open (/proc/PID/fd); 0 where unreadable."""
+    n = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass        # closed meanwhile
+    return n
+
+
+def children(pid: int) -> List[int]:
+    """The child processes of process ``pid`` (forked by any of its
+    threads), from /proc/PID/task/*/children."""
+    out: List[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        text = read_proc(f"/proc/{pid}/task/{task}/children") or ""
+        out += [int(p) for p in text.split()]
+    return out
+
+
 def _probe_option(family: int, level: int, name: str, value: int) -> bool:
     """Whether setsockopt(level, socket.<name>, value) works on a fresh
     stream socket: the constant exists *and* the kernel accepts it."""

@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from fastlisten import sysinfo
 from fastlisten.benchmark.loadgen import LoadResult, run_load
 from fastlisten.benchmark.protocol import REPLY
 
@@ -88,11 +89,7 @@ class _Served:
                 return m
 
     def workers(self) -> List[int]:
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                return [int(p) for p in f.read().split()]
-        except OSError:
-            return []
+        return sysinfo.children(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -113,35 +110,11 @@ class _Served:
                 stream.close()
 
 
-def _sockets(pid: int) -> int:
-    """Sockets open in process pid."""
-    n = 0
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                    n += 1
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return n
-
-
 def _cpu_and_switches(pid: int) -> Tuple[float, int]:
-    """(user+system CPU seconds, context switches) of process pid so far."""
+    """(CPU seconds, context switches) of process pid so far."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        switches = 0
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/status") as f:
-                for line in f:
-                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt")):
-                        switches += int(line.split()[1])
-        return cpu, switches
-    except (OSError, ValueError, IndexError):
+        return sysinfo.process_cpu_seconds(pid), sysinfo.context_switches(pid)
+    except ProcessLookupError:
         return 0.0, 0
 
 
@@ -265,7 +238,7 @@ def kill_scenario(mode: str, cycles: int, duration: float, concurrency: int) -> 
             if not pids:
                 return
             victim = pids[i % len(pids)]
-            held += max(_sockets(victim) - 1, 0)
+            held += max(sysinfo.open_sockets(victim) - 1, 0)
             os.kill(victim, signal.SIGKILL)
             served.expect(rf"worker {victim} ended")
         n = _paced(cycles, duration * 0.8, kill)
