@@ -157,20 +157,23 @@ def process_cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
-def context_switches(pid: int) -> int:
-    """Context switches (voluntary and not, all threads) process ``pid``
-    has made, from /proc/PID/task/*/status; 0 where unreadable."""
-    total = 0
+def _per_thread(pid: int, name: str) -> List[str]:
+    """The text of /proc/PID/task/*/NAME for every thread of process pid
+    (those that could be read)."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0
-    for task in tasks:
-        text = read_proc(f"/proc/{pid}/task/{task}/status") or ""
-        for line in text.splitlines():
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                total += int(line.split()[1])
-    return total
+        return []
+    texts = (read_proc(f"/proc/{pid}/task/{task}/{name}") for task in tasks)
+    return [text for text in texts if text is not None]
+
+
+def context_switches(pid: int) -> int:
+    """Context switches (voluntary and not, all threads) process ``pid``
+    has made, from /proc/PID/task/*/status; 0 where unreadable."""
+    return sum(int(line.split()[1]) for text in _per_thread(pid, "status")
+               for line in text.splitlines()
+               if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
 
 
 def open_sockets(pid: int) -> int:
@@ -191,15 +194,7 @@ def open_sockets(pid: int) -> int:
 def children(pid: int) -> List[int]:
     """The child processes of process ``pid`` (forked by any of its
     threads), from /proc/PID/task/*/children."""
-    out: List[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for task in tasks:
-        text = read_proc(f"/proc/{pid}/task/{task}/children") or ""
-        out += [int(p) for p in text.split()]
-    return out
+    return [int(child) for text in _per_thread(pid, "children") for child in text.split()]
 
 
 def _probe_option(family: int, level: int, name: str, value: int) -> bool:
