@@ -753,13 +753,15 @@ def test_sysinfo_reads_children_sockets_and_switches_of_a_process():
     before = sysinfo.open_sockets(os.getpid())
     with socket.socket() as s:
         assert sysinfo.open_sockets(os.getpid()) == before + 1
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                             stdin=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", "print('up', flush=True); input()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert child.stdout.readline() == b"up\n"     # it has run (and slept)
         assert child.pid in sysinfo.children(os.getpid())
         assert sysinfo.context_switches(child.pid) > 0
     finally:
         child.stdin.close()
+        child.stdout.close()
         child.wait(10)
     assert child.pid not in sysinfo.children(os.getpid())
     assert sysinfo.children(2**22 + 1) == [] and sysinfo.open_sockets(2**22 + 1) == 0
