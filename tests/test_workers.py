@@ -189,6 +189,9 @@ class Load:
     def wait_for(self, n, timeout=20):
         deadline = time.monotonic() + timeout
         while self.ok < n and time.monotonic() < deadline and not self.failures:
+            if not any(t.is_alive() for t in self._threads):
+                raise AssertionError(f"the load ended ({self.limit} connections a thread) "
+                                     f"before {n} succeeded")
             time.sleep(0.005)
 
     def stop(self):
@@ -370,7 +373,10 @@ def test_sigquit_stops_at_once(tmp_path):
 @pytest.mark.parametrize("mode", ["shared", "reuse-port"])
 def test_ttin_ttou_under_load(mode):
     extra = ["--reuse-port"] if mode == "reuse-port" else []
-    with supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2", *extra) as s:
+    # A retiring worker with nothing to finish ends at once: with 60 s of
+    # grace, one that missed its SIGTERM would outlast wait_workers' 20 s.
+    with supervised("echo", "--bind", "127.0.0.1:0", "--workers", "2", *extra,
+                    "--graceful-timeout", "60") as s:
         s.wait_workers(2)
         load = Load(s.address)
         try:

@@ -470,9 +470,11 @@ class Workers:
             return "?"
 
     def _on_signal(self, what: str) -> Callable[[int, Any], None]:
+        # The Python handler may run after the loop has drained the byte
+        # set_wakeup_fd wrote and looked at the requests: it wakes the loop
+        # itself, so that the request is seen at once, not at the next tick.
         def handler(signum: int, frame: Any) -> None:
-            if what != "chld":
-                self._requests.append(what)
+            self._request(what)
         return handler
 
     def _loop(self) -> None:
@@ -552,6 +554,8 @@ class Workers:
     def _handle_requests(self) -> None:
         while self._requests:
             what = self._requests.popleft()
+            if what == "chld":
+                continue            # the loop reaps on every pass
             if what == "stop" and self._stopping is None:
                 self._begin_stop("graceful")
             elif what == "stop" and self._stopping == "graceful":
@@ -1156,6 +1160,9 @@ class _WorkerLoop:
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stop is None:
             self.stop = "empty" if signum == signal.SIGUSR2 else "graceful"
+        # The main thread may have drained set_wakeup_fd's byte and looked
+        # at self.stop before this handler ran: wake it again.
+        self.waker.wakeup()
 
     def _empty_queue(self) -> None:
         """Serve the connections still queued on this worker's socket, which
