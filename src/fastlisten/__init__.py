@@ -19,9 +19,10 @@ from fastlisten.listener import Listener, listen, default_backlog
 from fastlisten.server import *  # noqa: F401,F403  (the drop-in socketserver)
 from fastlisten.server import __all__ as _server_all
 from fastlisten._install import install
+from fastlisten.workers import Workers
 
 __all__ = ["compiled", "Listener", "listen", "default_backlog", "proxy_parse", "proxy_read"]
-__all__ += ["install"] + _server_all
+__all__ += ["install", "Workers"] + _server_all
 __version__ = "0.1.0"
 __all__ += ["ListenConfig", "FastlistenWarning", "EphemeralPortWarning",
             "BacklogTruncatedWarning", "OptionIneffectiveWarning"]

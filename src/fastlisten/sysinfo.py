@@ -69,6 +69,13 @@ def syncookies() -> Optional[int]:
     return _read_int("ipv4/tcp_syncookies")
 
 
+def tcp_migrate_req() -> Optional[int]:
+    """``net.ipv4.tcp_migrate_req`` (Linux 5.14+): 1 moves the queue of a
+    closing SO_REUSEPORT listener to another live one of its group, 0
+    (default) resets those connections; None where the kernel lacks it."""
+    return _read_int("ipv4/tcp_migrate_req")
+
+
 def tcp_abort_on_overflow() -> Optional[int]:
     """``net.ipv4.tcp_abort_on_overflow``: 1 resets clients when the accept
     queue is full, 0 (default) drops their handshake so they retry."""
@@ -148,6 +155,46 @@ def process_cpu_seconds(pid: int) -> float:
     fields = text.rsplit(")", 1)[1].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def _per_thread(pid: int, name: str) -> List[str]:
+    """The text of /proc/PID/task/*/NAME for every thread of process pid
+    (those that could be read)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    texts = (read_proc(f"/proc/{pid}/task/{task}/{name}") for task in tasks)
+    return [text for text in texts if text is not None]
+
+
+def context_switches(pid: int) -> int:
+    """Context switches (voluntary and not, all threads) process ``pid``
+    has made, from /proc/PID/task/*/status; 0 where unreadable."""
+    return sum(int(line.split()[1]) for text in _per_thread(pid, "status")
+               for line in text.splitlines()
+               if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+
+
+def open_sockets(pid: int) -> int:
+    """How many sockets process ``pid`` has open (/proc/PID/fd); 0 where unreadable."""
+    n = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass        # closed meanwhile
+    return n
+
+
+def children(pid: int) -> List[int]:
+    """The child processes of process ``pid`` (forked by any of its
+    threads), from /proc/PID/task/*/children."""
+    return [int(child) for text in _per_thread(pid, "children") for child in text.split()]
 
 
 def _probe_option(family: int, level: int, name: str, value: int) -> bool:

@@ -50,6 +50,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--balancer", action="store_true",
                    help="instead: CPU per connection with PROXY protocol v2 on vs off, and "
                         "connections/s through HAProxy to one and two instances")
+    p.add_argument("--restarts", action="store_true",
+                   help="instead: reloads, recycling, scaling and killed workers of "
+                        "'serve --workers' under a steady load (both port-sharing modes, "
+                        "beside a naive stop-then-start), and balance over 1, 2, 4 workers; "
+                        "20 events per row (quick: 5), --duration seconds of load per "
+                        "scenario (default 8; quick 3), --concurrency (default 16)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
     p.add_argument("--plot", metavar="PNG", help="draw the chart (needs matplotlib: fastlisten[bench])")
@@ -103,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.balancer:
         return _run_balancer(args)
     kw["pin"] = args.pin
+    if args.restarts:
+        return _run_restarts(args)
     opts = Options.quick(**kw) if args.quick else Options(**kw)
     if args.from_json:
         import json
@@ -129,6 +137,12 @@ def run(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
+def _say(text: str) -> None:
+    """Progress of --balancer/--restarts, a line on stderr."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def _run_balancer(args: argparse.Namespace) -> int:
     """``fastlisten bench --balancer``: see fastlisten.benchmark.balancer."""
     import json
@@ -140,13 +154,30 @@ def _run_balancer(args: argparse.Namespace) -> int:
           "concurrency": args.concurrency or 16,
           "timeout": args.timeout or 5.0}
 
-    def say(text: str) -> None:
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
-    report = run_balancer_bench(progress=say, **kw)
+    report = run_balancer_bench(progress=_say, **kw)
     print(to_text(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    return 0
+
+
+def _run_restarts(args: argparse.Namespace) -> int:
+    """``--restarts``: benchmark.restarts, printed (and --json/--markdown)."""
+    import json
+
+    from fastlisten.benchmark import restarts
+
+    cycles = 5 if args.quick else 20
+    duration = args.duration or (3.0 if args.quick else 8.0)
+    result = restarts.run_restarts(cycles, duration, args.concurrency or 16,
+                                   _say)
+    text = restarts.to_text(result)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
     return 0

@@ -28,6 +28,13 @@ SIGINT or SIGTERM stop accepting and give running handlers --grace seconds
 to finish; then they are ended (their connections are shut down; processes
 get SIGTERM, then SIGKILL) and the command exits 0 without waiting for a
 thread that still does not return.  A second signal ends them at once.
+
+With --workers N the same server runs in N supervised processes
+(fastlisten.Workers): SIGTERM/SIGINT stop them gracefully within --grace
+(--graceful-timeout), SIGQUIT at once, SIGHUP reloads (new workers, with the
+handler's package imported afresh, accept before the old ones stop),
+SIGTTIN/SIGTTOU add or remove one, SIGUSR1 logs the counters of every
+worker; --reuse-port gives each worker its own SO_REUSEPORT socket.
 """
 
 from __future__ import annotations
@@ -86,9 +93,24 @@ def add_parser(subparsers: Any) -> None:
                      help="the certificate's PEM private key")
     tls.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
                      help="seconds a client has for the TLS handshake (default 10)")
-    p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--grace", "--graceful-timeout", dest="grace", type=float, default=5.0,
+                   metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long running handlers may finish before "
                         "they are ended (default 5)")
+    w = p.add_argument_group("worker processes (fastlisten.Workers)")
+    w.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="serve in N supervised processes (SIGHUP reloads, SIGTTIN/SIGTTOU "
+                        "add/remove one, SIGQUIT stops at once); with --reuse-port each has "
+                        "its own SO_REUSEPORT socket, else they share one")
+    w.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="kill a worker whose serving loop shows no heartbeat for this long "
+                        "(default 30)")
+    w.add_argument("--max-requests", type=int, default=0, metavar="N",
+                   help="replace a worker after N connections (default 0: never)")
+    w.add_argument("--max-requests-jitter", type=int, default=0, metavar="J",
+                   help="add a random 0..J to each worker's --max-requests")
+    w.add_argument("--pid-file", default=None, metavar="PATH",
+                   help="write the supervisor's pid here (removed on exit)")
     p.set_defaults(run=run)
 
 
@@ -269,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         handler = load_handler(args.handler)
         cfg = options.from_args(args)
-        for name in ("threads", "processes"):
+        for name in ("threads", "processes", "workers"):
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be a positive integer, not {value!r}")
@@ -285,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastlisten serve: error: {exc}", file=sys.stderr)
         return 2
     cls = server_class(cfg, args.threads, args.processes, context, args.handshake_timeout)
+    if args.workers is not None:
+        return _run_workers(args, cls, handler)
     try:
         server = cls(cfg.address, handler)
     except OSError as exc:
@@ -318,6 +342,31 @@ def run(args: argparse.Namespace) -> int:
     if served and isinstance(served[0], BaseException):
         raise served[0]
     return 0
+
+
+def _run_workers(args: argparse.Namespace, cls: type, handler: Any) -> int:
+    """``--workers N``: the same server class in N processes under fastlisten.Workers."""
+    from fastlisten.workers import Workers
+
+    try:
+        if args.stats_interval is not None:
+            raise ValueError("--stats-interval is for one process: with --workers, "
+                             "SIGUSR1 logs the counters of every worker")
+        workers = Workers(cls, cls.listen_config.address, handler, workers=args.workers,
+                          timeout=args.timeout, graceful_timeout=args.grace,
+                          max_requests=args.max_requests,
+                          max_requests_jitter=args.max_requests_jitter,
+                          pid_file=args.pid_file)
+    except (ValueError, TypeError) as exc:
+        print(f"fastlisten serve: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        workers.bind()
+    except OSError as exc:
+        print(f"fastlisten serve: {exc}", file=sys.stderr)
+        return 1
+    print(f"listening on {format_address(workers.address)}", flush=True)
+    return workers.run()
 
 
 def _supervise(server: Any, signals: _Signals, served: List[Any],
