@@ -25,3 +25,88 @@ def end_child(proc, socks=()):
     if proc.poll() is None:
         proc.kill()
         proc.communicate()
+
+
+def serve_in_thread(server, poll_interval=0.5):
+    """Start ``server.serve_forever`` in a daemon thread and return it.
+
+    Daemon: if a broken shutdown() never ends the loop, the test fails (see
+    shutdown_within) and the interpreter can still exit at the end of the run.
+    """
+    import threading
+
+    t = threading.Thread(target=server.serve_forever, args=(poll_interval,),
+                         name=f"serve_forever-{type(server).__name__}", daemon=True)
+    t.start()
+    return t
+
+
+def shutdown_within(server, thread=None, limit=10.0):
+    """Call ``server.shutdown()`` and fail the test unless it returns (and
+    ``thread``, the serving thread, ends) within ``limit`` seconds.
+
+    shutdown() runs in a daemon thread, so that a loop it fails to wake is a
+    test failure, never a hung run.  On failure the loop is nudged with a
+    connection (or a datagram), so that it usually still ends and the test
+    leaves nothing running behind it.
+    """
+    import socket
+    import threading
+
+    done = threading.Event()
+    stopper = threading.Thread(target=lambda: (server.shutdown(), done.set()),
+                               name="shutdown_within", daemon=True)
+    start = time.monotonic()
+    stopper.start()
+    returned = done.wait(limit)
+    took = time.monotonic() - start
+    if not returned:
+        try:
+            with socket.socket(server.address_family, server.socket_type) as s:
+                s.settimeout(1.0)
+                s.connect(server.server_address)
+                if server.socket_type == socket.SOCK_DGRAM:
+                    s.send(b"\n")
+        except OSError:
+            pass
+        done.wait(limit)
+    stopper.join(limit)
+    if thread is not None:
+        thread.join(limit)
+    assert returned, f"shutdown() did not return within {limit} s"
+    assert thread is None or not thread.is_alive(), "serve_forever did not return"
+    return took
+
+
+# -- what a thread is doing in the kernel (/proc/<pid>/task/<tid>/syscall) ----
+
+import os as _os
+import platform as _platform
+
+#: poll-family and select-family syscall numbers (x86_64, aarch64).
+_ARCH = _platform.machine()
+POLL_SYSCALLS = {"x86_64": {7, 271}, "aarch64": {73}}.get(_ARCH, set())
+PPOLL = {"x86_64": 271, "aarch64": 73}.get(_ARCH)
+SELECT_SYSCALLS = {"x86_64": {23, 270}, "aarch64": {72}}.get(_ARCH, set())
+#: Why syscall-watching tests cannot run here, or None when they can.
+NO_SYSCALL_TABLE = (None if POLL_SYSCALLS and _os.access("/proc/self/task", _os.R_OK)
+                    else f"no syscall table for {_ARCH} or no /proc/self/task")
+
+
+def syscall_of(tid, pid="self"):
+    """(number, [args]) of the syscall thread ``tid`` is blocked in, or None
+    (running, gone, or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if not fields or not fields[0].isdigit():
+        return None
+    return int(fields[0]), [int(a, 16) for a in fields[1:7]]
+
+
+def in_poll(tid, pid="self"):
+    """Whether thread ``tid`` is blocked in poll()/ppoll()."""
+    call = syscall_of(tid, pid)
+    return call is not None and call[0] in POLL_SYSCALLS

@@ -15,6 +15,7 @@ import fastlisten
 from fastlisten import ListenConfig
 
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
+from helpers import serve_in_thread, shutdown_within
 
 
 def _backlog_of(sock):
@@ -265,14 +266,11 @@ def test_shutdown_is_not_held_up_by_a_full_forking_server():
         kill_timeout = LIMIT
 
     with One(("127.0.0.1", 0), Parked) as server:
-        t = threading.Thread(target=server.serve_forever)
-        t.start()
+        t = serve_in_thread(server)
         first = _started(server.server_address)
         second = socket.create_connection(server.server_address, timeout=LIMIT)
         wait_for(lambda: server.counters()["accepted"] == 2)   # waits for room
-        server.shutdown()             # the stdlib would block in waitpid here
-        t.join(LIMIT)
-        assert not t.is_alive()
+        shutdown_within(server, t, LIMIT)   # the stdlib would block in waitpid here
         assert second.recv(64) == b""      # closed unhandled
         assert server.end_handlers() == 1
         first.close()

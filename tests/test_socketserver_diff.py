@@ -13,6 +13,7 @@ import time
 import pytest
 
 import fastlisten
+from helpers import serve_in_thread, shutdown_within
 
 MODULES = [pytest.param(socketserver, id="stdlib"), pytest.param(fastlisten, id="fastlisten")]
 LIMIT = 10.0   # seconds any single wait may take before the test fails
@@ -33,18 +34,18 @@ def wait_for(condition, limit=LIMIT):
 
 @contextlib.contextmanager
 def serving(server, poll_interval=0.5, close=True):
-    """serve_forever in a thread; shutdown, join and (with ``close``)
-    server_close on the way out."""
-    t = threading.Thread(target=server.serve_forever, args=(poll_interval,))
-    t.start()
+    """serve_forever in a daemon thread; shutdown (bounded: a loop that does
+    not stop fails the test instead of hanging it), join and (with
+    ``close``) server_close on the way out."""
+    t = serve_in_thread(server, poll_interval)
     try:
         yield server
     finally:
-        server.shutdown()
-        t.join(LIMIT)
-        if close:
-            server.server_close()
-    assert not t.is_alive()
+        try:
+            shutdown_within(server, t, LIMIT)
+        finally:
+            if close:
+                server.server_close()
 
 
 class EchoLine(socketserver.StreamRequestHandler):
@@ -189,7 +190,7 @@ def test_client_resets_mid_request(ss):
 
 def test_shutdown_before_serve_forever_returns_at_once(ss):
     server = ss.TCPServer(("127.0.0.1", 0), EchoLine)
-    t = threading.Thread(target=server.shutdown)
+    t = threading.Thread(target=server.shutdown, daemon=True)
     t.start()
     wait_for(lambda: server._BaseServer__shutdown_request)
     server.serve_forever(poll_interval=None if ss is fastlisten else 0.5)
@@ -203,7 +204,7 @@ def test_no_connection_accepted_after_shutdown(ss):
     server = S(("127.0.0.1", 0), EchoLine)
     with serving(server):
         assert ask(server.server_address) == b"ping\n"
-        server.shutdown()
+        shutdown_within(server)
         late = socket.create_connection(server.server_address, timeout=LIMIT)
         late.sendall(b"late\n")
     # server_close() ran: the late connection, never accepted, is reset.
@@ -257,7 +258,7 @@ def test_socket_made_before_server_bind_and_blocking_after_serving(ss):
     with serving(Binding(("127.0.0.1", 0), EchoLine)) as server:
         assert ask(server.server_address) == b"ping\n"
         assert server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
-        server.shutdown()
+        shutdown_within(server)
         assert os.get_blocking(server.socket.fileno())
         assert server.socket.gettimeout() is None
     assert seen == [socket.socket]
@@ -341,7 +342,7 @@ def test_block_on_close_joins_handlers(ss):
     with serving(server):
         c = socket.create_connection(server.server_address, timeout=LIMIT)
         assert started.wait(LIMIT)
-        server.shutdown()
+        shutdown_within(server)
         threading.Thread(target=release.set).start()
     # serving() called server_close(), which waited for the handler
     assert finished == [1]
@@ -465,12 +466,9 @@ def test_forking_handler_raising(ss):
 def test_serve_forever_again_after_shutdown(ss):
     server = ss.ThreadingTCPServer(("127.0.0.1", 0), EchoLine)
     for _ in range(2):
-        t = threading.Thread(target=server.serve_forever, args=(0.01,))
-        t.start()
+        t = serve_in_thread(server, 0.01)
         assert ask(server.server_address) == b"ping\n"
-        server.shutdown()
-        t.join(LIMIT)
-        assert not t.is_alive()
+        shutdown_within(server, t, LIMIT)
     server.server_close()
 
 

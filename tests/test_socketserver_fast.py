@@ -18,6 +18,7 @@ from fastlisten import server as flserver
 from fastlisten._workers import WorkerPool
 
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
+from helpers import serve_in_thread, shutdown_within
 
 
 def test_names_match_the_running_stdlib():
@@ -103,13 +104,12 @@ def test_shutdown_does_not_wait_for_poll_interval(cls):
     # poll_interval=None: the loop would wait for ever for a connection;
     # shutdown() must still end it (the test's time limit catches a hang).
     server = cls(("127.0.0.1", 0), socketserver.BaseRequestHandler)
-    t = threading.Thread(target=server.serve_forever, args=(None,))
-    t.start()
+    t = serve_in_thread(server, None)
     wait_for(lambda: server._fl_waker is not None)
-    server.shutdown()
-    t.join(LIMIT)
-    server.server_close()
-    assert not t.is_alive()
+    try:
+        shutdown_within(server, t, LIMIT)
+    finally:
+        server.server_close()
 
 
 def test_threads_are_reused():
@@ -209,7 +209,7 @@ def test_max_threads_queues_in_order_and_shutdown_drops_the_waiting_one():
             if i == 1:
                 wait_for(lambda: server._fl_pool.queued == 1)
         assert len(server._fl_pool) == 1 and len(server._threads) == 1
-        server.shutdown()      # the loop may be blocked waiting for room: it returns
+        shutdown_within(server)  # the loop may be blocked waiting for room: it returns
         release.set()
     assert order == [b"0\n", b"1\n"]
     for c in clients:

@@ -7,6 +7,9 @@ class Waiter:
     def fileno(self) -> int: ...
     def close(self) -> None: ...
 
+
+def _accept_error_class(err: int) -> int: ...
+
 class RawListener:
     family: int
     type: int

@@ -144,6 +144,13 @@ cdef list _wrap(fl_conn *conns, int n, int family, int proto):
     return out
 
 
+def _accept_error_class(int err):
+    """How accept_many treats accept()'s errno ``err``: 0 skip it, 1 back
+    off (capacity), 2 the listener is gone, 3 raise (csrc/fl_net.c's table,
+    for the test that compares it with _coreshared's)."""
+    return fl_accept_error_class(err)
+
+
 @cython.final
 cdef class Waiter:
     """One thread's way to wait in ``RawListener.accept_many(..., waiter=)``
