@@ -1,0 +1,230 @@
+"""The mutations tests/mutations/run.py applies, one at a time: each breaks
+one line of the library the way a careless edit would, and names the test
+files that must then fail.
+
+``find`` is a short snippet that must occur exactly once in ``path`` (the
+runner says so, and fails, when an edit elsewhere made it vanish or
+repeat); ``replace`` is what it becomes.  ``cores`` says which cores the
+tests run on: a mutation of the compiled core (``_core.pyx``, ``csrc/``)
+runs on "compiled" only, one of ``_corepy.py`` on "pure" only, one of the
+Python layer on both.
+
+The first group is issue 14's table: breakages the suite once let
+through.  The others give every core function and every path of the
+server loop at least one mutation, so that a test deleted or weakened
+later shows up as a survivor.
+"""
+
+from typing import NamedTuple, Tuple
+
+BOTH = ("compiled", "pure")
+COMPILED = ("compiled",)
+PURE = ("pure",)
+
+CORE_TESTS = ("tests/test_core.py", "tests/test_core_waits.py")
+SERVER_TESTS = ("tests/test_server_loop.py", "tests/test_socketserver_fast.py",
+                "tests/test_socketserver_diff.py", "tests/test_server_features.py")
+
+
+class Mutation(NamedTuple):
+    name: str
+    path: str
+    find: str
+    replace: str
+    tests: Tuple[str, ...]
+    cores: Tuple[str, ...]
+
+
+MUTATIONS = [
+    # -- issue 14's table ----------------------------------------------------
+    Mutation("server batch size 64 -> 1", "src/fastlisten/server.py",
+             "accept_batch_size = DEFAULT_BATCH", "accept_batch_size = 1",
+             ("tests/test_server_loop.py",), BOTH),
+    Mutation("capacity back-off never doubles (C)", "src/fastlisten/_core.pyx",
+             "min(self._backoff_ms * 2, BACKOFF_MAX_MS)", "min(self._backoff_ms, BACKOFF_MAX_MS)",
+             CORE_TESTS, COMPILED),
+    Mutation("capacity back-off never doubles (Python)", "src/fastlisten/_corepy.py",
+             "min(self._backoff_ms * 2, BACKOFF_MAX_MS)", "min(self._backoff_ms, BACKOFF_MAX_MS)",
+             CORE_TESTS, PURE),
+    Mutation("back-off wait ignores the wake-up descriptor (C)", "csrc/fl_net.c",
+             "pfd.fd = wfd;", "pfd.fd = -1;",
+             CORE_TESTS, COMPILED),
+    Mutation("back-off wait ignores the wake-up descriptor (Python)", "src/fastlisten/_corepy.py",
+             "select.select([wfd], [], [], pause / 1000)", "select.select([], [], [], pause / 1000)",
+             CORE_TESTS, PURE),
+    Mutation("shutdown() does not wake the loop", "src/fastlisten/server.py",
+             "self._fl_waker.wakeup()", "pass",
+             ("tests/test_server_loop.py", "tests/test_socketserver_fast.py"), BOTH),
+    Mutation("batch not dropped after shutdown", "src/fastlisten/server.py",
+             "if self._BaseServer__shutdown_request:\n                    # Not handed",
+             "if False:\n                    # Not handed",
+             ("tests/test_server_loop.py",), BOTH),
+    Mutation("default backlog ignores /proc", "src/fastlisten/listener.py",
+             "return value if value is not None and value > 0 else socket.SOMAXCONN",
+             "return socket.SOMAXCONN",
+             ("tests/test_kernel_namespace.py",), BOTH),
+    Mutation("first waiter out closes the descriptor (C)", "src/fastlisten/_core.pyx",
+             "if self._busy == 0:\n                    self._close_now()",
+             "if True:\n                    self._close_now()",
+             CORE_TESTS, COMPILED),
+    Mutation("first waiter out closes the descriptor (Python)", "src/fastlisten/_corepy.py",
+             "if last:\n                with self._lock:", "if True:\n                with self._lock:",
+             CORE_TESTS, PURE),
+    Mutation("wake-up never drained (C)", "src/fastlisten/_core.pyx",
+             "fl_wakeup_drain(wake)", "pass",
+             CORE_TESTS, COMPILED),
+    Mutation("wake-up never drained (Python)", "src/fastlisten/_corepy.py",
+             "self._drain_wakeup()", "pass",
+             CORE_TESTS, PURE),
+    Mutation("after EINTR, wait 0 ms instead of the time left (C)", "src/fastlisten/_core.pyx",
+             "ms = <int>ceil(left * 1000.0) if left > 0 else 0", "ms = 0",
+             CORE_TESTS, COMPILED),
+    Mutation("after EINTR, wait 0 ms instead of the time left (Python)",
+             "src/fastlisten/_corepy.py",
+             "ms = timeout_ms(remaining(deadline))", "ms = 0",
+             CORE_TESTS, PURE),
+    Mutation("no ppoll signal mask (C)", "src/fastlisten/_core.pyx",
+             "if main and fl_block_signals(&old_mask) == 0:", "if False:",
+             CORE_TESTS, COMPILED),
+    Mutation("no signal wake-up pipe in the wait (Python)", "src/fastlisten/_corepy.py",
+             "if threading.current_thread() is not threading.main_thread():\n            return -1",
+             "if True:\n            return -1",
+             CORE_TESTS, PURE),
+    Mutation("ECONNABORTED raises instead of being skipped (C)", "csrc/fl_net.c",
+             "case ECONNABORTED:", "case -4242:",
+             ("tests/test_core_waits.py",), COMPILED),
+    Mutation("ECONNABORTED raises instead of being skipped (Python)",
+             "src/fastlisten/_coreshared.py",
+             '"ECONNABORTED", ', "",
+             ("tests/test_core_waits.py",), PURE),
+    Mutation("poll() with signals blocked for the whole wait (C)", "csrc/fl_net.c",
+             "r = ppoll(pfd, 2, tsp, wait_mask);", "r = poll(pfd, 2, timeout_ms);",
+             CORE_TESTS, COMPILED),
+
+    # -- the compiled core, function by function --------------------------------
+    Mutation("fl_wait_accept: batch drain capped at one", "csrc/fl_net.c",
+             "while (n < max) {", "while (n < 1) {",
+             CORE_TESTS, COMPILED),
+    Mutation("fl_wait_accept: accept errors not counted", "csrc/fl_net.c",
+             "st->errors[err]++;", "(void)st;",
+             CORE_TESTS, COMPILED),
+    Mutation("fl_wait_accept: capacity episodes not counted", "csrc/fl_net.c",
+             "st->capacity_episodes++;", "(void)0;",
+             CORE_TESTS, COMPILED),
+    Mutation("fl_accept4: accepted descriptors inheritable", "csrc/fl_net.c",
+             "accept4(lfd, addr, addrlen, SOCK_CLOEXEC)", "accept4(lfd, addr, addrlen, 0)",
+             CORE_TESTS, COMPILED),
+    Mutation("fl_socket: listening descriptor inheritable", "csrc/fl_net.c",
+             "socket(family, type | SOCK_CLOEXEC, proto)", "socket(family, type, proto)",
+             CORE_TESTS, COMPILED),
+    Mutation("fl_tcp_queue: queued reports the backlog", "csrc/fl_net.c",
+             "*queued = info.tcpi_unacked;", "*queued = info.tcpi_sacked;",
+             CORE_TESTS, COMPILED),
+    Mutation("RawListener.wakeup does nothing", "src/fastlisten/_core.pyx",
+             "if self._wake_w >= 0 and fl_wakeup_signal(self._wake_w) < 0:", "if False:",
+             CORE_TESTS, COMPILED),
+    Mutation("RawListener.close does not wake the waiters", "src/fastlisten/_core.pyx",
+             "self._close_pending = True\n            fl_wakeup_signal(self._wake_w)",
+             "self._close_pending = True",
+             CORE_TESTS, COMPILED),
+    Mutation("RawListener.listen: negative backlog not clamped", "src/fastlisten/_core.pyx",
+             "if backlog < 0:\n            backlog = 0", "if backlog < 0:\n            backlog = 1",
+             CORE_TESTS, COMPILED),
+    Mutation("RawListener.setsockopt sets 0", "src/fastlisten/_core.pyx",
+             '"""setsockopt(2) with an int value."""',
+             '"""setsockopt(2) with an int value."""\n        value = 0',
+             CORE_TESTS + ("tests/test_listen_facts.py",), COMPILED),
+    Mutation("RawListener.getsockname: IPv4 port off by one", "src/fastlisten/_core.pyx",
+             "return (buf.decode('ascii'), ntohs(sin.sin_port))",
+             "return (buf.decode('ascii'), ntohs(sin.sin_port) + 1)",
+             CORE_TESTS, COMPILED),
+    Mutation("RawListener.bind: IPv6 scope dropped", "src/fastlisten/_core.pyx",
+             "sin6.sin6_scope_id = address[3] if len(address) > 3 else 0",
+             "sin6.sin6_scope_id = 0",
+             CORE_TESTS + ("tests/test_address.py",), COMPILED),
+    Mutation("RawListener.stats: max_batch reports batches", "src/fastlisten/_core.pyx",
+             "'max_batch': self._st.max_batch,", "'max_batch': self._st.batches,",
+             CORE_TESTS, COMPILED),
+    Mutation("RawListener.detach closes the descriptor", "src/fastlisten/_core.pyx",
+             "self._owned = False\n        self._close_now()\n        return fd",
+             "self._close_now()\n        return fd",
+             CORE_TESTS, COMPILED),
+    Mutation("_wrap: accepted address lost", "src/fastlisten/_core.pyx",
+             "out[i] = (sock, _addr_to_py(&c.addr, c.addrlen))", "out[i] = (sock, None)",
+             CORE_TESTS, COMPILED),
+
+    # -- the pure-Python core ----------------------------------------------------
+    Mutation("_drain: batch drain capped at one (Python)", "src/fastlisten/_corepy.py",
+             "while len(out) < max:", "while len(out) < 1:",
+             CORE_TESTS, PURE),
+    Mutation("wakeup does nothing (Python)", "src/fastlisten/_corepy.py",
+             "if self._wake_w >= 0:\n            self._signal()",
+             "if self._wake_w < 0:\n            self._signal()",
+             CORE_TESTS, PURE),
+    Mutation("close does not wake the waiters (Python)", "src/fastlisten/_corepy.py",
+             "self._close_pending = True\n                self._signal()",
+             "self._close_pending = True",
+             CORE_TESTS, PURE),
+    Mutation("queue: queued reports the backlog (Python)", "src/fastlisten/_corepy.py",
+             'unacked = int.from_bytes(info[24:28], "little")',
+             'unacked = int.from_bytes(info[28:32], "little")',
+             CORE_TESTS, PURE),
+    Mutation("accept errors not counted (Python)", "src/fastlisten/_corepy.py",
+             "self._errors[slot] = self._errors.get(slot, 0) + 1", "pass",
+             CORE_TESTS, PURE),
+    Mutation("detach closes the descriptor (Python)", "src/fastlisten/_corepy.py",
+             "self._owned = False\n        self._close_now()\n        return fd",
+             "self._close_now()\n        return fd",
+             CORE_TESTS, PURE),
+
+    # -- the server loop, path by path ----------------------------------------------
+    Mutation("fast loop: service_actions not called", "src/fastlisten/server.py",
+             "self._fl_handle_batch(batch, handle_one)\n                self.service_actions()",
+             "self._fl_handle_batch(batch, handle_one)",
+             SERVER_TESTS, BOTH),
+    Mutation("fast loop: overridden hooks ignored", "src/fastlisten/server.py",
+             "return all(_stock(cls, name, _std.TCPServer) and name not in own for name in (",
+             "return True or all(_stock(cls, name, _std.TCPServer) and name not in own for name in (",
+             SERVER_TESTS, BOTH),
+    Mutation("fast loop: a TLS or custom get_request server batched anyway",
+             "src/fastlisten/server.py",
+             "type(sock) is socket.socket   # an SSLSocket",
+             "isinstance(sock, socket.socket)   # an SSLSocket",
+             SERVER_TESTS, BOTH),
+    Mutation("inline hooks: handle_error not called", "src/fastlisten/server.py",
+             "            except Exception:\n                self.handle_error(request, client_address)  # type: ignore[attr-defined]\n        finally:",
+             "            except Exception:\n                pass\n        finally:",
+             SERVER_TESTS, BOTH),
+    Mutation("inline hooks: no SHUT_WR before close", "src/fastlisten/server.py",
+             "request.shutdown(socket.SHUT_WR)", "pass",
+             SERVER_TESTS, BOTH),
+    Mutation("stdlib hooks: verify_request ignored", "src/fastlisten/server.py",
+             "if self.verify_request(request, client_address):", "if True:",
+             SERVER_TESTS, BOTH),
+    Mutation("stdlib hooks: a failed request not shut down", "src/fastlisten/server.py",
+             "self.handle_error(request, client_address)  # type: ignore[attr-defined]\n                self.shutdown_request(request)",
+             "self.handle_error(request, client_address)  # type: ignore[attr-defined]",
+             SERVER_TESTS, BOTH),
+    Mutation("selector loop: requests never handled", "src/fastlisten/server.py",
+             "self._handle_request_noblock()  # type: ignore[attr-defined]\n                    self.service_actions()",
+             "self.service_actions()",
+             SERVER_TESTS, BOTH),
+    Mutation("ThreadingMixIn: shutdown does not interrupt a wait for room",
+             "src/fastlisten/server.py",
+             "self._fl_pool.interrupt()", "pass",
+             SERVER_TESTS, BOTH),
+    Mutation("ThreadingMixIn.end_handlers: connections not shut down",
+             "src/fastlisten/server.py",
+             "request.shutdown(socket.SHUT_RDWR)", "pass",
+             SERVER_TESTS, BOTH),
+    Mutation("ForkingMixIn: shutdown does not end a wait for room", "src/fastlisten/server.py",
+             "self._fl_room.wakeup()", "pass",
+             SERVER_TESTS, BOTH),
+    Mutation("ForkingMixIn: batches of 64", "src/fastlisten/server.py",
+             "        accept_batch_size = 1\n", "        accept_batch_size = 64\n",
+             SERVER_TESTS, BOTH),
+    Mutation("drain() never waits", "src/fastlisten/server.py",
+             "if self._fl_wait_handlers(timeout):\n            return 0",
+             "if True:\n            return 0",
+             SERVER_TESTS, BOTH),
+]
