@@ -54,8 +54,18 @@ def test_bench_quick_end_to_end(tmp_path):
                         "max_ms", "listener_drops", "listen_overflows", "listen_drops"):
                 assert isinstance(row[key], (int, float)), (where, key)
             assert "rate_x" in row and "cpu_us_x" in row, where
-    if "stdlib-tcp" in available:
-        assert report["results"]["daytime"]["stdlib-tcp"]["rate_x"] == 1.0
+    # each ratio is the server's figure over its stdlib baseline's, from the same run
+    compared = 0
+    for scenario, table in report["results"].items():
+        for name, row in table.items():
+            base = table.get(report["servers"][name]["baseline"])
+            if base is None or base is row:
+                continue
+            for key in ("rate", "cpu_us"):
+                assert row[key + "_x"] == pytest.approx(row[key] / base[key]), \
+                    (scenario, name, key)
+            compared += 1
+    assert compared > 0, "no server was compared with a baseline"
     socketservers = [s.name for s in SERVERS if s.cls and s.name in available]
     assert sorted(report["shutdown"]) == sorted(socketservers)
     for row in report["shutdown"].values():

@@ -1,5 +1,5 @@
 """The core's waits, timed: capacity back-off, wake-ups, signals, closing
-under waiters, and the errno table -- on both cores in one run.
+under waiters; its descriptors and errno table -- on both cores in one run.
 
 Each test here was written against a mutation of the core that the rest of
 the suite let through (issue 14; tests/mutations/ lists them): it fails
@@ -74,6 +74,42 @@ def signal_main_once_it_waits(signum, also_waiting=()):
     t = threading.Thread(target=kick, name="kick", daemon=True)
     t.start()
     return t
+
+
+# -- descriptors ---------------------------------------------------------------
+
+@pytest.mark.parametrize("core", CORES)
+def test_the_listening_descriptor_is_not_inherited_by_child_processes(core):
+    """Like socket.socket's (PEP 446): close-on-exec from the start."""
+    raw = listening(core)
+    try:
+        assert not os.get_inheritable(raw.fileno())
+    finally:
+        raw.close()
+
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_detach_hands_the_open_descriptor_over(core):
+    raw = listening(core)
+    identity = os.readlink(f"/proc/self/fd/{raw.fileno()}")
+    fd = raw.detach()
+    with socket.socket(fileno=fd) as sock:       # fails if fd was closed
+        assert raw.closed and raw.fileno() == -1
+        assert os.readlink(f"/proc/self/fd/{fd}") == identity      # still the listener
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_negative_backlog_given_to_the_core_is_clamped_to_0(core):
+    """As socket.listen does (the Python layer clamps too, before the core)."""
+    raw = core.RawListener(socket.AF_INET)
+    try:
+        raw.bind(("127.0.0.1", 0))
+        raw.listen(-5)
+        assert raw.queue() == (0, 0)
+    finally:
+        raw.close()
 
 
 # -- wake-ups ------------------------------------------------------------------

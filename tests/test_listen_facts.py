@@ -99,7 +99,7 @@ def test_port_zero_reports_the_port_the_kernel_chose():
 
 @pytest.mark.parametrize("port", [-1, 65536, 2**40])
 def test_a_port_outside_0_65535_is_an_overflow_error_naming_port_and_range(port):
-    with pytest.raises(OverflowError, match=rf"{port}.*|0-65535"):
+    with pytest.raises(OverflowError, match=rf"0-65535, not {port}$"):
         fastlisten.listen(("127.0.0.1", port))
 
 
@@ -238,10 +238,18 @@ def test_a_backlog_of_n_holds_n_plus_one_handshakes_and_queue_says_so(backlog):
             # are dropped and their clients sit in SYN-SENT.
             wait_for(lambda: lst.queue()[0] >= backlog + 1)
             assert lst.queue() == (backlog + 1, backlog)
-            if sysinfo.tcp_abort_on_overflow() != 1:   # else the rest are reset
+            # What the host decides is checked after the rest, and skipped
+            # with its reason where the host decides otherwise.
+            unchecked = []
+            if sysinfo.tcp_abort_on_overflow() == 1:
+                unchecked.append("tcp_abort_on_overflow=1 resets the clients beyond the "
+                                 "queue instead of leaving them in SYN-SENT")
+            else:
                 wait_for(lambda: len(select.select([], clients, [], 0)[1]) >= backlog + 1)
                 assert len(select.select([], clients, [], 0)[1]) == backlog + 1
-            if overflows_before is not None:
+            if overflows_before is None:
+                unchecked.append("no ListenOverflows counter in /proc/net/netstat")
+            else:
                 wait_for(lambda: sysinfo.listen_counters()["ListenOverflows"] > overflows_before)
                 assert lst.counters()["listen_overflows_since_open"] >= 1
             batch = lst.accept_many(64, timeout=5)
@@ -256,6 +264,8 @@ def test_a_backlog_of_n_holds_n_plus_one_handshakes_and_queue_says_so(backlog):
         finally:
             for c in clients:
                 c.close()
+    if unchecked:
+        pytest.skip("; ".join(unchecked) + " (the rest passed)")
 
 
 def test_a_backlog_above_somaxconn_warns_and_reports_the_effective_value():

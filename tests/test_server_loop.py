@@ -7,6 +7,7 @@ and every shutdown() is bounded (helpers.shutdown_within): a loop that is
 not woken fails the test instead of hanging the run.
 """
 
+import os
 import socket
 import socketserver
 import threading
@@ -135,3 +136,70 @@ def test_the_rest_of_a_batch_is_dropped_once_shutdown_is_asked(cls):
                 c.close()
     assert replies == [b"handled\n", b"", b""]
     assert len(handled) == 1
+
+
+@pytest.mark.parametrize("cls", [fastlisten.TCPServer, Verifying],
+                         ids=["inline-hooks", "stdlib-hooks"])
+def test_the_client_sees_eof_when_its_handler_returns_though_a_file_lingers(cls):
+    """As the stdlib's shutdown_request: SHUT_WR before close, so the client
+    sees end of file even while a makefile() object of the handler still
+    holds the socket open."""
+    lingering = []
+
+    class KeepsAFile(socketserver.BaseRequestHandler):
+        def handle(self):
+            lingering.append(self.request.makefile("rb"))
+            self.request.sendall(b"bye\n")
+
+    with cls(("127.0.0.1", 0), KeepsAFile) as server:
+        t = serve_in_thread(server)
+        try:
+            with socket.create_connection(server.server_address, timeout=5) as c:
+                reply = read_all(c)       # socket.timeout if no EOF comes
+        finally:
+            shutdown_within(server, t, LIMIT)
+            for f in lingering:
+                f.close()
+    assert reply == b"bye\n" and len(lingering) == 1
+
+
+def _holds_a_connection_from(port):
+    """Whether this process has a descriptor of a socket connected to a
+    client at 127.0.0.1:port."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue        # not a socket (or the listing's own descriptor)
+        with sock:
+            try:
+                if sock.getpeername() == ("127.0.0.1", port):
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="ForkingMixIn needs os.fork")
+def test_a_forked_handler_holds_no_connection_but_its_own():
+    """ForkingMixIn takes one connection per wake-up: a child forked while
+    the rest of a batch sat in the parent would hold those connections open
+    for as long as it runs."""
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            other = int(self.rfile.readline())      # the port of another client
+            self.wfile.write(b"held\n" if _holds_a_connection_from(other) else b"free\n")
+
+    with fastlisten.ForkingTCPServer(("127.0.0.1", 0), Handler) as server:
+        first = socket.create_connection(server.server_address, timeout=5)
+        second = socket.create_connection(server.server_address, timeout=5)
+        with first, second:
+            first.sendall(b"%d\n" % second.getsockname()[1])
+            second.sendall(b"%d\n" % first.getsockname()[1])
+            wait_for(lambda: queued(server.socket) == 2)
+            t = serve_in_thread(server)
+            try:
+                replies = read_all(first), read_all(second)
+            finally:
+                shutdown_within(server, t, LIMIT)
+    assert replies == (b"free\n", b"free\n")
