@@ -119,6 +119,8 @@ def test_a_negative_backlog_given_to_the_core_is_clamped_to_0(core):
 def test_a_wakeup_is_used_up_by_the_waits_it_ends(core, waiters):
     """wakeup() ends the waits in progress (or the next one) and is then
     cleared: a later accept_many(timeout=0.3) waits its 0.3 s again."""
+    if waiters and NO_SYSCALL_TABLE is not None:
+        pytest.skip(f"cannot see the waiters inside their wait: {NO_SYSCALL_TABLE}")
     raw = listening(core)
     try:
         tids, results = [], []
@@ -130,8 +132,7 @@ def test_a_wakeup_is_used_up_by_the_waits_it_ends(core, waiters):
         threads = [threading.Thread(target=waiter, daemon=True) for _ in range(waiters)]
         for t in threads:
             t.start()
-        if waiters and NO_SYSCALL_TABLE is None:
-            wait_for(lambda: len(tids) == waiters and all(in_poll(t) for t in tids))
+        wait_for(lambda: len(tids) == waiters and all(in_poll(t) for t in tids))
         raw.wakeup()
         if not waiters:
             assert raw.accept_many(8, LIMIT) == []      # the pending wake-up ends it

@@ -117,7 +117,7 @@ def run_tests(scratch: str, core: str, tests: Iterable[str], timeout: float,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return "hung", f"no result within {timeout:.0f} s"
-    finally:
+    finally:        # also when the runner itself is interrupted
         try:
             os.killpg(proc.pid, signal.SIGKILL)     # whatever the tests left behind
         except ProcessLookupError:
@@ -249,5 +249,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt     # unwind: the current test run and the scratch copy are cleaned up
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(main())
