@@ -1,6 +1,6 @@
 """Mutation runner: does the suite fail when the code breaks?
 
-    python tests/mutations/run.py [--list] [--only TEXT ...] [--no-baseline] [--keep]
+    python tests/mutations/run.py [--list | --check] [--only TEXT ...] [--no-baseline] [--keep]
 
 Copies the working tree (tracked and untracked, not ignored files: your
 uncommitted edits included) to a scratch directory, builds the extension
@@ -73,7 +73,8 @@ def build(scratch: str) -> Tuple[bool, str]:
 
 
 def extension_files(scratch: str) -> List[str]:
-    return glob.glob(os.path.join(scratch, "src", "fastlisten", "_core*.so"))
+    """The built extensions (the core and the benchmark's share .pxd files)."""
+    return glob.glob(os.path.join(scratch, "src", "fastlisten", "**", "*.so"), recursive=True)
 
 
 def test_env(scratch: str, core: str) -> Dict[str, str]:
@@ -130,6 +131,11 @@ def run_tests(scratch: str, core: str, tests: Iterable[str], timeout: float,
     return "failed", tail
 
 
+def _count(root: str, m: Mutation) -> int:
+    with open(os.path.join(root, m.path)) as f:
+        return f.read().count(m.find)
+
+
 def apply(scratch: str, m: Mutation) -> Optional[str]:
     """Apply m in the scratch copy; return the original text, or None when
     its snippet does not occur exactly once."""
@@ -155,6 +161,8 @@ def restore(scratch: str, m: Mutation, original: str, pristine: Dict[str, bytes]
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that every snippet occurs exactly once")
     parser.add_argument("--only", nargs="+", metavar="TEXT",
                         help="run the mutations whose name contains one of these")
     parser.add_argument("--no-baseline", action="store_true",
@@ -173,6 +181,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not chosen:
         _log("no mutation matches")
         return 2
+    if args.check:
+        stale = [m for m in chosen if _count(ROOT, m) != 1]
+        for m in stale:
+            _log(f"STALE     {m.name}: {m.find!r} occurs {_count(ROOT, m)} times in {m.path}")
+        _log(f"{len(chosen) - len(stale)} of {len(chosen)} snippets found exactly once")
+        return 1 if stale else 0
 
     started = time.monotonic()
     scratch = scratch_copy(ROOT)
