@@ -7,9 +7,6 @@ class Waiter:
     def fileno(self) -> int: ...
     def close(self) -> None: ...
 
-
-def _accept_error_class(err: int) -> int: ...
-
 class RawListener:
     family: int
     type: int
