@@ -33,9 +33,12 @@ try:
 except ImportError:     # pragma: no cover - the pure-Python install
     _core = None
 
-CORES = [pytest.param(_corepy, id="pure"),
-         pytest.param(_core, id="compiled", marks=pytest.mark.skipif(
-             _core is None, reason="the extension is not built here"))]
+# Both cores in the default run, the pure one alone under
+# FASTLISTEN_NO_EXTENSIONS=1 (as test_core.py's ``core`` fixture).
+CORES = [pytest.param(_corepy, id="pure")]
+if os.environ.get("FASTLISTEN_NO_EXTENSIONS") != "1":
+    CORES.append(pytest.param(_core, id="compiled", marks=pytest.mark.skipif(
+        _core is None, reason="the extension is not built here")))
 needs_syscall_table = pytest.mark.skipif(NO_SYSCALL_TABLE is not None,
                                          reason=str(NO_SYSCALL_TABLE))
 main_thread_only = pytest.mark.skipif(
