@@ -1,5 +1,6 @@
 """Small helpers for tests: bounded waits on a condition, never bare sleeps."""
 
+import textwrap
 import time
 
 
@@ -110,3 +111,33 @@ def in_poll(tid, pid="self"):
     """Whether thread ``tid`` is blocked in poll()/ppoll()."""
     call = syscall_of(tid, pid)
     return call is not None and call[0] in POLL_SYSCALLS
+
+
+def read_all(sock):
+    """Everything the peer sends until it closes (or the socket's timeout)."""
+    chunks = []
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+#: Code for a child process (run it with ``-c``): exhaust_descriptors()
+#: lowers RLIMIT_NOFILE to just above the descriptors open now and fills
+#: the rest, so that the next accept() fails with EMFILE; it returns the
+#: fillers, to close for recovery.
+EXHAUST_DESCRIPTORS = textwrap.dedent("""
+    def exhaust_descriptors():
+        import os, resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 2, hard))
+        filler = []
+        try:
+            while True:
+                filler.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        return filler
+""")

@@ -9,7 +9,6 @@ the twin runs.  Tests in child processes give the child the same core.
 import errno
 import json
 import os
-import platform
 import select
 import signal
 import socket
@@ -23,7 +22,7 @@ import pytest
 
 import fastlisten
 from fastlisten import Listener, _corepy
-from helpers import queued, wait_for
+from helpers import EXHAUST_DESCRIPTORS, NO_SYSCALL_TABLE, in_poll, queued, wait_for
 
 LOOPBACK = ("127.0.0.1", 0)
 
@@ -237,7 +236,7 @@ def test_wakeup_from_another_thread_ends_a_blocked_wait():
         t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()),
                                              result.append(lst.accept_many(8, timeout=30))))
         t.start()
-        wait_for(lambda: tid and _in_syscall(tid[0], _POLL_SYSCALLS))
+        wait_for(lambda: tid and in_poll(tid[0]))
         lst.wakeup()
         t.join(10)
         assert not t.is_alive() and result == [[]]
@@ -261,25 +260,9 @@ def test_wakeup_wins_over_pending_connections():
 
 # -- the GIL ------------------------------------------------------------------
 
-# x86_64 and aarch64 syscall numbers, read from /proc/<tid>/syscall.
-_ARCH = platform.machine()
-_POLL_SYSCALLS = {"x86_64": {7, 271}, "aarch64": {73}}.get(_ARCH, set())
-_ACCEPT_SYSCALLS = {"x86_64": {43, 288}, "aarch64": {202, 242}}.get(_ARCH, set())
-
-
-def _in_syscall(tid, numbers, pid="self"):
-    """Whether thread tid (of process pid) is blocked in one of the syscalls."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-            first = f.read().split()[0]
-    except (OSError, IndexError):
-        return False
-    return first.isdigit() and int(first) in numbers
-
-
-needs_syscall_table = pytest.mark.skipif(
-    not _POLL_SYSCALLS or not os.access("/proc/self/task", os.R_OK),
-    reason=f"no syscall table for {_ARCH} or no /proc")
+# what a thread does in the kernel: helpers.syscall_of and friends
+needs_syscall_table = pytest.mark.skipif(NO_SYSCALL_TABLE is not None,
+                                         reason=str(NO_SYSCALL_TABLE))
 
 
 @needs_syscall_table
@@ -296,9 +279,9 @@ def test_huge_timeouts_wait_through_a_signal_until_a_connection(timeout):
         with fastlisten.listen(LOOPBACK) as lst:
             def poke():
                 try:
-                    wait_for(lambda: _in_syscall(main_tid, _POLL_SYSCALLS))
+                    wait_for(lambda: in_poll(main_tid))
                     signal.pthread_kill(main_ident, signal.SIGUSR1)
-                    wait_for(lambda: handled and _in_syscall(main_tid, _POLL_SYSCALLS))
+                    wait_for(lambda: handled and in_poll(main_tid))
                     clients.append(socket.create_connection(lst.address, timeout=5))
                 finally:
                     if not clients:
@@ -358,7 +341,7 @@ def test_gil_is_released_while_waiting():
         t.start()
         seen_blocked = False
         while not done.is_set() and not seen_blocked:
-            seen_blocked = bool(tid) and _in_syscall(tid[0], _POLL_SYSCALLS)
+            seen_blocked = bool(tid) and in_poll(tid[0])
         lst.wakeup()
         t.join(30)
         assert seen_blocked
@@ -449,7 +432,7 @@ def test_ctrl_c_stops_a_blocked_accept_in_a_real_process(core):
                             env=core.env)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        wait_for(lambda: _in_syscall(proc.pid, _POLL_SYSCALLS, pid=proc.pid))
+        wait_for(lambda: in_poll(proc.pid, pid=proc.pid))
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=10)
     finally:
@@ -560,8 +543,8 @@ def test_out_of_descriptors_backs_off_instead_of_spinning_and_recovers(core):
     spinning on a listener that stays readable, logs once, and accepts the
     connection once descriptors are free again.  Run in a child process, as
     it lowers RLIMIT_NOFILE."""
-    script = textwrap.dedent("""
-        import json, logging, os, resource, socket, time
+    script = EXHAUST_DESCRIPTORS + textwrap.dedent("""
+        import json, logging, os, socket, time
         import fastlisten
         records = []
         class H(logging.Handler):
@@ -571,15 +554,7 @@ def test_out_of_descriptors_backs_off_instead_of_spinning_and_recovers(core):
         client = socket.create_connection(lst.address)
         while lst.queue()[0] != 1:
             time.sleep(0.001)
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 2, hard))
-        filler = []
-        try:
-            while True:
-                filler.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError:
-            pass
+        filler = exhaust_descriptors()
         wall, cpu = time.monotonic(), time.thread_time()
         empty = [lst.accept_many(8) for _ in range(5)]
         wall, cpu = time.monotonic() - wall, time.thread_time() - cpu
@@ -706,7 +681,7 @@ def test_wakeup_and_close_from_another_thread_reach_every_waiter(end, waiters):
     try:
         for t in threads:
             t.start()
-        wait_for(lambda: len(tids) == waiters and all(_in_syscall(t, _POLL_SYSCALLS) for t in tids))
+        wait_for(lambda: len(tids) == waiters and all(in_poll(t) for t in tids))
         getattr(lst, end)()
         for t in threads:
             t.join(10)
@@ -757,10 +732,10 @@ def test_one_wakeup_ends_each_waiting_loop_once_then_all_connections_are_accepte
     try:
         for t in workers:
             t.start()
-        wait_for(lambda: len(tids) == threads and all(_in_syscall(t, _POLL_SYSCALLS) for t in tids))
+        wait_for(lambda: len(tids) == threads and all(in_poll(t) for t in tids))
         lst.wakeup()
         wait_for(lambda: len(empties) >= threads
-                 and all(_in_syscall(t, _POLL_SYSCALLS) for t in tids))
+                 and all(in_poll(t) for t in tids))
         with lock:
             assert sorted(empties) == sorted(tids)       # each woke once, no more
         # (From here on a thread may also come back empty-handed when

@@ -25,7 +25,7 @@ import pytest
 
 from fastlisten import _coreshared, _corepy
 from helpers import (
-    NO_SYSCALL_TABLE, PPOLL, POLL_SYSCALLS, SELECT_SYSCALLS, in_poll, syscall_of, wait_for,
+    EXHAUST_DESCRIPTORS, NO_SYSCALL_TABLE, PPOLL, POLL_SYSCALLS, SELECT_SYSCALLS, in_poll, syscall_of, wait_for,
 )
 
 try:
@@ -311,8 +311,8 @@ def test_close_leaves_the_descriptor_to_the_last_waiter_out(core):
 
 # Run in a child process: it lowers RLIMIT_NOFILE until accept() fails with
 # EMFILE, leaving the connection queued and the listener readable.
-_EMFILE_CHILD = textwrap.dedent("""
-    import importlib, json, os, resource, socket, sys, threading, time
+_EMFILE_CHILD = EXHAUST_DESCRIPTORS + textwrap.dedent("""
+    import importlib, json, os, socket, sys, threading, time
     core = importlib.import_module(sys.argv[1])
     rounds, wake = int(sys.argv[2]), sys.argv[3] == "wake"
     poll_calls, select_calls = set(json.loads(sys.argv[4])), set(json.loads(sys.argv[5]))
@@ -346,15 +346,7 @@ _EMFILE_CHILD = textwrap.dedent("""
 
     thread = threading.Thread(target=waker, daemon=True)
     thread.start()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 2, hard))
-    filler = []
-    try:
-        while True:
-            filler.append(os.open("/dev/null", os.O_RDONLY))
-    except OSError:
-        pass
+    filler = exhaust_descriptors()
     start = time.monotonic()
     empty = [len(raw.accept_many(8)) for _ in range(rounds)]
     took = time.monotonic() - start

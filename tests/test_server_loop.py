@@ -15,7 +15,9 @@ import threading
 import pytest
 
 import fastlisten
-from helpers import NO_SYSCALL_TABLE, in_poll, serve_in_thread, shutdown_within, wait_for
+from helpers import (
+    NO_SYSCALL_TABLE, in_poll, read_all, serve_in_thread, shutdown_within, wait_for,
+)
 
 LIMIT = 10.0
 needs_syscall_table = pytest.mark.skipif(NO_SYSCALL_TABLE is not None,
@@ -46,15 +48,6 @@ class OwnGetRequest(fastlisten.TCPServer):
 
     def get_request(self):
         return super().get_request()
-
-
-def read_all(sock):
-    chunks = []
-    while True:
-        chunk = sock.recv(64)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
 
 
 @pytest.mark.parametrize("cls", [fastlisten.TCPServer, fastlisten.ThreadingTCPServer, Verifying])

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import fastlisten
-from helpers import serve_in_thread, shutdown_within
+from helpers import read_all, serve_in_thread, shutdown_within
 
 MODULES = [pytest.param(socketserver, id="stdlib"), pytest.param(fastlisten, id="fastlisten")]
 LIMIT = 10.0   # seconds any single wait may take before the test fails
@@ -58,12 +58,7 @@ def ask(addr, data=b"ping\n", family=socket.AF_INET):
         c.settimeout(LIMIT)
         c.connect(addr)
         c.sendall(data)
-        chunks = []
-        while True:
-            chunk = c.recv(4096)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+        return read_all(c)
 
 
 def recorder(base):
