@@ -118,7 +118,11 @@ def test_bind_errors_are_explained_with_and_without_listen_config():
 
 class Parked(socketserver.StreamRequestHandler):
     """Says it started, then waits for a line from its client (or the end
-    of its connection)."""
+    of its connection), for LIMIT seconds at most: a forked one holds a copy
+    of the test's client socket, so no end of file reaches it if the test
+    fails before ending it."""
+
+    timeout = LIMIT
 
     def handle(self):
         self.wfile.write(b"started\n")
@@ -156,19 +160,24 @@ def test_drain_waits_for_a_handler_that_finishes():
 
 
 def test_drain_ends_handlers_left_at_the_deadline_without_reporting_an_error(capsys):
+    clients = []
     with fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Parked) as server:
-        with served(server):
-            clients = [_started(server.server_address) for _ in range(2)]
-            wait_for(lambda: server.counters()["handlers_running"] == 2)
-            counters = server.counters()
-            assert counters["accepted"] == 2 and counters["handlers_peak"] == 2
-        start = time.monotonic()
-        assert server.drain(0.1) == 2
-        assert time.monotonic() - start >= 0.1
-        for c in clients:
-            assert c.recv(64) == b""          # shut down by the server
-            c.close()
-        wait_for(lambda: server.counters()["handlers_running"] == 0)
+        try:
+            with served(server):
+                clients += [_started(server.server_address) for _ in range(2)]
+                wait_for(lambda: server.counters()["handlers_running"] == 2)
+                counters = server.counters()
+                assert counters["accepted"] == 2 and counters["handlers_peak"] == 2
+            start = time.monotonic()
+            assert server.drain(0.1) == 2
+            assert time.monotonic() - start >= 0.1
+            for c in clients:
+                assert c.recv(64) == b""          # shut down by the server
+            wait_for(lambda: server.counters()["handlers_running"] == 0)
+        finally:
+            # (on failure too: server_close() waits for the handlers, which wait for us)
+            for c in clients:
+                c.close()
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -275,7 +284,10 @@ def test_shutdown_is_not_held_up_by_a_full_forking_server():
             assert second.recv(64) == b""      # closed unhandled
             assert server.end_handlers() == 1
         finally:
-            # (on failure too: server_close() waits for the child, which waits for us)
+            # On failure too: server_close() would wait for the child, which
+            # waits for an end of file that its own inherited copy of our
+            # client socket holds back.
+            server.end_handlers()
             first.close()
             second.close()
 

@@ -108,21 +108,25 @@ def run_tests(scratch: str, core: str, tests: Iterable[str], timeout: float,
     if stop_early:
         cmd.append("-x")
     cmd += list(tests)
-    # A session of its own, so that a hung run is ended with everything it started.
-    proc = subprocess.Popen(cmd, cwd=scratch, env=test_env(scratch, core),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return "hung", f"no result within {timeout:.0f} s"
-    finally:        # also when the runner itself is interrupted
+    # A session of its own, so that a hung run is ended with everything it
+    # started; output to files, not pipes, so that a process the tests
+    # forked and left behind (holding the pipes) cannot stall the runner.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=scratch, env=test_env(scratch, core),
+                                stdout=out, stderr=err, text=True, start_new_session=True)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)     # whatever the tests left behind
-        except ProcessLookupError:
-            pass
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "hung", f"no result within {timeout:.0f} s"
+        finally:        # also when the runner itself is interrupted
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)     # whatever the tests left behind
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode == 0:
         return "passed", ""
     failed = [line for line in stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
