@@ -142,3 +142,10 @@ EXHAUST_DESCRIPTORS = textwrap.dedent("""
             pass
         return filler
 """)
+
+
+def kernel_somaxconn():
+    """net.core.somaxconn read from /proc here, not through the library:
+    what a default backlog must be."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        return int(f.read())

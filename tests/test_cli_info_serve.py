@@ -16,6 +16,7 @@ import pytest
 import fastlisten
 from fastlisten import sysinfo
 from fastlisten.services import daytime
+from helpers import kernel_somaxconn
 
 FL = [sys.executable, "-m", "fastlisten"]
 DAYTIME = re.compile(rb"^[A-Z][a-z]+day, [A-Z][a-z]+ \d{1,2}, \d{4} \d\d:\d\d:\d\d-UTC\r\n$")
@@ -108,9 +109,7 @@ def test_info_prints_the_limits_and_features():
                  "TCP_DEFER_ACCEPT", "TCP_FASTOPEN", "compiled core", "ListenOverflows",
                  "ListenDrops"):
         assert word in text
-    with open("/proc/sys/net/core/somaxconn") as f:    # the kernel, not the library
-        limit = int(f.read())
-    assert re.search(rf"somaxconn \(largest backlog\)\s+{limit}\n", text)
+    assert re.search(rf"somaxconn \(largest backlog\)\s+{kernel_somaxconn()}\n", text)
     eph = sysinfo.ephemeral_port_range()
     assert f"{eph[0]}-{eph[1]}" in text
     expected = "yes" if fastlisten.compiled else "no"

@@ -18,7 +18,7 @@ from fastlisten.errors import (
     BacklogTruncatedWarning, EphemeralPortWarning, OptionIneffectiveWarning,
 )
 
-from helpers import wait_for
+from helpers import kernel_somaxconn, wait_for
 
 LOOPBACK = ("127.0.0.1", 0)
 
@@ -279,10 +279,8 @@ def test_a_backlog_above_somaxconn_warns_and_reports_the_effective_value():
 
 
 def test_the_default_backlog_is_somaxconn_and_a_negative_one_clamps_to_0():
-    with open("/proc/sys/net/core/somaxconn") as f:    # the kernel, not the library
-        limit = int(f.read())
     with fastlisten.listen(LOOPBACK) as lst:
-        assert lst.backlog == limit == lst.queue()[1]
+        assert lst.backlog == kernel_somaxconn() == lst.queue()[1]
     with fastlisten.listen(LOOPBACK, backlog=-5) as lst:
         assert lst.backlog == 0 == lst.queue()[1]
 

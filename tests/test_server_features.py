@@ -15,7 +15,7 @@ import fastlisten
 from fastlisten import ListenConfig
 
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
-from helpers import serve_in_thread, shutdown_within
+from helpers import kernel_somaxconn, serve_in_thread, shutdown_within
 
 
 def _backlog_of(sock):
@@ -44,7 +44,7 @@ def test_listen_config_options_reach_the_server_socket():
 def test_without_listen_config_the_stdlib_attributes_rule():
     with fastlisten.TCPServer(("127.0.0.1", 0), EchoLine) as server:
         assert not server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
-        assert _backlog_of(server.socket) == fastlisten.default_backlog()
+        assert _backlog_of(server.socket) == kernel_somaxconn()
 
 
 def test_listen_config_is_validated_with_the_address_like_listen():
@@ -299,5 +299,4 @@ def test_a_servers_counters_show_its_accept_queue():
             wait_for(lambda: server.counters()["accepted"] == 1)
             counters = server.counters()
     assert counters["queued"] == 0
-    with open("/proc/sys/net/core/somaxconn") as f:    # the kernel, not the library
-        assert counters["backlog"] == int(f.read())
+    assert counters["backlog"] == kernel_somaxconn()

@@ -18,7 +18,7 @@ from fastlisten import server as flserver
 from fastlisten._workers import WorkerPool
 
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
-from helpers import serve_in_thread, shutdown_within
+from helpers import kernel_somaxconn, serve_in_thread, shutdown_within
 
 
 def test_names_match_the_running_stdlib():
@@ -58,7 +58,7 @@ def test_request_queue_size_is_somaxconn_unless_a_subclass_sets_it():
     class MixedOwn(fastlisten.ThreadingMixIn, OwnStd):
         pass
 
-    expected = fastlisten.default_backlog()
+    expected = kernel_somaxconn()
     for cls, backlog in ((fastlisten.TCPServer, expected), (Own, 7),
                          (Mixed, expected), (MixedOwn, 9)):
         with cls(("127.0.0.1", 0), EchoLine) as server:
