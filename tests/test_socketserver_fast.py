@@ -211,7 +211,9 @@ def test_max_threads_queues_in_order_and_shutdown_drops_the_waiting_one():
         # the loop took the third and waits for room for it (threading.Condition's waiters)
         wait_for(lambda: len(server._fl_pool._room._waiters) == 1)
         assert len(server._fl_pool) == 1 and len(server._threads) == 1
-        shutdown_within(server)  # the loop is blocked waiting for room: it returns
+        # the loop is blocked waiting for room: shutdown() ends that wait at once
+        # (well before the handler's release.wait(LIMIT) would make room)
+        shutdown_within(server, limit=2.0)
         release.set()
     assert order == [b"0\n", b"1\n"]
     for c in clients:
