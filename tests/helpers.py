@@ -108,10 +108,16 @@ def syscall_of(tid, pid="self"):
     return int(fields[0]), [int(a, 16) for a in fields[1:7]]
 
 
+def in_syscall(tid, numbers, pid="self"):
+    """Whether thread ``tid`` (of process ``pid``) is blocked in one of the
+    syscalls ``numbers``."""
+    call = syscall_of(tid, pid)
+    return call is not None and call[0] in numbers
+
+
 def in_poll(tid, pid="self"):
     """Whether thread ``tid`` is blocked in poll()/ppoll()."""
-    call = syscall_of(tid, pid)
-    return call is not None and call[0] in POLL_SYSCALLS
+    return in_syscall(tid, POLL_SYSCALLS, pid)
 
 
 def read_all(sock):

@@ -18,8 +18,9 @@ import pytest
 import fastlisten
 from fastlisten._wakeup import Waker
 
+from helpers import POLL_SYSCALLS as _POLL_SYSCALLS, in_syscall as _in_syscall
 from test_core import (  # noqa: F401  (core: autouse, both cores)
-    LOOPBACK, _POLL_SYSCALLS, _in_syscall, core, needs_syscall_table,
+    LOOPBACK, core, needs_syscall_table,
 )
 from helpers import end_child
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
