@@ -23,5 +23,9 @@ RawListener = core.RawListener
 #: The PROXY protocol parser and reader (fastlisten.proxy has their header and errors).
 proxy_parse = core.proxy_parse
 proxy_read = core.proxy_read
+#: A request handler's file objects over its connection (StreamRequestHandler).
+SocketReader = core.SocketReader
+SocketWriter = core.SocketWriter
 
-__all__ = ["core", "compiled", "RawListener", "proxy_parse", "proxy_read"]
+__all__ = ["core", "compiled", "RawListener", "proxy_parse", "proxy_read",
+           "SocketReader", "SocketWriter"]

@@ -1,3 +1,4 @@
+import io
 import socket
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -40,3 +41,9 @@ def proxy_parse(data: Any, versions: int = ..., max_v2: int = ...) -> Optional[P
 def proxy_read(sock: socket.socket, versions: int = ..., timeout: Optional[float] = ...,
                max_v2: int = ...) -> ProxyHeader: ...
 def crc32c(data: Any, crc: int = ...) -> int: ...
+
+class SocketReader(io.RawIOBase):
+    def __init__(self, sock: socket.socket) -> None: ...
+
+class SocketWriter(io.BufferedIOBase):
+    def __init__(self, sock: socket.socket) -> None: ...

@@ -52,7 +52,8 @@ if ERRNO_SLOTS != FL_ERRNO_SLOTS:
                       f"but fastlisten._coreshared says {ERRNO_SLOTS}: rebuild")
 from fastlisten.address import decode_unix_path
 
-__all__ = ["RawListener", "Waiter", "proxy_parse", "proxy_read", "crc32c"]
+__all__ = ["RawListener", "Waiter", "proxy_parse", "proxy_read", "crc32c",
+           "SocketReader", "SocketWriter"]
 
 cdef object _socket_class = _socket.socket
 # socket.socket(family, type, proto, fd) runs a Python-level __init__ that
@@ -628,3 +629,4 @@ cdef class RawListener:
         return (f"<fastlisten._core.RawListener fd={self.fileno()} "
                 f"family={self.family}>")
 include "_proxy.pxi"
+include "_streams.pxi"

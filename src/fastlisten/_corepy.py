@@ -13,6 +13,7 @@ import select
 import struct
 import signal
 import socket as _socket
+import socketserver as _socketserver
 import threading
 from time import monotonic
 from typing import Any, Dict, List, Optional, Tuple
@@ -25,7 +26,8 @@ from fastlisten import proxy as _proxy
 from fastlisten._wakeup import Waker
 from fastlisten.address import check_numeric, decode_unix_path
 
-__all__ = ["RawListener", "Waiter", "proxy_parse", "proxy_read", "crc32c"]
+__all__ = ["RawListener", "Waiter", "proxy_parse", "proxy_read", "crc32c",
+           "SocketReader", "SocketWriter"]
 
 #: The head of Linux's struct tcp_info (<linux/tcp.h>), as far as queue()
 #: reads it: on a listener, tcpi_unacked is the accept queue's length and
@@ -774,3 +776,20 @@ def _proxy_read_loop(sock: _socket.socket, buf: bytearray, cap: int, versions: i
             if deadline is None or remaining(deadline) > 0:
                 continue
             raise _proxy.error(_proxy.E_TIMEOUT, buf)
+
+
+# --- a request handler's file objects (the compiled core's _streams.pxi) -----
+
+class SocketReader(_socket.SocketIO):
+    """The raw, read-only stream of a connected socket with the reference
+    ``sock.makefile("rb")`` takes: the stdlib's own SocketIO, which the
+    compiled core's SocketReader does in C."""
+
+    def __init__(self, sock: _socket.socket) -> None:
+        super().__init__(sock, "rb")
+        sock._io_refs += 1      # type: ignore[attr-defined]
+
+
+#: The unbuffered write stream of a connected socket: the stdlib's own,
+#: which the compiled core's SocketWriter does in C.
+SocketWriter = _socketserver._SocketWriter  # type: ignore[attr-defined]
