@@ -29,7 +29,11 @@ def test_names_match_the_running_stdlib():
         if isinstance(ours, type) and name.endswith(("Server", "MixIn")):
             assert ours is not getattr(socketserver, name)
             assert issubclass(ours, getattr(socketserver, name)), name
-    assert fastlisten.StreamRequestHandler is socketserver.StreamRequestHandler
+    assert fastlisten.BaseRequestHandler is socketserver.BaseRequestHandler
+    assert fastlisten.DatagramRequestHandler is socketserver.DatagramRequestHandler
+    # the one handler of fastlisten's own: the stdlib's, with its files built in the core
+    assert issubclass(fastlisten.StreamRequestHandler, socketserver.StreamRequestHandler)
+    assert fastlisten.StreamRequestHandler is not socketserver.StreamRequestHandler
 
 
 def test_isinstance_against_both_modules():

@@ -329,7 +329,10 @@ def _connect_until_refused(address, tries=200):
     """Connect until the listening socket is closed (the supervisor closes
     it once its workers have stopped accepting)."""
     for _ in range(tries):
-        socket.create_connection(address, timeout=10).close()
+        try:
+            socket.create_connection(address, timeout=10).close()
+        except ConnectionResetError:
+            continue    # closed in mid-handshake: the next try is refused
         time.sleep(0.01)
 
 

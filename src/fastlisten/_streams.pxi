@@ -199,6 +199,8 @@ cdef class SocketWriter:
     def write(self, b):
         """Send all of b; its length in bytes."""
         self._sock.sendall(b)
+        if type(b) is bytes:
+            return len(<bytes>b)
         with memoryview(b) as view:
             return view.nbytes
 
