@@ -1,6 +1,9 @@
-"""Instructions per connection of one server under callgrind.
+"""Instructions per connection of servers under callgrind.
 
-    python bench/callgrind_per_conn.py SERVER SCENARIO [N]
+    python bench/callgrind_per_conn.py SERVER[,SERVER...] SCENARIO[,SCENARIO...] [N]
+
+With one server and one scenario it prints one line; with more, a
+Markdown table (a row per server, a column per scenario).
 
 Starts ``python -m fastlisten.benchmark.serve SERVER SCENARIO`` under
 ``valgrind --tool=callgrind`` with collection off, switches it on
@@ -23,9 +26,8 @@ import time
 from fastlisten.benchmark.loadgen import run_load
 
 
-def main() -> int:
-    server, scenario = sys.argv[1], sys.argv[2]
-    n = int(sys.argv[3]) if len(sys.argv) > 3 else 2000
+def measure(server: str, scenario: str, n: int) -> float:
+    """Instructions per completed connection of server in scenario."""
     outdir = os.environ.get("CALLGRIND_DIR", ".")
     out = os.path.join(outdir, f"callgrind.out.{server}.{scenario}")
     for old in glob.glob(out + "*"):
@@ -61,7 +63,20 @@ def main() -> int:
             total += int(m.group(1).replace(",", ""))
     done = res.completed
     print(f"{server} {scenario}: {done} connections ({res.errors} errors, {res.timeouts} timeouts), "
-          f"{total / max(done, 1):,.0f} instructions/connection")
+          f"{total / max(done, 1):,.0f} instructions/connection", file=sys.stderr)
+    return total / max(done, 1)
+
+
+def main() -> int:
+    servers, scenarios = sys.argv[1].split(","), sys.argv[2].split(",")
+    n = int(sys.argv[3]) if len(sys.argv) > 3 else 2000
+    table = {(srv, sc): measure(srv, sc, n) for srv in servers for sc in scenarios}
+    if len(table) == 1:
+        return 0
+    print("| server | " + " | ".join(scenarios) + " |")
+    print("|:---|" + "---:|" * len(scenarios))
+    for srv in servers:
+        print(f"| {srv} | " + " | ".join(f"{table[srv, sc] / 1000:,.1f} k" for sc in scenarios) + " |")
     return 0
 
 
