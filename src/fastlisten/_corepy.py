@@ -8,6 +8,7 @@ test runs against both; a behaviour difference between them is a bug.
 from __future__ import annotations
 
 import errno
+import io as _io
 import os
 import select
 import struct
@@ -786,8 +787,13 @@ class SocketReader(_socket.SocketIO):
     compiled core's SocketReader does in C."""
 
     def __init__(self, sock: _socket.socket) -> None:
+        try:
+            sock._io_refs += 1      # type: ignore[attr-defined]
+        except BaseException:
+            # closed already, so that nothing is given back when collected
+            _io.RawIOBase.close(self)
+            raise
         super().__init__(sock, "rb")
-        sock._io_refs += 1      # type: ignore[attr-defined]
 
 
 #: The unbuffered write stream of a connected socket: the stdlib's own,

@@ -172,7 +172,8 @@ cdef class SocketReader:
             return
         self._closed = True
         sock, self._sock = self._sock, None
-        sock._decref_socketios()
+        if sock is not None:        # (None: its construction failed)
+            sock._decref_socketios()
 
     def __enter__(self):
         _check_open(self._closed)
