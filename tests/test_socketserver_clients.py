@@ -2,6 +2,9 @@
 through fastlisten's mixins answer urllib.request and xmlrpc.client."""
 
 import http.server
+import os
+import subprocess
+import sys
 import urllib.request
 import wsgiref.simple_server
 import xmlrpc.client
@@ -94,3 +97,90 @@ def test_wsgiref_simple_server():
         for path in ("/a", "/b"):
             with urllib.request.urlopen(_url(server, path), timeout=LIMIT) as r:
                 assert r.read() == b"wsgi " + path.encode()
+
+
+INSTALLED_FIRST = r'''
+import fastlisten
+fastlisten.install()            # before http.server & co. import socketserver
+import http.client, http.server, threading, wsgiref.simple_server, xmlrpc.client, xmlrpc.server
+from fastlisten import _backend
+
+assert issubclass(http.server.BaseHTTPRequestHandler, fastlisten.StreamRequestHandler)
+seen = set()
+
+class Echo(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        seen.add((type(self.rfile.raw), type(self.wfile)))
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.upper())
+    def log_message(self, *args):
+        pass
+
+def serving(server):
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 5})
+    t.start()
+    return t
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+t = serving(server)
+try:
+    # one keep-alive connection, several requests: rfile's buffer carries over
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    for body in (b"one", b"two " * 5000, b"three"):
+        conn.request("POST", "/", body=body)
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == body.upper(), body[:10]
+    conn.close()
+finally:
+    server.shutdown(); t.join(); server.server_close()
+assert seen == {(_backend.SocketReader, _backend.SocketWriter)}, seen
+
+def app(environ, start_response):
+    data = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    start_response("200 OK", [("Content-Length", str(len(data)))])
+    return [data[::-1]]
+
+class QuietWSGI(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, handler_class=QuietWSGI)
+t = serving(server)
+try:
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    conn.request("POST", "/", body=b"abc")
+    assert conn.getresponse().read() == b"cba"
+    conn.close()
+finally:
+    server.shutdown(); t.join(); server.server_close()
+
+server = xmlrpc.server.SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False)
+server.register_function(lambda a, b: a + b, "add")
+t = serving(server)
+try:
+    with xmlrpc.client.ServerProxy("http://127.0.0.1:%d/" % server.server_address[1]) as proxy:
+        assert proxy.add(2, 3) == 5 and proxy.add("x" * 100000, "y") == "x" * 100000 + "y"
+finally:
+    server.shutdown(); t.join(); server.server_close()
+print("ok")
+'''
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
+def test_stdlib_servers_on_fastlisten_handlers_after_install(pure):
+    """install() before http.server is imported: BaseHTTPRequestHandler (and
+    so wsgiref's and xmlrpc's handlers) builds on fastlisten's
+    StreamRequestHandler, whose files carry keep-alive requests, bodies
+    read by length, WSGI input and XML-RPC calls."""
+    env = dict(os.environ)
+    if pure:
+        env["FASTLISTEN_NO_EXTENSIONS"] = "1"
+    elif not fastlisten.compiled:
+        pytest.skip("the compiled core is not in use here")
+    out = subprocess.run([sys.executable, "-c", INSTALLED_FIRST], env=env,
+                         capture_output=True, text=True, timeout=LIMIT * 4)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
