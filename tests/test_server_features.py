@@ -5,6 +5,8 @@ with a deadline (``drain``/``end_handlers``) and ``counters()``."""
 import os
 import socket
 import socketserver
+import ssl
+import sys
 import threading
 import time
 import warnings
@@ -47,13 +49,14 @@ def test_without_listen_config_the_stdlib_attributes_rule():
         assert _backlog_of(server.socket) == kernel_somaxconn()
 
 
-def test_listen_config_is_validated_with_the_address_like_listen():
+def test_listen_config_is_validated_with_the_address_like_listen(tmp_path):
     class Unix(fastlisten.UnixStreamServer):
         listen_config = ListenConfig(nodelay=True)
 
+    path = str(tmp_path / "never-created.sock")
     with pytest.raises(ValueError, match="nodelay=True is a TCP option"):
-        Unix("/tmp/never-created.sock", EchoLine)
-    assert not os.path.exists("/tmp/never-created.sock")
+        Unix(path, EchoLine)
+    assert not os.path.exists(path)
     with pytest.raises(TypeError, match="must be a fastlisten.ListenConfig"):
         class Wrong(fastlisten.TCPServer):
             listen_config = {"nodelay": True}
@@ -300,3 +303,37 @@ def test_a_servers_counters_show_its_accept_queue():
             counters = server.counters()
     assert counters["queued"] == 0
     assert counters["backlog"] == kernel_somaxconn()
+
+
+def test_connection_options_on_a_datagram_server_are_refused():
+    """listen_config and ssl_context act on connections: a UDP server with
+    either fails at start-up, with a message naming it; an ssl_context set
+    later fails each request with that message (not a TLS error)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+    class WithConfig(fastlisten.UDPServer):
+        listen_config = ListenConfig(backlog=8)
+
+    class WithTLS(fastlisten.UDPServer):
+        ssl_context = context
+
+    with pytest.raises(ValueError, match="WithConfig: listen_config is for stream"):
+        WithConfig(("127.0.0.1", 0), socketserver.DatagramRequestHandler)
+    with pytest.raises(ValueError, match="WithTLS: ssl_context is for stream"):
+        WithTLS(("127.0.0.1", 0), socketserver.DatagramRequestHandler)
+
+    errors = []
+
+    class Late(fastlisten.UDPServer):
+        timeout = LIMIT
+
+        def handle_error(self, request, client_address):
+            errors.append(sys.exc_info()[1])
+
+    with Late(("127.0.0.1", 0), socketserver.DatagramRequestHandler) as server:
+        server.ssl_context = context
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.sendto(b"hello\n", server.server_address)
+            server.handle_request()
+    assert len(errors) == 1 and isinstance(errors[0], ValueError)
+    assert "Late: ssl_context is for stream" in str(errors[0])

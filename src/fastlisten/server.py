@@ -213,10 +213,9 @@ class _FastLoop:
         ``listen_config`` (if any); a failing bind keeps its OSError subclass
         and errno and explains itself (who holds the port, ...)."""
         config = self.listen_config
+        self._fl_check_stream("ssl_context", self.ssl_context)
         if config is not None:
-            if self.socket_type != socket.SOCK_STREAM:  # type: ignore[attr-defined]
-                raise ValueError(f"{type(self).__name__}: listen_config is for stream "
-                                 "(TCP and Unix stream) servers")
+            self._fl_check_stream("listen_config", config)
             config = self._fl_config = config.for_address(
                 self.server_address, self.address_family)  # type: ignore[attr-defined]
             if config.fd is not None:
@@ -248,6 +247,13 @@ class _FastLoop:
             config.after_bind()
             if config.family == socket.AF_UNIX:
                 self._fl_unix_file = UnixSocketFile.record(_address.unix_path(config.path))
+
+    def _fl_check_stream(self, name: str, value: Any) -> None:
+        """A ValueError when ``name`` is set (not None) on a server that is
+        not a stream server: they act on connections."""
+        if value is not None and self.socket_type != socket.SOCK_STREAM:  # type: ignore[attr-defined]
+            raise ValueError(f"{type(self).__name__}: {name} is for stream "
+                             "(TCP and Unix stream) servers")
 
     def _fl_adopt(self, config: ListenConfig) -> None:
         """server_bind() for ``listen_config.fd``: the socket becomes the one
@@ -427,6 +433,7 @@ class _FastLoop:
             return door
         if proxy is None and context is None:
             return None
+        self._fl_check_stream("ssl_context", context)     # (set after start-up)
         with _wake_lock:
             door = self._fl_door
             if door is None or door.proxy is not proxy or door.ssl_context is not context \
