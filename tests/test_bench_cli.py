@@ -70,7 +70,7 @@ def test_bench_quick_end_to_end(tmp_path):
     assert sorted(report["shutdown"]) == sorted(socketservers)
     for row in report["shutdown"].values():
         assert row["cycles"] == 1 and row["p99_ms"] >= 0
-    assert len(report["bars"]) == 11
+    assert len(report["bars"]) == 11 + 2 * len(bars.OTHER_SCENARIOS)   # all scenarios ran
     for bar in report["bars"]:
         assert set(bar) == {"bar", "target", "met", "figure"} and bar["met"] in (True, False, None)
 
@@ -200,3 +200,24 @@ def test_bench_help_explains_every_column():
     for column in ("conn/s:", "CPU us/conn:", "x std:", "user us", "p50/p99/max ms:",
                    "queue drops:", "overflows*:", "errors:", "timeouts:"):
         assert column in text, column
+
+
+def test_bars_for_echo_and_http_close_when_run():
+    """The threaded CPU bars are repeated for the scenarios whose handlers
+    read a request first, when the run has them, with their own verdicts."""
+    def scenario(threading_cpu):
+        return {"fastlisten-tcp": _row(cpu_us=20.0),
+                "fastlisten-threading": _row(cpu_us=threading_cpu),
+                "stdlib-threading": _row(cpu_us=150.0)}
+    daytime = {"fastlisten-tcp": _row(cpu_us=10.0), "fastlisten-threading": _row(cpu_us=12.0),
+               "stdlib-threading": _row(cpu_us=100.0)}
+    report = _report({"daytime": daytime, "echo": scenario(25.0),
+                      "http-close": scenario(40.0)}, {})
+    named = {b["bar"]: b for b in bars.evaluate(report)}
+    assert named["ThreadingTCPServer CPU per connection vs TCPServer (echo)"]["met"] is True
+    assert named["ThreadingTCPServer CPU per connection (echo)"]["met"] is True
+    assert named["ThreadingTCPServer CPU per connection vs TCPServer (http-close)"]["met"] is False
+    assert "2.00x (40.0 vs 20.0 us)" in named[
+        "ThreadingTCPServer CPU per connection vs TCPServer (http-close)"]["figure"]
+    only_daytime = [b["bar"] for b in bars.evaluate(_report({"daytime": daytime}, {}))]
+    assert not [name for name in only_daytime if "(" in name and "echo" in name]

@@ -34,6 +34,27 @@ def _fmt(x: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
+#: Scenarios whose threaded CPU bars are shown beside daytime's when run.
+OTHER_SCENARIOS = ("echo", "http-close")
+
+
+def _threading_cpu_bars(report: "Report", scenario: str) -> List[Dict[str, Any]]:
+    """ThreadingTCPServer's CPU per connection against the stdlib's and
+    against fastlisten's TCPServer, in ``scenario``."""
+    g = lambda server, key: _get(report, scenario, server, key)  # noqa: E731
+    cx, th, fl = (g("fastlisten-threading", "cpu_us_x"), g("fastlisten-threading", "cpu_us"),
+                  g("fastlisten-tcp", "cpu_us"))
+    tx = th / fl if th is not None and fl else None
+    return [
+        _bar(f"ThreadingTCPServer CPU per connection ({scenario})", "<= 0.2x stdlib",
+             None if cx is None else cx <= 0.2,
+             f"{_x(cx)} ({_fmt(th, '.1f')} vs {_fmt(g('stdlib-threading', 'cpu_us'), '.1f')} us)"),
+        _bar(f"ThreadingTCPServer CPU per connection vs TCPServer ({scenario})", "<= 1.3x",
+             None if tx is None else tx <= 1.3,
+             f"{_x(tx)} ({_fmt(th, '.1f')} vs {_fmt(fl, '.1f')} us)"),
+    ]
+
+
 def evaluate(report: "Report", scenario: str = "daytime") -> List[Dict[str, Any]]:
     """The bars, each as {bar, target, met (True/False/None), figure}."""
     bars: List[Dict[str, Any]] = []
@@ -55,6 +76,10 @@ def evaluate(report: "Report", scenario: str = "daytime") -> List[Dict[str, Any]
     bars.append(_bar("ThreadingTCPServer CPU per connection vs TCPServer", "<= 1.3x",
                      None if tx is None else tx <= 1.3,
                      f"{_x(tx)} ({_fmt(th, '.1f')} vs {_fmt(fl, '.1f')} us)"))
+    # the same two CPU bars for handlers that read a request first (when run)
+    for other in OTHER_SCENARIOS:
+        if other != scenario and other in report.results:
+            bars += _threading_cpu_bars(report, other)
 
     # TCPServer: against the native reference loop, and user CPU against the stdlib's
     nat = g("native", "cpu_us")

@@ -138,7 +138,7 @@ def _sections(report: Report, table: Any, heading: Any) -> List[str]:
                           f"(idle server, one process per server)"),
                   table(SHUTDOWN_HEADERS, _shutdown_rows(report)), ""]
     if report.bars:
-        parts += [heading("the performance bar, from the daytime and burst runs above"),
+        parts += [heading("the performance bar, from the runs above (daytime unless named)"),
                   table(BAR_HEADERS, _bar_rows(report)), ""]
     if report.skipped:
         parts.append("Skipped: " + "; ".join(f"{k} ({v})" for k, v in report.skipped.items()))
