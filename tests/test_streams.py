@@ -10,8 +10,10 @@ the same results: values, exception types and messages.
 import array
 import gc
 import io
+import os
 import select
 import socket
+import struct
 import socketserver
 import threading
 
@@ -168,6 +170,7 @@ def test_the_raw_stream_answers_as_socket_io(core):
                outcome(raw.tell), outcome(raw.seek, 0), outcome(raw.truncate),
                outcome(raw.write, b"x"), outcome(rfile.tell), outcome(rfile.seekable),
                outcome(raw.flush), outcome(rfile.flush), outcome(rfile.isatty),
+               outcome(raw.readinto, b"read-only"), outcome(raw.readinto, "text"),
                raw.read(5), raw.readline(), raw.readline(3), raw.readlines(), raw.readall(),
                raw.read(2)]
         with raw as entered:
@@ -222,6 +225,88 @@ def test_the_writer_answers_as_the_stdlibs(core):
     std, ours = run_both(core, script)
     assert std == ours
     assert std[1:4] == [6, 12, 1] and std[-1].endswith(b" a b after close")
+
+
+def test_a_reset_connection_raises_alike(core):
+    """The first try (without waiting) meets the reset: the same exception
+    as the socket's own recv_into and sendall raise."""
+    def script(conn, rfile, wfile):
+        conn.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.peer.close()       # RST
+        select.select([conn.sock], [], [], 5)
+        out = [outcome(rfile.read1, 10), outcome(rfile.read1, 10)]
+        out += [outcome(wfile.write, b"x") for _ in range(3)]
+        return out
+    std, ours = run_both(core, script)
+    assert std == ours
+    assert std[0][1] is ConnectionResetError
+
+
+def test_large_writes_go_out_whole(core):
+    """A write larger than the socket's buffers: what the first try could
+    not send goes through sendall, bytes and other buffers alike."""
+    payload = bytes(range(256)) * 16384                  # 4 MiB
+    ints = array.array("i", range(1 << 20))              # 4 MiB, item size 4
+
+    def script(conn, rfile, wfile):
+        got = []
+        reader = threading.Thread(target=lambda: got.append(conn.received()))
+        reader.start()
+        try:
+            counts = [wfile.write(payload), wfile.write(memoryview(ints)),
+                      wfile.write(bytearray(b"end"))]
+            conn.sock.shutdown(socket.SHUT_WR)
+        finally:
+            reader.join(10)
+        return counts, got[0] == payload + ints.tobytes() + b"end"
+    std, ours = run_both(core, script)
+    assert std == ours == ([len(payload), len(ints) * ints.itemsize, 3], True)
+
+
+def test_socket_subclasses_keep_their_own_methods(core):
+    """For anything but a plain socket.socket (an SSLSocket, a subclass),
+    the socket's own recv_into and sendall do the work."""
+    class Shouting(socket.socket):
+        def recv_into(self, buf, *args):
+            n = super().recv_into(buf, *args)
+            buf[:n] = bytes(buf[:n]).upper()
+            return n
+
+        def sendall(self, data, *args):
+            return super().sendall(bytes(data).upper(), *args)
+
+    def script(conn, rfile, wfile):
+        fd = conn.sock.detach()
+        conn.sock = Shouting(fileno=fd)
+        conn.sock.settimeout(5)
+        return [conn.sock]
+
+    for make in (stdlib_files, core_files(core)):
+        conn = Conn()
+        try:
+            script(conn, None, None)
+            rfile, wfile = make(conn.sock)
+            conn.send(b"quiet line\n")
+            assert rfile.readline() == b"QUIET LINE\n"
+            assert wfile.write(b"reply") == 5
+            conn.sock.shutdown(socket.SHUT_WR)
+            assert conn.received() == b"REPLY"
+            wfile.close()
+            rfile.close()
+        finally:
+            conn.close()
+
+
+def test_a_detached_socket_fails_alike(core):
+    def script(conn, rfile, wfile):
+        fd = conn.sock.detach()
+        try:
+            return [outcome(rfile.read1, 1), outcome(wfile.write, b"x"),
+                    outcome(rfile.raw.fileno)]
+        finally:
+            os.close(fd)
+    std, ours = run_both(core, script)
+    assert std == ours and std[0][1] is OSError
 
 
 def test_the_socket_closes_when_its_last_file_does(core):

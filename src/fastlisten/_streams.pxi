@@ -8,6 +8,12 @@
 # exception types are the stdlib's, so that a handler cannot tell them apart
 # (tests/test_streams.py holds them side by side).
 
+from cpython.buffer cimport (
+    PyObject_CheckBuffer, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE,
+)
+from fastlisten.includes.system cimport recv as c_recv, send as c_send, MSG_DONTWAIT
+from fastlisten.includes.system cimport EWOULDBLOCK
+
 import errno as _errno
 import io as _io
 
@@ -20,6 +26,67 @@ cdef Py_ssize_t _CHUNK = _io.DEFAULT_BUFFER_SIZE
 cdef inline void _check_open(bint closed, str what="file") except *:
     if closed:
         raise ValueError(f"I/O operation on closed {what}.")
+
+
+# A plain socket.socket's recv_into() and sendall() release the GIL around
+# every system call, even one that does not wait; between threads on other
+# CPUs that hand-off costs context switches.  So a plain socket is first
+# tried without waiting and without releasing the GIL; only when that would
+# block (or for any other socket class: an SSLSocket, a subclass) does the
+# socket's own method run, which waits, honours the socket's timeout and
+# raises what it raises.  Errors of the first try are raised as the socket
+# module raises them (OSError from errno: its subclass, same message).
+
+cdef Py_ssize_t _recv_now(object sock, object b) except -3:
+    """Bytes received into b without waiting; -2 when the caller must use
+    the socket's own recv_into (would block, or not a plain socket)."""
+    cdef Py_buffer view
+    cdef ssize_t n
+    cdef int fd, err
+    if type(sock) is not _socket_class:
+        return -2
+    fd = sock.fileno()
+    if fd < 0:
+        return -2
+    try:
+        PyObject_GetBuffer(b, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    except (BufferError, TypeError):
+        return -2       # recv_into raises its own error for it
+    n = c_recv(fd, view.buf, <size_t>view.len, MSG_DONTWAIT)
+    err = errno
+    PyBuffer_Release(&view)
+    if n >= 0:
+        return n
+    if err == EAGAIN or err == EWOULDBLOCK or err == EINTR:
+        return -2
+    raise_errno(err)
+
+
+cdef Py_ssize_t _send_now(object sock, object b) except -3:
+    """Bytes of b sent without waiting (maybe fewer than all, maybe 0);
+    -2 when the caller must use the socket's own sendall for all of it
+    (not a plain socket, or not a contiguous bytes-like object: sendall
+    then raises what it raises)."""
+    cdef Py_buffer view
+    cdef ssize_t n
+    cdef int fd, err
+    if type(sock) is not _socket_class or not PyObject_CheckBuffer(b):
+        return -2
+    fd = sock.fileno()
+    if fd < 0:
+        return -2
+    try:
+        PyObject_GetBuffer(b, &view, PyBUF_SIMPLE)
+    except (BufferError, TypeError):
+        return -2       # sendall raises its own error for it
+    n = c_send(fd, view.buf, <size_t>view.len, MSG_DONTWAIT)
+    err = errno
+    PyBuffer_Release(&view)
+    if n >= 0:
+        return n
+    if err == EAGAIN or err == EWOULDBLOCK or err == EINTR:
+        return 0
+    raise_errno(err)
 
 
 @cython.auto_pickle(False)
@@ -53,6 +120,9 @@ cdef class SocketReader:
         _check_open(self._closed)
         if self._timeout_occurred:
             raise OSError("cannot read from timed out object")
+        n = _recv_now(self._sock, b)
+        if n >= 0:
+            return n
         try:
             return self._sock.recv_into(b)
         except _socket_timeout:
@@ -199,10 +269,18 @@ cdef class SocketWriter:
 
     def write(self, b):
         """Send all of b; its length in bytes."""
-        self._sock.sendall(b)
-        if type(b) is bytes:
+        cdef Py_ssize_t sent = _send_now(self._sock, b)
+        if sent >= 0 and type(b) is bytes:
+            if sent == len(<bytes>b):
+                return sent
+            self._sock.sendall((<bytes>b)[sent:])
             return len(<bytes>b)
+        if sent < 0:
+            self._sock.sendall(b)
         with memoryview(b) as view:
+            if sent >= 0 and sent < view.nbytes:
+                with view.cast("B") as octets:
+                    self._sock.sendall(octets[sent:])
             return view.nbytes
 
     def writelines(self, lines):

@@ -20,6 +20,9 @@ cdef extern from "<sys/socket.h>" nogil:
     int getsockname(int fd, sockaddr *addr, socklen_t *addrlen)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+    ssize_t recv(int fd, void *buf, size_t len, int flags)
+    ssize_t send(int fd, const void *buf, size_t len, int flags)
+    int MSG_DONTWAIT
 
 cdef extern from "<netinet/in.h>" nogil:
     struct in_addr:
@@ -62,3 +65,4 @@ cdef extern from "<errno.h>" nogil:
     int EAFNOSUPPORT
     int EBUSY
     int EINTR
+    int EWOULDBLOCK
