@@ -293,15 +293,96 @@ fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
 }
 
 int
-fl_waiter_open(int lfd, int wfd, int stop_fd, int *exclusive)
+fl_gate_init(fl_gate *g)
+{
+    int r;
+    g->closed = 0;
+    g->inside = 0;
+    r = pthread_mutex_init(&g->lock, NULL);
+    if (r != 0)
+        return r;
+    r = pthread_cond_init(&g->cond, NULL);
+    if (r != 0)
+        pthread_mutex_destroy(&g->lock);
+    return r;
+}
+
+void
+fl_gate_destroy(fl_gate *g)
+{
+    pthread_cond_destroy(&g->cond);
+    pthread_mutex_destroy(&g->lock);
+}
+
+/* Sequentially consistent on both sides (a Dekker pair): either a waiter's
+ * increment comes first and fl_gate_wait sees it inside, or the close
+ * comes first and the waiter sees it closed. */
+int
+fl_gate_enter(fl_gate *g)
+{
+    __atomic_add_fetch(&g->inside, 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&g->closed, __ATOMIC_SEQ_CST))
+        return 1;
+    fl_gate_leave(g);
+    return 0;
+}
+
+void
+fl_gate_leave(fl_gate *g)
+{
+    if (__atomic_sub_fetch(&g->inside, 1, __ATOMIC_SEQ_CST) == 0
+            && __atomic_load_n(&g->closed, __ATOMIC_SEQ_CST)) {
+        /* a closer may sleep in fl_gate_wait: under the lock, so that the
+         * wake-up cannot fall between its check and its sleep */
+        pthread_mutex_lock(&g->lock);
+        pthread_cond_broadcast(&g->cond);
+        pthread_mutex_unlock(&g->lock);
+    }
+}
+
+int
+fl_gate_close(fl_gate *g)
+{
+    return !__atomic_exchange_n(&g->closed, 1, __ATOMIC_SEQ_CST);
+}
+
+int
+fl_gate_closed(const fl_gate *g)
+{
+    return __atomic_load_n(&g->closed, __ATOMIC_SEQ_CST);
+}
+
+int
+fl_gate_busy(const fl_gate *g)
+{
+    return __atomic_load_n(&g->inside, __ATOMIC_SEQ_CST);
+}
+
+void
+fl_gate_wait(fl_gate *g)
+{
+    pthread_mutex_lock(&g->lock);
+    while (__atomic_load_n(&g->inside, __ATOMIC_SEQ_CST) > 0)
+        pthread_cond_wait(&g->cond, &g->lock);
+    pthread_mutex_unlock(&g->lock);
+}
+
+int
+fl_waiter_open(int lfd, int wfd, int stop_fd, fl_gate *gate, int *exclusive)
 {
 #ifdef __linux__
     struct epoll_event ev;
     int epfd = epoll_create1(EPOLL_CLOEXEC);
+    int entered = 0;
     if (epfd < 0)
         return -1;
     memset(&ev, 0, sizeof ev);
     *exclusive = 0;
+    if (gate != NULL) {
+        entered = fl_gate_enter(gate);
+        if (!entered)
+            goto others;    /* closed: a waiter that only ever stops */
+    }
 #ifdef EPOLLEXCLUSIVE
     ev.events = EPOLLIN | EPOLLEXCLUSIVE;
     ev.data.fd = lfd;
@@ -314,6 +395,12 @@ fl_waiter_open(int lfd, int wfd, int stop_fd, int *exclusive)
     ev.data.fd = lfd;
     if (!*exclusive && epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev) < 0)
         goto fail;
+    if (entered) {
+        fl_gate_leave(gate);
+        entered = 0;
+    }
+others:
+    ev.events = EPOLLIN;
     ev.data.fd = wfd;
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, wfd, &ev) < 0)
         goto fail;
@@ -326,12 +413,14 @@ fl_waiter_open(int lfd, int wfd, int stop_fd, int *exclusive)
 fail:
     {
         int saved = errno;
+        if (entered)
+            fl_gate_leave(gate);
         close(epfd);
         errno = saved;
     }
     return -1;
 #else
-    (void)lfd; (void)wfd; (void)stop_fd;
+    (void)lfd; (void)wfd; (void)stop_fd; (void)gate;
     *exclusive = 0;
     errno = ENOSYS;
     return -1;
@@ -351,10 +440,12 @@ fl_now_ms(void)
  * stop_fd ends the wait with FL_WAIT_STOPPED (before the wake-up descriptor
  * and the listener: a stopped waiter accepts nothing).  When the listener
  * was readable but another waiter took the connection first (EAGAIN at
- * once), it waits again, still without the GIL, for the time left. */
+ * once), it waits again, still without the GIL, for the time left.  With a
+ * gate (NULL: none), accept4 runs only inside it: a closed gate ends the
+ * wait with FL_WAIT_STOPPED too, even when stop_fd is not readable yet. */
 int
-fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, int timeout_ms,
-                  const sigset_t *wait_mask, fl_conn *out, int max,
+fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, fl_gate *gate,
+                  int timeout_ms, const sigset_t *wait_mask, fl_conn *out, int max,
                   fl_stats *st, int *status, int *err)
 {
 #ifdef __linux__
@@ -384,7 +475,16 @@ fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, int timeout_ms,
         }
         *status = FL_WAIT_READY;
         if (listener) {
-            int n = fl_drain_accept(lfd, out, max, st, err);
+            int n;
+            if (gate != NULL && !fl_gate_enter(gate)) {
+                /* closed since epoll_pwait returned: the descriptor may be
+                 * blocking, closed or reused by now */
+                *status = FL_WAIT_STOPPED;
+                return 0;
+            }
+            n = fl_drain_accept(lfd, out, max, st, err);
+            if (gate != NULL)
+                fl_gate_leave(gate);
             if (n > 0 || *err != 0)
                 return n;
         }
@@ -398,7 +498,7 @@ fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, int timeout_ms,
         }
     }
 #else
-    (void)epfd; (void)lfd; (void)wfd; (void)stop_fd; (void)timeout_ms;
+    (void)epfd; (void)lfd; (void)wfd; (void)stop_fd; (void)gate; (void)timeout_ms;
     (void)wait_mask; (void)out; (void)max; (void)st;
     *status = FL_WAIT_READY;
     *err = ENOSYS;

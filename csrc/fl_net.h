@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <pthread.h>
 
 /* errno values above this are counted in the last slot. */
 #define FL_ERRNO_SLOTS 160
@@ -61,15 +62,41 @@ void fl_wakeup_drain(int rfd);
 
 int fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
                    fl_conn *out, int max, fl_stats *st, int *status, int *err);
+/* A gate over a listening descriptor shared by leader/follower waiters:
+ * each waiter passes it (fl_gate_enter) before it touches the descriptor
+ * (epoll_ctl, accept4) and leaves it (fl_gate_leave) after; once
+ * fl_gate_close was called, nobody passes, and fl_gate_wait returns when
+ * the last waiter inside has left.  So after close + wait, the descriptor
+ * may be made blocking, closed or reused: no waiter of this gate touches it
+ * again, whether it is in epoll_wait, on its way out of it or about to
+ * start.  Passing costs two atomic operations; only close waits, and only
+ * for waiters that are inside (a non-blocking accept4 stretch). */
+typedef struct {
+    int closed;
+    int inside;
+    pthread_mutex_t lock;     /* with cond: fl_gate_wait's sleep */
+    pthread_cond_t cond;
+} fl_gate;
+
+int fl_gate_init(fl_gate *g);          /* 0, or an errno value */
+void fl_gate_destroy(fl_gate *g);
+int fl_gate_enter(fl_gate *g);         /* 1: inside (fl_gate_leave later); 0: closed */
+void fl_gate_leave(fl_gate *g);
+int fl_gate_close(fl_gate *g);         /* 1 if it was open (this call closed it) */
+int fl_gate_closed(const fl_gate *g);
+int fl_gate_busy(const fl_gate *g);    /* waiters inside now */
+void fl_gate_wait(fl_gate *g);         /* Contract: WITHOUT the GIL; after fl_gate_close */
+
 /* Leader/follower: one epoll instance per waiting thread, watching the
  * listener (EPOLLEXCLUSIVE where the kernel has it, so that a connection
  * wakes one waiting thread, not all), the listener's wake-up descriptor and
- * an optional stop descriptor (stop_fd < 0: none).  Returns the epoll
- * descriptor (close-on-exec) or -1 with errno; *exclusive says whether
- * EPOLLEXCLUSIVE was accepted. */
-int fl_waiter_open(int lfd, int wfd, int stop_fd, int *exclusive);
-int fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, int timeout_ms,
-                      const sigset_t *wait_mask, fl_conn *out, int max,
+ * an optional stop descriptor (stop_fd < 0: none).  With a gate (NULL:
+ * none), the listener is registered only if the gate lets this thread in.
+ * Returns the epoll descriptor (close-on-exec) or -1 with errno; *exclusive
+ * says whether EPOLLEXCLUSIVE was accepted. */
+int fl_waiter_open(int lfd, int wfd, int stop_fd, fl_gate *gate, int *exclusive);
+int fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, fl_gate *gate,
+                      int timeout_ms, const sigset_t *wait_mask, fl_conn *out, int max,
                       fl_stats *st, int *status, int *err);
 int fl_block_signals(sigset_t *old);
 int fl_restore_signals(const sigset_t *old);

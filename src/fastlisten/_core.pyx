@@ -35,6 +35,8 @@ from fastlisten.includes.fl_net cimport (
     fl_wakeup_signal, fl_wakeup_drain, fl_wait_accept, fl_capacity_backoff,
     fl_tcp_queue, fl_accept_error_class, fl_block_signals, fl_restore_signals,
     fl_waiter_open, fl_wait_accept_ep, fl_format_ipv4,
+    fl_gate, fl_gate_init, fl_gate_destroy, fl_gate_close, fl_gate_closed, fl_gate_busy,
+    fl_gate_wait,
     FL_ERRNO_SLOTS, FL_ERR_CAPACITY,
     FL_WAIT_EINTR, FL_WAIT_WOKEN, FL_WAIT_TIMEOUT,
 )
@@ -53,7 +55,7 @@ if ERRNO_SLOTS != FL_ERRNO_SLOTS:
                       f"but fastlisten._coreshared says {ERRNO_SLOTS}: rebuild")
 from fastlisten.address import decode_unix_path
 
-__all__ = ["RawListener", "Waiter", "proxy_parse", "proxy_read", "crc32c",
+__all__ = ["RawListener", "Waiter", "Stop", "proxy_parse", "proxy_read", "crc32c",
            "SocketReader", "SocketWriter"]
 
 cdef object _socket_class = _socket.socket
@@ -165,6 +167,90 @@ def _accept_error_class(int err):
 
 
 @cython.final
+@cython.final
+cdef class Stop:
+    """The stop of a group of leader/follower waiters (``RawListener.waiter(stop)``).
+
+    ``set()`` (or ``wakeup()``) makes every accept_many with such a waiter
+    return an empty batch at once, waiting or not, and returns once none
+    of them can touch the listening descriptor any more: from then on it
+    may be made blocking, closed or reused, although the waiting threads
+    may not have left the core yet (they leave on their own).  set() waits
+    only for a waiter that is accepting at that moment (a non-blocking
+    accept4 stretch, without the GIL), never for a thread to be scheduled
+    or to take the GIL.  Idempotent, from any thread.
+
+    ``fileno()`` is an eventfd (or a pipe) that set() makes readable, for a
+    loop that polls it too; ``close()`` closes it once the last waiter made
+    with this stop is closed.
+    """
+    cdef fl_gate _gate
+    cdef bint _gate_ready
+    cdef int _r
+    cdef int _w
+    cdef int _users             # open waiters made with this stop
+    cdef bint _close_pending
+
+    def __cinit__(self):
+        self._r = self._w = -1
+        cdef int err = fl_gate_init(&self._gate)
+        if err != 0:
+            raise_errno(err)
+        self._gate_ready = True
+        if fl_wakeup_open(&self._r, &self._w) < 0:
+            raise_errno(errno)
+
+    def __dealloc__(self):
+        self._close_fds()
+        if self._gate_ready:
+            fl_gate_destroy(&self._gate)
+
+    cdef void _close_fds(self) noexcept:
+        if self._r >= 0:
+            c_close(self._r)
+        if self._w >= 0 and self._w != self._r:
+            c_close(self._w)
+        self._r = self._w = -1
+
+    cdef void _release(self) noexcept:
+        """A waiter made with this stop was closed."""
+        self._users -= 1
+        if self._users == 0 and self._close_pending:
+            self._close_fds()
+
+    def fileno(self):
+        """The descriptor set() makes readable; -1 once closed."""
+        return self._r
+
+    @property
+    def is_set(self):
+        """True once set() was called."""
+        return bool(fl_gate_closed(&self._gate))
+
+    def set(self):
+        """Stop every waiter made with this stop; see the class docstring."""
+        if fl_gate_close(&self._gate) and self._w >= 0:
+            fl_wakeup_signal(self._w)       # (EAGAIN: readable already)
+        if fl_gate_busy(&self._gate):
+            with nogil:
+                fl_gate_wait(&self._gate)
+
+    def wakeup(self):
+        """set(), under the name shutdown() calls on a loop's wake-up source."""
+        self.set()
+
+    def close(self):
+        """Close the descriptor, now or, while waiters made with this stop
+        are open, when the last of them is closed.  Idempotent."""
+        self._close_pending = True
+        if self._users == 0:
+            self._close_fds()
+
+    def __repr__(self):
+        return (f"<fastlisten._core.Stop fd={self._r} set={self.is_set} "
+                f"waiters={self._users}>")
+
+
 cdef class Waiter:
     """One thread's way to wait in ``RawListener.accept_many(..., waiter=)``
     (leader/follower): an epoll descriptor watching the listener (with
@@ -172,20 +258,22 @@ cdef class Waiter:
     one waiting thread, not every one), the listener's wake-up descriptor,
     and ``stop_fd`` if given.  While ``stop_fd`` is readable, every
     accept_many with this waiter returns an empty batch at once, accepting
-    nothing, and leaves it set.  Made by ``RawListener.waiter()``; use it
-    from one thread at a time; close() it when that thread is done.
+    nothing, and leaves it set; with a :class:`Stop`, the same once it is
+    set, and accept4 runs only inside its gate.  Made by
+    ``RawListener.waiter()``; use it from one thread at a time; close() it
+    when that thread is done.
     """
     cdef int _epfd
     cdef readonly int stop_fd
     cdef readonly bint exclusive
     cdef object _listener
+    cdef Stop _stop
 
     def __cinit__(self):
         self._epfd = -1
 
     def __dealloc__(self):
-        if self._epfd >= 0:
-            c_close(self._epfd)
+        self.close()
 
     def fileno(self):
         """The epoll descriptor, -1 once closed."""
@@ -196,6 +284,8 @@ cdef class Waiter:
         if self._epfd >= 0:
             c_close(self._epfd)
             self._epfd = -1
+            if self._stop is not None:
+                self._stop._release()
 
     def __repr__(self):
         return (f"<fastlisten._core.Waiter epfd={self._epfd} stop_fd={self.stop_fd} "
@@ -424,14 +514,24 @@ cdef class RawListener:
             self._nconns = n
         return 0
 
-    def waiter(self, int stop_fd=-1):
+    def waiter(self, stop=-1):
         """A :class:`Waiter` for one thread's ``accept_many(..., waiter=)``
-        calls on this listener (``stop_fd``: a descriptor whose readability
-        means "stop"; -1: none)."""
-        cdef int exclusive = 0
+        calls on this listener.  ``stop``: a :class:`Stop`, or a descriptor
+        whose readability means "stop" (-1: none)."""
+        cdef int exclusive = 0, stop_fd
+        cdef Stop gate_owner = None
+        cdef fl_gate *gate = NULL
         cdef Waiter w
+        if isinstance(stop, Stop):
+            gate_owner = stop
+            if gate_owner._r < 0:
+                raise ValueError("that stop is closed")
+            stop_fd = gate_owner._r
+            gate = &gate_owner._gate
+        else:
+            stop_fd = c_int(stop, "stop")
         self._check_open()
-        fd = fl_waiter_open(self._fd, self._wake_r, stop_fd, &exclusive)
+        fd = fl_waiter_open(self._fd, self._wake_r, stop_fd, gate, &exclusive)
         if fd < 0:
             raise_errno(errno)
         w = Waiter.__new__(Waiter)
@@ -439,6 +539,9 @@ cdef class RawListener:
         w.stop_fd = stop_fd
         w.exclusive = exclusive
         w._listener = self
+        if gate_owner is not None:
+            w._stop = gate_owner
+            gate_owner._users += 1
         return w
 
     def accept_many(self, max=DEFAULT_BATCH, timeout=None, Waiter waiter=None):
@@ -460,6 +563,7 @@ cdef class RawListener:
         """
         cdef int n = 0, status = 0, err = 0, ms, fd, wake, i, lfd
         cdef int epfd = -1, stop_fd = -1
+        cdef fl_gate *gate = NULL
         cdef fl_conn one
         cdef unsigned long long gen
         cdef double deadline = 0.0
@@ -494,6 +598,10 @@ cdef class RawListener:
             epfd, stop_fd = waiter._epfd, waiter.stop_fd
             if epfd < 0:
                 raise ValueError("that waiter is closed")
+            if waiter._stop is not None:
+                gate = &waiter._stop._gate
+                if fl_gate_closed(gate):
+                    return []       # stopped: at once, whatever is queued
         # The listener's own buffer serves one caller at a time; a second
         # thread accepting concurrently gets a buffer of its own (one
         # connection: on the stack).
@@ -537,8 +645,8 @@ cdef class RawListener:
                             raise
                     with nogil:
                         if epfd >= 0:
-                            n = fl_wait_accept_ep(epfd, lfd, wake, stop_fd, ms, wait_mask,
-                                                  conns, nmax, st, &status, &err)
+                            n = fl_wait_accept_ep(epfd, lfd, wake, stop_fd, gate, ms,
+                                                  wait_mask, conns, nmax, st, &status, &err)
                         else:
                             n = fl_wait_accept(lfd, wake, ms, wait_mask, conns, nmax, st,
                                                &status, &err)

@@ -42,9 +42,17 @@ cdef extern from "fl_net.h" nogil:
     void fl_wakeup_drain(int rfd)
     int fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
                        fl_conn *out, int max, fl_stats *st, int *status, int *err)
-    int fl_waiter_open(int lfd, int wfd, int stop_fd, int *exclusive)
-    int fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, int timeout_ms,
-                          const sigset_t *wait_mask, fl_conn *out, int max,
+    ctypedef struct fl_gate:
+        pass
+    int fl_gate_init(fl_gate *g)
+    void fl_gate_destroy(fl_gate *g)
+    int fl_gate_close(fl_gate *g)
+    int fl_gate_closed(const fl_gate *g)
+    int fl_gate_busy(const fl_gate *g)
+    void fl_gate_wait(fl_gate *g)
+    int fl_waiter_open(int lfd, int wfd, int stop_fd, fl_gate *gate, int *exclusive)
+    int fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, fl_gate *gate,
+                          int timeout_ms, const sigset_t *wait_mask, fl_conn *out, int max,
                           fl_stats *st, int *status, int *err)
     int fl_block_signals(sigset_t *old)
     int fl_restore_signals(const sigset_t *old)
