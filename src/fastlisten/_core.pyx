@@ -167,25 +167,27 @@ def _accept_error_class(int err):
 
 
 @cython.final
-@cython.final
 cdef class Stop:
     """The stop of a group of leader/follower waiters (``RawListener.waiter(stop)``).
 
-    ``set()`` (or ``wakeup()``) makes every accept_many with such a waiter
-    return an empty batch at once, waiting or not, and returns once none
-    of them can touch the listening descriptor any more: from then on it
-    may be made blocking, closed or reused, although the waiting threads
-    may not have left the core yet (they leave on their own).  set() waits
-    only for a waiter that is accepting at that moment (a non-blocking
-    accept4 stretch, without the GIL), never for a thread to be scheduled
-    or to take the GIL.  Idempotent, from any thread.
+    ``fence()`` returns once no accept_many with such a waiter touches the
+    listening descriptor any more, and never will: from then on it may be
+    made blocking, closed or reused, although the waiting threads may not
+    have left the core yet.  It waits only for a waiter that is accepting
+    at that moment (a non-blocking accept4 stretch, without the GIL), never
+    for a thread to be scheduled or to take the GIL.  Every accept_many
+    with such a waiter returns an empty batch at once from then on; one
+    waiting in the kernel returns when it next wakes up.
 
-    ``fileno()`` is an eventfd (or a pipe) that set() makes readable, for a
-    loop that polls it too; ``close()`` closes it once the last waiter made
-    with this stop is closed.
+    ``set()`` (or ``wakeup()``) is fence() and wakes every waiting one
+    (``fileno()``, an eventfd or a pipe, becomes readable: a loop may poll
+    it too).  Both are idempotent, from any thread.  ``close()`` closes the
+    descriptor once the last waiter made with this stop is closed; a waiter
+    made after that, from a stop that was set, only ever stops.
     """
     cdef fl_gate _gate
     cdef bint _gate_ready
+    cdef bint _woken
     cdef int _r
     cdef int _w
     cdef int _users             # open waiters made with this stop
@@ -223,17 +225,24 @@ cdef class Stop:
         return self._r
 
     @property
-    def is_set(self):
-        """True once set() was called."""
+    def fenced(self):
+        """True once fence() or set() was called."""
         return bool(fl_gate_closed(&self._gate))
 
-    def set(self):
-        """Stop every waiter made with this stop; see the class docstring."""
-        if fl_gate_close(&self._gate) and self._w >= 0:
-            fl_wakeup_signal(self._w)       # (EAGAIN: readable already)
+    def fence(self):
+        """Keep every waiter made with this stop off the listening
+        descriptor from now on; see the class docstring."""
+        fl_gate_close(&self._gate)
         if fl_gate_busy(&self._gate):
             with nogil:
                 fl_gate_wait(&self._gate)
+
+    def set(self):
+        """fence(), and wake every waiting one."""
+        self.fence()
+        if not self._woken and self._w >= 0:
+            self._woken = True
+            fl_wakeup_signal(self._w)       # (EAGAIN: readable already)
 
     def wakeup(self):
         """set(), under the name shutdown() calls on a loop's wake-up source."""
@@ -247,10 +256,11 @@ cdef class Stop:
             self._close_fds()
 
     def __repr__(self):
-        return (f"<fastlisten._core.Stop fd={self._r} set={self.is_set} "
-                f"waiters={self._users}>")
+        return (f"<fastlisten._core.Stop fd={self._r} fenced={self.fenced} "
+                f"woken={bool(self._woken)} waiters={self._users}>")
 
 
+@cython.final
 cdef class Waiter:
     """One thread's way to wait in ``RawListener.accept_many(..., waiter=)``
     (leader/follower): an epoll descriptor watching the listener (with
@@ -514,6 +524,10 @@ cdef class RawListener:
             self._nconns = n
         return 0
 
+    def new_stop(self):
+        """A :class:`Stop` for this listener's waiters (of this core)."""
+        return Stop()
+
     def waiter(self, stop=-1):
         """A :class:`Waiter` for one thread's ``accept_many(..., waiter=)``
         calls on this listener.  ``stop``: a :class:`Stop`, or a descriptor
@@ -524,9 +538,9 @@ cdef class RawListener:
         cdef Waiter w
         if isinstance(stop, Stop):
             gate_owner = stop
-            if gate_owner._r < 0:
+            if gate_owner._r < 0 and not fl_gate_closed(&gate_owner._gate):
                 raise ValueError("that stop is closed")
-            stop_fd = gate_owner._r
+            stop_fd = gate_owner._r     # (-1 once set and closed: the waiter only stops)
             gate = &gate_owner._gate
         else:
             stop_fd = c_int(stop, "stop")

@@ -27,7 +27,7 @@ from fastlisten import proxy as _proxy
 from fastlisten._wakeup import Waker
 from fastlisten.address import check_numeric, decode_unix_path
 
-__all__ = ["RawListener", "Waiter", "proxy_parse", "proxy_read", "crc32c",
+__all__ = ["RawListener", "Waiter", "Stop", "proxy_parse", "proxy_read", "crc32c",
            "SocketReader", "SocketWriter"]
 
 #: The head of Linux's struct tcp_info (<linux/tcp.h>), as far as queue()
@@ -59,35 +59,152 @@ class _EpollPoller:
         return self.ep.poll(-1 if ms < 0 else ms / 1000)
 
 
+class Stop:
+    """The stop of a group of leader/follower waiters (see
+    ``fastlisten._core.Stop``; this class behaves the same): fence()
+    returns once none of their accept_many calls can touch the listening
+    descriptor any more; set() is fence() and wakes the waiting ones."""
+
+    def __init__(self) -> None:
+        self._waker: Optional[Waker] = Waker()
+        self._lock = threading.Lock()
+        self._out = threading.Condition(self._lock)   # fence() waits on it
+        self._fenced = False
+        self._woken = False
+        self._inside = 0        # waiters touching the listening descriptor now
+        self._users = 0         # open waiters made with this stop
+        self._close_pending = False
+
+    def fileno(self) -> int:
+        """The descriptor set() makes readable; -1 once closed."""
+        return -1 if self._waker is None else self._waker.fileno()
+
+    @property
+    def fenced(self) -> bool:
+        """True once fence() or set() was called."""
+        return self._fenced
+
+    def fence(self) -> None:
+        """Keep every waiter made with this stop off the listening
+        descriptor from now on (see the compiled core)."""
+        with self._lock:
+            self._fenced = True
+            while self._inside:
+                self._out.wait()
+
+    def set(self) -> None:
+        """fence(), and wake every waiting one."""
+        self.fence()
+        with self._lock:
+            if not self._woken and self._waker is not None:
+                self._woken = True
+                self._waker.wakeup()
+
+    def wakeup(self) -> None:
+        """set(), under the name shutdown() calls on a loop's wake-up source."""
+        self.set()
+
+    def close(self) -> None:
+        """Close the descriptor, now or when the last waiter made with this
+        stop is closed.  Idempotent."""
+        with self._lock:
+            self._close_pending = True
+            if self._users == 0:
+                self._close_now()
+
+    def _close_now(self) -> None:
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            waker.close()
+
+    def __del__(self) -> None:
+        try:
+            self._close_now()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def _enter(self) -> bool:
+        """True: the caller may touch the listening descriptor (then _leave());
+        False: set() was called."""
+        with self._lock:
+            if self._fenced:
+                return False
+            self._inside += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._inside -= 1
+            if not self._inside and self._fenced:
+                self._out.notify_all()
+
+    def _retain(self) -> int:
+        """A waiter is made with this stop: its descriptor (-1 once set and
+        closed: that waiter only stops)."""
+        with self._lock:
+            if self._waker is None and not self._fenced:
+                raise ValueError("that stop is closed")
+            self._users += 1
+            return self.fileno()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._close_pending:
+                self._close_now()
+
+    def __repr__(self) -> str:
+        return (f"<fastlisten._corepy.Stop fd={self.fileno()} fenced={self._fenced} "
+                f"woken={self._woken} waiters={self._users}>")
+
+
 class Waiter:
     """One thread's way to wait in ``RawListener.accept_many(..., waiter=)``
     (see ``fastlisten._core.Waiter``; this class behaves the same): an
     epoll object watching the listener (EPOLLEXCLUSIVE where the kernel has
-    it), the listener's wake-up descriptor and ``stop_fd``."""
+    it), the listener's wake-up descriptor and ``stop_fd`` (or a Stop's)."""
 
-    def __init__(self, listener: "RawListener", lfd: int, wake_r: int, stop_fd: int) -> None:
+    def __init__(self, listener: "RawListener", lfd: int, wake_r: int, stop: Any) -> None:
         self._listener = listener
-        self.stop_fd = stop_fd
+        self._stop: Optional[Stop] = stop if isinstance(stop, Stop) else None
+        self.stop_fd = c_int(stop, "stop") if self._stop is None else -1
         self.exclusive = False
         self._poller: Optional[_EpollPoller] = _EpollPoller()
         ep = self._poller.ep
         try:
-            flag = getattr(select, "EPOLLEXCLUSIVE", 0)
-            if flag:
-                try:
-                    ep.register(lfd, select.EPOLLIN | flag)
-                    self.exclusive = True
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-            if not self.exclusive:
-                ep.register(lfd, select.EPOLLIN)
-            ep.register(wake_r, select.EPOLLIN)
-            if stop_fd >= 0:
-                ep.register(stop_fd, select.EPOLLIN)
+            if self._stop is not None:
+                self.stop_fd = self._stop._retain()
+            try:
+                # the listener only while the stop lets this thread touch it
+                if self._stop is None or self._stop._enter():
+                    try:
+                        self._register_listener(ep, lfd)
+                    finally:
+                        if self._stop is not None:
+                            self._stop._leave()
+                ep.register(wake_r, select.EPOLLIN)
+                if self.stop_fd >= 0:
+                    ep.register(self.stop_fd, select.EPOLLIN)
+            except BaseException:
+                if self._stop is not None:
+                    self._stop._release()
+                raise
         except BaseException:
             ep.close()
+            self._poller = None
             raise
+
+    def _register_listener(self, ep: "select.epoll", lfd: int) -> None:
+        flag = getattr(select, "EPOLLEXCLUSIVE", 0)
+        if flag:
+            try:
+                ep.register(lfd, select.EPOLLIN | flag)
+                self.exclusive = True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        if not self.exclusive:
+            ep.register(lfd, select.EPOLLIN)
 
     def fileno(self) -> int:
         """The epoll descriptor, -1 once closed."""
@@ -98,6 +215,14 @@ class Waiter:
         poller, self._poller = self._poller, None
         if poller is not None:
             poller.ep.close()
+            if self._stop is not None:
+                self._stop._release()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
 
     def __repr__(self) -> str:
         return (f"<fastlisten._corepy.Waiter epfd={self.fileno()} stop_fd={self.stop_fd} "
@@ -312,11 +437,16 @@ class RawListener:
         slot = err if 0 <= err < ERRNO_SLOTS else ERRNO_SLOTS - 1
         self._errors[slot] = self._errors.get(slot, 0) + 1
 
-    def waiter(self, stop_fd: int = -1) -> Waiter:
+    def new_stop(self) -> Stop:
+        """A :class:`Stop` for this listener's waiters (of this core)."""
+        return Stop()
+
+    def waiter(self, stop: Any = -1) -> Waiter:
         """A :class:`Waiter` for one thread's ``accept_many(..., waiter=)``
-        calls on this listener (see the compiled core)."""
+        calls on this listener (see the compiled core).  ``stop``: a
+        :class:`Stop`, or a descriptor (-1: none)."""
         sock = self._open_sock()
-        return Waiter(self, sock.fileno(), self._waker.fileno(), stop_fd)  # type: ignore[union-attr]
+        return Waiter(self, sock.fileno(), self._waker.fileno(), stop)  # type: ignore[union-attr]
 
     def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None,
                     waiter: Optional[Waiter] = None) -> List[Tuple[_socket.socket, Any]]:
@@ -327,6 +457,8 @@ class RawListener:
                 raise ValueError("that waiter belongs to another listener")
             if waiter._poller is None:
                 raise ValueError("that waiter is closed")
+            if waiter._stop is not None and waiter._stop._fenced:
+                return []       # stopped: at once, whatever is queued
         max = check_max(max)
         ms = timeout_ms(timeout)
         deadline = None if ms < 0 else monotonic() + timeout  # type: ignore[operator]
@@ -361,10 +493,17 @@ class RawListener:
                             self._gen += 1
                             self._old = self._busy
                 elif lfd in events:
+                    gate = waiter._stop if waiter is not None else None
                     if events[lfd] & _POLLNVAL:
                         err = errno.EBADF
+                    elif gate is not None and not gate._enter():
+                        break       # stopped since the wait returned: touch nothing
                     else:
-                        err = self._drain(sock, max, out)
+                        try:
+                            err = self._drain(sock, max, out)
+                        finally:
+                            if gate is not None:
+                                gate._leave()
                     if waiter is not None and not out and not err:
                         # another waiter took it: wait again for the time left
                         if deadline is not None:

@@ -334,7 +334,8 @@ class Source(Protocol):
         """accept() returned nothing (a timeout, a stop, another thread was first)."""
 
     def interrupt(self) -> None:
-        """Make every waiting accept() return now (the pool was closed)."""
+        """Make every waiting accept() return now, and every later one at
+        once (the pool was closed)."""
 
     def failed(self, exc: BaseException) -> None:
         """open() or accept() raised exc: the source is broken."""
@@ -352,26 +353,30 @@ class LeaderPool(WorkerPool):
       nobody waits and items stay where they are (a listener's backlog);
     - a thread that waited ``idle_timeout`` seconds with nothing to do
       exits, unless it is the only one waiting;
-    - the caller ends it: make every waiting accept() return (its stop
-      descriptor), then stop_leading(); threads running an item finish it
-      and exit; running(), busy_threads(), wait_idle(), join() see them as
-      for submitted jobs; close() (e.g. at interpreter exit) interrupts the
-      source's waits and the threads exit.
+    - the caller ends it: make every waiting accept() return, and every
+      later one return at once (the source's stop), then stop_leading(),
+      which does not wait for them: the waiting threads leave the source
+      on their own, and exit; threads running an item finish it and exit;
+      running(), busy_threads(), wait_idle(), join() see them as for
+      submitted jobs; close() (e.g. at interpreter exit) interrupts the
+      source's waits and the threads exit.  A later lead() may begin while
+      threads of the previous source are still on their way out.
     """
 
     _source: Optional[Source] = None
-    _waiting = 0    # threads waiting in (or about to call) the source's accept()
+    #: threads waiting in (or about to call) the current source's accept();
+    #: those of a source that stop_leading() ended are no longer counted
+    _waiting = 0
 
     def lead(self, source: Source) -> None:
         """Serve ``source``: start a thread waiting in it."""
         with self._lock:
             if self._source is not None:
                 raise RuntimeError("this pool already leads a source")
-            self._left = threading.Condition(self._lock)
             self._source = source
-            thread = self._new_follower()
-        if thread is not None:
-            self._start_follower(thread)
+            spawn = self._new_follower()
+        if spawn is not None:
+            self._start_follower(*spawn)
 
     @property
     def closed(self) -> bool:
@@ -384,40 +389,42 @@ class LeaderPool(WorkerPool):
         super().close()
         with self._lock:
             if self._source is not None:
-                # under the lock: stop_leading() has not returned, so the
+                # under the lock: stop_leading() has not run, so the
                 # source's descriptors are still open
                 self._source.interrupt()
 
     def stop_leading(self) -> None:
         """Stop serving the source, once the caller has made every waiting
-        accept() return (and any later one return at once): wait until no
-        thread waits in it any more."""
+        accept() return and every later one return at once without
+        touching the source.  Returns at once: the threads waiting in it
+        leave on their own (and are no longer counted as waiting)."""
         with self._lock:
             self._source = None
-            while self._waiting:
-                self._left.wait()
+            self._waiting = 0
 
-    def _new_follower(self) -> Optional[threading.Thread]:
-        """A thread to wait in the source, if none waits and one may start.
-        Called with the lock held; counted as waiting from now on; start it
-        with _start_follower() once the lock is released."""
-        if (self._source is None or self._closed or self._waiting
+    def _new_follower(self) -> Optional[Tuple[threading.Thread, Source]]:
+        """A thread to wait in the source (and that source), if none waits
+        and one may start.  Called with the lock held; counted as waiting
+        from now on; start it with _start_follower() once the lock is
+        released."""
+        source = self._source
+        if (source is None or self._closed or self._waiting
                 or (self.max_threads is not None and len(self._threads) >= self.max_threads)):
             return None
         self._serial += 1
-        t = threading.Thread(target=self._follow, args=(self._source,),
+        t = threading.Thread(target=self._follow, args=(source,),
                              name=f"{self._name}-{self._serial}", daemon=self.daemon)
         self._threads.add(t)
         self._waiting += 1
-        return t
+        return t, source
 
-    def _start_follower(self, t: threading.Thread) -> None:
+    def _start_follower(self, t: threading.Thread, source: Source) -> None:
         try:
             self._start(t)      # (which forgets t if it cannot start)
         except BaseException:
             with self._lock:
-                self._waiting -= 1
-                self._left.notify_all()
+                if self._source is source:      # (else stop_leading() forgot it)
+                    self._waiting -= 1
             raise
 
     def _follow(self, source: Source) -> None:
@@ -454,11 +461,11 @@ class LeaderPool(WorkerPool):
                 # (acquire/release rather than "with": this runs per connection)
                 acquire()
                 try:
-                    self._waiting -= 1
+                    current = self._source is source
+                    if current:     # (else stop_leading() forgot it)
+                        self._waiting -= 1
                     waiting = False
-                    leading = self._source is source and not self._closed
-                    if not leading:
-                        self._left.notify_all()
+                    leading = current and not self._closed
                     spawn = None
                     if batch:
                         args = batch[0]
@@ -478,7 +485,7 @@ class LeaderPool(WorkerPool):
                     release()
                 del batch
                 if spawn is not None:
-                    self._start_follower(spawn)
+                    self._start_follower(*spawn)
                 try:
                     run(*args)
                 finally:
@@ -503,12 +510,12 @@ class LeaderPool(WorkerPool):
             if close is not None:
                 close()
             with self._lock:
-                if waiting:
+                if waiting and self._source is source:
                     self._waiting -= 1
-                    self._left.notify_all()
                 self._threads.discard(me)
                 busy.pop(me, None)
-                # ended by SystemExit & co.: the wait must go on
+                # ended by SystemExit & co.: the wait must go on (in the
+                # source led now, if any)
                 spawn = None if broken else self._new_follower()
             if spawn is not None:
-                self._start_follower(spawn)
+                self._start_follower(*spawn)

@@ -296,13 +296,23 @@ class Listener:
             self._deepest = queued
         return queued, backlog
 
-    def waiter(self, stop_fd: int = -1) -> Any:
+    def waiter(self, stop: Any = -1) -> Any:
         """A waiter for one thread's ``accept_many(..., waiter=)`` calls
         (leader/follower: several threads wait on this listener, each
-        connection goes to one of them).  While ``stop_fd`` (a descriptor;
-        -1: none) is readable, those calls return an empty batch at once.
-        Close it when the thread is done with it."""
-        return self._raw.waiter(stop_fd)
+        connection goes to one of them).  ``stop``: a descriptor (-1: none)
+        while which is readable those calls return an empty batch at once;
+        or a Stop from new_stop(), shared by the waiters.  Close the waiter
+        when the thread is done with it."""
+        return self._raw.waiter(stop)
+
+    def new_stop(self) -> Any:
+        """A Stop for waiters on this listener: its fence() returns once
+        none of their accept_many calls can touch the listening descriptor
+        any more (it may then be made blocking, closed or reused) and makes
+        each of them return an empty batch at once from then on; set() is
+        fence() and wakes the waiting ones; close() it when done (its
+        descriptor closes with the last waiter made with it)."""
+        return self._raw.new_stop()
 
     def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None,
                     waiter: Any = None) -> List[Tuple[socket.socket, Any]]:

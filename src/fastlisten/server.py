@@ -518,17 +518,26 @@ class _FastLoop:
         listener = self._fl_get_listener(sock)
         # As selectors do: a negative timeout means "do not wait".
         timeout = None if poll_interval is None else max(float(poll_interval), 0.0)
+        # What the loop leaves for the very end, once the socket's mode is
+        # restored (ThreadingMixIn wakes its idle workers there, when
+        # nothing is left that could make this thread wait for the GIL
+        # while they leave).
+        last: List[Callable[[], None]] = []
         try:
             run = self._fl_lead_handler()
             if run is not None:
-                return self._fl_serve_leader(listener, timeout, run)
+                return self._fl_serve_leader(listener, timeout, run, last)
             return self._fl_serve_accepted(listener, timeout)
         finally:
-            if sock.fileno() >= 0:
-                try:
-                    sock.settimeout(sock.gettimeout())
-                except OSError:
-                    pass
+            try:
+                if sock.fileno() >= 0:
+                    try:
+                        sock.settimeout(sock.gettimeout())
+                    except OSError:
+                        pass
+            finally:
+                for step in last:
+                    step()
 
     def _fl_serve_accepted(self, listener: Listener, timeout: Optional[float]) -> bool:
         """The serving thread takes batches from the core and hands each
@@ -572,7 +581,8 @@ class _FastLoop:
         return None
 
     def _fl_serve_leader(self, listener: Listener, timeout: Optional[float],
-                         run: Callable[[socket.socket, Any], None]) -> bool:
+                         run: Callable[[socket.socket, Any], None],
+                         last: List[Callable[[], None]]) -> bool:
         raise NotImplementedError   # only servers whose _fl_lead_handler() is not None
 
     def _fl_handle_batch(self, batch: List[Tuple[socket.socket, Any]],
@@ -765,10 +775,11 @@ class _BusyThreads(list):
 class _LeaderSource:
     """What ThreadingMixIn's worker threads serve under leader/follower
     (a ``fastlisten._workers.Source``): each waits in the core on its own
-    waiter over the listener and ``stop`` (a Waker: set means stop), and
-    runs ``run(request, client_address)`` for what it accepted."""
+    waiter over the listener and ``stop`` (a core Stop: once set, no
+    waiter touches the listening descriptor), and runs
+    ``run(request, client_address)`` for what it accepted."""
 
-    def __init__(self, listener: Listener, stop: Waker,
+    def __init__(self, listener: Listener, stop: Any,
                  run: Callable[[socket.socket, Any], None]) -> None:
         self.listener = listener
         self.stop = stop
@@ -778,19 +789,19 @@ class _LeaderSource:
 
     def open(self, timeout: float) -> Tuple[Callable[[], List[Tuple[socket.socket, Any]]],
                                             Callable[[], None]]:
-        waiter = self.listener.waiter(self.stop.fileno())
+        waiter = self.listener.waiter(self.stop)
         return self.listener.accept_one_with(waiter, timeout), waiter.close
 
     def empty(self) -> None:
         self.listener.check_capacity()
 
     def interrupt(self) -> None:
-        self.stop.wakeup()
+        self.stop.set()
 
     def failed(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
-        self.stop.wakeup()      # the serving thread (and the other workers) stop
+        self.stop.set()         # the serving thread (and the other workers) stop
 
 
 class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
@@ -819,7 +830,9 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     the process, and the server holds at most ``max_threads`` connections,
     one per running handler).  The serving thread keeps ``shutdown()``,
     ``service_actions()`` and Ctrl-C; ``shutdown()`` makes every waiting
-    worker leave the core at once.
+    worker leave the core at once, and serve_forever() returns as soon as
+    none of them can accept any more, without waiting for them to be
+    scheduled: they leave on their own.
     """
 
     #: Seconds an idle thread waits for another request before it exits.
@@ -881,35 +894,58 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         return self.process_request_thread  # type: ignore[no-any-return]
 
     def _fl_serve_leader(self, listener: Listener, timeout: Optional[float],
-                         run: Callable[[socket.socket, Any], None]) -> bool:
+                         run: Callable[[socket.socket, Any], None],
+                         last: List[Callable[[], None]]) -> bool:
         """serve_forever's loop under leader/follower: the workers accept;
         this thread waits for shutdown() (or a worker's accept error, which
         returns False: the selector loop takes over), running
-        service_actions() every ``timeout`` seconds."""
+        service_actions() every ``timeout`` seconds.  The idle workers are
+        woken by the steps it adds to ``last``, once the caller is done
+        with the listening socket."""
         pool = self._fl_get_pool()
         pool.daemon = self.daemon_threads
-        stop = Waker()
+        stop = listener.new_stop()     # the workers' (a worker's error and pool.close() set it)
+        try:
+            waker = Waker()     # shutdown()'s
+        except BaseException:
+            stop.close()
+            raise
+
+        def wake_workers() -> None:
+            try:
+                stop.set()
+            finally:
+                stop.close()
+        last.append(wake_workers)
         source = _LeaderSource(listener, stop, run)
-        self._fl_publish(stop, "leader")      # shutdown() sets it
+        self._fl_publish(waker, "leader")
         try:
             pool.lead(source)
             poller = select.poll()
+            poller.register(waker.fileno(), select.POLLIN)
             poller.register(stop.fileno(), select.POLLIN)
             ms = None if timeout is None else int(timeout * 1000 + 0.999)
             while True:
                 if (self._BaseServer__shutdown_request or source.error is not None
-                        or pool.closed):
+                        or pool.closed or stop.fenced):
                     break
                 poller.poll(ms)
                 if (self._BaseServer__shutdown_request or source.error is not None
-                        or pool.closed):
+                        or pool.closed or stop.fenced):
                     break
                 self.service_actions()  # type: ignore[attr-defined]
         finally:
-            stop.wakeup()           # every waiting worker leaves the core, at once
-            pool.stop_leading()     # ... and none enters it again
+            # Once fence() returns, no worker touches the listening
+            # descriptor any more (it waits only for a worker in the middle
+            # of accept4, never for a thread to be scheduled or to take the
+            # GIL): the caller may make it blocking, close it or serve it
+            # again.  The workers are woken last (``last``) and leave the
+            # core on their own, without being waited for; the stop's
+            # descriptor closes with the last one's waiter.
+            stop.fence()
+            pool.stop_leading()
             self._fl_unpublish()
-            stop.close()
+            waker.close()
         # A worker's accept error, or a pool closed under a running loop (at
         # interpreter exit): the selector loop goes on, as the stdlib's would.
         return source.error is None and not pool.closed
