@@ -23,7 +23,7 @@ import pytest
 import fastlisten
 import fastlisten.server as server_mod
 
-from helpers import end_child, in_syscall, serve_in_thread, shutdown_within
+from helpers import NO_SYSCALL_TABLE, end_child, in_syscall, serve_in_thread, shutdown_within
 from test_core import (  # noqa: F401  (core: autouse, both cores)
     LOOPBACK, core, needs_syscall_table,
 )
@@ -329,8 +329,9 @@ def test_a_worker_let_into_the_core_after_server_close_touches_no_reused_descrip
     assert len(pool) == 0
 
 
-@needs_syscall_table
-def test_server_close_right_after_shutdown_with_workers_in_the_core():
+def _four_waiting_in_the_core():
+    """A server whose four idle workers wait in the core (and would for
+    10 * LIMIT s), its pool and its serving thread."""
     Handler, gate = _together(4)
 
     class S(fastlisten.ThreadingTCPServer):
@@ -343,12 +344,33 @@ def test_server_close_right_after_shutdown_with_workers_in_the_core():
         wait_for(lambda: _leading(server))
         assert _ask_together(server, gate, 4) == [b"ping\n"] * 4
         wait_for(lambda: pool.busy == 0 and pool._waiting == len(pool) >= 4)
-        wait_for(lambda: all(in_syscall(x.native_id, _EPOLL_SYSCALLS)
-                             for x in list(pool._threads)))
-    finally:
+        if NO_SYSCALL_TABLE is None:
+            wait_for(lambda: all(in_syscall(x.native_id, _EPOLL_SYSCALLS)
+                                 for x in list(pool._threads)))
+    except BaseException:
         shutdown_within(server, t)
+        server.server_close()
+        raise
+    return server, pool, t
+
+
+def test_server_close_right_after_shutdown_with_workers_in_the_core():
+    server, pool, t = _four_waiting_in_the_core()
+    try:
+        shutdown_within(server, t)
+    finally:
         server.server_close()       # joins: every waiting worker was reached
     assert len(pool) == 0
+
+
+def test_shutdown_alone_sends_every_waiting_worker_away():
+    server, pool, t = _four_waiting_in_the_core()
+    try:
+        shutdown_within(server, t)
+        wait_for(lambda: len(pool) == 0)     # long before their idle timeout
+        assert os.get_blocking(server.socket.fileno())
+    finally:
+        server.server_close()
 
 
 # -- Ctrl-C and interpreter exit (child processes) ---------------------------

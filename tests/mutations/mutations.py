@@ -175,6 +175,27 @@ MUTATIONS = [
              "self._close_now()\n        return fd",
              CORE_TESTS, PURE),
 
+    # -- leader/follower: the workers' Stop -------------------------------------------
+    Mutation("stop: a woken waiter accepts past a fenced gate (C)", "csrc/fl_net.c",
+             "if (gate != NULL && !fl_gate_enter(gate)) {", "if (0) {",
+             ("tests/test_leader_shutdown.py",), COMPILED),
+    Mutation("stop: fence() does not wait for a waiter inside (C)", "src/fastlisten/_core.pyx",
+             "if fl_gate_busy(&self._gate):\n            with nogil:",
+             "if False:\n            with nogil:",
+             ("tests/test_leader_shutdown.py",), COMPILED),
+    Mutation("stop: the gate lets waiters in once fenced (Python)", "src/fastlisten/_corepy.py",
+             "if self._fenced:\n                return False",
+             "if False:\n                return False",
+             ("tests/test_leader_shutdown.py",), PURE),
+    Mutation("stop: fence() does not wait for a waiter inside (Python)",
+             "src/fastlisten/_corepy.py",
+             "while self._inside:\n                self._out.wait()",
+             "while False:\n                self._out.wait()",
+             ("tests/test_leader_shutdown.py",), PURE),
+    Mutation("leader loop: idle workers never woken at the end", "src/fastlisten/server.py",
+             "last.append(wake_workers)", "pass",
+             ("tests/test_leader_shutdown.py",), BOTH),
+
     # -- the server loop, path by path ----------------------------------------------
     Mutation("fast loop: service_actions not called", "src/fastlisten/server.py",
              "self._fl_handle_batch(batch, handle_one)\n                self.service_actions()",
