@@ -314,42 +314,20 @@ fl_gate_destroy(fl_gate *g)
     pthread_mutex_destroy(&g->lock);
 }
 
-/* Sequentially consistent on both sides (a Dekker pair): either a waiter's
- * increment comes first and fl_gate_wait sees it inside, or the close
- * comes first and the waiter sees it closed. */
-int
-fl_gate_enter(fl_gate *g)
-{
-    __atomic_add_fetch(&g->inside, 1, __ATOMIC_SEQ_CST);
-    if (!__atomic_load_n(&g->closed, __ATOMIC_SEQ_CST))
-        return 1;
-    fl_gate_leave(g);
-    return 0;
-}
-
 void
-fl_gate_leave(fl_gate *g)
+fl_gate_wake_closer(fl_gate *g)
 {
-    if (__atomic_sub_fetch(&g->inside, 1, __ATOMIC_SEQ_CST) == 0
-            && __atomic_load_n(&g->closed, __ATOMIC_SEQ_CST)) {
-        /* a closer may sleep in fl_gate_wait: under the lock, so that the
-         * wake-up cannot fall between its check and its sleep */
-        pthread_mutex_lock(&g->lock);
-        pthread_cond_broadcast(&g->cond);
-        pthread_mutex_unlock(&g->lock);
-    }
+    /* under the lock, so that the wake-up cannot fall between fl_gate_wait's
+     * check and its sleep */
+    pthread_mutex_lock(&g->lock);
+    pthread_cond_broadcast(&g->cond);
+    pthread_mutex_unlock(&g->lock);
 }
 
 int
 fl_gate_close(fl_gate *g)
 {
     return !__atomic_exchange_n(&g->closed, 1, __ATOMIC_SEQ_CST);
-}
-
-int
-fl_gate_closed(const fl_gate *g)
-{
-    return __atomic_load_n(&g->closed, __ATOMIC_SEQ_CST);
 }
 
 int

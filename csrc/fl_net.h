@@ -80,10 +80,37 @@ typedef struct {
 
 int fl_gate_init(fl_gate *g);          /* 0, or an errno value */
 void fl_gate_destroy(fl_gate *g);
-int fl_gate_enter(fl_gate *g);         /* 1: inside (fl_gate_leave later); 0: closed */
-void fl_gate_leave(fl_gate *g);
+void fl_gate_wake_closer(fl_gate *g);
+
+/* 1: inside (fl_gate_leave later); 0: closed.  Inline: once per accepted
+ * batch.  Sequentially consistent on both sides (a Dekker pair): either a
+ * waiter's increment comes first and fl_gate_wait sees it inside, or the
+ * close comes first and the waiter sees it closed. */
+static inline void
+fl_gate_leave(fl_gate *g)
+{
+    if (__atomic_sub_fetch(&g->inside, 1, __ATOMIC_SEQ_CST) == 0
+            && __atomic_load_n(&g->closed, __ATOMIC_SEQ_CST))
+        fl_gate_wake_closer(g);     /* a closer may sleep in fl_gate_wait */
+}
+
+static inline int
+fl_gate_enter(fl_gate *g)
+{
+    __atomic_add_fetch(&g->inside, 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&g->closed, __ATOMIC_SEQ_CST))
+        return 1;
+    fl_gate_leave(g);
+    return 0;
+}
+
+static inline int
+fl_gate_closed(const fl_gate *g)
+{
+    return __atomic_load_n(&g->closed, __ATOMIC_SEQ_CST);
+}
+
 int fl_gate_close(fl_gate *g);         /* 1 if it was open (this call closed it) */
-int fl_gate_closed(const fl_gate *g);
 int fl_gate_busy(const fl_gate *g);    /* waiters inside now */
 void fl_gate_wait(fl_gate *g);         /* Contract: WITHOUT the GIL; after fl_gate_close */
 

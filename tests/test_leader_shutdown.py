@@ -182,12 +182,13 @@ def _hold_first(monkeypatch, where):
     """Hold the first worker that reaches ``where`` of _LeaderSource:
     "accept" (about to call into the core, after its waiter was made) or
     "empty" (on its way out, the core having returned nothing).  Returns
-    (held, release, threads): events, and the held thread."""
+    (held, release, threads): events, and the held thread (then its
+    source)."""
     held, release, threads = threading.Event(), threading.Event(), []
 
-    def hold():
+    def hold(source):
         if not held.is_set():
-            threads.append(threading.current_thread())
+            threads[:] = [threading.current_thread(), source]
             held.set()
             assert release.wait(LIMIT), "the test did not release the worker"
 
@@ -198,7 +199,7 @@ def _hold_first(monkeypatch, where):
             accept, close = orig_open(self, timeout)
 
             def held_accept():
-                hold()
+                hold(self)
                 return accept()
             return held_accept, close
         monkeypatch.setattr(server_mod._LeaderSource, "open", open_)
@@ -206,7 +207,7 @@ def _hold_first(monkeypatch, where):
         orig_empty = server_mod._LeaderSource.empty
 
         def empty(self):
-            hold()
+            hold(self)
             orig_empty(self)
         monkeypatch.setattr(server_mod._LeaderSource, "empty", empty)
     return held, release, threads
@@ -214,7 +215,7 @@ def _hold_first(monkeypatch, where):
 
 @needs_syscall_table
 def test_serve_forever_returns_while_a_worker_is_still_on_its_way_out(monkeypatch):
-    held, release, _ = _hold_first(monkeypatch, "empty")
+    held, release, worker = _hold_first(monkeypatch, "empty")
     server = fastlisten.ThreadingTCPServer(("127.0.0.1", 0), EchoLine)
     t = serve_in_thread(server, None)
     try:
@@ -227,10 +228,13 @@ def test_serve_forever_returns_while_a_worker_is_still_on_its_way_out(monkeypatc
         assert len(pool) == 1 and pool._waiting == 0 and not _leading(server)
         assert os.get_blocking(server.socket.fileno())     # the mode is back already
         assert server.socket.gettimeout() is None
+        stop = worker[1].stop
+        assert stop.fenced and stop.fileno() >= 0       # its waiter still holds it
     finally:
         release.set()
         server.server_close()       # block_on_close: waits for the worker
     assert len(pool) == 0
+    assert stop.fileno() == -1      # closed with the last waiter
 
 
 def test_shutdown_then_serve_again_while_a_worker_of_the_first_run_is_leaving(monkeypatch):

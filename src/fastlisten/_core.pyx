@@ -283,7 +283,14 @@ cdef class Waiter:
         self._epfd = -1
 
     def __dealloc__(self):
-        self.close()
+        self._close()
+
+    cdef void _close(self) noexcept:
+        if self._epfd >= 0:
+            c_close(self._epfd)
+            self._epfd = -1
+            if self._stop is not None:
+                self._stop._release()
 
     def fileno(self):
         """The epoll descriptor, -1 once closed."""
@@ -291,11 +298,7 @@ cdef class Waiter:
 
     def close(self):
         """Close the epoll descriptor.  Idempotent."""
-        if self._epfd >= 0:
-            c_close(self._epfd)
-            self._epfd = -1
-            if self._stop is not None:
-                self._stop._release()
+        self._close()
 
     def __repr__(self):
         return (f"<fastlisten._core.Waiter epfd={self._epfd} stop_fd={self.stop_fd} "
