@@ -66,3 +66,21 @@ def test_the_three_give_raw_listener_the_same_members(compiled_core):
 def test_the_runtime_core_holds_no_benchmark_code(compiled_core):
     for name in ("loadgen_run", "refserver_serve", "LOADGEN_SCENARIOS"):
         assert not hasattr(compiled_core, name)
+
+
+def test_the_three_give_stop_and_waiter_the_same_members(compiled_core):
+    _, stub_members = _stub()
+    made = []
+    try:
+        for core in (compiled_core, _corepy):
+            lst = core.RawListener(socket.AF_INET)
+            stop = lst.new_stop()
+            made.append((lst, stop, lst.waiter(stop)))
+        (_, c_stop, c_waiter), (_, p_stop, p_waiter) = made
+        assert _public(c_stop) == _public(p_stop) == stub_members["Stop"]
+        assert _public(c_waiter) == _public(p_waiter) == stub_members["Waiter"]
+    finally:
+        for lst, stop, waiter in made:
+            waiter.close()
+            stop.close()
+            lst.close()
