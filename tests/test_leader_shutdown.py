@@ -333,6 +333,40 @@ def test_a_worker_let_into_the_core_after_server_close_touches_no_reused_descrip
     assert len(pool) == 0
 
 
+def test_server_close_under_a_running_loop_fences_the_workers_first(monkeypatch):
+    # server_close() without shutdown(): the descriptor is closed while the
+    # workers still serve; they must be kept off it first.
+    held, release, worker = _hold_first(monkeypatch, "accept")
+    fenced_at_close = []
+
+    class Closing:
+        """Below ThreadingMixIn: runs as the socket is about to be closed."""
+
+        def server_close(self):
+            fenced_at_close.append(worker[1].stop.fenced)
+            super().server_close()
+
+    class S(fastlisten.ThreadingMixIn, Closing, fastlisten.TCPServer):
+        block_on_close = False      # the test lets the held worker go itself
+
+    server = S(("127.0.0.1", 0), EchoLine)
+    pool = server._fl_get_pool()
+    t = serve_in_thread(server, None)
+    try:
+        assert held.wait(LIMIT)
+        assert _leading(server)
+        server.server_close()
+        assert fenced_at_close == [True]
+        release.set()
+        worker[0].join(LIMIT)
+        assert not worker[0].is_alive()
+    finally:
+        release.set()
+        shutdown_within(server, t)
+        pool.join(LIMIT)
+    assert len(pool) == 0
+
+
 def _four_waiting_in_the_core():
     """A server whose four idle workers wait in the core (and would for
     10 * LIMIT s), its pool and its serving thread."""

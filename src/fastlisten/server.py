@@ -843,6 +843,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     max_queued: Optional[int] = None
 
     _fl_pool: Optional[WorkerPool] = None
+    _fl_stop: Any = None        # the running leader loop's workers' Stop
 
     @property
     def _threads(self) -> Any:  # type: ignore[override]
@@ -918,6 +919,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
                 stop.close()
         last.append(wake_workers)
         source = _LeaderSource(listener, stop, run)
+        self._fl_stop = stop
         self._fl_publish(waker, "leader")
         try:
             pool.lead(source)
@@ -945,6 +947,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             stop.fence()
             pool.stop_leading()
             self._fl_unpublish()
+            self._fl_stop = None
             waker.close()
         # A worker's accept error, or a pool closed under a running loop (at
         # interpreter exit): the selector loop goes on, as the stdlib's would.
@@ -996,6 +999,11 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     def server_close(self) -> None:
         """Close the server; with block_on_close (and non-daemon threads),
         wait until every request being handled is done."""
+        stop = self._fl_stop
+        if stop is not None:
+            # closed under a running leader loop: keep its workers off the
+            # descriptor before it is closed (and its number reused)
+            stop.fence()
         pool, self._fl_pool = self._fl_pool, None
         try:
             # The stdlib ThreadingMixIn's server_close then joins an empty _threads.
