@@ -134,6 +134,16 @@ fl_wakeup_open(int *rfd, int *wfd)
     return 0;
 }
 
+void
+fl_wakeup_close(int *rfd, int *wfd)
+{
+    if (*rfd >= 0)
+        close(*rfd);
+    if (*wfd >= 0 && *wfd != *rfd)
+        close(*wfd);
+    *rfd = *wfd = -1;
+}
+
 /* Async-signal-safe; EAGAIN means a wake-up is already pending, which is
  * just as good. */
 int

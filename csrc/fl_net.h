@@ -57,6 +57,7 @@ int fl_set_nonblocking(int fd, int on);
 int fl_accept4(int lfd, struct sockaddr *addr, socklen_t *addrlen);
 
 int fl_wakeup_open(int *rfd, int *wfd);
+void fl_wakeup_close(int *rfd, int *wfd);     /* both (one for an eventfd); -1 after */
 int fl_wakeup_signal(int wfd);
 void fl_wakeup_drain(int rfd);
 

@@ -411,6 +411,37 @@ def test_shutdown_alone_sends_every_waiting_worker_away():
         server.server_close()
 
 
+@needs_syscall_table
+def test_join_waits_for_a_thread_that_is_being_started():
+    # A follower spawned just as the pool stopped leading is made under the
+    # pool's lock and started after it: server_close()'s join() may meet it
+    # in between (it once raised "cannot join thread before it is started").
+    from fastlisten._workers import WorkerPool
+
+    pool = WorkerPool(name="test-pool")
+    ran, errors, joiner_tids = threading.Event(), [], []
+
+    def join():
+        joiner_tids.append(threading.get_native_id())
+        try:
+            pool.join(LIMIT)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with pool._cond:
+        t = pool._new_thread((ran.set, ()))
+    joiner = threading.Thread(target=join)
+    joiner.start()
+    try:
+        wait_for(lambda: joiner_tids and in_syscall(joiner_tids[0], _FUTEX_SYSCALLS))
+        assert not errors and joiner.is_alive()
+    finally:
+        pool._start(t)
+        joiner.join(LIMIT)
+    assert not errors and not joiner.is_alive() and ran.is_set()
+    assert len(pool) == 0
+
+
 # -- Ctrl-C and interpreter exit (child processes) ---------------------------
 
 _CHILD_PRELUDE = textwrap.dedent("""

@@ -32,7 +32,7 @@ from fastlisten.includes.system cimport (
 from fastlisten.includes.shared cimport raise_errno, addr_from_py
 from fastlisten.includes.fl_net cimport (
     fl_stats, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
-    fl_wakeup_signal, fl_wakeup_drain, fl_wait_accept, fl_capacity_backoff,
+    fl_wakeup_signal, fl_wakeup_drain, fl_wakeup_close, fl_wait_accept, fl_capacity_backoff,
     fl_tcp_queue, fl_accept_error_class, fl_block_signals, fl_restore_signals,
     fl_waiter_open, fl_wait_accept_ep, fl_format_ipv4,
     fl_gate, fl_gate_init, fl_gate_destroy, fl_gate_close, fl_gate_closed, fl_gate_busy,
@@ -208,11 +208,7 @@ cdef class Stop:
             fl_gate_destroy(&self._gate)
 
     cdef void _close_fds(self) noexcept:
-        if self._r >= 0:
-            c_close(self._r)
-        if self._w >= 0 and self._w != self._r:
-            c_close(self._w)
-        self._r = self._w = -1
+        fl_wakeup_close(&self._r, &self._w)
 
     cdef void _release(self) noexcept:
         """A waiter made with this stop was closed."""
@@ -382,11 +378,7 @@ cdef class RawListener:
         free(self._conns)
 
     cdef void _close_wakeup(self) noexcept:
-        if self._wake_r >= 0:
-            c_close(self._wake_r)
-        if self._wake_w >= 0 and self._wake_w != self._wake_r:
-            c_close(self._wake_w)
-        self._wake_r = self._wake_w = -1
+        fl_wakeup_close(&self._wake_r, &self._wake_w)
 
     cdef void _close_now(self) noexcept:
         if self._fd >= 0 and self._owned:

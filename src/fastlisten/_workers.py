@@ -38,6 +38,10 @@ _Job = Tuple[Callable[..., Any], Tuple[Any, ...]]
 #: whether the thread was made.
 _START_GRACE = 5.0
 
+#: Seconds join() waits at a time for a thread that is being started (it
+#: checks again whether the thread is still the pool's in between).
+_START_STEP = 0.05
+
 #: Every pool, so that idle threads can leave at interpreter exit.
 _pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
 
@@ -231,7 +235,15 @@ class WorkerPool:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
-            others[0].join(left)
+            t = others[0]
+            started = getattr(t, "_started", None)
+            if started is not None and not started.is_set():
+                # made under the lock and started just after it (a follower
+                # spawned as the pool stopped leading): wait for it to run,
+                # or to be forgotten (_start) if it cannot start
+                started.wait(_START_STEP if left is None else min(left, _START_STEP))
+                continue
+            t.join(left)
 
     def _new_thread(self, job: _Job) -> threading.Thread:
         """A thread for job, counted as live and busy.  Called with the lock

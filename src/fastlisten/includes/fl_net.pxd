@@ -38,6 +38,7 @@ cdef extern from "fl_net.h" nogil:
     int fl_set_nonblocking(int fd, int on)
     int fl_accept4(int lfd, sockaddr *addr, socklen_t *addrlen)
     int fl_wakeup_open(int *rfd, int *wfd)
+    void fl_wakeup_close(int *rfd, int *wfd)
     int fl_wakeup_signal(int wfd)
     void fl_wakeup_drain(int rfd)
     int fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
