@@ -270,6 +270,52 @@ def test_shutdown_then_serve_again_while_a_worker_of_the_first_run_is_leaving(mo
     assert len(pool) == 0
 
 
+@needs_syscall_table
+def test_shutdown_waits_for_a_connection_accepted_just_before_it(monkeypatch):
+    # A worker that accepted a connection before the fence has it in hand
+    # (running(), drain()) before serve_forever returns: held between its
+    # accept and its bookkeeping, shutdown() waits for it.
+    held, release, worker = threading.Event(), threading.Event(), []
+    orig_open = server_mod._LeaderSource.open
+
+    def open_(self, timeout):
+        accept, close = orig_open(self, timeout)
+
+        def accept_then_hold():
+            batch = accept()
+            if batch and not held.is_set():
+                worker.append(self)
+                held.set()
+                assert release.wait(LIMIT), "the test did not release the worker"
+            return batch
+        return accept_then_hold, close
+    monkeypatch.setattr(server_mod._LeaderSource, "open", open_)
+
+    server = fastlisten.ThreadingTCPServer(("127.0.0.1", 0), EchoLine)
+    t = serve_in_thread(server, None)
+    done = threading.Event()
+    stopper = threading.Thread(target=lambda: (server.shutdown(), done.set()))
+    try:
+        with socket.create_connection(server.server_address, timeout=LIMIT) as c:
+            assert held.wait(LIMIT)
+            stopper.start()
+            stop = worker[0].stop
+            wait_for(lambda: stop.fenced and in_syscall(t.native_id, _FUTEX_SYSCALLS))
+            assert not done.is_set() and t.is_alive()
+            release.set()
+            assert done.wait(LIMIT)
+            t.join(LIMIT)
+            c.sendall(b"ping\n")
+            assert c.makefile("rb").readline() == b"ping\n"
+        assert server.drain(LIMIT) == 0
+    finally:
+        release.set()
+        if stopper.ident is not None:
+            stopper.join(LIMIT)
+        shutdown_within(server, t)
+        server.server_close()
+
+
 def test_a_worker_let_into_the_core_after_shutdown_accepts_nothing(monkeypatch):
     # A worker about to call into the core when shutdown() comes, let in only
     # once serve_forever has returned (the descriptor is blocking again) and

@@ -379,6 +379,9 @@ class LeaderPool(WorkerPool):
     #: threads waiting in (or about to call) the current source's accept();
     #: those of a source that stop_leading() ended are no longer counted
     _waiting = 0
+    _taken = 0          # items the threads took from the current source
+    _taken_wanted = 0   # stop_leading() waits for _taken to reach it (0: nobody waits)
+    _took: Optional[threading.Condition] = None     # ... on this
 
     def lead(self, source: Source) -> None:
         """Serve ``source``: start a thread waiting in it."""
@@ -386,6 +389,9 @@ class LeaderPool(WorkerPool):
             if self._source is not None:
                 raise RuntimeError("this pool already leads a source")
             self._source = source
+            self._taken = 0
+            if self._took is None:
+                self._took = threading.Condition(self._lock)
             spawn = self._new_follower()
         if spawn is not None:
             self._start_follower(*spawn)
@@ -404,15 +410,30 @@ class LeaderPool(WorkerPool):
                 # under the lock: stop_leading() has not run, so the
                 # source's descriptors are still open
                 self._source.interrupt()
+            if self._took is not None:
+                self._took.notify_all()     # a stop_leading() waits no more
 
-    def stop_leading(self) -> None:
+    def stop_leading(self, taken: int = 0,
+                     failed: Callable[[], bool] = lambda: False) -> None:
         """Stop serving the source, once the caller has made every waiting
         accept() return and every later one return at once without
-        touching the source.  Returns at once: the threads waiting in it
-        leave on their own (and are no longer counted as waiting)."""
+        touching the source.  ``taken``: how many items accept() gave out
+        in all (final by then): first wait until the threads have taken
+        each of them in hand (then running(), wait_idle() and join() see
+        them), unless ``failed()`` or the pool closes.  The threads waiting
+        in the source are not waited for: they leave on their own (and are
+        no longer counted as waiting)."""
         with self._lock:
-            self._source = None
-            self._waiting = 0
+            took = self._took
+            try:
+                if took is not None and self._taken < taken:
+                    self._taken_wanted = taken
+                    while self._taken < taken and not self._closed and not failed():
+                        took.wait()
+            finally:
+                self._taken_wanted = 0
+                self._source = None
+                self._waiting = 0
 
     def _new_follower(self) -> Optional[Tuple[threading.Thread, Source]]:
         """A thread to wait in the source (and that source), if none waits
@@ -484,6 +505,10 @@ class LeaderPool(WorkerPool):
                         busy[me] = args
                         if len(busy) > self.peak:
                             self.peak = len(busy)
+                        if current:
+                            self._taken += 1
+                            if self._taken_wanted:
+                                self._took.notify_all()   # type: ignore[union-attr]
                         if not self._waiting:
                             spawn = self._new_follower()    # someone must wait meanwhile
                     elif not leading or (self._waiting and
@@ -524,6 +549,8 @@ class LeaderPool(WorkerPool):
             with self._lock:
                 if waiting and self._source is source:
                     self._waiting -= 1
+                if self._taken_wanted:
+                    self._took.notify_all()   # type: ignore[union-attr]   (failed()?)
                 self._threads.discard(me)
                 busy.pop(me, None)
                 # ended by SystemExit & co.: the wait must go on (in the

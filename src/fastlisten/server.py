@@ -921,6 +921,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         source = _LeaderSource(listener, stop, run)
         self._fl_stop = stop
         self._fl_publish(waker, "leader")
+        accepted = listener.stats()["accepted"]
         try:
             pool.lead(source)
             poller = select.poll()
@@ -941,11 +942,14 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             # descriptor any more (it waits only for a worker in the middle
             # of accept4, never for a thread to be scheduled or to take the
             # GIL): the caller may make it blocking, close it or serve it
-            # again.  The workers are woken last (``last``) and leave the
-            # core on their own, without being waited for; the stop's
-            # descriptor closes with the last one's waiter.
+            # again.  A connection a worker accepted before that is waited
+            # for until the worker has it in hand (drain() sees it); the
+            # workers are woken last (``last``) and leave the core on their
+            # own, without being waited for; the stop's descriptor closes
+            # with the last one's waiter.
             stop.fence()
-            pool.stop_leading()
+            pool.stop_leading(listener.stats()["accepted"] - accepted,
+                              lambda: source.error is not None)
             self._fl_unpublish()
             self._fl_stop = None
             waker.close()
