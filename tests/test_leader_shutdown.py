@@ -44,6 +44,34 @@ def _tid_list():
 
 # -- the core: Stop -----------------------------------------------------------
 
+def test_a_gated_waiter_takes_what_is_queued_before_it_waits():
+    """A worker back from a request takes the next queued connection with
+    one accept4, without an epoll wait: shown by taking the listener out of
+    the waiter's epoll set, so that only a take before the wait can find
+    it; and a fenced stop takes nothing, queued or not."""
+    import select
+    with fastlisten.listen(LOOPBACK) as lst:
+        stop = lst.new_stop()
+        w = lst.waiter(stop)
+        ep = select.epoll.fromfd(os.dup(w.fileno()))
+        try:
+            ep.unregister(lst.fileno())     # the waiter's own epoll set, shared
+            with socket.create_connection(lst.address, timeout=LIMIT) as c1, \
+                    socket.create_connection(lst.address, timeout=LIMIT) as c2:
+                wait_for(lambda: lst.queue()[0] == 2)
+                batch = lst.accept_many(1, LIMIT, w)
+                assert len(batch) == 1 and batch[0][1] == c1.getsockname()
+                batch[0][0].close()
+                stop.fence()
+                assert lst.accept_many(1, 0.2, w) == []
+                assert lst.queue()[0] == 1 and c2.fileno() >= 0
+        finally:
+            ep.close()
+            stop.set()
+            w.close()
+            stop.close()
+
+
 @needs_syscall_table
 def test_a_fenced_stop_keeps_a_waiter_that_the_listener_wakes_off_it():
     # fence() wakes nobody: the waiter stays in epoll_wait until a connection

@@ -473,6 +473,18 @@ class RawListener:
                 if self._old > 0:
                     self._park(gen, deadline)
                 ready = self._old == 0 and gen == self._gen and not self._close_pending
+            gate = waiter._stop if waiter is not None else None
+            if ready and gate is not None:
+                # what is queued already is taken before any wait (inside
+                # the gate, as the compiled core does)
+                if not gate._enter():
+                    ready = False       # stopped: touch nothing
+                else:
+                    try:
+                        err = self._drain(sock, max, out)
+                    finally:
+                        gate._leave()
+                    ready = not out and not err
             while ready:
                 lfd, wfd = sock.fileno(), self._waker.fileno()  # type: ignore[union-attr]
                 if waiter is None:
@@ -493,7 +505,6 @@ class RawListener:
                             self._gen += 1
                             self._old = self._busy
                 elif lfd in events:
-                    gate = waiter._stop if waiter is not None else None
                     if events[lfd] & _POLLNVAL:
                         err = errno.EBADF
                     elif gate is not None and not gate._enter():
