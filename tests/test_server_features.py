@@ -2,6 +2,7 @@
 lacks: listener options from a ListenConfig (``listen_config``), a drain
 with a deadline (``drain``/``end_handlers``) and ``counters()``."""
 
+import errno
 import os
 import socket
 import socketserver
@@ -337,3 +338,32 @@ def test_connection_options_on_a_datagram_server_are_refused():
             server.handle_request()
     assert len(errors) == 1 and isinstance(errors[0], ValueError)
     assert "Late: ssl_context is for stream" in str(errors[0])
+
+
+def _leave_time_wait(server_class):
+    """A port that a server of server_class served one connection on and
+    closed: the server's side of it is in TIME_WAIT now (it closed first)."""
+    with server_class(("127.0.0.1", 0), EchoLine) as server:
+        with serving(server):
+            assert ask(server.server_address, b"one\n") == b"one\n"
+        return server.server_address[1]
+
+
+def test_a_port_in_time_wait_tells_a_server_class_about_allow_reuse_address():
+    """The stdlib's TCPServer sets no SO_REUSEADDR: after a restart, the
+    port is held by the last run's connections in TIME_WAIT, and the error
+    names the class attribute (not listen()'s reuse_address); with it set,
+    the next restart rebinds over them, as the message says."""
+    port = _leave_time_wait(fastlisten.TCPServer)
+    with pytest.raises(OSError) as info:
+        fastlisten.TCPServer(("127.0.0.1", port), EchoLine)
+    text = str(info.value)
+    assert info.value.errno == errno.EADDRINUSE and "TIME_WAIT" in text
+    assert "set allow_reuse_address = True" in text and "reuse_address=True (the" not in text
+
+    class Reusing(fastlisten.TCPServer):
+        allow_reuse_address = True
+
+    port = _leave_time_wait(Reusing)
+    with Reusing(("127.0.0.1", port), EchoLine) as again:
+        assert again.server_address[1] == port

@@ -71,7 +71,9 @@ def stale_socket_hint(config: Any, server: bool = False) -> str:
             "only a socket nobody listens on): stop whatever uses it, or choose another path")
 
 
-def _explain_addrinuse(family: int, address: Any, stale_hint: Optional[str]) -> str:
+def _explain_addrinuse(family: int, address: Any, hint: Optional[str]) -> str:
+    """``hint``: the caller's way out of a leftover Unix socket file (Unix)
+    or of a port held by a connection in TIME_WAIT (TCP)."""
     where = format_address(address)
     holders = find_holders(family, address)
     if family == socket.AF_UNIX:
@@ -80,7 +82,7 @@ def _explain_addrinuse(family: int, address: Any, stale_hint: Optional[str]) -> 
             if os.path.lexists(path) and not _is_socket(path):
                 return (f"{where} exists and is not a socket; fastlisten leaves it "
                         "alone: remove it or choose another path")
-            return f"{where} exists; {stale_hint or 'remove it before binding'}"
+            return f"{where} exists; {hint or 'remove it before binding'}"
     if holders:
         parts = []
         for h in holders:
@@ -97,8 +99,21 @@ def _explain_addrinuse(family: int, address: Any, stale_hint: Optional[str]) -> 
         return f"{where} is already in use"
     return (f"{where}: no listening socket holds it, so it is bound by a socket "
             "that does not listen, or held by a connection "
-            "(TIME_WAIT). reuse_address=True (the default) rebinds over TIME_WAIT; "
+            f"(TIME_WAIT). {hint or REUSE_HINT}; "
             "otherwise choose another port, or port 0")
+
+
+#: How fastlisten.listen() gets past a port held by TIME_WAIT connections
+#: (Linux lets a bind pass them only when both sockets set SO_REUSEADDR).
+REUSE_HINT = ("reuse_address=True (the default) rebinds over the TIME_WAIT connections of "
+              "a socket that set it too (those of one that did not hold the port for up "
+              "to 60 s)")
+#: ... and a socketserver class (whose stdlib default is not to set it).
+SERVER_REUSE_HINT = ("the server class sets no SO_REUSEADDR (allow_reuse_address = False, "
+                     "the stdlib's default for TCPServer), so the connections a run leaves "
+                     "in TIME_WAIT hold the port for up to 60 s after it ends: wait, and set "
+                     "allow_reuse_address = True on the class (as http.server's servers do) "
+                     "so that the next restart rebinds over them")
 
 
 def _is_socket(path: str) -> bool:
@@ -174,7 +189,8 @@ _UNIX_ONLY = (errno.ENOENT, errno.ENOTDIR)
 
 
 def explain_bind_error(exc: OSError, family: int, address: Any,
-                       stale_hint: Optional[str] = None) -> OSError:
+                       stale_hint: Optional[str] = None,
+                       reuse_hint: Optional[str] = None) -> OSError:
     """The same error with a message that explains it.
 
     For EADDRINUSE, EADDRNOTAVAIL and EACCES from bind() (and, for a Unix
@@ -182,14 +198,16 @@ def explain_bind_error(exc: OSError, family: int, address: Any,
     ``errno`` intact and a message naming ``address``, the holder, this
     machine's addresses or the way out; any other error comes back
     unchanged.  ``stale_hint`` says what to do about a leftover Unix socket
-    file (see stale_socket_hint()).  Use as
+    file (see stale_socket_hint()), ``reuse_hint`` about a TCP port held by
+    connections in TIME_WAIT (default: REUSE_HINT).  Use as
     ``raise explain_bind_error(e, family, addr) from None``.
     """
     explainer = _EXPLAINERS.get(exc.errno)  # type: ignore[arg-type]
     if explainer is None or (family != socket.AF_UNIX and exc.errno in _UNIX_ONLY):
         return exc
     try:
-        detail = explainer(family, address, stale_hint)
+        detail = explainer(family, address,
+                           stale_hint if family == socket.AF_UNIX else reuse_hint)
     except Exception:  # noqa: BLE001 - an explanation must never hide the error
         return exc
     strerror = exc.strerror or os.strerror(exc.errno)  # type: ignore[arg-type]

@@ -60,7 +60,8 @@ from fastlisten._wakeup import Waker
 from fastlisten._workers import LeaderPool
 from fastlisten.config import ListenConfig
 from fastlisten.errors import (
-    effective_backlog, explain_bind_error, stale_socket_hint, warn_if_ephemeral,
+    SERVER_REUSE_HINT, effective_backlog, explain_bind_error, stale_socket_hint,
+    warn_if_ephemeral,
 )
 from fastlisten.listener import Listener, UnixSocketFile, adoptable, default_backlog
 from fastlisten.proxy import ProxyHeader
@@ -241,7 +242,10 @@ class _FastLoop:
                     raise unknown from None     # names the host, as listen() does
             except (OSError, TypeError, ValueError, OverflowError):
                 pass
-            raise explain_bind_error(exc, family, where,
+            reuse = None
+            if config is None and not self.allow_reuse_address:  # type: ignore[attr-defined]
+                reuse = SERVER_REUSE_HINT
+            raise explain_bind_error(exc, family, where, reuse_hint=reuse,
                                      stale_hint=stale_socket_hint(config, server=True)) from None
         if config is not None:
             config.after_bind()
