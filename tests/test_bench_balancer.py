@@ -15,7 +15,9 @@ def test_the_header_the_bench_sends_is_what_haproxy_sends():
 
 
 def test_balancer_bench_runs_and_reports():
-    report = run_balancer_bench(total=300, repeats=1, concurrency=4, timeout=5.0)
+    # enough connections that the server's CPU time is more than a few of
+    # the kernel's 10 ms accounting ticks (300 once measured 0.0)
+    report = run_balancer_bench(total=2000, repeats=1, concurrency=4, timeout=5.0)
     cpu = report["cpu_us_per_connection"]
     assert cpu["off"] > 0 and cpu["on"] > 0 and cpu["ratio"] > 0
     if find_haproxy() is None:
