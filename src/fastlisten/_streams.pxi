@@ -270,15 +270,13 @@ cdef class SocketWriter:
     def write(self, b):
         """Send all of b; its length in bytes."""
         cdef Py_ssize_t sent = _send_now(self._sock, b)
-        if sent >= 0 and type(b) is bytes:
-            if sent == len(<bytes>b):
-                return sent
-            self._sock.sendall((<bytes>b)[sent:])
-            return len(<bytes>b)
         if sent < 0:
             self._sock.sendall(b)
+        elif type(b) is bytes and sent == len(<bytes>b):
+            return sent             # all at once: the common case
         with memoryview(b) as view:
-            if sent >= 0 and sent < view.nbytes:
+            if 0 <= sent < view.nbytes:
+                # the rest, without copying it
                 with view.cast("B") as octets:
                     self._sock.sendall(octets[sent:])
             return view.nbytes
