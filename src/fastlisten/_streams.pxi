@@ -37,15 +37,20 @@ cdef inline void _check_open(bint closed, str what="file") except *:
 # raises what it raises.  Errors of the first try are raised as the socket
 # module raises them (OSError from errno: its subclass, same message).
 
+cdef inline int _plain_fd(object sock) except -2:
+    """sock's descriptor when it is a plain, open socket.socket; else -1."""
+    if type(sock) is not _socket_class:
+        return -1
+    return sock.fileno()
+
+
 cdef Py_ssize_t _recv_now(object sock, object b) except -3:
     """Bytes received into b without waiting; -2 when the caller must use
     the socket's own recv_into (would block, or not a plain socket)."""
     cdef Py_buffer view
     cdef ssize_t n
-    cdef int fd, err
-    if type(sock) is not _socket_class:
-        return -2
-    fd = sock.fileno()
+    cdef int err
+    cdef int fd = _plain_fd(sock)
     if fd < 0:
         return -2
     try:
@@ -69,11 +74,9 @@ cdef Py_ssize_t _send_now(object sock, object b) except -3:
     then raises what it raises)."""
     cdef Py_buffer view
     cdef ssize_t n
-    cdef int fd, err
-    if type(sock) is not _socket_class or not PyObject_CheckBuffer(b):
-        return -2
-    fd = sock.fileno()
-    if fd < 0:
+    cdef int err
+    cdef int fd = _plain_fd(sock)
+    if fd < 0 or not PyObject_CheckBuffer(b):
         return -2
     try:
         PyObject_GetBuffer(b, &view, PyBUF_SIMPLE)
