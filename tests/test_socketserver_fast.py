@@ -374,10 +374,11 @@ def test_a_submit_waiting_for_room_goes_on_when_a_replacement_takes_a_job(monkey
     # that replaces it takes the queued job, and the submit waiting for room
     # must go on.
     monkeypatch.setattr(threading, "excepthook", lambda args: None)
-    gate, ran = threading.Event(), []
+    gate, ran, dying = threading.Event(), [], []
     pool = WorkerPool(max_threads=1, max_queued=1, idle_timeout=30)
 
     def exiting():
+        dying.append(threading.current_thread())
         gate.wait(LIMIT)
         raise SystemExit
 
@@ -392,6 +393,10 @@ def test_a_submit_waiting_for_room_goes_on_when_a_replacement_takes_a_job(monkey
     wait_for(lambda: ran == [2, 3])
     pool.close()
     pool.join(LIMIT)
+    # The pool no longer counts the dying thread, so its join does not wait
+    # for it; it must be gone (its excepthook run) before monkeypatch undoes.
+    dying[0].join(LIMIT)
+    assert not dying[0].is_alive()
 
 
 def test_worker_pool_arguments():
