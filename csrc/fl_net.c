@@ -169,12 +169,44 @@ fl_wakeup_drain(int rfd)
     } while (n > 0 || (n < 0 && errno == EINTR));
 }
 
-static void
-fl_count_error(fl_stats *st, int err)
+void
+fl_stats_count_error(fl_stats *st, int err)
 {
-    if (err < 0 || err >= FL_ERRNO_SLOTS)
-        err = FL_ERRNO_SLOTS - 1;
-    st->errors[err]++;
+    int slot = err < 0 || err >= FL_ERRNO_SLOTS ? FL_ERRNO_SLOTS - 1 : err;
+    __atomic_add_fetch(&st->errors[slot], 1, __ATOMIC_RELAXED);
+    if (fl_accept_error_class(err) == FL_ERR_CAPACITY) {
+        __atomic_store_n(&st->last_capacity_errno, err, __ATOMIC_RELAXED);
+        if (!__atomic_exchange_n(&st->in_capacity_episode, 1, __ATOMIC_RELAXED))
+            __atomic_add_fetch(&st->capacity_episodes, 1, __ATOMIC_RELAXED);
+    }
+}
+
+void
+fl_stats_count_batch(fl_stats *st, int n, int err)
+{
+    unsigned long long big = __atomic_load_n(&st->max_batch, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&st->accepted, (unsigned long long)n, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&st->batches, 1, __ATOMIC_RELAXED);
+    while ((unsigned long long)n > big
+           && !__atomic_compare_exchange_n(&st->max_batch, &big, (unsigned long long)n, 1,
+                                           __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;   /* another batch raised it meanwhile: big is its value now */
+    if (err == 0)
+        __atomic_store_n(&st->in_capacity_episode, 0, __ATOMIC_RELAXED);
+}
+
+void
+fl_stats_read(const fl_stats *st, fl_stats *out)
+{
+    int i;
+    out->accepted = __atomic_load_n(&st->accepted, __ATOMIC_RELAXED);
+    out->batches = __atomic_load_n(&st->batches, __ATOMIC_RELAXED);
+    out->max_batch = __atomic_load_n(&st->max_batch, __ATOMIC_RELAXED);
+    out->capacity_episodes = __atomic_load_n(&st->capacity_episodes, __ATOMIC_RELAXED);
+    out->in_capacity_episode = __atomic_load_n(&st->in_capacity_episode, __ATOMIC_RELAXED);
+    out->last_capacity_errno = __atomic_load_n(&st->last_capacity_errno, __ATOMIC_RELAXED);
+    for (i = 0; i < FL_ERRNO_SLOTS; i++)
+        out->errors[i] = __atomic_load_n(&st->errors[i], __ATOMIC_RELAXED);
 }
 
 /* accept4 until EAGAIN or max connections are in out[]; returns how many.
@@ -199,27 +231,14 @@ fl_drain_accept(int lfd, fl_conn *out, int max, fl_stats *st, int *err)
             break;
         if (e == EINTR)
             continue;
-        fl_count_error(st, e);
+        fl_stats_count_error(st, e);
         if (fl_accept_error_class(e) == FL_ERR_IGNORE)
             continue;
-        if (fl_accept_error_class(e) == FL_ERR_CAPACITY) {
-            st->last_capacity_errno = e;
-            if (!st->in_capacity_episode) {
-                st->in_capacity_episode = 1;
-                st->capacity_episodes++;
-            }
-        }
         *err = e;
         break;
     }
-    if (n > 0) {
-        st->accepted += (unsigned long long)n;
-        st->batches++;
-        if ((unsigned long long)n > st->max_batch)
-            st->max_batch = (unsigned long long)n;
-        if (*err == 0)
-            st->in_capacity_episode = 0;
-    }
+    if (n > 0)
+        fl_stats_count_batch(st, n, *err);
     return n;
 }
 

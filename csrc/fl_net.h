@@ -28,6 +28,18 @@ typedef struct {
     unsigned long long errors[FL_ERRNO_SLOTS]; /* accept errors by errno */
 } fl_stats;
 
+/* Leader/follower waiters of one listener accept at the same time without
+ * the GIL and count into the same fl_stats: every update is atomic (a lost
+ * increment would make "accepted" lie, and a stop that waits for every
+ * accepted connection to be in hand would stop waiting one too early).
+ * Read the counters through fl_stats_read, never field by field. */
+void fl_stats_read(const fl_stats *st, fl_stats *out);
+/* An accept error (a capacity error begins an episode, unless one runs). */
+void fl_stats_count_error(fl_stats *st, int err);
+/* n >= 1 connections taken in one batch; err: the errno that ended it
+ * early, 0 if none (a batch that ran dry ends a capacity episode). */
+void fl_stats_count_batch(fl_stats *st, int n, int err);
+
 typedef struct {
     int fd;
     socklen_t addrlen;

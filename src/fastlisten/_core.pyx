@@ -31,7 +31,7 @@ from fastlisten.includes.system cimport (
 )
 from fastlisten.includes.shared cimport raise_errno, addr_from_py
 from fastlisten.includes.fl_net cimport (
-    fl_stats, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
+    fl_stats, fl_stats_read, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
     fl_wakeup_signal, fl_wakeup_drain, fl_wakeup_close, fl_wait_accept, fl_capacity_backoff,
     fl_tcp_queue, fl_accept_error_class, fl_block_signals, fl_restore_signals,
     fl_waiter_open, fl_wait_accept_ep, fl_format_ipv4,
@@ -708,24 +708,30 @@ cdef class RawListener:
     @property
     def capacity_episodes(self):
         """How many runs of capacity errors (EMFILE, ...) accept has met."""
-        return self._st.capacity_episodes
+        cdef fl_stats now
+        fl_stats_read(&self._st, &now)
+        return now.capacity_episodes
 
     @property
     def last_capacity_errno(self):
         """The errno of the latest capacity error, 0 if none."""
-        return self._st.last_capacity_errno
+        cdef fl_stats now
+        fl_stats_read(&self._st, &now)
+        return now.last_capacity_errno
 
     def stats(self):
         """Counters: accepted, batches, max_batch, capacity_episodes, errors {errno: n}."""
+        cdef fl_stats now
+        fl_stats_read(&self._st, &now)    # waiters may be counting without the GIL
         errors = {}
         for i in range(FL_ERRNO_SLOTS):
-            if self._st.errors[i]:
-                errors[i] = self._st.errors[i]
+            if now.errors[i]:
+                errors[i] = now.errors[i]
         return {
-            'accepted': self._st.accepted,
-            'batches': self._st.batches,
-            'max_batch': self._st.max_batch,
-            'capacity_episodes': self._st.capacity_episodes,
+            'accepted': now.accepted,
+            'batches': now.batches,
+            'max_batch': now.max_batch,
+            'capacity_episodes': now.capacity_episodes,
             'errors': errors,
         }
 

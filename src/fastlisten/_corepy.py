@@ -258,6 +258,9 @@ class RawListener:
         self._parked = threading.Condition(self._lock)
         self._close_pending = False
         self._backoff_ms = BACKOFF_FIRST_MS
+        # Counters; updated under _counting: leader/follower waiters drain
+        # at the same time (as the compiled core's atomics).
+        self._counting = threading.Lock()
         self._accepted = self._batches = self._max_batch = 0
         self._capacity_episodes = 0
         self._in_capacity_episode = False
@@ -435,7 +438,13 @@ class RawListener:
 
     def _count_error(self, err: int) -> None:
         slot = err if 0 <= err < ERRNO_SLOTS else ERRNO_SLOTS - 1
-        self._errors[slot] = self._errors.get(slot, 0) + 1
+        with self._counting:
+            self._errors[slot] = self._errors.get(slot, 0) + 1
+            if err in CAPACITY:
+                self._last_capacity_errno = err
+                if not self._in_capacity_episode:
+                    self._in_capacity_episode = True
+                    self._capacity_episodes += 1
 
     def new_stop(self) -> Stop:
         """A :class:`Stop` for this listener's waiters (of this core)."""
@@ -608,11 +617,6 @@ class RawListener:
                     self._count_error(e)
                     if e in IGNORABLE:
                         continue
-                    if e in CAPACITY:
-                        self._last_capacity_errno = e
-                        if not self._in_capacity_episode:
-                            self._in_capacity_episode = True
-                            self._capacity_episodes += 1
                     err = e
                     break
                 try:
@@ -630,12 +634,13 @@ class RawListener:
             raise
         n = len(out)
         if n:
-            self._accepted += n
-            self._batches += 1
-            if n > self._max_batch:
-                self._max_batch = n
-            if err == 0:
-                self._in_capacity_episode = False
+            with self._counting:
+                self._accepted += n
+                self._batches += 1
+                if n > self._max_batch:
+                    self._max_batch = n
+                if err == 0:
+                    self._in_capacity_episode = False
         return err
 
     # -- counters ------------------------------------------------------

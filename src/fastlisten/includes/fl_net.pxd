@@ -14,6 +14,7 @@ cdef extern from "fl_net.h" nogil:
         int in_capacity_episode
         int last_capacity_errno
         unsigned long long errors[FL_ERRNO_SLOTS]
+    void fl_stats_read(const fl_stats *st, fl_stats *out)
 
     ctypedef struct fl_conn:
         int fd
