@@ -19,7 +19,7 @@ import pytest
 import fastlisten
 from fastlisten import sysinfo
 from fastlisten.systemd import Notifier
-from fastlisten.workers import Workers, steering_program
+from fastlisten.workers import Workers, _Record, steering_program
 
 FL = [sys.executable, "-m", "fastlisten"]
 
@@ -567,6 +567,38 @@ def test_workers_checks_its_arguments():
     with pytest.raises(ValueError, match="reuse_port needs sockets of its own"):
         Workers(fastlisten.TCPServer, None, fastlisten.StreamRequestHandler,
                 listen_config=fastlisten.ListenConfig(fd=3), reuse_port=True)
+
+
+def test_the_supervisor_never_reads_a_half_written_worker_record():
+    # A worker writes its record after every batch, and the supervisor reads
+    # it meanwhile; a record read half-written once showed a heartbeat of
+    # 0.0, and a healthy worker was killed as hung (its connections reset).
+    record = _Record()
+    stamps = (1000.25, 2000.5)          # differ in every byte that matters
+    record.write(stamps[0], 1, 1, 1)
+    pid = os.fork()
+    if pid == 0:            # the writer: a bounded number of writes, then exit
+        code = 1
+        try:
+            for i in range(300_000):
+                record.write(stamps[i % 2], 2, 2, 2)
+            code = 0
+        finally:
+            os._exit(code)
+    reads, bad = 0, []
+    try:
+        while True:
+            heartbeat = record.read()[0]
+            reads += 1
+            if heartbeat not in stamps and len(bad) < 5:
+                bad.append(heartbeat)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+    finally:
+        record.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert bad == [], f"{len(bad)}+ torn reads of {reads}"
 
 
 def test_steering_program_picks_only_the_given_sockets():

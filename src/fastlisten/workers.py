@@ -93,9 +93,35 @@ __all__ = ["Workers"]
 
 _log = logging.getLogger("fastlisten.workers")
 
-#: The shared-memory record of one worker: heartbeat (CLOCK_MONOTONIC
-#: seconds), connections accepted, handlers running, handlers peak.
-_SLOT = struct.Struct("=dQII")
+class _Record:
+    """One worker's record, in memory it shares with the supervisor:
+    heartbeat (CLOCK_MONOTONIC seconds), connections accepted, handlers
+    running, handlers peak.  Each field is an aligned 8-byte word stored and
+    loaded whole (one machine store or load, through memoryview casts), so
+    the supervisor never reads a half-written record.  (struct.pack_into
+    zero-fills before it writes: a heartbeat read as 0.0 in between made the
+    supervisor kill a healthy worker, and reset the connections it held.)"""
+
+    def __init__(self) -> None:
+        self._shm = mmap.mmap(-1, 32)
+        view = memoryview(self._shm)
+        self._time = view[:8].cast("d")
+        self._counts = view[8:].cast("Q")
+        view.release()
+
+    def write(self, heartbeat: float, accepted: int, running: int, peak: int) -> None:
+        counts = self._counts
+        counts[0], counts[1], counts[2] = accepted, running, peak
+        self._time[0] = heartbeat
+
+    def read(self) -> Tuple[float, int, int, int]:
+        counts = self._counts
+        return self._time[0], counts[0], counts[1], counts[2]
+
+    def close(self) -> None:
+        self._time.release()
+        self._counts.release()
+        self._shm.close()
 
 #: Bytes a worker writes on its status pipe.
 _READY, _RECYCLE = b"R", b"M"
@@ -190,7 +216,7 @@ class _Worker:
     slot: int
     generation: int
     status_fd: int
-    shm: mmap.mmap
+    record: _Record
     limit: int                      # max_requests (+ jitter) for this worker; 0: none
     started: float
     state: str = "starting"         # starting -> ready -> retiring
@@ -198,9 +224,6 @@ class _Worker:
     deadline: Optional[float] = None    # retiring: SIGKILL after this
     recycle: bool = False           # asked to be replaced (max_requests)
     steered_at: Optional[float] = None  # reuseport slot closing: steered away since
-
-    def record(self) -> Tuple[float, int, int, int]:
-        return _SLOT.unpack_from(self.shm, 0)
 
 
 @dataclass
@@ -626,7 +649,7 @@ class Workers:
             if w.state == "starting":
                 last = w.started
             else:
-                last = w.record()[0]
+                last = w.record.read()[0]
                 if self._failures and w.ready_at is not None and \
                         w.ready_at > self._last_failure and \
                         now - w.ready_at >= self.min_uptime:
@@ -696,8 +719,8 @@ class Workers:
         limit = 0
         if self.max_requests:
             limit = self.max_requests + random.randint(0, self.max_requests_jitter)
-        shm = mmap.mmap(-1, _SLOT.size)
-        _SLOT.pack_into(shm, 0, time.monotonic(), 0, 0, 0)
+        record = _Record()
+        record.write(time.monotonic(), 0, 0, 0)
         r, w = os.pipe2(os.O_CLOEXEC)
         generation = self._generation
         try:
@@ -705,13 +728,13 @@ class Workers:
         except OSError:
             os.close(r)
             os.close(w)
-            shm.close()
+            record.close()
             raise
         if pid == 0:        # the worker
             code = 1
             try:
                 os.close(r)
-                code = self._worker_main(slot, generation, w, shm, limit)
+                code = self._worker_main(slot, generation, w, record, limit)
             except BaseException:   # noqa: BLE001 - a worker never returns into the parent
                 _log.exception("worker %d failed", os.getpid())
             finally:
@@ -726,7 +749,7 @@ class Workers:
         except OSError:
             pass                    # it has done so, or is gone already
         self._workers[pid] = _Worker(pid=pid, slot=slot, generation=generation, status_fd=r,
-                                     shm=shm, limit=limit, started=time.monotonic())
+                                     record=record, limit=limit, started=time.monotonic())
         _log.debug("started worker %d (slot %d, generation %d)", pid, slot, generation)
 
     def _reap(self) -> None:
@@ -740,7 +763,7 @@ class Workers:
             del self._workers[pid]
             if w.status_fd >= 0:
                 os.close(w.status_fd)
-            w.shm.close()
+            w.record.close()
             self._exited_worker(w, status)
 
     def _exited_worker(self, w: _Worker, status: int) -> None:
@@ -800,7 +823,7 @@ class Workers:
                 pass
             if w.status_fd >= 0:
                 os.close(w.status_fd)
-            w.shm.close()
+            w.record.close()
         self._workers.clear()
 
     def _close_listeners(self) -> None:
@@ -885,7 +908,7 @@ class Workers:
         (workers that ended, expected or not)."""
         per: Dict[int, Dict[str, Any]] = {}
         for w in self._workers.values():
-            _, accepted, running, peak = w.record()
+            _, accepted, running, peak = w.record.read()
             per[w.pid] = {"accepted": accepted, "handlers_running": running,
                           "handlers_peak": peak, "slot": w.slot,
                           "generation": w.generation, "state": w.state}
@@ -941,7 +964,7 @@ class Workers:
 
     # -- the worker process ------------------------------------------------------
 
-    def _worker_main(self, slot: int, generation: int, status_fd: int, shm: mmap.mmap,
+    def _worker_main(self, slot: int, generation: int, status_fd: int, record: _Record,
                      limit: int) -> int:
         """The body of a worker process (after fork); returns its exit code."""
         # Its own process group: the supervisor's SIGKILL reaches the
@@ -971,7 +994,7 @@ class Workers:
             # a fastlisten server: Workers' listen_config is its own (the
             # PROXY protocol and connection options apply in the worker)
             server._fl_config = self.config
-        return _WorkerLoop(server, status_fd, shm, limit, lifeline,
+        return _WorkerLoop(server, status_fd, record, limit, lifeline,
                            min(0.1, self.timeout / 4), self.graceful_timeout).run()
 
     def _worker_close_parent_fds(self, slot: int, status_fd: int) -> int:
@@ -1043,11 +1066,11 @@ class _WorkerLoop:
     SIGTERM (graceful stop), SIGUSR2 (graceful stop that empties the
     socket's queue first) or the parent's death (the lifeline pipe ends)."""
 
-    def __init__(self, server: Any, status_fd: int, shm: mmap.mmap, limit: int,
+    def __init__(self, server: Any, status_fd: int, record: _Record, limit: int,
                  lifeline: int, poll_interval: float, graceful_timeout: float) -> None:
         self.server = server
         self.status_fd = status_fd
-        self.shm = shm
+        self.record = record
         self.limit = limit
         self.lifeline = lifeline
         self.poll_interval = poll_interval
@@ -1081,7 +1104,7 @@ class _WorkerLoop:
         serving loop calls this through service_actions)."""
         accepted = self.accepted()
         running, peak = self._handlers()
-        _SLOT.pack_into(self.shm, 0, time.monotonic(), accepted, running, peak)
+        self.record.write(time.monotonic(), accepted, running, peak)
         if self.limit and accepted >= self.limit and not self.recycle_sent:
             self.recycle_sent = True
             self._tell(_RECYCLE)
