@@ -269,6 +269,25 @@ def test_a_reload_that_crashes_backs_off_and_keeps_the_old_workers(tmp_path):
     assert "broken deploy" in log and "reload failed" in log
 
 
+LOOP_REPORTER = """
+import socketserver
+class Loop(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(str(self.server._fl_loop).encode())
+"""
+
+
+def test_a_workers_threaded_server_keeps_leader_follower(tmp_path):
+    # The worker's heartbeat wraps service_actions, marked as periodic: the
+    # threaded server still lets its pool threads accept (no hand-off).
+    (tmp_path / "loop.py").write_text(LOOP_REPORTER)
+    with supervised("loop:Loop", "--bind", "127.0.0.1:0", "--workers", "1",
+                    cwd=tmp_path) as s:
+        assert echo(s.address, b"") == b"leader"
+        rc, log = s.stop(signal.SIGTERM)
+    assert rc == 0, log
+
+
 SELF_STOPPING = """
 import os, signal, socketserver
 class Freeze(socketserver.StreamRequestHandler):

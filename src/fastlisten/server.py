@@ -328,9 +328,7 @@ class _FastLoop:
         if self._fl_defer:
             return super().shutdown()  # type: ignore[misc]
         self._BaseServer__shutdown_request = True
-        with _wake_lock:
-            if self._fl_waker is not None:
-                self._fl_waker.wakeup()
+        self._fl_wake()
         self._fl_interrupt()
         self._BaseServer__is_shut_down.wait()  # type: ignore[attr-defined]
 
@@ -469,6 +467,13 @@ class _FastLoop:
     def _fl_wait_handlers(self, timeout: Optional[float]) -> bool:
         """Wait for running handlers (drain()); True when none is left."""
         return True
+
+    def _fl_wake(self) -> None:
+        """Wake the running serving loop, if any: it checks for shutdown()
+        and runs service_actions() at once."""
+        with _wake_lock:
+            if self._fl_waker is not None:
+                self._fl_waker.wakeup()
 
     def _fl_publish(self, waker: Any, loop: str) -> None:
         with _wake_lock:
@@ -885,11 +890,18 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         """Leader/follower applies when the hooks the stdlib runs in the
         serving thread are stock (else a worker would run them): then the
         workers run _fl_handle_inline (stock per-connection hooks) or
-        process_request_thread, in the thread that handles the request."""
+        process_request_thread, in the thread that handles the request.
+        A service_actions set on the instance with a true ``fl_periodic``
+        attribute (fastlisten.Workers' heartbeat) counts as stock: it asks
+        to run every poll_interval, not after each request, and the serving
+        thread runs it so."""
         if not hasattr(select, "epoll"):
             return None
         cls = type(self)
-        if not (self._fl_stock(("verify_request", "service_actions"), _std.BaseServer)
+        own_actions = vars(self).get("service_actions")
+        if not (_stock(cls, "service_actions", _std.BaseServer)
+                and (own_actions is None or getattr(own_actions, "fl_periodic", False))
+                and self._fl_stock(("verify_request",), _std.BaseServer)
                 and getattr(cls, "process_request", None) is ThreadingMixIn.process_request
                 and "process_request" not in vars(self)):
             return None

@@ -1124,6 +1124,9 @@ class _WorkerLoop:
             self.beat()
             if self.stopping.is_set():
                 raise _StopServing
+        # Every poll_interval is enough (a fastlisten ThreadingMixIn keeps
+        # leader/follower for it: its serving thread then accepts nothing).
+        service_actions.fl_periodic = True      # type: ignore[attr-defined]
         server.service_actions = service_actions
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGUSR2, self._on_signal)
@@ -1157,9 +1160,9 @@ class _WorkerLoop:
             self.waker.drain()
             if self.stop is not None and not self.stopping.is_set():
                 self.stopping.set()
-                listener = getattr(server, "_fl_listener", None)
-                if listener is not None:
-                    listener.wakeup()       # service_actions runs at once
+                wake = getattr(server, "_fl_wake", None)
+                if wake is not None:
+                    wake()          # a fastlisten loop runs service_actions at once
         thread.join()
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
