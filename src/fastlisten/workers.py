@@ -123,6 +123,7 @@ class _Record:
         self._counts.release()
         self._shm.close()
 
+
 #: Bytes a worker writes on its status pipe.
 _READY, _RECYCLE = b"R", b"M"
 
