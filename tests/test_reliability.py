@@ -7,6 +7,7 @@ that could hang waits on a real event with a deadline.
 
 import errno
 import os
+import signal
 import socket
 import socketserver
 import subprocess
@@ -485,6 +486,20 @@ def test_fuzzed_calls_raise_only_stdlib_errors_and_leak_nothing(raw_class, famil
 # A whole run in a child: seconds on a quiet machine, but a busy shared
 # one (CI, other builds) can stretch it; bounded all the same.
 @pytest.mark.timeout(240)
+def test_a_server_that_ignores_sigint_is_reported_not_waited_for():
+    # (CPython 3.9's own ThreadingTCPServer once never stopped on SIGINT:
+    # the command hung.)  A child started while SIGINT is ignored keeps
+    # ignoring it.
+    from fastlisten.benchmark.reliability import _Child
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        child = _Child("stdlib")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert child.stop(0.5) is None
+    assert child.proc.poll() is not None        # killed, not left running
+
+
 def test_reliability_command_quick_end_to_end(tmp_path):
     """Every scenario on both servers, small: the shape of the figures, and
     what fastlisten guarantees (no descriptor left over, every normal
@@ -508,6 +523,7 @@ def test_reliability_command_quick_end_to_end(tmp_path):
     assert soak["served"] == 1.0 and soak["fds_added"] <= max(soak["threads_added"], 0)
     assert ours["emfile-storm"]["recover_ms"] is not None
     assert ours["handler-faults"]["normal_served"] == 1.0
+    assert ours["sigint-stop"]["stop_ms_max"] is not None      # stopped every time
     faults = ours["handler-faults"]
     assert faults["fds_added"] <= max(faults["threads_added"], 0)
     from fastlisten.benchmark.reliability import SLOW_DEFENCES
