@@ -123,7 +123,7 @@ def adoptable(config: ListenConfig) -> Tuple[int, socket.AddressFamily, bool]:
 class Listener:
     """A listening TCP (or Unix stream) socket served by fastlisten's core.
 
-    Listener(family=AF_INET, *, fileno=None, owned=True)
+    ``Listener(family=AF_INET, *, fileno=None, owned=True)``
 
     ``fileno`` adopts an existing socket's descriptor; with ``owned=False``
     close() leaves that descriptor open for its owner (a socket.socket).
