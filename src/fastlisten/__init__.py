@@ -23,7 +23,7 @@ from fastlisten.workers import Workers
 
 __all__ = ["compiled", "Listener", "listen", "default_backlog", "proxy_parse", "proxy_read"]
 __all__ += ["install", "Workers"] + _server_all
-__version__ = "0.1.0"
+from fastlisten._version import __version__
 __all__ += ["ListenConfig", "FastlistenWarning", "EphemeralPortWarning",
             "BacklogTruncatedWarning", "OptionIneffectiveWarning"]
 

@@ -12,6 +12,7 @@ import os
 import socket
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from fastlisten._version import __version__
 from fastlisten.address import format_address
 
 __all__ = [
@@ -269,8 +270,6 @@ def report() -> Dict[str, Any]:
     """Everything ``fastlisten info`` shows: limits, counters, features."""
     import platform
     import sys
-
-    from fastlisten import __version__
 
     return {
         "fastlisten": __version__,
