@@ -9,6 +9,8 @@ The drop-in ``socketserver`` is the module ``fastlisten.server`` (what
 re-exports it whole, so ``import fastlisten as socketserver`` gives the very
 same objects, the stdlib's private names included.
 """
+from typing import Any
+
 from fastlisten.config import ListenConfig
 from fastlisten.errors import (
     BacklogTruncatedWarning, EphemeralPortWarning, FastlistenWarning, OptionIneffectiveWarning,
@@ -28,7 +30,7 @@ __all__ += ["ListenConfig", "FastlistenWarning", "EphemeralPortWarning",
             "BacklogTruncatedWarning", "OptionIneffectiveWarning"]
 
 
-def __getattr__(name: str):  # type: ignore[no-untyped-def]
+def __getattr__(name: str) -> Any:
     # Names of the stdlib's socketserver that fastlisten.server forwards
     # (private helpers such as _ServerSelector), for code that treats this
     # package as socketserver.

@@ -11,7 +11,7 @@ if os.environ.get("FASTLISTEN_NO_EXTENSIONS", "") not in ("", "0"):
     from fastlisten import _corepy as core
 else:
     try:
-        from fastlisten import _core as core  # type: ignore[attr-defined]
+        from fastlisten import _core as core  # type: ignore[no-redef]
     except ImportError as exc:
         _log.debug("compiled core unavailable (%s); using the pure-Python core", exc)
         from fastlisten import _corepy as core

@@ -82,8 +82,8 @@ class WorkerPool:
         self.max_queued = max_queued if max_queued is not None else (max_threads or 1)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)          # workers wait on it
-        self._room = threading.Condition(self._cond)          # submit() waits on it (same lock)
-        self._done = threading.Condition(self._cond)          # wait_idle() waits on it
+        self._room = threading.Condition(self._lock)          # submit() waits on it (same lock)
+        self._done = threading.Condition(self._lock)          # wait_idle() waits on it
         self._jobs: Deque[_Job] = collections.deque()
         self._threads: Set[threading.Thread] = set()
         # threads running a job now, with the job's arguments
@@ -549,8 +549,8 @@ class LeaderPool(WorkerPool):
             with self._lock:
                 if waiting and self._source is source:
                     self._waiting -= 1
-                if self._taken_wanted:
-                    self._took.notify_all()   # type: ignore[union-attr]   (failed()?)
+                if self._taken_wanted and self._took is not None:
+                    self._took.notify_all()
                 self._threads.discard(me)
                 busy.pop(me, None)
                 # ended by SystemExit & co.: the wait must go on (in the

@@ -162,8 +162,8 @@ class ProxySettings(NamedTuple):
             ip = ipaddress.ip_address(peer[0].partition("%")[0])
         except (ValueError, TypeError, IndexError, AttributeError):
             return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
-            ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
         return any(ip in net for net in self.trusted)
 
 
@@ -384,7 +384,7 @@ class ListenConfig:
             if family != socket.AF_UNIX or self.fd is not None:
                 raise ValueError(f"unix_mode={oct(self.unix_mode)} needs a Unix socket "
                                  "(path=, or family='unix' for a server's listen_config)")
-            if self.path is not None and os.fsencode(self.path)[:1] == b"\0":  # type: ignore[arg-type]
+            if self.path is not None and os.fsencode(self.path)[:1] == b"\0":
                 raise ValueError("unix_mode: an abstract socket has no file to chmod")
 
         if family == socket.AF_UNIX:
@@ -602,7 +602,7 @@ class ListenConfig:
         on (connect is refused): safe to remove before bind."""
         if self.family != socket.AF_UNIX or self.path is None:
             return False
-        raw = os.fsencode(self.path)  # type: ignore[arg-type]
+        raw = os.fsencode(self.path)
         if raw[:1] == b"\0":
             return False
         try:

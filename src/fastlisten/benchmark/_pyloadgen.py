@@ -33,7 +33,7 @@ def loadgen_run(address: Tuple[str, int], scenario: str, concurrency: int, total
                 request: bytes = b"", expect_min: int = 1) -> Dict[str, Any]:
     """See ``fastlisten.benchmark.loadgen.run_load`` (which checks arguments)."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    res = {"started": 0, "completed": 0, "errors": 0, "timeouts": 0, "aborted": 0,
+    res: Dict[str, Any] = {"started": 0, "completed": 0, "errors": 0, "timeouts": 0, "aborted": 0,
            "bytes_in": 0, "first_errno": 0, "window_completed": 0}
     lats = array("I")
     sel = selectors.DefaultSelector()

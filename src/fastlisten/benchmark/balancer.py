@@ -127,7 +127,7 @@ defaults
             s.settimeout(timeout)
             s.connect(self.stats)
             s.sendall(text.encode() + b"\n")
-            out = []
+            out: List[bytes] = []
             while True:
                 data = s.recv(65536)
                 if not data:
@@ -252,7 +252,7 @@ def parse_cost(number: int = 20000) -> Dict[str, Dict[str, float]]:
 
     cores: List[Any] = [_corepy]
     try:
-        from fastlisten import _core  # type: ignore[attr-defined]
+        from fastlisten import _core
         cores.insert(0, _core)
     except ImportError:
         pass

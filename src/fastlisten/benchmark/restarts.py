@@ -140,7 +140,7 @@ class _Load:
         out = self.result[0]
         if isinstance(out, BaseException):
             raise out
-        return out  # type: ignore[no-any-return]
+        return out
 
 
 def _row(load: LoadResult, events: int, **extra: Any) -> Dict[str, Any]:
@@ -280,8 +280,10 @@ def balance_and_scale(mode: str, workers: int, duration: float,
         cpu = sum(after[p][0] - before[p][0] for p in pids)
         switches = sum(after[p][1] - before[p][1] for p in pids)
         done = max(load.completed, 1)
-        return {"workers": workers, "per_worker": counts,
-                "max_min": max(counts) / min(counts) if counts and min(counts) else None,
+        spread: Optional[float] = None
+        if counts and min(counts):
+            spread = max(counts) / min(counts)
+        return {"workers": workers, "per_worker": counts, "max_min": spread,
                 "rate": load.rate, "lost": load.errors + load.timeouts,
                 "cpu_us_per_conn": cpu / done * 1e6, "switches_per_conn": switches / done}
     finally:
