@@ -72,27 +72,41 @@ PP2_SUBTYPE_SSL_CIPHER = 0x23
 PP2_SUBTYPE_SSL_SIG_ALG = 0x24
 PP2_SUBTYPE_SSL_KEY_ALG = 0x25
 
-#: Error codes (the C core's FL_PROXY_E_*, csrc/fl_proxy.h) -> (reason, what it means).
-#: ``eof`` and ``timeout`` come from reading, not parsing.
-REASONS: Dict[int, Tuple[str, str]] = {
-    -1: ("signature", "neither a v1 'PROXY ' line nor the v2 signature"),
-    -2: ("version", "v2 version is not 2"),
-    -3: ("command", "v2 command is neither LOCAL nor PROXY"),
-    -4: ("family", "unknown address family or transport"),
-    -5: ("address", "v1 address is not valid for its family"),
-    -6: ("port", "v1 port is not 0-65535 written without leading zeros"),
-    -7: ("too_long", "header longer than allowed (v1: no CRLF in 107 bytes; "
-                     "v2: over max_v2)"),
-    -8: ("length", "v2 length is shorter than the address block"),
-    -9: ("tlv", "a v2 TLV overruns the header or has a bad size"),
-    -10: ("crc32c", "v2 CRC32C checksum does not match"),
-    -11: ("not_accepted", "a PROXY protocol version this receiver is not configured for"),
-    -12: ("syntax", "v1 line is not exactly as the specification writes it"),
-    -13: ("eof", "the connection closed before a complete header"),
-    -14: ("timeout", "no complete header within the deadline"),
-}
+#: Error codes: the C core's FL_PROXY_E_* (csrc/fl_proxy.h), the same numbers.
+E_SIGNATURE = -1
+E_VERSION = -2
+E_COMMAND = -3
+E_FAMILY = -4
+E_ADDRESS = -5
+E_PORT = -6
+E_TOO_LONG = -7
+E_LENGTH = -8
+E_TLV = -9
+E_CRC32C = -10
+E_NOT_ACCEPTED = -11
+E_SYNTAX = -12
+#: ... and two that come from reading, not parsing.
 E_EOF = -13
 E_TIMEOUT = -14
+
+#: Error code -> (reason, what it means).
+REASONS: Dict[int, Tuple[str, str]] = {
+    E_SIGNATURE: ("signature", "neither a v1 'PROXY ' line nor the v2 signature"),
+    E_VERSION: ("version", "v2 version is not 2"),
+    E_COMMAND: ("command", "v2 command is neither LOCAL nor PROXY"),
+    E_FAMILY: ("family", "unknown address family or transport"),
+    E_ADDRESS: ("address", "v1 address is not valid for its family"),
+    E_PORT: ("port", "v1 port is not 0-65535 written without leading zeros"),
+    E_TOO_LONG: ("too_long", "header longer than allowed (v1: no CRLF in 107 bytes; "
+                             "v2: over max_v2)"),
+    E_LENGTH: ("length", "v2 length is shorter than the address block"),
+    E_TLV: ("tlv", "a v2 TLV overruns the header or has a bad size"),
+    E_CRC32C: ("crc32c", "v2 CRC32C checksum does not match"),
+    E_NOT_ACCEPTED: ("not_accepted", "a PROXY protocol version this receiver is not configured for"),
+    E_SYNTAX: ("syntax", "v1 line is not exactly as the specification writes it"),
+    E_EOF: ("eof", "the connection closed before a complete header"),
+    E_TIMEOUT: ("timeout", "no complete header within the deadline"),
+}
 
 #: The header's family and transport numbers as the socket module's constants.
 FAMILIES = (socket.AF_UNSPEC, socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", 1))
