@@ -436,6 +436,144 @@ fl_filter_accept(fl_filter *f, int lfd, fl_conn *out, int n, int max, fl_stats *
 }
 
 int
+fl_filter_watch(fl_filter *f, int epfd)
+{
+#ifdef __linux__
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.fd = f->epfd;
+    return epoll_ctl(epfd, EPOLL_CTL_ADD, f->epfd, &ev);
+#else
+    (void)f; (void)epfd;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+/* One round of work once a wait returned (lock taken here): judge what
+ * the filter reports, accept what is queued (inside the gate, if any),
+ * expire what is overdue.  Returns how many are ready in out[]. */
+static int
+fl_filter_round(fl_filter *f, int filt_ready, int lfd, int listener_ready, fl_gate *gate,
+                fl_conn *out, int max, fl_stats *st, int *err)
+{
+    long long now = fl_filter_now_ms();
+    int n = 0;
+    pthread_mutex_lock(&f->lock);
+    if (filt_ready)
+        n = fl_filter_events(f, out, n, max);
+    if (listener_ready && n < max) {
+        if (gate == NULL || fl_gate_enter(gate)) {
+            n = fl_filter_accept(f, lfd, out, n, max, st, err, now);
+            if (gate != NULL)
+                fl_gate_leave(gate);
+        }
+    }
+    fl_expire(f, now);
+    if (n > 0)
+        fl_count(&f->st.ready, (unsigned long long)n);
+    pthread_mutex_unlock(&f->lock);
+    if (n > 0)
+        fl_stats_count_batch(st, n, *err);
+    return n;
+}
+
+/* poll()'s timeout for a wait that ends at `end` (timeout_ms < 0: none)
+ * or at the oldest waiting connection's deadline, whichever comes first. */
+static int
+fl_filter_wait_ms(fl_filter *f, int timeout_ms, long long end)
+{
+    long long now = fl_filter_now_ms(), left;
+    int ms = timeout_ms;
+    if (timeout_ms >= 0) {
+        left = end - now;
+        ms = left > 0 ? (int)left : 0;
+    }
+    pthread_mutex_lock(&f->lock);
+    if (f->head >= 0) {
+        left = f->slots[f->head].deadline - now;
+        if (left < 0)
+            left = 0;
+        if (ms < 0 || left < ms)
+            ms = (int)left;
+    }
+    pthread_mutex_unlock(&f->lock);
+    return ms;
+}
+
+int
+fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int stop_fd,
+                         fl_gate *gate, int timeout_ms, const sigset_t *wait_mask,
+                         fl_conn *out, int max, fl_stats *st, int *status, int *err)
+{
+#ifdef __linux__
+    long long end = timeout_ms >= 0 ? fl_filter_now_ms() + timeout_ms : 0;
+    int n;
+    *err = 0;
+    if (gate != NULL) {
+        /* what is queued or ready already is taken before any wait, as
+         * fl_wait_accept_ep does */
+        if (fl_gate_closed(gate)) {
+            *status = FL_WAIT_STOPPED;
+            return 0;
+        }
+        n = fl_filter_round(f, 1, lfd, 1, gate, out, max, st, err);
+        if (n > 0 || *err != 0) {
+            *status = FL_WAIT_READY;
+            return n;
+        }
+    }
+    for (;;) {
+        struct epoll_event ev[4];
+        int r, i, listener = 0, filt = 0, woken = 0;
+        r = epoll_pwait(epfd, ev, 4, fl_filter_wait_ms(f, timeout_ms, end), wait_mask);
+        if (r < 0) {
+            *status = errno == EINTR ? FL_WAIT_EINTR : FL_WAIT_READY;
+            if (errno != EINTR)
+                *err = errno;
+            return 0;
+        }
+        for (i = 0; i < r; i++) {
+            if (ev[i].data.fd == stop_fd && stop_fd >= 0) {
+                *status = FL_WAIT_STOPPED;
+                return 0;
+            }
+            if (ev[i].data.fd == wfd)
+                woken = 1;
+            else if (ev[i].data.fd == lfd)
+                listener = 1;
+            else if (ev[i].data.fd == f->epfd)
+                filt = 1;
+        }
+        if (woken) {
+            *status = FL_WAIT_WOKEN;   /* left set, as in fl_wait_accept */
+            return 0;
+        }
+        if (gate != NULL && fl_gate_closed(gate)) {
+            *status = FL_WAIT_STOPPED;
+            return 0;
+        }
+        n = fl_filter_round(f, filt, lfd, listener, gate, out, max, st, err);
+        if (n > 0 || *err != 0) {
+            *status = FL_WAIT_READY;
+            return n;
+        }
+        if (timeout_ms >= 0 && fl_filter_now_ms() >= end) {
+            *status = FL_WAIT_TIMEOUT;
+            return 0;
+        }
+    }
+#else
+    (void)f; (void)epfd; (void)lfd; (void)wfd; (void)stop_fd; (void)gate; (void)timeout_ms;
+    (void)wait_mask; (void)out; (void)max; (void)st;
+    *status = FL_WAIT_READY;
+    *err = ENOSYS;
+    return 0;
+#endif
+}
+
+int
 fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int timeout_ms,
                       const sigset_t *wait_mask, fl_conn *out, int max, fl_stats *st,
                       int *status, int *err)
@@ -444,21 +582,7 @@ fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int timeout_ms,
     *err = 0;
     for (;;) {
         struct pollfd pfd[3];
-        long long now = fl_filter_now_ms(), left;
-        int ms = timeout_ms, r, n = 0;
-        if (timeout_ms >= 0) {
-            left = end - now;
-            ms = left > 0 ? (int)left : 0;
-        }
-        pthread_mutex_lock(&f->lock);
-        if (f->head >= 0) {
-            left = f->slots[f->head].deadline - now;
-            if (left < 0)
-                left = 0;
-            if (ms < 0 || left < ms)
-                ms = (int)left;
-        }
-        pthread_mutex_unlock(&f->lock);
+        int ms = fl_filter_wait_ms(f, timeout_ms, end), r, n;
         pfd[0].fd = lfd;
         pfd[1].fd = wfd;
         pfd[2].fd = f->epfd;
@@ -493,18 +617,8 @@ fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int timeout_ms,
             *err = EBADF;
             return 0;
         }
-        now = fl_filter_now_ms();
-        pthread_mutex_lock(&f->lock);
-        if (pfd[2].revents)
-            n = fl_filter_events(f, out, n, max);
-        if (pfd[0].revents && n < max)
-            n = fl_filter_accept(f, lfd, out, n, max, st, err, now);
-        fl_expire(f, now);
-        if (n > 0)
-            fl_count(&f->st.ready, (unsigned long long)n);
-        pthread_mutex_unlock(&f->lock);
-        if (n > 0)
-            fl_stats_count_batch(st, n, *err);
+        n = fl_filter_round(f, pfd[2].revents != 0, lfd, pfd[0].revents != 0, NULL,
+                            out, max, st, err);
         if (n > 0 || *err != 0) {
             *status = FL_WAIT_READY;
             return n;

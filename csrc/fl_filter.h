@@ -148,4 +148,19 @@ int fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int timeout_ms,
                           const sigset_t *wait_mask, fl_conn *out, int max, fl_stats *st,
                           int *status, int *err);
 
+/* Contract: any thread.  Add the filter's epoll descriptor to a
+ * leader/follower waiter's epoll set (fl_waiter_open), so that its waits
+ * see waiting connections too.  0, or -1 with errno. */
+int fl_filter_watch(fl_filter *f, int epfd);
+
+/* Contract: called WITHOUT the GIL; touches no Python object.  As
+ * fl_filter_wait_accept, for a leader/follower waiter (fl_wait_accept_ep's
+ * epfd, stop_fd and gate, its epfd watching this filter: fl_filter_watch).
+ * Every waiting thread wakes when a waiting connection has news (an epoll
+ * descriptor cannot be watched EPOLLEXCLUSIVE); the first to take f->lock
+ * judges it, the others find nothing and wait again. */
+int fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int stop_fd,
+                             fl_gate *gate, int timeout_ms, const sigset_t *wait_mask,
+                             fl_conn *out, int max, fl_stats *st, int *status, int *err);
+
 #endif

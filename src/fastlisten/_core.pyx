@@ -42,7 +42,8 @@ from fastlisten.includes.fl_net cimport (
 )
 from fastlisten.includes.fl_filter cimport (
     fl_filter, fl_filter_init, fl_filter_configure, fl_filter_shut, fl_filter_destroy,
-    fl_filter_wait_accept, fl_ready_rule, FL_RULE_NONE,
+    fl_filter_wait_accept, fl_filter_wait_accept_ep, fl_filter_watch, fl_ready_rule,
+    FL_RULE_NONE,
 )
 
 import socket as _socket
@@ -283,6 +284,7 @@ cdef class Waiter:
     cdef readonly bint exclusive
     cdef object _listener
     cdef Stop _stop
+    cdef bint _filtered         # its epoll set watches the listener's accept filter
 
     def __cinit__(self):
         self._epfd = -1
@@ -561,8 +563,10 @@ cdef class RawListener:
         close() closes every waiting connection ('shutdown').
 
         May be called again (say, to change the rule) only while no
-        connection waits and no accept_many runs.  Not with a ``waiter``:
-        accept_many(..., waiter=) raises ValueError on a filtering listener.
+        connection waits and no accept_many runs.  Leader/follower waiters
+        must be made after it (their epoll sets watch the filter's): an
+        older waiter raises ValueError in accept_many.  Every idle waiter
+        wakes when a waiting connection has news; the first judges it.
         """
         cdef fl_ready_rule r
         cdef int e
@@ -614,11 +618,16 @@ cdef class RawListener:
         fd = fl_waiter_open(self._fd, self._wake_r, stop_fd, gate, &exclusive)
         if fd < 0:
             raise_errno(errno)
+        if self._filtering and fl_filter_watch(self._filter, fd) < 0:
+            err = errno
+            c_close(fd)
+            raise_errno(err)
         w = Waiter.__new__(Waiter)
         w._epfd = fd
         w.stop_fd = stop_fd
         w.exclusive = exclusive
         w._listener = self
+        w._filtered = self._filtering
         if gate_owner is not None:
             w._stop = gate_owner
             gate_owner._users += 1
@@ -674,9 +683,9 @@ cdef class RawListener:
                 deadline = _now() + <double>timeout
         stepped = ms == _MAX_WAIT_MS
         if waiter is not None:
-            if filt != NULL:
-                raise ValueError("accept_many(waiter=...) does not serve a listener with "
-                                 "an accept filter yet: call it without a waiter")
+            if filt != NULL and not waiter._filtered:
+                raise ValueError("that waiter was made before set_accept_filter: make "
+                                 "waiters after setting the filter")
             if waiter._listener is not self:
                 raise ValueError("that waiter belongs to another listener")
             epfd, stop_fd = waiter._epfd, waiter.stop_fd
@@ -728,7 +737,11 @@ cdef class RawListener:
                             fl_restore_signals(&old_mask)
                             raise
                     with nogil:
-                        if filt != NULL:
+                        if filt != NULL and epfd >= 0:
+                            n = fl_filter_wait_accept_ep(filt, epfd, lfd, wake, stop_fd, gate,
+                                                         ms, wait_mask, conns, nmax, st,
+                                                         &status, &err)
+                        elif filt != NULL:
                             n = fl_filter_wait_accept(filt, lfd, wake, ms, wait_mask, conns,
                                                       nmax, st, &status, &err)
                         elif epfd >= 0:

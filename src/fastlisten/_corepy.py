@@ -174,6 +174,7 @@ class Waiter:
         self._stop: Optional[Stop] = stop if isinstance(stop, Stop) else None
         self.stop_fd = c_int(stop, "stop") if self._stop is None else -1
         self.exclusive = False
+        self._filtered = False      # its epoll set watches the listener's accept filter
         self._poller: Optional[_EpollPoller] = _EpollPoller()
         ep = self._poller.ep
         try:
@@ -190,6 +191,10 @@ class Waiter:
                 ep.register(wake_r, select.EPOLLIN)
                 if self.stop_fd >= 0:
                     ep.register(self.stop_fd, select.EPOLLIN)
+                if listener._filtering:
+                    ep.register(listener._filter.fileno(),  # type: ignore[union-attr]
+                                select.EPOLLIN)
+                    self._filtered = True
             except BaseException:
                 if self._stop is not None:
                     self._stop._release()
@@ -463,7 +468,7 @@ class RawListener:
         """Make accept_many return only connections that are *ready* (see
         the compiled core's docstring: the same contract).  This twin keeps
         a socket object per waiting connection; the compiled core keeps
-        none."""
+        none.  Leader/follower waiters must be made after it."""
         code, ms, mb, cap, versions, max_v2 = check_filter(
             rule, timeout, max_bytes, max_waiting, proxy, proxy_max_v2)
         self._open_sock()
@@ -492,9 +497,9 @@ class RawListener:
         compiled core's docstring: the same contract)."""
         filt = self._filter if self._filtering else None
         if waiter is not None:
-            if filt is not None:
-                raise ValueError("accept_many(waiter=...) does not serve a listener with "
-                                 "an accept filter yet: call it without a waiter")
+            if filt is not None and not waiter._filtered:
+                raise ValueError("that waiter was made before set_accept_filter: make "
+                                 "waiters after setting the filter")
             if waiter._listener is not self:
                 raise ValueError("that waiter belongs to another listener")
             if waiter._poller is None:
@@ -518,8 +523,15 @@ class RawListener:
             gate = waiter._stop if waiter is not None else None
             if ready and gate is not None:
                 # what is queued already is taken before any wait (inside
-                # the gate, as the compiled core does)
-                if not gate._enter():
+                # the gate, as the compiled core does; through the filter,
+                # with what it has ready, if there is one)
+                if filt is not None:
+                    if gate._fenced:
+                        ready = False   # stopped: touch nothing
+                    else:
+                        err = self._filter_work(sock, filt, True, True, gate, max, out)
+                        ready = not out and not err
+                elif not gate._enter():
                     ready = False       # stopped: touch nothing
                 else:
                     try:
@@ -528,7 +540,8 @@ class RawListener:
                         gate._leave()
                     ready = not out and not err
             while ready and filt is not None:
-                ready, err = self._filtered_round(sock, filt, gen, max, ms, deadline, out)
+                ready, err = self._filtered_round(sock, filt, gen, max, ms, deadline, out,
+                                                  waiter)
             while ready and filt is None:
                 lfd, wfd = sock.fileno(), self._waker.fileno()  # type: ignore[union-attr]
                 if waiter is None:
@@ -591,24 +604,33 @@ class RawListener:
 
     def _filtered_round(self, sock: _socket.socket, filt: "_Filter", gen: int, max: int,
                         ms: int, deadline: Optional[float],
-                        out: List[Tuple[_socket.socket, Any]]) -> Tuple[bool, int]:
+                        out: List[Tuple[_socket.socket, Any]],
+                        waiter: Optional[Waiter] = None) -> Tuple[bool, int]:
         """One wait of accept_many on a filtering listener (the compiled
         core's fl_filter_wait_accept): poll the listener, the wake-up
         descriptor and the filter's epoll set until the earlier of the
         call's deadline and the oldest waiting connection's; judge what
         became readable, accept what is queued, expire what is overdue.
+        With a waiter, on its epoll set (fl_filter_wait_accept_ep).
         Returns (wait again, errno that ended the batch)."""
         lfd, wfd = sock.fileno(), self._waker.fileno()  # type: ignore[union-attr]
-        poller: Any = select.poll()
-        poller.register(lfd, _POLLIN)
-        poller.register(wfd, _POLLIN)
-        poller.register(filt.fileno(), _POLLIN)
+        gate = waiter._stop if waiter is not None else None
+        poller: Any
+        if waiter is None:
+            poller = select.poll()
+            poller.register(lfd, _POLLIN)
+            poller.register(wfd, _POLLIN)
+            poller.register(filt.fileno(), _POLLIN)
+        else:
+            poller = waiter._poller
         until = filt.next_deadline()
         if deadline is not None and (until is None or deadline < until):
             until = deadline
         wait_ms = ms if until is None else timeout_ms(remaining(until))
         events = self._wait(poller, wait_ms, until)
         if self._close_pending:
+            return False, 0
+        if waiter is not None and waiter.stop_fd >= 0 and waiter.stop_fd in events:
             return False, 0
         if wfd in events:
             with self._lock:
@@ -618,21 +640,37 @@ class RawListener:
             return False, 0
         if events.get(lfd, 0) & _POLLNVAL:
             return False, errno.EBADF
-        err = 0
-        with filt.lock:
-            now = monotonic()
-            if filt.fileno() in events:
-                filt.events(out, max)
-            if lfd in events and len(out) < max:
-                err = self._drain(sock, max, out, filt, now)
-            filt.expire(now)
-            filt.ready += len(out)
-        self._count_batch(len(out), err)
+        if gate is not None and gate._fenced:
+            return False, 0
+        err = self._filter_work(sock, filt, filt.fileno() in events, lfd in events, gate,
+                                max, out)
         if out or err:
             return False, err
         if deadline is not None and remaining(deadline) <= 0:
             return False, 0
         return True, 0
+
+    def _filter_work(self, sock: _socket.socket, filt: "_Filter", filt_ready: bool,
+                     listener_ready: bool, gate: Optional[Stop], max: int,
+                     out: List[Tuple[_socket.socket, Any]]) -> int:
+        """Judge what the filter reports, accept what is queued (inside the
+        gate, if any), expire what is overdue (fl_filter_round).  Returns
+        the errno that ended the accepts, or 0."""
+        err = 0
+        with filt.lock:
+            now = monotonic()
+            if filt_ready:
+                filt.events(out, max)
+            if listener_ready and len(out) < max and (gate is None or gate._enter()):
+                try:
+                    err = self._drain(sock, max, out, filt, now)
+                finally:
+                    if gate is not None:
+                        gate._leave()
+            filt.expire(now)
+            filt.ready += len(out)
+        self._count_batch(len(out), err)
+        return err
 
     def _wait(self, poller: "select.poll", ms: int, deadline: Optional[float]
               ) -> Dict[int, int]:
@@ -933,7 +971,7 @@ class _Filter:
 
     def events(self, out: List[Tuple[_socket.socket, Any]], max: int) -> None:
         """Judge what epoll reports; ready connections go to out (up to max)."""
-        while len(out) < max:
+        while max > len(out):
             want = min(max - len(out), 64)
             found = self.ep.poll(0, want)  # type: ignore[union-attr]
             for fd, mask in found:

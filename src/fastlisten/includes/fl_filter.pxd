@@ -1,7 +1,7 @@
 # The accept filter in csrc/fl_filter.c (csrc/fl_filter.h has the contracts).
 from posix.signal cimport sigset_t
 
-from fastlisten.includes.fl_net cimport fl_conn, fl_stats
+from fastlisten.includes.fl_net cimport fl_conn, fl_stats, fl_gate
 
 cdef extern from "fl_filter.h" nogil:
     enum:
@@ -37,3 +37,7 @@ cdef extern from "fl_filter.h" nogil:
     int fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int timeout_ms,
                               const sigset_t *wait_mask, fl_conn *out, int max, fl_stats *st,
                               int *status, int *err)
+    int fl_filter_watch(fl_filter *f, int epfd)
+    int fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int stop_fd,
+                                 fl_gate *gate, int timeout_ms, const sigset_t *wait_mask,
+                                 fl_conn *out, int max, fl_stats *st, int *status, int *err)
