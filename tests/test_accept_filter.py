@@ -409,14 +409,56 @@ def test_a_signal_handler_that_raises_ends_the_wait(make):
         signal.signal(signal.SIGALRM, old)
 
 
-def test_a_waiter_is_refused_on_a_filtering_listener(make):
-    lst = make("data")
+def test_a_waiter_made_before_the_filter_is_refused(make):
+    lst = fastlisten.listen(LOOPBACK)
     w = lst.waiter()
     try:
-        with pytest.raises(ValueError, match="accept filter"):
+        lst.set_accept_filter("data")
+        with pytest.raises(ValueError, match="before set_accept_filter"):
             lst.accept_many(1, 0.01, w)
     finally:
         w.close()
+        lst.close()
+
+
+def test_leader_follower_waiters_take_only_ready_connections_and_stop_at_once(make):
+    """Three threads wait with waiters of one Stop, as ThreadingMixIn's
+    leader/follower workers do: silent clients reach none of them, every
+    ready one reaches exactly one, and set() ends every wait."""
+    lst = make("line", timeout=1000)
+    stop = lst.new_stop()
+    got, lock = [], threading.Lock()
+
+    def worker():
+        w = lst.waiter(stop)
+        try:
+            while not stop.fenced:
+                for conn, _ in lst.accept_many(1, None, w):
+                    with conn:
+                        data = read_exactly(conn, 6)
+                    with lock:
+                        got.append(data)
+        finally:
+            w.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(5):
+            make.client(lst)                    # silent
+        wait_for(lambda: lst.stats()["waiting"] == 5, timeout=10)
+        for i in range(10):
+            make.client(lst, b"line%d\n" % i)
+        wait_for(lambda: len(got) == 10, timeout=10)
+        assert sorted(got) == sorted(b"line%d\n" % i for i in range(10))
+        assert lst.stats()["waiting"] == 5
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        stop.close()
+    assert not any(t.is_alive() for t in threads)
 
 
 def test_the_counters_without_a_filter_are_zero():

@@ -317,7 +317,7 @@ MUTATIONS = [
              "if len(self.waiting) >= self.cap:", "if False:",
              FILTER_TESTS, PURE),
     Mutation("filter: deadlines never enforced (C)", "csrc/fl_filter.c",
-             "        fl_expire(f, now);\n", "\n",
+             "    fl_expire(f, now);\n    if (n > 0)", "    if (n > 0)",
              FILTER_TESTS, COMPILED),
     Mutation("filter: deadlines never enforced (Python)", "src/fastlisten/_corepy.py",
              "            filt.expire(now)\n", "\n",
