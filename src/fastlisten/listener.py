@@ -499,7 +499,13 @@ class Listener:
         the system-wide ``listen_overflows``/``listen_drops`` (kernel
         ListenOverflows/ListenDrops since boot; ``*_since_open`` since this
         listener was created) -- when they rise, the kernel dropped
-        handshakes because an accept queue was full.
+        handshakes because an accept queue was full.  The accept filter's
+        (see set_accept_filter; zeros without one): ``waiting`` (now),
+        ``waiting_peak``, ``waited`` (connections that had to wait),
+        ``made_ready`` (handed over by the filter) and ``dropped``
+        ({reason: count}: malformed, oversize, closed, reset, expired,
+        evicted, shutdown, error); ``accepted`` counts only connections
+        handed over.
         """
         out: Dict[str, Any] = dict(self._raw.stats())
         queued: Optional[int] = None
