@@ -519,3 +519,20 @@ def test_bad_filter_arguments_raise_on_both_cores(core, options, exc):
             raw.set_accept_filter(**options)
     finally:
         raw.close()
+
+
+def test_a_unix_stream_listener_filters_too(tmp_path):
+    path = str(tmp_path / "s.sock")
+    with fastlisten.listen(path) as lst:
+        lst.set_accept_filter("line", timeout=0.5)
+        silent = socket.socket(socket.AF_UNIX)
+        speaking = socket.socket(socket.AF_UNIX)
+        with silent, speaking:
+            silent.connect(path)
+            speaking.connect(path)
+            assert none_ready(lst, rounds=1)
+            speaking.sendall(b"line\n")
+            with lst.accept(timeout=5)[0] as conn:
+                assert read_exactly(conn, 5) == b"line\n"
+            wait_dropped(lst, "expired")
+            assert closed_by_server(silent)
