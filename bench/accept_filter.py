@@ -166,6 +166,7 @@ def cpu_run(rule: str, n: int) -> float:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    print(f"  {rule:5} {counters}", file=sys.stderr)
     return counters["cpu_per_connection"]
 
 
