@@ -3,6 +3,7 @@
     python bench/accept_filter.py cost [N]      instructions per connection (callgrind)
     python bench/accept_filter.py cpu [N] [R]   CPU seconds per connection, R rounds
     python bench/accept_filter.py silent [K]    K silent clients and one ready one
+    python bench/accept_filter.py herd [T...]   T leader/follower threads, dribbling clients
 
 ``cost``: a tight ``Listener.accept_many`` loop (accept, close) under
 ``valgrind --tool=callgrind`` with collection switched on only while N
@@ -38,6 +39,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 HEAD = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -241,6 +243,67 @@ def silent(k: int) -> None:
             lst.close()
 
 
+def _dribblers(port: int, k: int, seconds: float) -> None:
+    """In a child: k connections each sending one byte of a never-ending
+    line every 0.1 s for ``seconds``."""
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(k)]
+    print("connected", flush=True)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for c in held:
+            c.send(b"x")
+        time.sleep(0.1)
+    for c in held:
+        c.close()
+
+
+def herd(threads: list) -> None:
+    """The CPU a listener's process spends while 200 clients dribble a byte
+    every 0.1 s each (2,000 segments a second) into connections waiting in
+    its filter, with T leader/follower threads waiting on it: every idle
+    waiter wakes for every segment (an epoll descriptor cannot be watched
+    EPOLLEXCLUSIVE), one judges it."""
+    import resource
+
+    import fastlisten
+
+    for t in threads:
+        lst = fastlisten.listen(("127.0.0.1", 0))
+        lst.set_accept_filter("line", timeout=60)
+        stop = lst.new_stop()
+        workers = []
+
+        def work() -> None:
+            w = lst.waiter(stop)
+            try:
+                while not stop.fenced:
+                    for conn, _ in lst.accept_many(1, None, w):
+                        conn.close()
+            finally:
+                w.close()
+
+        for _ in range(t):
+            workers.append(threading.Thread(target=work))
+            workers[-1].start()
+        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "dribble",
+                                  str(lst.address[1]), "200", "3"],
+                                 stdout=subprocess.PIPE, text=True)
+        child.stdout.readline()
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        before, wall = use.ru_utime + use.ru_stime, time.monotonic()
+        child.wait(timeout=60)
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        cpu, wall = use.ru_utime + use.ru_stime - before, time.monotonic() - wall
+        stop.set()
+        for w in workers:
+            w.join(10)
+        stop.close()
+        st = lst.stats()
+        print(f"{t:3} waiting threads: {cpu / wall * 100:5.1f} % of a CPU for "
+              f"{st['waiting_peak']} connections dribbling ({st['dropped']})")
+        lst.close()
+
+
 def main() -> int:
     what = sys.argv[1]
     if what == "serve":
@@ -252,6 +315,10 @@ def main() -> int:
     elif what == "cpu":
         cpu(int(sys.argv[2]) if len(sys.argv) > 2 else 5000,
             int(sys.argv[3]) if len(sys.argv) > 3 else 5)
+    elif what == "herd":
+        herd([int(t) for t in sys.argv[2:]] or [1, 4, 16])
+    elif what == "dribble":
+        _dribblers(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
     elif what == "silent":
         silent(int(sys.argv[2]) if len(sys.argv) > 2 else 500)
     else:
