@@ -27,9 +27,11 @@
  *
  * A connection that expires, is malformed, exceeds max_bytes, is closed or
  * reset before it is ready, or is evicted, is closed and counted by reason,
- * never returned.  One exception: a peer that sent some bytes and then shut
- * its side (FIN) without completing the rule is handed over ("everything
- * it will say has arrived": its handler cannot block on it).
+ * never returned.  One exception, for the data, line and http rules: a
+ * peer that sent some bytes (after a complete PROXY header, if one is
+ * required) and then shut its side (FIN) without completing the rule is
+ * handed over: everything it will say has arrived, so its handler cannot
+ * block on it.  An incomplete PROXY header or TLS record and a FIN: closed.
  *
  * Locking: every function that touches the waiting set takes f->lock (a
  * pthread mutex, never held across a blocking wait), so several threads of
