@@ -536,3 +536,32 @@ def test_a_unix_stream_listener_filters_too(tmp_path):
                 assert read_exactly(conn, 5) == b"line\n"
             wait_dropped(lst, "expired")
             assert closed_by_server(silent)
+
+
+def test_a_default_socket_timeout_neither_stalls_the_filter_nor_is_lost(make):
+    """socket.setdefaulttimeout applies to accepted connections (as the
+    stdlib's accept does); judging a silent one must not wait that long
+    (30 s here: the whole exchange gets 10)."""
+    lst = make("line", timeout=1000)
+    got = []
+
+    def exchange():
+        make.client(lst)                        # silent
+        assert none_ready(lst, rounds=1)
+        make.client(lst, b"ready\n")
+        got.append(lst.accept(timeout=5)[0])
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        t = threading.Thread(target=exchange)
+        t.start()
+        t.join(10)
+        stalled = t.is_alive()
+        t.join()
+    finally:
+        socket.setdefaulttimeout(previous)
+    assert not stalled, "judging a silent connection waited for its timeout"
+    with got[0] as conn:
+        assert conn.gettimeout() == 30
+        assert read_exactly(conn, 6) == b"ready\n"

@@ -931,12 +931,20 @@ class _Filter:
 
     def judge(self, conn: _socket.socket, eof: bool) -> Tuple[int, bool]:
         """(verdict, reset) from what MSG_PEEK shows of conn."""
+        # With a timeout (socket.setdefaulttimeout), the socket module waits
+        # before recv() even with MSG_DONTWAIT: non-blocking meanwhile.
+        timeout = conn.gettimeout()
+        if timeout:
+            conn.settimeout(0.0)
         try:
             data = conn.recv(self.peek, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return (_CLOSED if eof else _WAIT), False
         except OSError:
             return _CLOSED, True
+        finally:
+            if timeout:
+                conn.settimeout(timeout)
         if not data:
             return _CLOSED, False
         return _judge(data, eof, self.rule, self.max_bytes, self.proxy, self.max_v2), False
