@@ -46,7 +46,7 @@ class optional_build_ext(build_ext):
 
 
 #: The C files of each extension (csrc/).
-RUNTIME_C = ["fl_net.c", "fl_proxy.c"]
+RUNTIME_C = ["fl_net.c", "fl_proxy.c", "fl_filter.c"]
 BENCHMARK_C = ["fl_loadgen.c", "fl_net.c"]
 
 _SANITIZERS = {

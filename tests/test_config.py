@@ -102,6 +102,21 @@ INVALID = [
     (dict(proxy_protocol="v2", proxy_max_v2=100), ValueError, "proxy_max_v2=100"),
     (dict(proxy_protocol="v2", proxy_max_v2=70000), OverflowError, "70000"),
     (dict(proxy_protocol="v2", proxy_max_v2=1.5), TypeError, "1.5"),
+    # the accept filter
+    (dict(ready_rule="HTTP"), ValueError, "'HTTP'"),
+    (dict(ready_rule=3), TypeError, "int"),
+    (dict(ready_timeout=3), ValueError, "without ready_rule"),
+    (dict(ready_rule="http", ready_timeout=0), ValueError, "ready_timeout=0"),
+    (dict(ready_rule="http", ready_timeout=float("inf")), ValueError, "inf"),
+    (dict(ready_rule="http", ready_timeout=2e6), ValueError, "2000000.0"),
+    (dict(ready_rule="http", ready_timeout="3"), TypeError, "'3'"),
+    (dict(ready_max_bytes=100), ValueError, "without ready_rule"),
+    (dict(ready_rule="line", ready_max_bytes=0), ValueError, "ready_max_bytes=0"),
+    (dict(ready_rule="line", ready_max_bytes=2**21), OverflowError, str(2**21)),
+    (dict(ready_rule="line", ready_max_bytes=1.5), TypeError, "1.5"),
+    (dict(max_waiting=10), ValueError, "without ready_rule"),
+    (dict(ready_rule="data", max_waiting=0), ValueError, "max_waiting=0"),
+    (dict(ready_rule="data", max_waiting="9"), TypeError, "'9'"),
 ] + [
     (dict({name: value}), TypeError, name)
     for name in ("reuse_address", "reuse_port", "nodelay", "keepalive", "unlink_stale")
@@ -303,3 +318,20 @@ def test_proxy_and_tls_flags_are_generated():
     assert cfg.proxy_timeout == 4.5 and cfg.proxy_max_v2 == 1024
     with pytest.raises(SystemExit):
         parser.parse_args(["--proxy-protocol", "v9"])
+
+
+def test_the_accept_filter_settings_resolve_with_their_defaults():
+    assert ListenConfig().ready() is None
+    ready = ListenConfig(ready_rule="http").ready()
+    assert ready == ("http", 10.0, 16384, None, 0, 2048)
+    ready = ListenConfig(ready_rule="line", ready_timeout=2, ready_max_bytes=64, max_waiting=5,
+                         proxy_protocol="v1+v2", proxy_max_v2=4096).ready()
+    assert ready == ("line", 2.0, 64, 5, 3, 4096)
+
+
+def test_the_accept_filter_has_no_command_line_flags_until_servers_apply_it():
+    from fastlisten.config import option_fields
+
+    names = {f.name for f in option_fields()}
+    assert "proxy_protocol" in names
+    assert not names & {"ready_rule", "ready_timeout", "ready_max_bytes", "max_waiting"}

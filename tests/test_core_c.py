@@ -20,11 +20,12 @@ def _compiler():
     return shutil.which(cc) or shutil.which("cc")
 
 
-def _build_and_run(program, tmp_path):
+def _build_and_run(program, tmp_path, extra=()):
     cc = _compiler()
     if cc is None:
         pytest.skip("no C compiler")
-    sources = [str(ROOT / "tests" / "c" / program), str(CSRC / "fl_net.c")]
+    sources = [str(ROOT / "tests" / "c" / program), str(CSRC / "fl_net.c"),
+               *(str(CSRC / c) for c in extra)]
     for flags in (["-fsanitize=thread"], []):
         exe = tmp_path / (program + ("-tsan" if flags else ""))
         built = subprocess.run([cc, "-O1", "-g", "-pthread", *flags, f"-I{CSRC}", *sources,
@@ -43,4 +44,9 @@ def _build_and_run(program, tmp_path):
 
 def test_waiters_counting_at_once_lose_no_count(tmp_path):
     ran = _build_and_run("stats_threads.c", tmp_path)
+    assert ran.returncode == 0, ran.stderr
+
+
+def test_threads_waiting_through_one_accept_filter_hand_each_connection_over_once(tmp_path):
+    ran = _build_and_run("filter_threads.c", tmp_path, extra=("fl_filter.c", "fl_proxy.c"))
     assert ran.returncode == 0, ran.stderr

@@ -40,6 +40,11 @@ from fastlisten.includes.fl_net cimport (
     FL_ERRNO_SLOTS, FL_ERR_CAPACITY,
     FL_WAIT_EINTR, FL_WAIT_WOKEN, FL_WAIT_TIMEOUT,
 )
+from fastlisten.includes.fl_filter cimport (
+    fl_filter, fl_filter_init, fl_filter_configure, fl_filter_shut, fl_filter_destroy,
+    fl_filter_wait_accept, fl_filter_wait_accept_ep, fl_filter_watch, fl_ready_rule,
+    FL_RULE_NONE,
+)
 
 import socket as _socket
 import threading as _threading
@@ -49,6 +54,11 @@ from fastlisten._coreshared import (
     c_int, check_max,
     timeout_ms, closed_error,
 )
+from fastlisten._coreshared import (
+    DEFAULT_READY_TIMEOUT, DEFAULT_READY_MAX_BYTES, DEFAULT_MAX_WAITING,
+    check_filter as _check_filter,
+)
+from fastlisten.proxy import DEFAULT_MAX_V2 as _PROXY_DEFAULT_MAX_V2
 
 if ERRNO_SLOTS != FL_ERRNO_SLOTS:
     raise ImportError(f"fastlisten._core was built with FL_ERRNO_SLOTS={FL_ERRNO_SLOTS}, "
@@ -56,7 +66,7 @@ if ERRNO_SLOTS != FL_ERRNO_SLOTS:
 from fastlisten.address import decode_unix_path
 
 __all__ = ["RawListener", "Waiter", "Stop", "proxy_parse", "proxy_read", "crc32c",
-           "SocketReader", "SocketWriter"]
+           "SocketReader", "SocketWriter", "ready_check"]
 
 cdef object _socket_class = _socket.socket
 # socket.socket(family, type, proto, fd) runs a Python-level __init__ that
@@ -274,6 +284,7 @@ cdef class Waiter:
     cdef readonly bint exclusive
     cdef object _listener
     cdef Stop _stop
+    cdef bint _filtered         # its epoll set watches the listener's accept filter
 
     def __cinit__(self):
         self._epfd = -1
@@ -334,6 +345,8 @@ cdef class RawListener:
     cdef fl_conn *_conns
     cdef int _nconns
     cdef int _backoff_ms
+    cdef fl_filter *_filter     # the accept filter (NULL: none yet)
+    cdef bint _filtering        # set_accept_filter gave a rule that waits
 
     def __cinit__(self):
         self._fd = -1
@@ -376,6 +389,9 @@ cdef class RawListener:
     def __dealloc__(self):
         self._close_now()
         free(self._conns)
+        if self._filter != NULL:
+            fl_filter_destroy(self._filter)
+            free(self._filter)
 
     cdef void _close_wakeup(self) noexcept:
         fl_wakeup_close(&self._wake_r, &self._wake_w)
@@ -385,6 +401,10 @@ cdef class RawListener:
             c_close(self._fd)
         self._fd = -1
         self._close_wakeup()
+        if self._filter != NULL:
+            # no accept_many in flight: nobody is inside the filter
+            fl_filter_shut(self._filter)
+            self._filtering = False
 
     cdef int _check_open(self) except -1:
         if self._fd < 0 or self._close_pending:
@@ -519,6 +539,61 @@ cdef class RawListener:
             self._nconns = n
         return 0
 
+    def set_accept_filter(self, rule, timeout=DEFAULT_READY_TIMEOUT,
+                          max_bytes=DEFAULT_READY_MAX_BYTES, max_waiting=DEFAULT_MAX_WAITING,
+                          proxy=0, proxy_max_v2=_PROXY_DEFAULT_MAX_V2):
+        """Make accept_many return only connections that are *ready*.
+
+        ``rule``: 'none' (every connection at once: no filter), 'data' (at
+        least one byte), 'line' (a complete line within ``max_bytes``),
+        'http' (a complete request head within ``max_bytes``) or 'tls' (a
+        complete first TLS record holding a ClientHello).  ``proxy``: 0, or
+        the PROXY protocol versions (fastlisten.proxy.V1 | V2) of a header
+        that must come first, complete and valid (at most ``proxy_max_v2``
+        bytes for v2); the rule then applies to what follows it.
+
+        Connections not ready at accept wait in an epoll set the core holds
+        (no thread, no GIL, no Python object each), judged with MSG_PEEK so
+        that every byte stays for the handler, for at most ``timeout``
+        seconds from their accept.  At most ``max_waiting`` wait at once:
+        one more closes the oldest ('evicted').  Expired, malformed,
+        oversize, closed, reset and evicted connections are closed and
+        counted by reason (``stats()['dropped']``), never returned; one that
+        sent something and then shut its side is handed over as it is.
+        close() closes every waiting connection ('shutdown').
+
+        May be called again (say, to change the rule) only while no
+        connection waits and no accept_many runs.  Leader/follower waiters
+        must be made after it (their epoll sets watch the filter's): an
+        older waiter raises ValueError in accept_many.  Every idle waiter
+        wakes when a waiting connection has news; the first judges it.
+        """
+        cdef fl_ready_rule r
+        cdef int e
+        code, ms, mb, cap, versions, max_v2 = _check_filter(
+            rule, timeout, max_bytes, max_waiting, proxy, proxy_max_v2)
+        self._check_open()
+        if self._busy:
+            raise_errno(EBUSY, "cannot change the accept filter while accept_many is waiting")
+        if self._filter == NULL:
+            self._filter = <fl_filter *>malloc(sizeof(fl_filter))
+            if self._filter == NULL:
+                raise MemoryError()
+            e = fl_filter_init(self._filter)
+            if e != 0:
+                free(self._filter)
+                self._filter = NULL
+                raise_errno(e)
+        r.rule = code
+        r.max_bytes = mb
+        r.proxy = versions
+        r.proxy_max_v2 = max_v2
+        e = fl_filter_configure(self._filter, &r, ms, cap)
+        if e != 0:
+            raise_errno(e, "cannot change the accept filter while connections wait in it"
+                        if e == EBUSY else None)
+        self._filtering = code != FL_RULE_NONE or versions != 0
+
     def new_stop(self):
         """A :class:`Stop` for this listener's waiters (of this core)."""
         return Stop()
@@ -543,11 +618,16 @@ cdef class RawListener:
         fd = fl_waiter_open(self._fd, self._wake_r, stop_fd, gate, &exclusive)
         if fd < 0:
             raise_errno(errno)
+        if self._filtering and fl_filter_watch(self._filter, fd) < 0:
+            err = errno
+            c_close(fd)
+            raise_errno(err)
         w = Waiter.__new__(Waiter)
         w._epfd = fd
         w.stop_fd = stop_fd
         w.exclusive = exclusive
         w._listener = self
+        w._filtered = self._filtering
         if gate_owner is not None:
             w._stop = gate_owner
             gate_owner._users += 1
@@ -573,6 +653,7 @@ cdef class RawListener:
         cdef int n = 0, status = 0, err = 0, ms, fd, wake, i, lfd
         cdef int epfd = -1, stop_fd = -1
         cdef fl_gate *gate = NULL
+        cdef fl_filter *filt = self._filter if self._filtering else NULL
         cdef fl_conn one
         cdef unsigned long long gen
         cdef double deadline = 0.0
@@ -602,6 +683,9 @@ cdef class RawListener:
                 deadline = _now() + <double>timeout
         stepped = ms == _MAX_WAIT_MS
         if waiter is not None:
+            if filt != NULL and not waiter._filtered:
+                raise ValueError("that waiter was made before set_accept_filter: make "
+                                 "waiters after setting the filter")
             if waiter._listener is not self:
                 raise ValueError("that waiter belongs to another listener")
             epfd, stop_fd = waiter._epfd, waiter.stop_fd
@@ -653,7 +737,14 @@ cdef class RawListener:
                             fl_restore_signals(&old_mask)
                             raise
                     with nogil:
-                        if epfd >= 0:
+                        if filt != NULL and epfd >= 0:
+                            n = fl_filter_wait_accept_ep(filt, epfd, lfd, wake, stop_fd, gate,
+                                                         ms, wait_mask, conns, nmax, st,
+                                                         &status, &err)
+                        elif filt != NULL:
+                            n = fl_filter_wait_accept(filt, lfd, wake, ms, wait_mask, conns,
+                                                      nmax, st, &status, &err)
+                        elif epfd >= 0:
                             n = fl_wait_accept_ep(epfd, lfd, wake, stop_fd, gate, ms,
                                                   wait_mask, conns, nmax, st, &status, &err)
                         else:
@@ -720,20 +811,25 @@ cdef class RawListener:
         return now.last_capacity_errno
 
     def stats(self):
-        """Counters: accepted, batches, max_batch, capacity_episodes, errors {errno: n}."""
+        """Counters: accepted, batches, max_batch, capacity_episodes, errors
+        {errno: n}; and the accept filter's: waiting (now), waiting_peak,
+        waited (connections that had to wait), made_ready (handed over by
+        the filter, at once or after waiting), dropped {reason: n}."""
         cdef fl_stats now
         fl_stats_read(&self._st, &now)    # waiters may be counting without the GIL
         errors = {}
         for i in range(FL_ERRNO_SLOTS):
             if now.errors[i]:
                 errors[i] = now.errors[i]
-        return {
+        out = {
             'accepted': now.accepted,
             'batches': now.batches,
             'max_batch': now.max_batch,
             'capacity_episodes': now.capacity_episodes,
             'errors': errors,
         }
+        out.update(_filter_counters(self._filter))
+        return out
 
     def close(self):
         """Close the listener (and its wake-up descriptor).  Idempotent.
@@ -765,3 +861,4 @@ cdef class RawListener:
                 f"family={self.family}>")
 include "_proxy.pxi"
 include "_streams.pxi"
+include "_filter.pxi"

@@ -7,6 +7,7 @@ test runs against both; a behaviour difference between them is a bug.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import select
@@ -17,17 +18,25 @@ import threading
 from time import monotonic
 from typing import Any, Dict, List, Optional, Tuple
 
-from fastlisten._corepy_proxy import crc32c, proxy_parse, proxy_read
+from fastlisten import proxy as _proxy
+from fastlisten._corepy_proxy import _proxy_parse, crc32c, proxy_parse, proxy_read
 from fastlisten._corepy_streams import SocketReader, SocketWriter
 from fastlisten._coreshared import (
     BACKOFF_FIRST_MS,
     BACKOFF_MAX_MS,
     CAPACITY,
     DEFAULT_BATCH,
+    DEFAULT_MAX_WAITING,
+    DEFAULT_READY_MAX_BYTES,
+    DEFAULT_READY_TIMEOUT,
+    DROP_REASONS,
     ERRNO_SLOTS,
     IGNORABLE,
     MAX_WAIT_MS,
+    TLS_RECORD_MAX,
+    VERDICTS,
     c_int,
+    check_filter,
     check_max,
     closed_error,
     remaining,
@@ -37,7 +46,7 @@ from fastlisten._wakeup import Waker
 from fastlisten.address import check_numeric, decode_unix_path
 
 __all__ = ["RawListener", "Waiter", "Stop", "proxy_parse", "proxy_read", "crc32c",
-           "SocketReader", "SocketWriter"]
+           "SocketReader", "SocketWriter", "ready_check"]
 
 #: The head of Linux's struct tcp_info (<linux/tcp.h>), as far as queue()
 #: reads it: on a listener, tcpi_unacked is the accept queue's length and
@@ -178,6 +187,7 @@ class Waiter:
         self._stop: Optional[Stop] = stop if isinstance(stop, Stop) else None
         self.stop_fd = c_int(stop, "stop") if self._stop is None else -1
         self.exclusive = False
+        self._filtered = False      # its epoll set watches the listener's accept filter
         self._poller: Optional[_EpollPoller] = _EpollPoller()
         ep = self._poller.ep
         try:
@@ -194,6 +204,10 @@ class Waiter:
                 ep.register(wake_r, select.EPOLLIN)
                 if self.stop_fd >= 0:
                     ep.register(self.stop_fd, select.EPOLLIN)
+                if listener._filtering:
+                    ep.register(listener._filter.fileno(),  # type: ignore[union-attr]
+                                select.EPOLLIN)
+                    self._filtered = True
             except BaseException:
                 if self._stop is not None:
                     self._stop._release()
@@ -275,6 +289,8 @@ class RawListener:
         self._in_capacity_episode = False
         self._last_capacity_errno = 0
         self._errors: Dict[int, int] = {}
+        self._filter: Optional[_Filter] = None     # set_accept_filter's
+        self._filtering = False
         self._waker = Waker()
         try:
             # Made now, not at the first wait: a process out of descriptors
@@ -319,6 +335,9 @@ class RawListener:
             else:
                 sock.detach()
         self._close_wakeup()
+        if self._filter is not None:
+            self._filter.shut()
+            self._filtering = False
 
     def _open_sock(self) -> _socket.socket:
         if self._sock is None or self._close_pending:
@@ -455,6 +474,25 @@ class RawListener:
                     self._in_capacity_episode = True
                     self._capacity_episodes += 1
 
+    def set_accept_filter(self, rule: str, timeout: float = DEFAULT_READY_TIMEOUT,
+                          max_bytes: int = DEFAULT_READY_MAX_BYTES,
+                          max_waiting: int = DEFAULT_MAX_WAITING, proxy: int = 0,
+                          proxy_max_v2: int = _proxy.DEFAULT_MAX_V2) -> None:
+        """Make accept_many return only connections that are *ready* (see
+        the compiled core's docstring: the same contract).  This twin keeps
+        a socket object per waiting connection; the compiled core keeps
+        none.  Leader/follower waiters must be made after it."""
+        code, ms, mb, cap, versions, max_v2 = check_filter(
+            rule, timeout, max_bytes, max_waiting, proxy, proxy_max_v2)
+        self._open_sock()
+        if self._busy:
+            raise OSError(errno.EBUSY, "cannot change the accept filter while accept_many "
+                                       "is waiting")
+        if self._filter is None:
+            self._filter = _Filter()
+        self._filter.configure(code, ms, mb, cap, versions, max_v2)
+        self._filtering = code != 0 or versions != 0
+
     def new_stop(self) -> Stop:
         """A :class:`Stop` for this listener's waiters (of this core)."""
         return Stop()
@@ -470,7 +508,11 @@ class RawListener:
                     waiter: Optional[Waiter] = None) -> List[Tuple[_socket.socket, Any]]:
         """Wait for connections and accept up to ``max`` of them (see the
         compiled core's docstring: the same contract)."""
+        filt = self._filter if self._filtering else None
         if waiter is not None:
+            if filt is not None and not waiter._filtered:
+                raise ValueError("that waiter was made before set_accept_filter: make "
+                                 "waiters after setting the filter")
             if waiter._listener is not self:
                 raise ValueError("that waiter belongs to another listener")
             if waiter._poller is None:
@@ -494,8 +536,15 @@ class RawListener:
             gate = waiter._stop if waiter is not None else None
             if ready and gate is not None:
                 # what is queued already is taken before any wait (inside
-                # the gate, as the compiled core does)
-                if not gate._enter():
+                # the gate, as the compiled core does; through the filter,
+                # with what it has ready, if there is one)
+                if filt is not None:
+                    if gate._fenced:
+                        ready = False   # stopped: touch nothing
+                    else:
+                        err = self._filter_work(sock, filt, True, True, gate, max, out)
+                        ready = not out and not err
+                elif not gate._enter():
                     ready = False       # stopped: touch nothing
                 else:
                     try:
@@ -503,7 +552,10 @@ class RawListener:
                     finally:
                         gate._leave()
                     ready = not out and not err
-            while ready:
+            while ready and filt is not None:
+                ready, err = self._filtered_round(sock, filt, gen, max, ms, deadline, out,
+                                                  waiter)
+            while ready and filt is None:
                 lfd, wfd = sock.fileno(), self._waker.fileno()  # type: ignore[union-attr]
                 if waiter is None:
                     poller: Any = select.poll()
@@ -563,6 +615,76 @@ class RawListener:
         self._backoff_ms = BACKOFF_FIRST_MS
         return out
 
+    def _filtered_round(self, sock: _socket.socket, filt: "_Filter", gen: int, max: int,
+                        ms: int, deadline: Optional[float],
+                        out: List[Tuple[_socket.socket, Any]],
+                        waiter: Optional[Waiter] = None) -> Tuple[bool, int]:
+        """One wait of accept_many on a filtering listener (the compiled
+        core's fl_filter_wait_accept): poll the listener, the wake-up
+        descriptor and the filter's epoll set until the earlier of the
+        call's deadline and the oldest waiting connection's; judge what
+        became readable, accept what is queued, expire what is overdue.
+        With a waiter, on its epoll set (fl_filter_wait_accept_ep).
+        Returns (wait again, errno that ended the batch)."""
+        lfd, wfd = sock.fileno(), self._waker.fileno()  # type: ignore[union-attr]
+        gate = waiter._stop if waiter is not None else None
+        poller: Any
+        if waiter is None:
+            poller = select.poll()
+            poller.register(lfd, _POLLIN)
+            poller.register(wfd, _POLLIN)
+            poller.register(filt.fileno(), _POLLIN)
+        else:
+            poller = waiter._poller
+        until = filt.next_deadline()
+        if deadline is not None and (until is None or deadline < until):
+            until = deadline
+        wait_ms = ms if until is None else timeout_ms(remaining(until))
+        events = self._wait(poller, wait_ms, until)
+        if self._close_pending:
+            return False, 0
+        if waiter is not None and waiter.stop_fd >= 0 and waiter.stop_fd in events:
+            return False, 0
+        if wfd in events:
+            with self._lock:
+                if gen == self._gen:
+                    self._gen += 1
+                    self._old = self._busy
+            return False, 0
+        if events.get(lfd, 0) & _POLLNVAL:
+            return False, errno.EBADF
+        if gate is not None and gate._fenced:
+            return False, 0
+        err = self._filter_work(sock, filt, filt.fileno() in events, lfd in events, gate,
+                                max, out)
+        if out or err:
+            return False, err
+        if deadline is not None and remaining(deadline) <= 0:
+            return False, 0
+        return True, 0
+
+    def _filter_work(self, sock: _socket.socket, filt: "_Filter", filt_ready: bool,
+                     listener_ready: bool, gate: Optional[Stop], max: int,
+                     out: List[Tuple[_socket.socket, Any]]) -> int:
+        """Judge what the filter reports, accept what is queued (inside the
+        gate, if any), expire what is overdue (fl_filter_round).  Returns
+        the errno that ended the accepts, or 0."""
+        err = 0
+        with filt.lock:
+            now = monotonic()
+            if filt_ready:
+                filt.events(out, max)
+            if listener_ready and len(out) < max and (gate is None or gate._enter()):
+                try:
+                    err = self._drain(sock, max, out, filt, now)
+                finally:
+                    if gate is not None:
+                        gate._leave()
+            filt.expire(now)
+            filt.ready += len(out)
+        self._count_batch(len(out), err)
+        return err
+
     def _wait(self, poller: "select.poll", ms: int, deadline: Optional[float]
               ) -> Dict[int, int]:
         """poll() the listener and the wake-up descriptor, as the C core does.
@@ -611,8 +733,11 @@ class RawListener:
         return sig.fileno()
 
     def _drain(self, sock: _socket.socket, max: int,
-               out: List[Tuple[_socket.socket, Any]]) -> int:
-        """accept until EAGAIN or max; returns the errno that stopped early, or 0."""
+               out: List[Tuple[_socket.socket, Any]], filt: Optional["_Filter"] = None,
+               now: float = 0.0) -> int:
+        """accept until EAGAIN or max; returns the errno that stopped early, or 0.
+        With a filter (its lock held), only ready connections go to out;
+        the others wait in it or are dropped."""
         family, proto = self.family, self.proto
         err = 0
         try:
@@ -635,6 +760,8 @@ class RawListener:
                     raise
                 if family == _socket.AF_UNIX and isinstance(addr, bytes):
                     addr = decode_unix_path(addr)
+                if filt is not None and not filt.admit(conn, addr, now):
+                    continue        # waits in the filter, or was dropped
                 out.append((conn, addr))
         except BaseException:
             for s, _ in out:
@@ -642,6 +769,12 @@ class RawListener:
             del out[:]
             raise
         n = len(out)
+        if n and filt is None:
+            self._count_batch(n, err)
+        return err
+
+    def _count_batch(self, n: int, err: int) -> None:
+        """n >= 1 connections handed over in one batch (fl_stats_count_batch)."""
         if n:
             with self._counting:
                 self._accepted += n
@@ -650,7 +783,6 @@ class RawListener:
                     self._max_batch = n
                 if err == 0:
                     self._in_capacity_episode = False
-        return err
 
     # -- counters ------------------------------------------------------
 
@@ -665,14 +797,260 @@ class RawListener:
         return self._last_capacity_errno
 
     def stats(self) -> Dict[str, Any]:
-        """Counters: accepted, batches, max_batch, capacity_episodes, errors {errno: n}."""
-        return {
+        """Counters: accepted, batches, max_batch, capacity_episodes, errors
+        {errno: n}; and the accept filter's (see the compiled core)."""
+        out = {
             "accepted": self._accepted,
             "batches": self._batches,
             "max_batch": self._max_batch,
             "capacity_episodes": self._capacity_episodes,
             "errors": dict(sorted(self._errors.items())),
         }
+        filt = self._filter
+        out.update(_Filter.counters(filt))
+        return out
 
     def __repr__(self) -> str:
         return f"<fastlisten._corepy.RawListener fd={self.fileno()} family={self.family}>"
+
+
+# -- the accept filter (the C core's csrc/fl_filter.c) --------------------
+
+_RULE_NONE, _RULE_DATA, _RULE_LINE, _RULE_HTTP, _RULE_TLS = range(5)
+_READY, _WAIT, _MALFORMED, _OVERSIZE, _CLOSED = 1, 0, -1, -2, -3
+_DROP = {name: i for i, name in enumerate(DROP_REASONS, 1)}
+
+
+def _judge_line(p: bytes, eof: bool, max_bytes: int) -> int:
+    if b"\n" in p[:max_bytes]:
+        return _READY
+    if len(p) >= max_bytes:
+        return _OVERSIZE
+    if eof:
+        return _READY if p else _CLOSED
+    return _WAIT
+
+
+def _judge_http(p: bytes, eof: bool, max_bytes: int) -> int:
+    look = p[:max_bytes]
+    first = look.find(b"\n")
+    if first >= 0:
+        if b"HTTP/" not in look[:first]:
+            return _READY           # HTTP/0.9: the request line is all
+        if look.find(b"\n\n", first) >= 0 or look.find(b"\n\r\n", first) >= 0:
+            return _READY
+    if len(p) >= max_bytes:
+        return _OVERSIZE
+    if eof:
+        return _READY if p else _CLOSED
+    return _WAIT
+
+
+def _judge_tls(p: bytes, eof: bool) -> int:
+    m = len(p)
+    if m >= 1 and p[0] != 22:
+        return _MALFORMED
+    if m >= 2 and p[1] != 3:
+        return _MALFORMED
+    if m >= 5:
+        n = (p[3] << 8) | p[4]
+        if not 4 <= n <= TLS_RECORD_MAX:
+            return _MALFORMED
+        if m >= 6 and p[5] != 1:
+            return _MALFORMED
+        if m >= 5 + n:
+            return _READY
+    return _CLOSED if eof else _WAIT
+
+
+def _judge(buf: bytes, eof: bool, rule: int, max_bytes: int, proxy: int, max_v2: int) -> int:
+    """fl_ready_judge: the verdict on a connection's first bytes."""
+    if proxy:
+        parsed = _proxy_parse(buf, proxy, max_v2)
+        if type(parsed) is int:
+            if parsed < 0:
+                return _MALFORMED
+            return _CLOSED if eof else _WAIT
+        buf = buf[parsed.length:]
+    if rule == _RULE_DATA:
+        return _READY if buf else (_CLOSED if eof else _WAIT)
+    if rule == _RULE_LINE:
+        return _judge_line(buf, eof, max_bytes)
+    if rule == _RULE_HTTP:
+        return _judge_http(buf, eof, max_bytes)
+    if rule == _RULE_TLS:
+        return _judge_tls(buf, eof)
+    return _READY
+
+
+def _peek_size(rule: int, max_bytes: int, proxy: int, max_v2: int) -> int:
+    """fl_ready_peek_size: how much of a connection the judge may need."""
+    head = {_RULE_DATA: 1, _RULE_LINE: max_bytes, _RULE_HTTP: max_bytes,
+            _RULE_TLS: 5 + TLS_RECORD_MAX}.get(rule, 0)
+    return (max(max_v2, _proxy.V1_MAX) if proxy else 0) + head + 1
+
+
+def ready_check(data: Any, rule: str, max_bytes: int = DEFAULT_READY_MAX_BYTES,
+                proxy: int = 0, proxy_max_v2: int = _proxy.DEFAULT_MAX_V2,
+                eof: bool = False) -> str:
+    """The accept filter's verdict on ``data``, the first bytes a connection
+    sent (see the compiled core's docstring: the same contract)."""
+    code, _, mb, _, versions, max_v2 = check_filter(rule, 1.0, max_bytes, 1, proxy,
+                                                    proxy_max_v2)
+    return VERDICTS[_judge(bytes(data), bool(eof), code, mb, versions, max_v2)]
+
+
+class _Filter:
+    """The waiting connections of one listener (csrc/fl_filter.c's
+    fl_filter): an epoll set (edge-triggered: the bytes stay unread), the
+    connections in accept order (which is deadline order: one timeout for
+    all), and the counters.  Everything but counters() runs with ``lock``
+    held."""
+
+    def __init__(self) -> None:
+        self.ep: Optional[select.epoll] = select.epoll()
+        self.lock = threading.Lock()
+        # fd -> (socket, address, deadline), oldest first
+        self.waiting: "collections.OrderedDict[int, Tuple[_socket.socket, Any, float]]" = \
+            collections.OrderedDict()
+        self.rule = _RULE_NONE
+        self.timeout = DEFAULT_READY_TIMEOUT
+        self.max_bytes = DEFAULT_READY_MAX_BYTES
+        self.cap = DEFAULT_MAX_WAITING
+        self.proxy = 0
+        self.max_v2 = _proxy.DEFAULT_MAX_V2
+        self.peek = 1
+        self.peak = self.entered = self.ready = 0
+        self.dropped = [0] * (len(DROP_REASONS) + 1)
+
+    def fileno(self) -> int:
+        return -1 if self.ep is None else self.ep.fileno()
+
+    def configure(self, rule: int, ms: int, max_bytes: int, cap: int, proxy: int,
+                  max_v2: int) -> None:
+        with self.lock:
+            if self.waiting:
+                raise OSError(errno.EBUSY, "cannot change the accept filter while "
+                                           "connections wait in it")
+            self.rule, self.timeout, self.max_bytes, self.cap = rule, ms / 1000, max_bytes, cap
+            self.proxy, self.max_v2 = proxy, max_v2
+            self.peek = _peek_size(rule, max_bytes, proxy, max_v2)
+
+    def next_deadline(self) -> Optional[float]:
+        with self.lock:
+            for _, _, deadline in self.waiting.values():
+                return deadline
+        return None
+
+    def judge(self, conn: _socket.socket, eof: bool) -> Tuple[int, bool]:
+        """(verdict, reset) from what MSG_PEEK shows of conn."""
+        # With a timeout (socket.setdefaulttimeout), the socket module waits
+        # before recv() even with MSG_DONTWAIT: non-blocking meanwhile.
+        timeout = conn.gettimeout()
+        if timeout:
+            conn.settimeout(0.0)
+        try:
+            data = conn.recv(self.peek, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return (_CLOSED if eof else _WAIT), False
+        except OSError:
+            return _CLOSED, True
+        finally:
+            if timeout:
+                conn.settimeout(timeout)
+        if not data:
+            return _CLOSED, False
+        return _judge(data, eof, self.rule, self.max_bytes, self.proxy, self.max_v2), False
+
+    def drop(self, conn: _socket.socket, why: int) -> None:
+        conn.close()
+        self.dropped[why] += 1
+
+    def admit(self, conn: _socket.socket, addr: Any, now: float) -> bool:
+        """A connection just accepted: True if it is ready (the caller hands
+        it over); else it waits here, or was closed and counted."""
+        verdict, reset = self.judge(conn, False)
+        if verdict == _READY:
+            return True
+        if verdict < 0:
+            self.drop(conn, _DROP["reset"] if reset else -verdict)
+            return False
+        if len(self.waiting) >= self.cap:
+            _, (old, _, _) = self.waiting.popitem(last=False)
+            self.drop(old, _DROP["evicted"])
+        try:
+            self.ep.register(conn.fileno(),   # type: ignore[union-attr]
+                             select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        except OSError:
+            self.drop(conn, _DROP["error"])
+            return False
+        self.waiting[conn.fileno()] = (conn, addr, now + self.timeout)
+        self.entered += 1
+        if len(self.waiting) > self.peak:
+            self.peak = len(self.waiting)
+        return False
+
+    def events(self, out: List[Tuple[_socket.socket, Any]], max: int) -> None:
+        """Judge what epoll reports; ready connections go to out (up to max)."""
+        while max > len(out):
+            want = min(max - len(out), 64)
+            found = self.ep.poll(0, want)  # type: ignore[union-attr]
+            for fd, mask in found:
+                item = self.waiting.get(fd)
+                if item is None:
+                    continue
+                conn, addr, _ = item
+                if mask & select.EPOLLERR:
+                    del self.waiting[fd]
+                    self.drop(conn, _DROP["reset"])
+                    continue
+                verdict, reset = self.judge(conn, bool(mask & (select.EPOLLRDHUP
+                                                               | select.EPOLLHUP)))
+                if verdict == _WAIT:
+                    continue
+                del self.waiting[fd]
+                if verdict < 0:
+                    self.drop(conn, _DROP["reset"] if reset else -verdict)
+                    continue
+                self.ep.unregister(fd)  # type: ignore[union-attr]
+                out.append((conn, addr))
+            if len(found) < want:
+                return
+
+    def expire(self, now: float) -> None:
+        """Close every connection whose deadline passed."""
+        while self.waiting:
+            fd, (conn, _, deadline) = next(iter(self.waiting.items()))
+            if deadline > now:
+                return
+            del self.waiting[fd]
+            self.drop(conn, _DROP["expired"])
+
+    def clear(self, why: int) -> None:
+        with self.lock:
+            while self.waiting:
+                _, (conn, _, _) = self.waiting.popitem(last=False)
+                self.drop(conn, why)
+
+    def shut(self) -> None:
+        """Close every waiting connection ('shutdown') and the epoll set."""
+        self.clear(_DROP["shutdown"])
+        ep, self.ep = self.ep, None
+        if ep is not None:
+            ep.close()
+
+    @staticmethod
+    def counters(filt: Optional["_Filter"]) -> Dict[str, Any]:
+        """stats()'s filter counters (zeros without a filter)."""
+        if filt is None:
+            return {"waiting": 0, "waiting_peak": 0, "waited": 0, "made_ready": 0,
+                    "dropped": {}}
+        dropped = list(filt.dropped)
+        return {
+            "waiting": len(filt.waiting),
+            "waiting_peak": filt.peak,
+            "waited": filt.entered,
+            "made_ready": filt.ready,
+            "dropped": {name: dropped[i] for i, name in enumerate(DROP_REASONS, 1)
+                        if dropped[i]},
+        }

@@ -102,3 +102,57 @@ def remaining(deadline: float) -> float:
 def closed_error() -> OSError:
     """What using a closed listener raises: EBADF, as a closed socket does."""
     return OSError(errno.EBADF, "Bad file descriptor: the listener is closed")
+
+
+# -- the accept filter (csrc/fl_filter.h; both cores) -----------------------
+
+#: The readiness rules of ``RawListener.set_accept_filter`` and their codes
+#: (csrc/fl_filter.h: FL_RULE_*).
+RULES = {"none": 0, "data": 1, "line": 2, "http": 3, "tls": 4}
+#: ready_check's verdicts by code (csrc/fl_filter.h: FL_JUDGE_*).
+VERDICTS = {1: "ready", 0: "wait", -1: "malformed", -2: "oversize", -3: "closed"}
+#: Why a waiting connection was closed: the keys of stats()["dropped"], in
+#: the order of csrc/fl_filter.h's FL_DROP_* (from 1).
+DROP_REASONS = ("malformed", "oversize", "closed", "reset", "expired", "evicted",
+                "shutdown", "error")
+#: Defaults of set_accept_filter: the total deadline from accept to ready,
+#: the longest line or request head, the most connections waiting at once.
+DEFAULT_READY_TIMEOUT = 10.0
+DEFAULT_READY_MAX_BYTES = 16384
+DEFAULT_MAX_WAITING = 1024
+#: Bounds: a deadline fits poll()'s int milliseconds; a head fits 1 MiB.
+MAX_READY_TIMEOUT = 1e6
+MAX_READY_MAX_BYTES = 1 << 20
+#: The largest first TLS record (a ClientHello): RFC 8446 5.1, 2^14 bytes.
+TLS_RECORD_MAX = 16384
+
+
+def check_filter(rule: Any, timeout: Any, max_bytes: Any, max_waiting: Any, proxy: Any,
+                 proxy_max_v2: Any) -> tuple:
+    """set_accept_filter's arguments, checked: (rule code, timeout in ms,
+    max_bytes, max_waiting, proxy versions, proxy_max_v2)."""
+    from fastlisten import proxy as _proxy
+
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, not {rule!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not 0 < timeout <= MAX_READY_TIMEOUT:     # (NaN fails too)
+        raise ValueError(f"timeout must be more than 0 and at most {MAX_READY_TIMEOUT:g} "
+                         f"seconds, not {timeout!r}")
+    max_bytes = c_int(max_bytes, "max_bytes")
+    if not 1 <= max_bytes <= MAX_READY_MAX_BYTES:
+        raise ValueError(f"max_bytes must be between 1 and {MAX_READY_MAX_BYTES}, "
+                         f"not {max_bytes}")
+    max_waiting = c_int(max_waiting, "max_waiting")
+    if max_waiting < 1:
+        raise ValueError(f"max_waiting must be at least 1, not {max_waiting}")
+    proxy = c_int(proxy, "proxy")
+    if not 0 <= proxy <= 3:
+        raise ValueError(f"proxy must be 0 (off), V1, V2 or V1 | V2, not {proxy}")
+    if proxy:
+        _proxy.check_args(proxy, proxy_max_v2)
+    else:
+        proxy_max_v2 = c_int(proxy_max_v2, "proxy_max_v2")
+    return (RULES[rule], max(1, math.ceil(timeout * 1000)), max_bytes, max_waiting, proxy,
+            proxy_max_v2)

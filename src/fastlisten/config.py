@@ -39,7 +39,8 @@ from fastlisten import address as _address
 
 _log = logging.getLogger("fastlisten")
 
-__all__ = ["ListenConfig", "ProxySettings", "systemd_fds", "check_backlog", "option_fields"]
+__all__ = ["ListenConfig", "ProxySettings", "ReadySettings", "systemd_fds", "check_backlog",
+           "option_fields"]
 
 _C_INT_MAX = 2**31 - 1
 
@@ -167,6 +168,23 @@ class ProxySettings(NamedTuple):
         return any(ip in net for net in self.trusted)
 
 
+#: The readiness rules of ``ready_rule`` (fastlisten's accept filter).
+READY_RULES = ("none", "data", "line", "http", "tls")
+
+
+class ReadySettings(NamedTuple):
+    """The accept-filter part of a ListenConfig, resolved (defaults filled
+    in, the PROXY part taken from the config's ``proxy_protocol``): the
+    arguments of ``Listener.set_accept_filter``."""
+
+    rule: str                       #: 'none', 'data', 'line', 'http' or 'tls'
+    timeout: float                  #: seconds from accept to ready
+    max_bytes: int                  #: longest line / request head, bytes
+    max_waiting: Optional[int]      #: cap on waiting connections (None: from headroom)
+    proxy: int                      #: PROXY versions required first (0: none)
+    proxy_max_v2: int               #: largest PROXY v2 header accepted, bytes
+
+
 def _check_networks(value: Any) -> Tuple[Network, ...]:
     """``trusted_proxies``: CIDRs (or addresses) as a comma-separated str or
     an iterable of str/ipaddress networks; host bits set is an error."""
@@ -246,6 +264,17 @@ class ListenConfig:
     unread); ``proxy_timeout`` (seconds, default 3, the spec's minimum)
     bounds the wait for it; ``proxy_max_v2`` caps a v2 header's size in
     bytes (default 2048).  :meth:`proxy` gives them resolved.
+
+    The accept filter (applied by :meth:`Listener.from_config`; the server
+    classes do not apply it yet): ``ready_rule`` ('none', 'data', 'line',
+    'http' or 'tls') makes the listener hand over a connection only once it
+    is ready by that rule, after a complete PROXY header when
+    ``proxy_protocol`` is set; meanwhile it waits in the core, holding no
+    thread.  ``ready_timeout`` (seconds from accept, default 10),
+    ``ready_max_bytes`` (longest line or request head, default 16384) and
+    ``max_waiting`` (cap on waiting connections; default half the
+    descriptors the process may still open) bound it; a connection that
+    misses them is closed and counted.  :meth:`ready` gives them resolved.
     """
 
     host: Optional[str] = _option(None, "IP address or host name to bind ('' for every "
@@ -288,10 +317,28 @@ class ListenConfig:
         type="float")
     proxy_max_v2: Optional[int] = _option(
         None, "largest PROXY v2 header accepted (default 2048)", metavar="BYTES")
+    # The accept filter (issue 19).  cli=False: no command-line flags until
+    # the server classes apply it (Listener.from_config does).
+    ready_rule: Optional[str] = _option(
+        None, "hand over a connection only once it is ready: 'data' (a byte), 'line', "
+              "'http' (a request head) or 'tls' (a ClientHello); meanwhile it waits in "
+              "the core, holding no thread", choices=READY_RULES, cli=False)
+    ready_timeout: Optional[float] = _option(
+        None, "seconds from accept to ready (default 10); later, the connection is "
+              "closed", metavar="SECONDS", type="float", cli=False)
+    ready_max_bytes: Optional[int] = _option(
+        None, "longest line or request head the 'line'/'http' rule waits for (default "
+              "16384); a longer one is closed", metavar="BYTES", cli=False)
+    max_waiting: Optional[int] = _option(
+        None, "most connections waiting to be ready at once (default: half the "
+              "descriptors the process may still open); one more closes the oldest",
+        metavar="N", cli=False)
 
     _listener_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
     _proxy: Optional[ProxySettings] = field(init=False, repr=False, compare=False, default=None)
     _conn_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
+    _ready: Optional[ReadySettings] = field(init=False, repr=False, compare=False,
+                                            default=None)
 
     # -- construction ----------------------------------------------------
 
@@ -400,6 +447,56 @@ class ListenConfig:
         put("_listener_opts", listener_opts)
         put("_conn_opts", conn_opts)
         self._check_proxy(put)
+        self._check_ready(put)
+
+    def _check_ready(self, put: Any) -> None:
+        from fastlisten._coreshared import (
+            DEFAULT_READY_MAX_BYTES, DEFAULT_READY_TIMEOUT, MAX_READY_MAX_BYTES,
+            MAX_READY_TIMEOUT,
+        )
+
+        rule = self.ready_rule
+        if rule is None:
+            given = [f"{name}={getattr(self, name)!r}" for name in
+                     ("ready_timeout", "ready_max_bytes", "max_waiting")
+                     if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} without ready_rule: set ready_rule="
+                                 "'data', 'line', 'http' or 'tls' as well")
+            return
+        if not isinstance(rule, str):
+            raise TypeError(f"ready_rule must be one of {', '.join(READY_RULES)}, not "
+                            f"{type(rule).__name__}: {rule!r}")
+        if rule not in READY_RULES:
+            raise ValueError(f"ready_rule={rule!r}: use one of {', '.join(READY_RULES)}")
+        timeout = DEFAULT_READY_TIMEOUT
+        if self.ready_timeout is not None:
+            timeout = _check_seconds("ready_timeout", self.ready_timeout)
+            if timeout > MAX_READY_TIMEOUT:
+                raise ValueError(f"ready_timeout={timeout!r} is out of range: at most "
+                                 f"{MAX_READY_TIMEOUT:g} seconds")
+            put("ready_timeout", timeout)
+        max_bytes = DEFAULT_READY_MAX_BYTES
+        if self.ready_max_bytes is not None:
+            max_bytes = _check_int("ready_max_bytes", self.ready_max_bytes, 1,
+                                   MAX_READY_MAX_BYTES, what=" (bytes)")
+            put("ready_max_bytes", max_bytes)
+        cap = None
+        if self.max_waiting is not None:
+            cap = _check_int("max_waiting", self.max_waiting, 1, what=" (connections)")
+            put("max_waiting", cap)
+        proxy, max_v2 = 0, 0
+        if self._proxy is not None:
+            proxy, max_v2 = self._proxy.versions, self._proxy.max_v2
+        else:
+            from fastlisten.proxy import DEFAULT_MAX_V2
+            max_v2 = DEFAULT_MAX_V2
+        put("_ready", ReadySettings(rule, timeout, max_bytes, cap, proxy, max_v2))
+
+    def ready(self) -> Optional[ReadySettings]:
+        """The accept filter's settings with their defaults filled in, or
+        None when ``ready_rule`` is not set."""
+        return self._ready
 
     def _check_proxy(self, put: Any) -> None:
         mode = self.proxy_protocol
@@ -638,5 +735,8 @@ def _apply(sock: Any, opts: Tuple[Opt, ...], what: str) -> None:
 def option_fields() -> List["dataclasses.Field[Any]"]:
     """The fields of ListenConfig that are listener options (each with its
     ``help`` and command-line spelling in ``metadata``), in order; the
-    command line generates its flags from them."""
-    return [f for f in dataclasses.fields(ListenConfig) if "help" in f.metadata]
+    command line generates its flags from them.  Options marked
+    ``cli=False`` (the accept filter's, until ``fastlisten serve`` applies
+    them) are left out."""
+    return [f for f in dataclasses.fields(ListenConfig)
+            if "help" in f.metadata and f.metadata.get("cli", True)]

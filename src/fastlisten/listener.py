@@ -31,14 +31,17 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from fastlisten import address as _address
 from fastlisten import sysinfo
 from fastlisten._backend import RawListener
-from fastlisten._coreshared import DEFAULT_BATCH, remaining
+from fastlisten._coreshared import (
+    DEFAULT_BATCH, DEFAULT_READY_MAX_BYTES, DEFAULT_READY_TIMEOUT, remaining,
+)
 from fastlisten.address import Address
 from fastlisten.config import ListenConfig, check_backlog
 from fastlisten.errors import (
     effective_backlog, explain_bind_error, stale_socket_hint, warn_if_ephemeral,
 )
 
-__all__ = ["Listener", "listen", "default_backlog", "adoptable", "Address", "UnixSocketFile"]
+__all__ = ["Listener", "listen", "default_backlog", "default_max_waiting", "adoptable",
+           "Address", "UnixSocketFile"]
 
 _log = logging.getLogger("fastlisten")
 
@@ -49,6 +52,24 @@ def default_backlog() -> int:
     back to ``socket.SOMAXCONN`` where /proc cannot tell."""
     value = sysinfo.somaxconn()
     return value if value is not None and value > 0 else socket.SOMAXCONN
+
+
+#: The accept filter holds at most 1/WAITING_SHARE of the descriptors the
+#: process may still open when the filter is set (the rest are for the
+#: connections handlers hold and for everything else).
+WAITING_SHARE = 2
+#: The cap when the process has no descriptor limit (or it cannot be read).
+UNLIMITED_MAX_WAITING = 65536
+
+
+def default_max_waiting() -> int:
+    """The default cap on connections waiting in an accept filter: half the
+    descriptors this process may still open (RLIMIT_NOFILE less those
+    open), at least 1; UNLIMITED_MAX_WAITING where there is no limit."""
+    free = sysinfo.descriptor_headroom()
+    if free is None:
+        return UNLIMITED_MAX_WAITING
+    return max(1, min(free // WAITING_SHARE, UNLIMITED_MAX_WAITING))
 
 
 class UnixSocketFile:
@@ -177,12 +198,13 @@ class Listener:
         ``fd`` is left open: it is still the caller's)."""
         if not isinstance(config, ListenConfig):
             raise TypeError(f"config must be a ListenConfig, not {type(config).__name__}")
-        if config.proxy_protocol is not None:
+        if config.proxy_protocol is not None and config.ready_rule is None:
             raise ValueError(
                 f"proxy_protocol={config.proxy_protocol!r}: a Listener hands over raw "
                 "connections; the PROXY header is read by the server classes "
                 "(listen_config=...) in their workers, or by fastlisten.proxy_read(conn, ...) "
-                "in yours")
+                "in yours (with ready_rule set, the Listener waits until it is complete "
+                "and valid, and leaves it in the connection for proxy_read)")
         if config.fd is not None:
             return cls._adopt(config)
         if config.family == socket.AF_UNIX and config.path is None:
@@ -196,10 +218,17 @@ class Listener:
             lst.bind(config.address)
             config.after_bind()
             lst.listen(config.backlog)
+            lst._apply_ready(config)
         except BaseException:
             lst.close()
             raise
         return lst
+
+    def _apply_ready(self, config: ListenConfig) -> None:
+        ready = config.ready()
+        if ready is not None:
+            self.set_accept_filter(ready.rule, ready.timeout, ready.max_bytes,
+                                   ready.max_waiting, ready.proxy, ready.proxy_max_v2)
 
     @classmethod
     def _adopt(cls, config: ListenConfig) -> "Listener":
@@ -212,6 +241,7 @@ class Listener:
                 lst.listen(config.backlog)
             else:
                 lst._listening = True
+            lst._apply_ready(config)
         except BaseException:
             lst._raw.detach()   # still the caller's descriptor: leave it open
             raise
@@ -314,6 +344,39 @@ class Listener:
         descriptor closes with the last waiter made with it)."""
         return self._raw.new_stop()
 
+    def set_accept_filter(self, rule: str, timeout: float = DEFAULT_READY_TIMEOUT,
+                          max_bytes: int = DEFAULT_READY_MAX_BYTES,
+                          max_waiting: Optional[int] = None, proxy: int = 0,
+                          proxy_max_v2: Optional[int] = None) -> None:
+        """From now on, accept() and accept_many() return only connections
+        that are *ready* by ``rule``: 'data' (the client sent a byte),
+        'line' (a complete line), 'http' (a complete request head, up to
+        the empty line), 'tls' (a complete TLS ClientHello record), or
+        'none' (every connection at once, as without a filter).  With
+        ``proxy`` (fastlisten.proxy.V1, V2 or V1 | V2) a complete, valid
+        PROXY header must come first; it stays in the connection, for
+        ``fastlisten.proxy_read``.
+
+        The others wait in the core (an epoll set: no thread, no GIL, no
+        Python object each) for at most ``timeout`` seconds from their
+        accept; bytes are only peeked at, so the handler reads them all.
+        ``max_bytes`` bounds a line or head; ``max_waiting`` (default
+        :func:`default_max_waiting`) the connections waiting at once: one
+        more closes the oldest.  Expired, malformed, oversize, closed,
+        reset and evicted connections are closed and counted
+        (``counters()['dropped']`` by reason, with ``waiting``,
+        ``waiting_peak``, ``waited`` and ``made_ready``); close() closes
+        those still waiting ('shutdown').  Waits stay interruptible:
+        wakeup() and signals end them as before.  Not with a ``waiter``
+        (leader/follower) yet.  Call it while no connection waits (before
+        the first accept, or to change the rule)."""
+        from fastlisten import proxy as _proxy
+
+        self._raw.set_accept_filter(
+            rule, timeout, max_bytes, default_max_waiting() if max_waiting is None
+            else max_waiting, proxy, _proxy.DEFAULT_MAX_V2 if proxy_max_v2 is None
+            else proxy_max_v2)
+
     def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None,
                     waiter: Any = None) -> List[Tuple[socket.socket, Any]]:
         """Wait up to ``timeout`` seconds (None: for ever) for connections and
@@ -321,7 +384,10 @@ class Listener:
 
         Returns a list of (socket, address); empty on timeout or wakeup()
         (and, with a ``waiter``, when its stop descriptor is readable or
-        another thread took the connection first).
+        another thread took the connection first).  With an accept filter
+        (set_accept_filter, or ``ready_rule`` in the config), only ready
+        connections: the others wait in the core meanwhile, and ``timeout``
+        ends the wait even while some are still waiting.
         """
         batch = self._raw.accept_many(max, timeout, waiter)
         self.check_capacity()
@@ -433,7 +499,13 @@ class Listener:
         the system-wide ``listen_overflows``/``listen_drops`` (kernel
         ListenOverflows/ListenDrops since boot; ``*_since_open`` since this
         listener was created) -- when they rise, the kernel dropped
-        handshakes because an accept queue was full.
+        handshakes because an accept queue was full.  The accept filter's
+        (see set_accept_filter; zeros without one): ``waiting`` (now),
+        ``waiting_peak``, ``waited`` (connections that had to wait),
+        ``made_ready`` (handed over by the filter) and ``dropped``
+        ({reason: count}: malformed, oversize, closed, reset, expired,
+        evicted, shutdown, error); ``accepted`` counts only connections
+        handed over.
         """
         out: Dict[str, Any] = dict(self._raw.stats())
         queued: Optional[int] = None
@@ -495,7 +567,9 @@ def listen(address: Optional[Address] = None, **options: Any) -> Listener:
     ``dualstack`` (an IPv6 listener on '::' serves IPv4 too; else
     IPv6-only), ``nodelay``, ``keepalive``, ``rcvbuf``, ``sndbuf``,
     ``defer_accept``, ``fastopen``, ``fd`` (an open listening socket, or
-    'systemd'), ``unix_mode``, ``unlink_stale``.  Values are checked before
+    'systemd'), ``unix_mode``, ``unlink_stale``, and the accept filter's
+    ``ready_rule``, ``ready_timeout``, ``ready_max_bytes``, ``max_waiting``
+    (see :meth:`Listener.set_accept_filter`).  Values are checked before
     anything is opened; on any later failure the descriptor is closed
     before the error propagates.
     """

@@ -1,0 +1,567 @@
+"""The accept filter (issue 19): connections that have not said enough wait
+in the core, never reach the caller, and are dropped by reason.
+
+Every test runs on both cores in one run (the ``core`` fixture, as in
+test_core.py), through real loopback sockets.  No timing asserts: a
+connection that must not come back is checked with short waits (it is not
+returned, whatever the timing), one that must come back with bounded ones.
+"""
+
+import errno
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+import fastlisten
+from fastlisten import Listener, ListenConfig, _corepy
+from fastlisten.proxy import V1, V2
+from helpers import wait_for
+
+LOOPBACK = ("127.0.0.1", 0)
+HEAD = b"GET /index.html HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n"
+PROXY_V1 = b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\r\n"
+
+
+def _core_params():
+    if os.environ.get("FASTLISTEN_NO_EXTENSIONS") == "1":
+        return ["pure"]
+    return ["compiled", "pure"]
+
+
+@pytest.fixture(autouse=True, params=_core_params())
+def core(request, monkeypatch):
+    """Every Listener made by a test runs on this core."""
+    if request.param == "compiled":
+        from fastlisten import _core as module
+    else:
+        module = _corepy
+    monkeypatch.setattr(fastlisten.listener, "RawListener", module.RawListener)
+    return module
+
+
+@pytest.fixture
+def make():
+    """make(rule, **filter options) -> a listening Listener with that
+    filter; make.client(...) -> a connected client socket.  All closed at
+    the end."""
+    made, clients = [], []
+
+    def listener(rule, **options):
+        lst = fastlisten.listen(LOOPBACK)
+        made.append(lst)
+        lst.set_accept_filter(rule, **options)
+        return lst
+
+    def client(lst, data=b""):
+        c = socket.create_connection(lst.address, timeout=5)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        clients.append(c)
+        if data:
+            c.sendall(data)
+        return c
+
+    listener.client = client
+    yield listener
+    for c in clients:
+        c.close()
+    for lst in made:
+        lst.close()
+
+
+def take(lst, timeout=5.0):
+    """The next ready connection (bounded wait); fails the test if none."""
+    conn, addr = lst.accept(timeout=timeout)
+    return conn
+
+
+def none_ready(lst, rounds=3, timeout=0.05):
+    """accept_many returns nothing for a few short waits."""
+    for _ in range(rounds):
+        batch = lst.accept_many(timeout=timeout)
+        if batch:
+            for conn, _ in batch:
+                conn.close()
+            return False
+    return True
+
+
+def dropped(lst, reason):
+    return lst.stats()["dropped"].get(reason, 0)
+
+
+def wait_dropped(lst, reason, n=1, limit=10.0):
+    """Run the filter (accept_many) until n connections were dropped for
+    reason; none may be handed over meanwhile."""
+    def done():
+        batch = lst.accept_many(timeout=0.02)
+        assert not batch, f"handed over: {batch}"
+        return dropped(lst, reason) >= n
+    wait_for(done, timeout=limit)
+
+
+def closed_by_server(c):
+    """The server closed the client's connection: EOF or a reset."""
+    c.settimeout(5)
+    try:
+        return c.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def read_exactly(conn, n):
+    conn.settimeout(5)
+    out = b""
+    while len(out) < n:
+        chunk = conn.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+# -- the rules, through sockets -----------------------------------------------
+
+READY_BY_RULE = [
+    ("data", b"x"),
+    ("line", b"hello\n"),
+    ("line", b"hello\r\n"),
+    ("http", HEAD),
+    ("http", b"GET /\r\n"),           # HTTP/0.9: the request line is all
+    ("http", b"GET / HTTP/1.0\n\n"),  # bare LFs, as http.server reads them
+]
+
+
+@pytest.mark.parametrize("rule, data", READY_BY_RULE)
+def test_a_silent_client_waits_and_a_complete_one_comes_with_every_byte(make, rule, data):
+    lst = make(rule)
+    silent = make.client(lst)
+    assert none_ready(lst)
+    make.client(lst, data)
+    conn = take(lst)
+    with conn:
+        assert read_exactly(conn, len(data)) == data     # peeked, never consumed
+        assert conn.getblocking()
+    assert none_ready(lst)              # the silent one still waits
+    stats = lst.stats()
+    assert stats["waiting"] == 1 and stats["made_ready"] == 1 and stats["accepted"] == 1
+    silent.close()
+
+
+@pytest.mark.parametrize("rule, data", [("line", b"a line\n"), ("http", HEAD)])
+def test_a_head_dribbled_one_byte_at_a_time_is_handed_over_only_whole(make, rule, data):
+    lst = make(rule)
+    c = make.client(lst)
+    for i in range(len(data) - 1):
+        c.sendall(data[i:i + 1])
+        assert not lst.accept_many(timeout=0.005)
+    c.sendall(data[-1:])
+    with take(lst) as conn:
+        assert read_exactly(conn, len(data)) == data
+    assert lst.stats()["waited"] == 1
+
+
+def test_a_waiting_connection_with_unread_bytes_costs_no_cpu_while_it_waits(make):
+    """The bytes stay in the kernel (MSG_PEEK), so the connection stays
+    readable: the core must wait for the next segment, not poll it again
+    and again (edge-triggered)."""
+    lst = make("http", timeout=1000)
+    make.client(lst, b"GET / HTTP/1.1\r\n")
+    wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 1,
+             timeout=10)
+    wall, cpu = time.monotonic(), time.thread_time()
+    assert lst.accept_many(timeout=0.3) == []
+    wall, cpu = time.monotonic() - wall, time.thread_time() - cpu
+    assert cpu / wall < 0.5             # it slept rather than spun
+
+
+def test_a_head_split_over_many_writes_is_judged_as_a_whole(make):
+    lst = make("http")
+    c = make.client(lst)
+    parts = [HEAD[i:i + 7] for i in range(0, len(HEAD), 7)]
+    for part in parts[:-1]:
+        c.sendall(part)
+    assert none_ready(lst, rounds=1)
+    c.sendall(parts[-1])
+    with take(lst) as conn:
+        assert read_exactly(conn, len(HEAD)) == HEAD
+
+
+@pytest.mark.parametrize("rule", ["line", "http"])
+def test_a_head_over_max_bytes_is_dropped_as_oversize(make, rule):
+    lst = make(rule, max_bytes=64)
+    c = make.client(lst, b"G" * 100)
+    wait_dropped(lst, "oversize")
+    assert closed_by_server(c)
+    # exactly at the cap, complete: handed over
+    make.client(lst, b"G" * 62 + b"\n\n" if rule == "line" else b"GET / HTTP/1.0\r\n" + b"\r\n")
+    take(lst).close()
+
+
+def test_a_peer_that_says_something_and_shuts_its_side_is_handed_over(make):
+    lst = make("line")
+    c = make.client(lst, b"no newline")
+    c.shutdown(socket.SHUT_WR)
+    with take(lst) as conn:
+        assert read_exactly(conn, 100) == b"no newline"
+
+
+def test_a_peer_that_closes_without_a_word_is_dropped_as_closed(make):
+    lst = make("data")
+    c = make.client(lst)
+    assert none_ready(lst, rounds=1)
+    c.close()
+    wait_dropped(lst, "closed")
+    assert lst.stats()["waiting"] == 0
+
+
+def test_a_reset_before_ready_is_dropped_and_never_handed_over(make):
+    lst = make("http")
+    c = make.client(lst, b"GET / HT")
+    assert none_ready(lst, rounds=1)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    c.close()                       # RST
+    wait_for(lambda: not lst.accept_many(timeout=0.02)
+             and dropped(lst, "reset") + dropped(lst, "closed") == 1, timeout=10)
+    assert lst.stats()["made_ready"] == 0
+
+
+# -- the PROXY header first -------------------------------------------------
+
+def test_with_proxy_the_header_comes_first_and_the_rule_applies_after_it(make):
+    lst = make("line", proxy=V1 | V2)
+    c = make.client(lst, PROXY_V1)
+    assert none_ready(lst)              # the header alone is not a line of the client's
+    c.sendall(b"hi\n")
+    with take(lst) as conn:
+        assert read_exactly(conn, len(PROXY_V1) + 3) == PROXY_V1 + b"hi\n"
+        assert fastlisten.proxy_parse(PROXY_V1).source == ("192.0.2.1", 56324)
+
+
+def test_with_proxy_and_rule_none_the_complete_header_is_enough(make):
+    lst = make("none", proxy=V1)
+    c = make.client(lst, PROXY_V1[:10])
+    assert none_ready(lst)
+    c.sendall(PROXY_V1[10:])
+    with take(lst) as conn:
+        assert fastlisten.proxy_read(conn, V1).source == ("192.0.2.1", 56324)
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\r\n\r\n",                          # no header at all
+    b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 99999\r\n",  # a bad port
+    b"PROXY TCP9 x\r\n",
+    b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + bytes(12),  # v2 version 3
+])
+def test_a_malformed_proxy_header_is_dropped(make, data):
+    lst = make("data", proxy=V1 | V2)
+    c = make.client(lst, data)
+    wait_dropped(lst, "malformed")
+    assert closed_by_server(c)
+
+
+def test_a_health_check_local_header_then_close_is_dropped_as_closed(make):
+    local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"     # v2 LOCAL, no addresses
+    lst = make("data", proxy=V2)
+    c = make.client(lst, local)
+    c.close()
+    wait_dropped(lst, "closed")
+    assert lst.stats()["made_ready"] == 0
+
+
+# -- TLS ----------------------------------------------------------------------
+
+def client_hello():
+    """The first flight of a real TLS client (the ssl module's, in memory)."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="example")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_tls_waits_for_the_whole_client_hello_record(make):
+    hello = client_hello()
+    assert hello[0] == 22 and len(hello) == 5 + int.from_bytes(hello[3:5], "big")
+    lst = make("tls")
+    c = make.client(lst, hello[:5])
+    assert none_ready(lst)
+    c.sendall(hello[5:-1])
+    assert none_ready(lst, rounds=1)
+    c.sendall(hello[-1:])
+    with take(lst) as conn:
+        assert read_exactly(conn, len(hello)) == hello
+
+
+def test_tls_drops_what_is_not_a_client_hello(make):
+    lst = make("tls")
+    c = make.client(lst, HEAD)
+    wait_dropped(lst, "malformed")
+    assert closed_by_server(c)
+
+
+# -- deadlines, the cap, close --------------------------------------------------
+
+def test_a_connection_past_its_deadline_is_closed_as_expired(make):
+    lst = make("http", timeout=0.2)
+    c = make.client(lst, b"GET / HTTP/1.1\r\n")
+    wait_dropped(lst, "expired")
+    assert closed_by_server(c)
+    assert lst.stats()["waiting"] == 0
+
+
+def test_an_empty_wait_ends_at_its_own_timeout_while_connections_wait(make):
+    lst = make("data", timeout=1000)
+    make.client(lst)
+    assert lst.accept_many(timeout=0.05) == []        # returns, and nothing with it
+    assert lst.stats()["waiting"] == 1
+
+
+def test_at_the_cap_the_oldest_waiting_connection_makes_room(make):
+    lst = make("data", max_waiting=3, timeout=1000)
+    silent = []
+    for _ in range(5):
+        silent.append(make.client(lst))
+        assert not lst.accept_many(timeout=0.02)
+    wait_for(lambda: not lst.accept_many(timeout=0.02)
+             and dropped(lst, "evicted") == 2, timeout=10)
+    stats = lst.stats()
+    assert stats["waiting"] == 3 and stats["waiting_peak"] == 3
+    assert closed_by_server(silent[0]) and closed_by_server(silent[1])
+    # a client that speaks still gets through, at once
+    make.client(lst, b"x")
+    take(lst).close()
+    assert lst.stats()["waiting"] <= 3
+
+
+def test_many_silent_clients_do_not_keep_a_ready_one_waiting(make):
+    lst = make("line", max_waiting=10, timeout=1000)
+    for _ in range(40):
+        make.client(lst)
+    make.client(lst, b"ready\n")
+    with take(lst) as conn:
+        assert read_exactly(conn, 6) == b"ready\n"
+    assert lst.stats()["waiting"] <= 10
+
+
+def test_close_closes_every_waiting_connection(make):
+    lst = make("data", timeout=1000)
+    clients = [make.client(lst) for _ in range(3)]
+    wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 3,
+             timeout=10)
+    lst.close()
+    assert dropped(lst, "shutdown") == 3 and lst.stats()["waiting"] == 0
+    for c in clients:
+        assert closed_by_server(c)
+
+
+def test_the_filter_cannot_change_while_connections_wait(make):
+    lst = make("data", timeout=1000)
+    make.client(lst)
+    wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 1,
+             timeout=10)
+    with pytest.raises(OSError) as info:
+        lst.set_accept_filter("line")
+    assert info.value.errno == errno.EBUSY
+
+
+def test_rule_none_takes_every_connection_at_once(make):
+    lst = make("data", timeout=1000)
+    lst.set_accept_filter("none")
+    make.client(lst)
+    take(lst).close()
+    assert lst.stats()["waited"] == 0
+
+
+# -- the wait stays what it was ---------------------------------------------------
+
+def test_wakeup_ends_a_wait_at_once_while_connections_wait(make):
+    lst = make("data", timeout=1000)
+    make.client(lst)
+    got = []
+    t = threading.Thread(target=lambda: got.append(lst.accept_many(timeout=30)))
+    t.start()
+    wait_for(lambda: lst.stats()["waiting"] == 1, timeout=10)
+    lst.wakeup()
+    t.join(10)
+    assert not t.is_alive() and got == [[]]
+
+
+def test_a_signal_handler_that_raises_ends_the_wait(make):
+    lst = make("data", timeout=1000)
+    make.client(lst)
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(KeyboardInterrupt):
+            lst.accept_many(timeout=20)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_waiter_made_before_the_filter_is_refused(make):
+    lst = fastlisten.listen(LOOPBACK)
+    w = lst.waiter()
+    try:
+        lst.set_accept_filter("data")
+        with pytest.raises(ValueError, match="before set_accept_filter"):
+            lst.accept_many(1, 0.01, w)
+    finally:
+        w.close()
+        lst.close()
+
+
+def test_leader_follower_waiters_take_only_ready_connections_and_stop_at_once(make):
+    """Three threads wait with waiters of one Stop, as ThreadingMixIn's
+    leader/follower workers do: silent clients reach none of them, every
+    ready one reaches exactly one, and set() ends every wait."""
+    lst = make("line", timeout=1000)
+    stop = lst.new_stop()
+    got, lock = [], threading.Lock()
+
+    def worker():
+        w = lst.waiter(stop)
+        try:
+            while not stop.fenced:
+                for conn, _ in lst.accept_many(1, None, w):
+                    with conn:
+                        data = read_exactly(conn, 6)
+                    with lock:
+                        got.append(data)
+        finally:
+            w.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(5):
+            make.client(lst)                    # silent
+        wait_for(lambda: lst.stats()["waiting"] == 5, timeout=10)
+        for i in range(10):
+            make.client(lst, b"line%d\n" % i)
+        wait_for(lambda: len(got) == 10, timeout=10)
+        assert sorted(got) == sorted(b"line%d\n" % i for i in range(10))
+        assert lst.stats()["waiting"] == 5
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        stop.close()
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_the_counters_without_a_filter_are_zero():
+    with fastlisten.listen(LOOPBACK) as lst:
+        stats = lst.stats()
+    assert (stats["waiting"], stats["waiting_peak"], stats["waited"], stats["made_ready"],
+            stats["dropped"]) == (0, 0, 0, 0, {})
+
+
+# -- configuration ------------------------------------------------------------------
+
+def test_a_listener_from_config_applies_the_filter():
+    cfg = ListenConfig(port=0, ready_rule="http", ready_timeout=5, max_waiting=4)
+    with Listener.from_config(cfg) as lst:
+        c = socket.create_connection(lst.address, timeout=5)
+        with c:
+            assert none_ready(lst, rounds=1)
+            c.sendall(HEAD)
+            with lst.accept(timeout=5)[0] as conn:
+                assert read_exactly(conn, len(HEAD)) == HEAD
+
+
+def test_a_listener_takes_proxy_protocol_only_with_a_ready_rule():
+    with pytest.raises(ValueError, match="ready_rule"):
+        Listener.from_config(ListenConfig(port=0, proxy_protocol="v1"))
+    cfg = ListenConfig(port=0, proxy_protocol="v1", ready_rule="none")
+    with Listener.from_config(cfg) as lst:
+        c = socket.create_connection(lst.address, timeout=5)
+        with c:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            wait_dropped(lst, "malformed")
+
+
+def test_the_default_cap_is_a_share_of_the_descriptor_headroom(monkeypatch):
+    from fastlisten import listener as listener_module, sysinfo
+
+    monkeypatch.setattr(sysinfo, "descriptor_headroom", lambda: 1000)
+    assert listener_module.default_max_waiting() == 500
+    monkeypatch.setattr(sysinfo, "descriptor_headroom", lambda: 1)
+    assert listener_module.default_max_waiting() == 1
+    monkeypatch.setattr(sysinfo, "descriptor_headroom", lambda: None)
+    assert listener_module.default_max_waiting() == listener_module.UNLIMITED_MAX_WAITING
+
+
+@pytest.mark.parametrize("options, exc", [
+    (dict(rule="HTTP"), ValueError),
+    (dict(rule="data", timeout=0), ValueError),
+    (dict(rule="data", timeout="1"), TypeError),
+    (dict(rule="data", max_bytes=0), ValueError),
+    (dict(rule="data", max_waiting=0), ValueError),
+    (dict(rule="data", proxy=4), ValueError),
+    (dict(rule="data", proxy=V2, proxy_max_v2=10), ValueError),
+])
+def test_bad_filter_arguments_raise_on_both_cores(core, options, exc):
+    raw = core.RawListener(socket.AF_INET)
+    try:
+        with pytest.raises(exc):
+            raw.set_accept_filter(**options)
+    finally:
+        raw.close()
+
+
+def test_a_unix_stream_listener_filters_too(tmp_path):
+    path = str(tmp_path / "s.sock")
+    with fastlisten.listen(path) as lst:
+        lst.set_accept_filter("line", timeout=0.5)
+        silent = socket.socket(socket.AF_UNIX)
+        speaking = socket.socket(socket.AF_UNIX)
+        with silent, speaking:
+            silent.connect(path)
+            speaking.connect(path)
+            assert none_ready(lst, rounds=1)
+            speaking.sendall(b"line\n")
+            with lst.accept(timeout=5)[0] as conn:
+                assert read_exactly(conn, 5) == b"line\n"
+            wait_dropped(lst, "expired")
+            assert closed_by_server(silent)
+
+
+def test_a_default_socket_timeout_neither_stalls_the_filter_nor_is_lost(make):
+    """socket.setdefaulttimeout applies to accepted connections (as the
+    stdlib's accept does); judging a silent one must not wait that long
+    (30 s here: the whole exchange gets 10)."""
+    lst = make("line", timeout=1000)
+    got = []
+
+    def exchange():
+        make.client(lst)                        # silent
+        assert none_ready(lst, rounds=1)
+        make.client(lst, b"ready\n")
+        got.append(lst.accept(timeout=5)[0])
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        t = threading.Thread(target=exchange)
+        t.start()
+        t.join(10)
+        stalled = t.is_alive()
+        t.join()
+    finally:
+        socket.setdefaulttimeout(previous)
+    assert not stalled, "judging a silent connection waited for its timeout"
+    with got[0] as conn:
+        assert conn.gettimeout() == 30
+        assert read_exactly(conn, 6) == b"ready\n"
