@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from fastlisten import address as _address
 
 _log = logging.getLogger("fastlisten")
 
-__all__ = ["ListenConfig", "ProxySettings", "systemd_fds", "check_backlog", "option_fields"]
+__all__ = ["ListenConfig", "ProxySettings", "TLSSettings", "systemd_fds", "check_backlog", "option_fields"]
 
 _C_INT_MAX = 2**31 - 1
 
@@ -167,6 +168,18 @@ class ProxySettings(NamedTuple):
         return any(ip in net for net in self.trusted)
 
 
+#: Seconds a TLS handshake may take in all unless ``handshake_timeout`` says otherwise.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+class TLSSettings(NamedTuple):
+    """The TLS part of a ListenConfig, resolved: what the server classes use
+    for each connection."""
+
+    context: ssl.SSLContext         #: the server-side context each connection is wrapped with
+    handshake_timeout: float        #: seconds the whole handshake may take
+
+
 def _check_networks(value: Any) -> Tuple[Network, ...]:
     """``trusted_proxies``: CIDRs (or addresses) as a comma-separated str or
     an iterable of str/ipaddress networks; host bits set is an error."""
@@ -246,6 +259,14 @@ class ListenConfig:
     unread); ``proxy_timeout`` (seconds, default 3, the spec's minimum)
     bounds the wait for it; ``proxy_max_v2`` caps a v2 header's size in
     bytes (default 2048).  :meth:`proxy` gives them resolved.
+
+    TLS (applied by the socketserver classes, after the PROXY header, in
+    the thread or process that runs the handler; a bare :class:`Listener`
+    refuses it): ``ssl_context``, a server-side :class:`ssl.SSLContext`
+    each accepted connection is wrapped with; ``handshake_timeout``
+    (seconds, default 10) bounds its handshake.  :meth:`tls` gives them
+    resolved.  Neither is a command-line flag: ``fastlisten serve`` has
+    ``--tls-cert``/``--tls-key``/``--handshake-timeout``.
     """
 
     host: Optional[str] = _option(None, "IP address or host name to bind ('' for every "
@@ -289,8 +310,12 @@ class ListenConfig:
     proxy_max_v2: Optional[int] = _option(
         None, "largest PROXY v2 header accepted (default 2048)", metavar="BYTES")
 
+    ssl_context: Optional[ssl.SSLContext] = None
+    handshake_timeout: Optional[float] = None
+
     _listener_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
     _proxy: Optional[ProxySettings] = field(init=False, repr=False, compare=False, default=None)
+    _tls: Optional[TLSSettings] = field(init=False, repr=False, compare=False, default=None)
     _conn_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
 
     # -- construction ----------------------------------------------------
@@ -400,6 +425,7 @@ class ListenConfig:
         put("_listener_opts", listener_opts)
         put("_conn_opts", conn_opts)
         self._check_proxy(put)
+        self._check_tls(put)
 
     def _check_proxy(self, put: Any) -> None:
         mode = self.proxy_protocol
@@ -432,6 +458,38 @@ class ListenConfig:
                                 proxy.V2_LIMIT, what=" (bytes)")
             put("proxy_max_v2", max_v2)
         put("_proxy", ProxySettings(PROXY_PROTOCOLS[mode], trusted, timeout, max_v2))
+
+    def _check_tls(self, put: Any) -> None:
+        context = self.ssl_context
+        if context is None:
+            if self.handshake_timeout is not None:
+                raise ValueError(f"handshake_timeout={self.handshake_timeout!r} without "
+                                 "ssl_context: give the server-side ssl.SSLContext as well")
+            return
+        if not isinstance(context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, not "
+                            f"{type(context).__name__}: {context!r}")
+        if context.protocol == ssl.PROTOCOL_TLS_CLIENT:
+            raise ValueError("ssl_context is a client context (PROTOCOL_TLS_CLIENT, as "
+                             "ssl.create_default_context() makes): a server needs "
+                             "ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) with load_cert_chain()")
+        timeout = DEFAULT_HANDSHAKE_TIMEOUT
+        if self.handshake_timeout is not None:
+            timeout = _check_seconds("handshake_timeout", self.handshake_timeout)
+            put("handshake_timeout", timeout)
+        put("_tls", TLSSettings(context, timeout))
+
+    def tls(self) -> Optional[TLSSettings]:
+        """The TLS settings with their defaults filled in, or None without
+        ``ssl_context``."""
+        return self._tls
+
+    def socket_only(self) -> "ListenConfig":
+        """This config without what acts on each connection (the PROXY
+        protocol and TLS options): the listening socket's own options, as
+        a :class:`Listener` takes them."""
+        return self.replace(proxy_protocol=None, trusted_proxies=None, proxy_timeout=None,
+                            proxy_max_v2=None, ssl_context=None, handshake_timeout=None)
 
     def proxy(self) -> Optional[ProxySettings]:
         """The PROXY protocol settings with their defaults filled in, or

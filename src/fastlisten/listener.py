@@ -183,6 +183,11 @@ class Listener:
                 "connections; the PROXY header is read by the server classes "
                 "(listen_config=...) in their workers, or by fastlisten.proxy_read(conn, ...) "
                 "in yours")
+        if config.ssl_context is not None:
+            raise ValueError(
+                "ssl_context: a Listener hands over raw connections; the TLS handshake is "
+                "run by the server classes (listen_config=...) in their workers, or by "
+                "ssl_context.wrap_socket(conn, server_side=True) in yours")
         if config.fd is not None:
             return cls._adopt(config)
         if config.family == socket.AF_UNIX and config.path is None:

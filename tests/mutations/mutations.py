@@ -36,7 +36,7 @@ class Mutation(NamedTuple):
 MUTATIONS = [
     # -- issue 14's table ----------------------------------------------------
     Mutation("server batch size 64 -> 1", "src/fastlisten/server.py",
-             "accept_batch_size = DEFAULT_BATCH", "accept_batch_size = 1",
+             "fl_accept_batch_size = DEFAULT_BATCH", "fl_accept_batch_size = 1",
              ("tests/test_server_loop.py",), BOTH),
     Mutation("capacity back-off never doubles (C)", "src/fastlisten/_core.pyx",
              "min(self._backoff_ms * 2, BACKOFF_MAX_MS)", "min(self._backoff_ms, BACKOFF_MAX_MS)",
@@ -240,7 +240,7 @@ MUTATIONS = [
              "self._fl_room.wakeup()", "pass",
              ("tests/test_server_features.py",), BOTH),
     Mutation("ForkingMixIn: batches of 64", "src/fastlisten/server.py",
-             "        accept_batch_size = 1\n", "        accept_batch_size = 64\n",
+             "        fl_accept_batch_size = 1\n", "        fl_accept_batch_size = 64\n",
              ("tests/test_server_loop.py",), BOTH),
     # -- a StreamRequestHandler's files (the core's _streams.pxi) --------------
     Mutation("SocketReader: a timeout leaves it readable", "src/fastlisten/_streams.pxi",

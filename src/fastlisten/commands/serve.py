@@ -197,8 +197,9 @@ def server_class(config: ListenConfig, threads: Optional[int],
                  handshake_timeout: float = 10.0) -> type:
     """The library server class serve runs: threads or processes, TCP or Unix."""
     unix = config.family == socket.AF_UNIX
-    attrs: Dict[str, Any] = {"listen_config": config, "ssl_context": ssl_context,
-                             "handshake_timeout": handshake_timeout}
+    if ssl_context is not None:
+        config = config.replace(ssl_context=ssl_context, handshake_timeout=handshake_timeout)
+    attrs: Dict[str, Any] = {"listen_config": config}
     if processes is not None:
         bases: tuple = (_server.ForkingMixIn,
                         _server.UnixStreamServer if unix else _server.TCPServer)
