@@ -304,3 +304,51 @@ def test_own_proxy_header_attribute():
     with serving(Server(("127.0.0.1", 0), Reads), 0.05) as server:
         assert ask(server.server_address) == b"ping\n"
     assert seen == ["X-Forwarded-For"]
+
+
+def test_workers_with_own_drain_and_listen_config_and_tls_in_its_config(tmp_path, cert):
+    """fastlisten.Workers over a server class with a drain() and a
+    listen_config of its own: TLS given to Workers in a ListenConfig is
+    served by every worker (the parent's listening socket takes only the
+    socket options), and the graceful stop drains with fastlisten's drain(),
+    never the subclass's."""
+    import signal
+    import sys
+    import textwrap
+
+    from test_workers import supervised
+
+    marker = tmp_path / "own-drain-called"
+    (tmp_path / "app.py").write_text(textwrap.dedent(f"""
+        import logging, ssl, sys, fastlisten
+        logging.basicConfig(level=logging.INFO)
+
+        class Echo(fastlisten.StreamRequestHandler):
+            def handle(self):
+                self.wfile.write(b"%d " % self.connection.version().startswith("TLS")
+                                 + self.rfile.readline())
+
+        class Server(fastlisten.ThreadingTCPServer):
+            listen_config = {{"the": "subclass's own"}}
+
+            def drain(self, *args):             # its own meaning
+                open({str(marker)!r}, "w").close()
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain({cert[0]!r}, {cert[1]!r})
+        w = fastlisten.Workers(Server, ("127.0.0.1", 0), Echo, workers=2,
+                               listen_config=fastlisten.ListenConfig(ssl_context=ctx))
+        w.bind()
+        print("listening on 127.0.0.1:%d" % w.address[1], flush=True)
+        sys.exit(w.run())
+    """))
+    with supervised(cmd=[sys.executable, "app.py"], cwd=tmp_path) as s:
+        for _ in range(4):
+            with client_context(cert[0]).wrap_socket(
+                    socket.create_connection(s.address, timeout=LIMIT),
+                    server_hostname="localhost") as c:
+                c.sendall(b"over tls\n")
+                assert c.makefile("rb").readline() == b"1 over tls\n"
+        rc, log = s.stop(signal.SIGTERM)
+    assert rc == 0 and "Traceback" not in log, log
+    assert not marker.exists()
