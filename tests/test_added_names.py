@@ -191,20 +191,34 @@ def test_own_accept_batch_size_does_not_change_the_batches():
             c.close()
 
 
-@pytest.mark.parametrize("name", ["max_threads", "max_queued", "thread_idle_timeout"])
-def test_own_thread_settings_of_another_type_are_left_alone(name):
-    """A threading server's max_threads, max_queued and thread_idle_timeout
-    are read only as numbers: a value of another kind (here a method) is
-    the subclass's own, and the pool keeps its defaults (no cap)."""
-    def own(self):
-        return "the subclass's own"
+@pytest.mark.parametrize("name, value", [
+    ("max_threads", 1), ("max_queued", "the subclass's own"),
+    ("thread_idle_timeout", "the subclass's own")])
+def test_own_thread_settings_are_left_alone(name, value):
+    """ThreadingMixIn's settings are fl_max_threads, fl_max_queued and
+    fl_thread_idle_timeout: a subclass's max_threads (here 1, for its own
+    purposes), max_queued or thread_idle_timeout caps nothing and breaks
+    nothing: three handlers that wait for each other all run at once."""
+    together = threading.Barrier(3, timeout=LIMIT)
 
-    Server = type("Server", (fastlisten.ThreadingTCPServer,), {name: own})
-    with serving(Server(("127.0.0.1", 0), EchoLine), 0.05) as server:
-        for _ in range(3):
-            assert ask(server.server_address) == b"ping\n"
-        assert server._fl_pool.max_threads is None
-        assert getattr(server, name)() == "the subclass's own"
+    class Together(fastlisten.StreamRequestHandler):
+        def handle(self):
+            together.wait()
+            self.wfile.write(self.rfile.readline())
+
+    Server = type("Server", (fastlisten.ThreadingTCPServer,), {name: value})
+    with serving(Server(("127.0.0.1", 0), Together), 0.05) as server:
+        clients = [socket.create_connection(server.server_address, timeout=LIMIT)
+                   for _ in range(3)]
+        try:
+            for c in clients:
+                c.sendall(b"all at once\n")
+            for c in clients:
+                assert c.makefile("rb").readline() == b"all at once\n"
+        finally:
+            for c in clients:
+                c.close()
+        assert getattr(server, name) == value
 
 
 def test_own_kill_timeout_of_a_forking_server_is_left_alone():

@@ -33,11 +33,11 @@ that is an ``ssl.SSLSocket`` already is never wrapped again.
 The names these classes add to the stdlib's are fastlisten's only where no
 subclass can mean something else by them (see the README's table): the
 settings live in ``listen_config`` (read only when it is a ListenConfig)
-or carry an ``fl_`` prefix; ``max_threads``, ``max_queued`` and
-``thread_idle_timeout`` are read only with the type they have here; a
-subclass's own ``ssl_context``, ``handshake_timeout``, ``counters``,
-``drain``, ``end_handlers`` or ``proxy_header`` is its own, and
-fastlisten's code never calls or reads those names.
+or carry an ``fl_`` prefix (``fl_max_threads``, ``fl_max_queued``,
+``fl_thread_idle_timeout``, ``fl_accept_batch_size``, ``fl_kill_timeout``);
+a subclass's own ``ssl_context``, ``handshake_timeout``, ``max_threads``,
+``counters``, ``drain``, ``end_handlers`` or ``proxy_header`` is its own,
+and fastlisten's code never calls or reads those names.
 
 The loop lives in the mixins as well as in the servers, so
 ``class S(fastlisten.ThreadingMixIn, http.server.HTTPServer)`` is fast too.
@@ -175,16 +175,6 @@ class _ProxyHeaderAttr:
         return getattr(local, "header", None) if local is not None else None
 
 
-def _setting(server: Any, name: str, kinds: Tuple[type, ...], default: Any) -> Any:
-    """The server's ``name`` when it is None or of ``kinds`` (never a
-    bool), else ``default``: a value of another kind (a method, a string,
-    an object) is a subclass's own attribute of that name."""
-    value = getattr(server, name, default)
-    if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
-        return value
-    return default
-
-
 #: A server's accept batch takes at most 1/HEADROOM_SHARE of the descriptors
 #: its process may still open (see _FastLoop.accept_batch_size).
 HEADROOM_SHARE = 4
@@ -203,7 +193,7 @@ class _FastLoop:
     #: batch).  The connections of a batch wait, open, for their turn: a batch
     #: is therefore cut to a quarter (HEADROOM_SHARE) of the descriptors the
     #: process may still open when serve_forever() starts, so that handlers
-    #: keep the rest, and with ThreadingMixIn's max_threads to the room in
+    #: keep the rest, and with ThreadingMixIn's fl_max_threads to the room in
     #: its queue.
     fl_accept_batch_size = DEFAULT_BATCH
 
@@ -896,13 +886,13 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     """Mix-in class to handle each request in a thread, reusing threads.
 
     A new thread starts only when every existing one is busy; a thread idle
-    for ``thread_idle_timeout`` seconds exits.  ``daemon_threads`` and
+    for ``fl_thread_idle_timeout`` seconds exits.  ``daemon_threads`` and
     ``block_on_close`` mean what they mean in the stdlib.  Set
-    ``max_threads`` to cap the threads: requests beyond it wait in a FIFO
-    queue of up to ``max_queued`` requests (default: max_threads); while
+    ``fl_max_threads`` to cap the threads: requests beyond it wait in a FIFO
+    queue of up to ``fl_max_queued`` requests (default: fl_max_threads); while
     that is full, the loop stops accepting and the kernel's backlog holds
-    new connections.  So the server holds at most ``max_threads +
-    max_queued`` connections open: the loop takes no more at a time than
+    new connections.  So the server holds at most ``fl_max_threads +
+    fl_max_queued`` connections open: the loop takes no more at a time than
     there is room for.
 
     Leader/follower: when the hooks that the stdlib calls in the serving
@@ -913,9 +903,9 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     one of them, and that thread runs ``process_request_thread`` (or, with
     the stock ``finish_request``/``shutdown_request``/``close_request``,
     the same steps inline) at once.  One thread always waits (up to
-    ``max_threads``); connections beyond ``max_threads`` stay in the
-    kernel's backlog (``max_queued`` plays no part: no request waits in
-    the process, and the server holds at most ``max_threads`` connections,
+    ``fl_max_threads``); connections beyond ``fl_max_threads`` stay in the
+    kernel's backlog (``fl_max_queued`` plays no part: no request waits in
+    the process, and the server holds at most ``fl_max_threads`` connections,
     one per running handler).  The serving thread keeps ``shutdown()``,
     ``service_actions()`` and Ctrl-C; ``shutdown()`` makes every waiting
     worker leave the core at once, and serve_forever() returns as soon as
@@ -924,11 +914,11 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     """
 
     #: Seconds an idle thread waits for another request before it exits.
-    thread_idle_timeout = 5.0
+    fl_thread_idle_timeout = 5.0
     #: None: unbounded, as in the stdlib.
-    max_threads: Optional[int] = None
-    #: Requests that may wait for a thread when max_threads is reached.
-    max_queued: Optional[int] = None
+    fl_max_threads: Optional[int] = None
+    #: Requests that may wait for a thread when fl_max_threads is reached.
+    fl_max_queued: Optional[int] = None
 
     _fl_pool: Optional[WorkerPool] = None
     _fl_stop: Any = None        # the running leader loop's workers' Stop
@@ -943,23 +933,16 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     def _fl_get_pool(self) -> LeaderPool:
         pool = self._fl_pool
         if pool is None:
-            idle = _setting(self, "thread_idle_timeout", (int, float),
-                            ThreadingMixIn.thread_idle_timeout)
             pool = self._fl_pool = LeaderPool(
                 name=f"{type(self).__name__}-worker", daemon=self.daemon_threads,
-                idle_timeout=idle,
-                max_threads=self._fl_max_threads(),
-                max_queued=_setting(self, "max_queued", (int,), None))
+                idle_timeout=self.fl_thread_idle_timeout, max_threads=self.fl_max_threads,
+                max_queued=self.fl_max_queued)
         return pool
 
-    def _fl_max_threads(self) -> Optional[int]:
-        """max_threads, when it is an int (else: unbounded)."""
-        return _setting(self, "max_threads", (int,), None)  # type: ignore[no-any-return]
-
     def _fl_take(self, limit: int) -> int:
-        """With max_threads: no more than the pool takes without waiting
+        """With fl_max_threads: no more than the pool takes without waiting
         (waiting, until shutdown(), while that is none)."""
-        if self._fl_max_threads() is None:
+        if self.fl_max_threads is None:
             return limit
         room = self._fl_get_pool().wait_for_room(self._fl_shutdown_requested)
         return room if 0 <= room < limit else limit

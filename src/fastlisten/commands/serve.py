@@ -209,7 +209,7 @@ def server_class(config: ListenConfig, threads: Optional[int],
                  _server.UnixStreamServer if unix else _server.TCPServer)
         # A thread cannot be killed: after --grace, the process leaves
         # without waiting for a handler that does not return.
-        attrs.update(max_threads=threads or DEFAULT_THREADS, daemon_threads=True,
+        attrs.update(fl_max_threads=threads or DEFAULT_THREADS, daemon_threads=True,
                      block_on_close=False)
     if config.family is not None and not unix:
         attrs["address_family"] = config.family
@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         os.register_at_fork(after_in_child=_child_after_fork)
         _fork_hook_registered = True
     mode = (f"{args.processes} processes" if args.processes is not None
-            else f"{cls.max_threads} threads")
+            else f"{cls.fl_max_threads} threads")
     try:
         with _Signals() as signals:
             served = _in_thread(server.serve_forever, "fastlisten-serve", signals.waker)
