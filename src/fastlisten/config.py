@@ -40,7 +40,8 @@ from fastlisten import address as _address
 
 _log = logging.getLogger("fastlisten")
 
-__all__ = ["ListenConfig", "ProxySettings", "TLSSettings", "systemd_fds", "check_backlog", "option_fields"]
+__all__ = ["ListenConfig", "ProxySettings", "TLSSettings", "systemd_fds", "check_backlog",
+           "option_fields"]
 
 _C_INT_MAX = 2**31 - 1
 

@@ -59,7 +59,7 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, overload
 
 from fastlisten import address as _address
 from fastlisten import sysinfo
@@ -168,6 +168,12 @@ class _ProxyHeaderAttr:
     attribute, or one set on the instance) wins, and fastlisten never reads
     the name itself."""
 
+    @overload
+    def __get__(self, server: None, owner: Optional[type] = None) -> "_ProxyHeaderAttr": ...
+
+    @overload
+    def __get__(self, server: Any, owner: Optional[type] = None) -> Optional[ProxyHeader]: ...
+
     def __get__(self, server: Any, owner: Optional[type] = None) -> Any:
         if server is None:
             return self
@@ -176,7 +182,7 @@ class _ProxyHeaderAttr:
 
 
 #: A server's accept batch takes at most 1/HEADROOM_SHARE of the descriptors
-#: its process may still open (see _FastLoop.accept_batch_size).
+#: its process may still open (see _FastLoop.fl_accept_batch_size).
 HEADROOM_SHARE = 4
 
 
