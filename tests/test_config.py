@@ -106,6 +106,7 @@ INVALID = [
     # TLS
     (dict(ssl_context="cert.pem"), TypeError, "'cert.pem'"),
     (dict(ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)), ValueError, "client context"),
+    (dict(ssl_context=ssl.create_default_context()), ValueError, "client context"),
     (dict(handshake_timeout=5), ValueError, "without ssl_context"),
     (dict(ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), handshake_timeout=0),
      ValueError, "handshake_timeout=0"),

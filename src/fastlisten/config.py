@@ -173,6 +173,15 @@ class ProxySettings(NamedTuple):
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 
+def server_side_context(context: Any) -> bool:
+    """True when ``context`` is an ssl.SSLContext that can wrap the server
+    side of a connection: not a client context (PROTOCOL_TLS_CLIENT, or
+    ``check_hostname`` on, as ``ssl.create_default_context()`` makes on
+    every version), which ``wrap_socket(server_side=True)`` refuses."""
+    return (isinstance(context, ssl.SSLContext)
+            and context.protocol != ssl.PROTOCOL_TLS_CLIENT and not context.check_hostname)
+
+
 class TLSSettings(NamedTuple):
     """The TLS part of a ListenConfig, resolved: what the server classes use
     for each connection."""
@@ -470,10 +479,11 @@ class ListenConfig:
         if not isinstance(context, ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, not "
                             f"{type(context).__name__}: {context!r}")
-        if context.protocol == ssl.PROTOCOL_TLS_CLIENT:
-            raise ValueError("ssl_context is a client context (PROTOCOL_TLS_CLIENT, as "
-                             "ssl.create_default_context() makes): a server needs "
-                             "ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) with load_cert_chain()")
+        if not server_side_context(context):
+            raise ValueError("ssl_context is a client context (PROTOCOL_TLS_CLIENT or "
+                             "check_hostname=True, as ssl.create_default_context() makes): "
+                             "a server needs ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) with "
+                             "load_cert_chain()")
         timeout = DEFAULT_HANDSHAKE_TIMEOUT
         if self.handshake_timeout is not None:
             timeout = _check_seconds("handshake_timeout", self.handshake_timeout)

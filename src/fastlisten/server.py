@@ -68,7 +68,7 @@ from fastlisten._coreshared import DEFAULT_BATCH
 from fastlisten._frontdoor import FrontDoor
 from fastlisten._wakeup import Waker
 from fastlisten._workers import LeaderPool
-from fastlisten.config import ListenConfig
+from fastlisten.config import ListenConfig, server_side_context
 from fastlisten.errors import (
     SERVER_REUSE_HINT, effective_backlog, explain_bind_error, stale_socket_hint,
     warn_if_ephemeral,
@@ -306,8 +306,7 @@ class _FastLoop:
         so that nothing of its own wraps a connection: it serves plain
         TCP.  A program that keeps the name for itself (werkzeug wraps its
         listening socket; others wrap in get_request) is not warned."""
-        own = getattr(self, "ssl_context", None)
-        if (not isinstance(own, ssl.SSLContext) or own.protocol == ssl.PROTOCOL_TLS_CLIENT
+        if (not server_side_context(getattr(self, "ssl_context", None))
                 or vars(self).get("_fl_tls_warned")
                 or isinstance(getattr(self, "socket", None), ssl.SSLSocket)):
             return
@@ -388,7 +387,6 @@ class _FastLoop:
         poll_interval is how often service_actions() runs while idle;
         shutdown() does not wait for it.
         """
-        self._fl_check_old_tls()
         if self._fl_defer:
             return super().serve_forever(poll_interval)  # type: ignore[misc]
         self._BaseServer__is_shut_down.clear()  # type: ignore[attr-defined]
@@ -594,6 +592,7 @@ class _FastLoop:
         """The fast loop.  Returns False if it cannot serve this server (or
         met an error the stdlib's loop would ignore): the caller then runs
         the selector loop, which keeps the stdlib's behaviour."""
+        self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
         if not self._fl_can_batch():
             return False
         sock = self.socket  # type: ignore[attr-defined]
