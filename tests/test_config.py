@@ -4,6 +4,7 @@ descriptor (the autouse fixture in conftest.py checks descriptors)."""
 
 import errno
 import socket
+import ssl
 import warnings
 
 import pytest
@@ -117,6 +118,15 @@ INVALID = [
     (dict(max_waiting=10), ValueError, "without ready_rule"),
     (dict(ready_rule="data", max_waiting=0), ValueError, "max_waiting=0"),
     (dict(ready_rule="data", max_waiting="9"), TypeError, "'9'"),
+    # TLS
+    (dict(ssl_context="cert.pem"), TypeError, "'cert.pem'"),
+    (dict(ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)), ValueError, "client context"),
+    (dict(ssl_context=ssl.create_default_context()), ValueError, "client context"),
+    (dict(handshake_timeout=5), ValueError, "without ssl_context"),
+    (dict(ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), handshake_timeout=0),
+     ValueError, "handshake_timeout=0"),
+    (dict(ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), handshake_timeout="10"),
+     TypeError, "'10'"),
 ] + [
     (dict({name: value}), TypeError, name)
     for name in ("reuse_address", "reuse_port", "nodelay", "keepalive", "unlink_stale")
@@ -303,6 +313,24 @@ def test_proxy_settings_resolved_with_defaults():
 def test_a_bare_listener_refuses_proxy_protocol():
     with pytest.raises(ValueError, match="server classes"):
         fastlisten.listen(("127.0.0.1", 0), proxy_protocol="v1")
+
+
+def test_tls_settings_resolved_and_refused_by_a_bare_listener():
+    """TLS lives in the config (where no socketserver subclass keeps
+    anything of its own): tls() fills in the default handshake timeout; a
+    Listener, which hands over raw connections, refuses it; socket_only()
+    is what the listening socket itself takes."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert ListenConfig().tls() is None
+    cfg = ListenConfig(ssl_context=context)
+    assert cfg.tls() == (context, 10.0)
+    assert cfg.replace(handshake_timeout=2.5).tls().handshake_timeout == 2.5
+    assert cfg.replace(ssl_context=None).tls() is None
+    with pytest.raises(ValueError, match="server classes"):
+        fastlisten.listen(("127.0.0.1", 0), ssl_context=context)
+    both = ListenConfig(nodelay=True, proxy_protocol="v2", ssl_context=context,
+                        handshake_timeout=3)
+    assert both.socket_only() == ListenConfig(nodelay=True)
 
 
 def test_proxy_and_tls_flags_are_generated():

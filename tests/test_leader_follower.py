@@ -293,7 +293,7 @@ def test_max_threads_leaves_further_connections_in_the_kernel():
             self.wfile.write(b"done\n")
 
     class Capped(fastlisten.ThreadingTCPServer):
-        max_threads = 2
+        fl_max_threads = 2
 
     server = Capped(("127.0.0.1", 0), Handler)
     clients = []
@@ -349,7 +349,7 @@ def test_idle_workers_retire_down_to_the_one_that_waits():
     Handler, gate = _together(2)
 
     class S(fastlisten.ThreadingTCPServer):
-        thread_idle_timeout = 0.05
+        fl_thread_idle_timeout = 0.05
 
     server = S(("127.0.0.1", 0), Handler)
     with serving(server):
@@ -406,7 +406,7 @@ def test_ctrl_c_with_every_worker_blocked(core):  # noqa: F811
                 self.request.recv(1)        # the client sends nothing
 
         class S(fastlisten.ThreadingTCPServer):
-            max_threads = 2
+            fl_max_threads = 2
             daemon_threads = True
 
         server = S(("127.0.0.1", 0), Handler)
@@ -439,7 +439,7 @@ def test_closing_the_pool_under_a_running_loop_wakes_every_waiting_worker():
     Handler, gate = _together(2)
 
     class S(fastlisten.ThreadingTCPServer):
-        thread_idle_timeout = 10 * LIMIT      # only the interrupt ends their waits in time
+        fl_thread_idle_timeout = 10 * LIMIT      # only the interrupt ends their waits in time
 
     server = S(("127.0.0.1", 0), Handler)
     with serving(server, poll_interval=None):    # only a wake-up ends its wait

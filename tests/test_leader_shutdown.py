@@ -447,7 +447,7 @@ def _four_waiting_in_the_core():
     Handler, gate = _together(4)
 
     class S(fastlisten.ThreadingTCPServer):
-        thread_idle_timeout = 10 * LIMIT      # only the stop ends their waits in time
+        fl_thread_idle_timeout = 10 * LIMIT      # only the stop ends their waits in time
 
     server = S(("127.0.0.1", 0), Handler)
     pool = server._fl_get_pool()
@@ -529,7 +529,7 @@ _CHILD_PRELUDE = textwrap.dedent("""
             self.wfile.write(self.rfile.readline())
 
     class S(fastlisten.ThreadingTCPServer):
-        thread_idle_timeout = 3600      # only the stop ends their waits
+        fl_thread_idle_timeout = 3600      # only the stop ends their waits
 
     server = S(("127.0.0.1", 0), Handler)
     pool = server._fl_get_pool()

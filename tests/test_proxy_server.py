@@ -303,9 +303,8 @@ def cert(tmp_path_factory):
 
 @pytest.mark.parametrize("base", STREAM_CLASSES)
 def test_tls_handshake_in_the_worker_then_proxy_first(base, tmp_path, cert, caplog):
-    server = make_server(base, tmp_path, proxy_protocol="v1+v2")
-    server.ssl_context = server_context(*cert)
-    server.handshake_timeout = 0.5
+    server = make_server(base, tmp_path, proxy_protocol="v1+v2",
+                         ssl_context=server_context(*cert), handshake_timeout=0.5)
     client = client_context(cert[0])
     with serving(server, 0.05):
         got = reply(server, v2(body=inet4()), b"secret\n", ctx=client)
@@ -322,7 +321,7 @@ def test_tls_handshake_in_the_worker_then_proxy_first(base, tmp_path, cert, capl
 
 def test_tls_without_proxy(tmp_path, cert):
     class Server(fastlisten.ThreadingTCPServer):
-        ssl_context = server_context(*cert)
+        listen_config = ListenConfig(ssl_context=server_context(*cert))
 
     server = Server(("127.0.0.1", 0), Who)
     with serving(server, 0.05):
@@ -343,7 +342,7 @@ def test_end_handlers_reaches_a_tls_connection(tmp_path, cert):
             self.rfile.readline()       # the client never sends a line
 
     class Server(fastlisten.ThreadingTCPServer):
-        ssl_context = server_context(*cert)
+        listen_config = ListenConfig(ssl_context=server_context(*cert))
 
     server = Server(("127.0.0.1", 0), Waiting)
     t = threading.Thread(target=server.serve_forever, args=(0.05,))
@@ -410,10 +409,8 @@ def test_silent_clients_do_not_delay_a_normal_one(base, mode, tmp_path, cert):
     """200 clients connect and say nothing; a normal client is served while
     they all still wait for their (long) deadline."""
     server = make_server(base, tmp_path, **(
-        dict(proxy_protocol="v1+v2", proxy_timeout=60) if mode == "proxy" else {}))
-    if mode == "tls":
-        server.ssl_context = server_context(*cert)
-        server.handshake_timeout = 60
+        dict(proxy_protocol="v1+v2", proxy_timeout=60) if mode == "proxy"
+        else dict(ssl_context=server_context(*cert), handshake_timeout=60)))
     client = client_context(cert[0]) if mode == "tls" else None
     header = b"PROXY UNKNOWN\r\n" if mode == "proxy" else b""
     with serving(server, 0.05):

@@ -136,8 +136,8 @@ def test_max_queued_bounds_the_connections_a_threading_server_holds(base, held):
     process)."""
 
     class Server(base):
-        max_threads = 2
-        max_queued = 2
+        fl_max_threads = 2
+        fl_max_queued = 2
 
     clients_n = 12
     server = Server(LOOPBACK, _WaitsForAByte)
@@ -158,8 +158,8 @@ def test_max_queued_bounds_the_connections_a_threading_server_holds(base, held):
 
 def test_shutdown_ends_a_wait_for_room_in_the_queue():
     class Server(_HandOff):     # (leader/follower has no such wait)
-        max_threads = 1
-        max_queued = 1
+        fl_max_threads = 1
+        fl_max_queued = 1
         daemon_threads = True
         block_on_close = False
 

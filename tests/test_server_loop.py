@@ -52,7 +52,7 @@ class OwnGetRequest(fastlisten.TCPServer):
 
 @pytest.mark.parametrize("cls", [fastlisten.TCPServer, Verifying])
 def test_connections_queued_before_serving_are_taken_in_one_batch(cls):
-    """The serving thread takes up to accept_batch_size (64) connections per
+    """The serving thread takes up to fl_accept_batch_size (64) connections per
     wake-up: 20 already queued come out of the core in one batch.
     (ThreadingMixIn's worker threads accept for themselves instead.)"""
     n = 20

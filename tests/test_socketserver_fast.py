@@ -152,7 +152,7 @@ def test_threads_are_reused():
 
 def test_idle_threads_retire():
     class S(fastlisten.ThreadingTCPServer):
-        thread_idle_timeout = 0.01
+        fl_thread_idle_timeout = 0.01
 
     class Handed(S):
         def verify_request(self, request, client_address):  # today's hand-off path
@@ -195,8 +195,8 @@ def test_max_threads_queues_in_order_and_shutdown_drops_the_waiting_one():
             release.wait(LIMIT)
 
     class Capped(fastlisten.ThreadingTCPServer):
-        max_threads = 1
-        max_queued = 1
+        fl_max_threads = 1
+        fl_max_queued = 1
 
         def verify_request(self, request, client_address):  # today's hand-off path
             return True     # (leader/follower queues nothing: test_leader_follower.py)
@@ -415,7 +415,7 @@ def test_idle_threads_do_not_hold_the_interpreter_at_exit():
         import fastlisten
 
         class S(fastlisten.ThreadingTCPServer):
-            thread_idle_timeout = 3600
+            fl_thread_idle_timeout = 3600
 
         server = S(("127.0.0.1", 0), fastlisten.StreamRequestHandler)
         with socket.create_connection(server.server_address):

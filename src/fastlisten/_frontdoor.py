@@ -99,7 +99,9 @@ class FrontDoor:
                 ) -> Optional[Tuple[socket.socket, Any, Optional[_proxy.ProxyHeader]]]:
         """Read the PROXY header, then run the TLS handshake, as configured.
         Returns (connection, client address, header): the connection is
-        ``request`` itself, or the SSLSocket that took over its descriptor;
+        ``request`` itself (also when it is an ``ssl.SSLSocket`` already:
+        that one is never wrapped again), or the SSLSocket that took over
+        its descriptor;
         the address is the real client's.  Returns None when the connection
         is to be dropped (already counted and logged; the caller closes
         ``request``).  Never raises for anything the peer did."""
@@ -128,7 +130,10 @@ class FrontDoor:
             else:
                 self._record("proxy_local")
         conn = request
-        if self.ssl_context is not None:
+        # A connection that is TLS already (accepted from a listening socket
+        # the server wrapped itself, or wrapped by its own get_request) is
+        # never wrapped again: a second handshake inside the first fails.
+        if self.ssl_context is not None and not isinstance(request, ssl.SSLSocket):
             conn = self._handshake(request, address)
             if conn is None:
                 return None

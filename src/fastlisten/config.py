@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -39,8 +40,8 @@ from fastlisten import address as _address
 
 _log = logging.getLogger("fastlisten")
 
-__all__ = ["ListenConfig", "ProxySettings", "ReadySettings", "systemd_fds", "check_backlog",
-           "option_fields"]
+__all__ = ["ListenConfig", "ProxySettings", "ReadySettings", "TLSSettings", "systemd_fds",
+           "check_backlog", "option_fields"]
 
 _C_INT_MAX = 2**31 - 1
 
@@ -185,6 +186,27 @@ class ReadySettings(NamedTuple):
     proxy_max_v2: int               #: largest PROXY v2 header accepted, bytes
 
 
+#: Seconds a TLS handshake may take in all unless ``handshake_timeout`` says otherwise.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+def server_side_context(context: Any) -> bool:
+    """True when ``context`` is an ssl.SSLContext that can wrap the server
+    side of a connection: not a client context (PROTOCOL_TLS_CLIENT, or
+    ``check_hostname`` on, as ``ssl.create_default_context()`` makes on
+    every version), which ``wrap_socket(server_side=True)`` refuses."""
+    return (isinstance(context, ssl.SSLContext)
+            and context.protocol != ssl.PROTOCOL_TLS_CLIENT and not context.check_hostname)
+
+
+class TLSSettings(NamedTuple):
+    """The TLS part of a ListenConfig, resolved: what the server classes use
+    for each connection."""
+
+    context: ssl.SSLContext         #: the server-side context each connection is wrapped with
+    handshake_timeout: float        #: seconds the whole handshake may take
+
+
 def _check_networks(value: Any) -> Tuple[Network, ...]:
     """``trusted_proxies``: CIDRs (or addresses) as a comma-separated str or
     an iterable of str/ipaddress networks; host bits set is an error."""
@@ -275,6 +297,14 @@ class ListenConfig:
     ``max_waiting`` (cap on waiting connections; default half the
     descriptors the process may still open) bound it; a connection that
     misses them is closed and counted.  :meth:`ready` gives them resolved.
+
+    TLS (applied by the socketserver classes, after the PROXY header, in
+    the thread or process that runs the handler; a bare :class:`Listener`
+    refuses it): ``ssl_context``, a server-side :class:`ssl.SSLContext`
+    each accepted connection is wrapped with; ``handshake_timeout``
+    (seconds, default 10) bounds its handshake.  :meth:`tls` gives them
+    resolved.  Neither is a command-line flag: ``fastlisten serve`` has
+    ``--tls-cert``/``--tls-key``/``--handshake-timeout``.
     """
 
     host: Optional[str] = _option(None, "IP address or host name to bind ('' for every "
@@ -334,8 +364,12 @@ class ListenConfig:
               "descriptors the process may still open); one more closes the oldest",
         metavar="N", cli=False)
 
+    ssl_context: Optional[ssl.SSLContext] = None
+    handshake_timeout: Optional[float] = None
+
     _listener_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
     _proxy: Optional[ProxySettings] = field(init=False, repr=False, compare=False, default=None)
+    _tls: Optional[TLSSettings] = field(init=False, repr=False, compare=False, default=None)
     _conn_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
     _ready: Optional[ReadySettings] = field(init=False, repr=False, compare=False,
                                             default=None)
@@ -447,6 +481,7 @@ class ListenConfig:
         put("_listener_opts", listener_opts)
         put("_conn_opts", conn_opts)
         self._check_proxy(put)
+        self._check_tls(put)
         self._check_ready(put)
 
     def _check_ready(self, put: Any) -> None:
@@ -529,6 +564,39 @@ class ListenConfig:
                                 proxy.V2_LIMIT, what=" (bytes)")
             put("proxy_max_v2", max_v2)
         put("_proxy", ProxySettings(PROXY_PROTOCOLS[mode], trusted, timeout, max_v2))
+
+    def _check_tls(self, put: Any) -> None:
+        context = self.ssl_context
+        if context is None:
+            if self.handshake_timeout is not None:
+                raise ValueError(f"handshake_timeout={self.handshake_timeout!r} without "
+                                 "ssl_context: give the server-side ssl.SSLContext as well")
+            return
+        if not isinstance(context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, not "
+                            f"{type(context).__name__}: {context!r}")
+        if not server_side_context(context):
+            raise ValueError("ssl_context is a client context (PROTOCOL_TLS_CLIENT or "
+                             "check_hostname=True, as ssl.create_default_context() makes): "
+                             "a server needs ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) with "
+                             "load_cert_chain()")
+        timeout = DEFAULT_HANDSHAKE_TIMEOUT
+        if self.handshake_timeout is not None:
+            timeout = _check_seconds("handshake_timeout", self.handshake_timeout)
+            put("handshake_timeout", timeout)
+        put("_tls", TLSSettings(context, timeout))
+
+    def tls(self) -> Optional[TLSSettings]:
+        """The TLS settings with their defaults filled in, or None without
+        ``ssl_context``."""
+        return self._tls
+
+    def socket_only(self) -> "ListenConfig":
+        """This config without what acts on each connection (the PROXY
+        protocol and TLS options): the listening socket's own options, as
+        a :class:`Listener` takes them."""
+        return self.replace(proxy_protocol=None, trusted_proxies=None, proxy_timeout=None,
+                            proxy_max_v2=None, ssl_context=None, handshake_timeout=None)
 
     def proxy(self) -> Optional[ProxySettings]:
         """The PROXY protocol settings with their defaults filled in, or

@@ -205,6 +205,11 @@ class Listener:
                 "(listen_config=...) in their workers, or by fastlisten.proxy_read(conn, ...) "
                 "in yours (with ready_rule set, the Listener waits until it is complete "
                 "and valid, and leaves it in the connection for proxy_read)")
+        if config.ssl_context is not None:
+            raise ValueError(
+                "ssl_context: a Listener hands over raw connections; the TLS handshake is "
+                "run by the server classes (listen_config=...) in their workers, or by "
+                "ssl_context.wrap_socket(conn, server_side=True) in yours")
         if config.fd is not None:
             return cls._adopt(config)
         if config.family == socket.AF_UNIX and config.path is None:

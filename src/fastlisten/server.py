@@ -24,10 +24,20 @@ Behind a load balancer and with TLS (fastlisten's additions): a
 a PROXY protocol header, read in the thread or process that runs the
 handler (the synchronous servers read it inline, under
 ``proxy_timeout``); the handler's ``client_address`` is then the real
-client's and ``self.server.proxy_header`` the parsed header.  An
-``ssl_context`` runs each TLS handshake there too, under
-``handshake_timeout``, after the PROXY header: the accept loop hands over
-raw connections and never waits for a client.
+client's and ``self.server.proxy_header`` the parsed header.  A
+``listen_config`` with ``ssl_context`` runs each TLS handshake there too,
+under its ``handshake_timeout``, after the PROXY header: the accept loop
+hands over raw connections and never waits for a client.  A connection
+that is an ``ssl.SSLSocket`` already is never wrapped again.
+
+The names these classes add to the stdlib's are fastlisten's only where no
+subclass can mean something else by them (see the README's table): the
+settings live in ``listen_config`` (read only when it is a ListenConfig)
+or carry an ``fl_`` prefix (``fl_max_threads``, ``fl_max_queued``,
+``fl_thread_idle_timeout``, ``fl_accept_batch_size``, ``fl_kill_timeout``);
+a subclass's own ``ssl_context``, ``handshake_timeout``, ``max_threads``,
+``counters``, ``drain``, ``end_handlers`` or ``proxy_header`` is its own,
+and fastlisten's code never calls or reads those names.
 
 The loop lives in the mixins as well as in the servers, so
 ``class S(fastlisten.ThreadingMixIn, http.server.HTTPServer)`` is fast too.
@@ -49,7 +59,7 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, overload
 
 from fastlisten import address as _address
 from fastlisten import sysinfo
@@ -58,7 +68,7 @@ from fastlisten._coreshared import DEFAULT_BATCH
 from fastlisten._frontdoor import FrontDoor
 from fastlisten._wakeup import Waker
 from fastlisten._workers import LeaderPool
-from fastlisten.config import ListenConfig
+from fastlisten.config import ListenConfig, server_side_context
 from fastlisten.errors import (
     SERVER_REUSE_HINT, effective_backlog, explain_bind_error, stale_socket_hint,
     warn_if_ephemeral,
@@ -111,6 +121,10 @@ class StreamRequestHandler(_std.StreamRequestHandler):
         else:
             self.wfile = conn.makefile("wb", self.wbufsize)
 
+#: The request handlers' setup() that wrap nothing (see _FastLoop._fl_check_old_tls).
+_STOCK_SETUPS = (_std.BaseRequestHandler.setup, _std.StreamRequestHandler.setup,
+                 _std.DatagramRequestHandler.setup, StreamRequestHandler.setup)
+
 #: Guards publishing, waking and closing a serving loop's wake-up source, so
 #: that shutdown() never writes to a descriptor closed (and maybe reused) meanwhile.
 _wake_lock = threading.Lock()
@@ -128,8 +142,47 @@ def _stock(cls: type, name: str, stdlib_owner: type) -> bool:
     return getattr(cls, name, None) is getattr(stdlib_owner, name)
 
 
+def _own_method(server: Any, name: str) -> Callable[..., Any]:
+    """fastlisten's own implementation of method ``name`` (``drain``,
+    ``end_handlers``, ``counters``) bound to ``server``: the one the
+    nearest fastlisten class in its MRO defines, whatever a subclass
+    defines under that name for its own purposes.  fastlisten's code
+    (``drain()``, ``fastlisten.Workers``) calls these through it, never
+    through the public name.  AttributeError for a server that is not
+    built on fastlisten's classes."""
+    cls = type(server)
+    for klass in cls.__mro__:
+        if klass.__module__ == __name__ and name in vars(klass):
+            return vars(klass)[name].__get__(server, cls)  # type: ignore[no-any-return]
+    raise AttributeError(f"{cls.__name__} is not a fastlisten server: it has no "
+                         f"fastlisten {name}()")
+
+
+class _ProxyHeaderAttr:
+    """``server.proxy_header``: in a handler, the PROXY protocol header of
+    the connection this thread (or process) is handling (a
+    :class:`fastlisten.proxy.ProxyHeader`: addresses, TLVs), or None without
+    one; ``client_address`` already holds the real client's address.
+
+    A non-data descriptor: a subclass's own ``proxy_header`` (a class
+    attribute, or one set on the instance) wins, and fastlisten never reads
+    the name itself."""
+
+    @overload
+    def __get__(self, server: None, owner: Optional[type] = None) -> "_ProxyHeaderAttr": ...
+
+    @overload
+    def __get__(self, server: Any, owner: Optional[type] = None) -> Optional[ProxyHeader]: ...
+
+    def __get__(self, server: Any, owner: Optional[type] = None) -> Any:
+        if server is None:
+            return self
+        local = server._fl_local
+        return getattr(local, "header", None) if local is not None else None
+
+
 #: A server's accept batch takes at most 1/HEADROOM_SHARE of the descriptors
-#: its process may still open (see _FastLoop.accept_batch_size).
+#: its process may still open (see _FastLoop.fl_accept_batch_size).
 HEADROOM_SHARE = 4
 
 
@@ -146,9 +199,9 @@ class _FastLoop:
     #: batch).  The connections of a batch wait, open, for their turn: a batch
     #: is therefore cut to a quarter (HEADROOM_SHARE) of the descriptors the
     #: process may still open when serve_forever() starts, so that handlers
-    #: keep the rest, and with ThreadingMixIn's max_threads to the room in
+    #: keep the rest, and with ThreadingMixIn's fl_max_threads to the room in
     #: its queue.
-    accept_batch_size = DEFAULT_BATCH
+    fl_accept_batch_size = DEFAULT_BATCH
 
     #: Listener options (a :class:`fastlisten.ListenConfig` without an
     #: address; the server's ``server_address`` says where) applied with the
@@ -158,16 +211,13 @@ class _FastLoop:
     #: (``'systemd'``: socket activation).  None: the stdlib's
     #: attribute-driven set-up alone (``allow_reuse_address``,
     #: ``request_queue_size`` ...), which also applies with a config.
+    #: TLS too: ``ListenConfig(ssl_context=..., handshake_timeout=...)``
+    #: wraps each connection and runs its handshake in the handler's thread
+    #: (or process), never in the accept loop; a failed handshake is logged
+    #: (once per run of failures), counted (``counters()['tls_failures']``)
+    #: and the connection closed.  A value that is not a ListenConfig is a
+    #: subclass's own: it is left alone.
     listen_config: Optional[ListenConfig] = None
-
-    #: A server-side ssl.SSLContext: each connection is wrapped and its
-    #: handshake run in the handler's thread (or process), under
-    #: ``handshake_timeout`` seconds, never in the accept loop; a failed
-    #: handshake is logged (once per run of failures), counted
-    #: (``counters()['tls_failures']``) and the connection closed.
-    ssl_context: Optional[ssl.SSLContext] = None
-    #: Seconds a TLS handshake may take in all (None: no limit).
-    handshake_timeout: Optional[float] = 10.0
 
     _fl_waker: Any = None       # the running loop's wake-up source, if any
     #: Which loop serve_forever runs now: "batches" (the serving thread takes
@@ -203,9 +253,6 @@ class _FastLoop:
                 if klass is _std.TCPServer:
                     cls.request_queue_size = default_backlog()
                 break
-        if cls.listen_config is not None and not isinstance(cls.listen_config, ListenConfig):
-            raise TypeError(f"{cls.__name__}.listen_config must be a fastlisten.ListenConfig, "
-                            f"not {type(cls.listen_config).__name__}")
 
     # -- binding (stream servers) ----------------------------------------
 
@@ -213,8 +260,7 @@ class _FastLoop:
         """Bind the socket as the stdlib does, after applying
         ``listen_config`` (if any); a failing bind keeps its OSError subclass
         and errno and explains itself (who holds the port, ...)."""
-        config = self.listen_config
-        self._fl_check_stream("ssl_context", self.ssl_context)
+        config = self._fl_listen_config()
         if config is not None:
             self._fl_check_stream("listen_config", config)
             config = self._fl_config = config.for_address(
@@ -251,6 +297,39 @@ class _FastLoop:
             config.after_bind()
             if config.family == socket.AF_UNIX:
                 self._fl_unix_file = UnixSocketFile.record(_address.unix_path(config.path))
+
+    def _fl_check_old_tls(self) -> None:
+        """Warn (once per server) a program written for fastlisten's old
+        ``ssl_context`` server attribute: one that holds a server-side
+        SSLContext there, listens on a plain socket, and whose hooks
+        (get_request, finish_request, the handler's setup) are all stock,
+        so that nothing of its own wraps a connection: it serves plain
+        TCP.  A program that keeps the name for itself (werkzeug wraps its
+        listening socket; others wrap in get_request) is not warned."""
+        if (not server_side_context(getattr(self, "ssl_context", None))
+                or vars(self).get("_fl_tls_warned")
+                or isinstance(getattr(self, "socket", None), ssl.SSLSocket)):
+            return
+        config = self._fl_config if self._fl_config is not None else self._fl_listen_config()
+        setup = getattr(getattr(self, "RequestHandlerClass", None), "setup", None)
+        if not (config is None or config.tls() is None) or not (
+                self._fl_stock(("get_request",))
+                and getattr(type(self), "finish_request", None) is _FastLoop.finish_request
+                and "finish_request" not in vars(self)
+                and setup in _STOCK_SETUPS):
+            return
+        self._fl_tls_warned = True
+        from fastlisten.errors import warn
+        warn(f"{type(self).__name__}.ssl_context holds a server-side SSLContext, but "
+             "fastlisten no longer reads that attribute (it is the subclass's own): this "
+             "server answers plain TCP. For fastlisten's TLS, set listen_config = "
+             "fastlisten.ListenConfig(ssl_context=..., handshake_timeout=...)")
+
+    def _fl_listen_config(self) -> Optional[ListenConfig]:
+        """``listen_config`` when it is a ListenConfig; None for anything
+        else, which is a subclass's own attribute of that name."""
+        config = getattr(self, "listen_config", None)
+        return config if isinstance(config, ListenConfig) else None
 
     def _fl_check_stream(self, name: str, value: Any) -> None:
         """A ValueError when ``name`` is set (not None) on a server that is
@@ -339,7 +418,7 @@ class _FastLoop:
         Call it from any thread but a handler's."""
         if self._fl_wait_handlers(timeout):
             return 0
-        return self.end_handlers()
+        return _own_method(self, "end_handlers")()
 
     def end_handlers(self) -> int:
         """End the handlers running now, without waiting for them, and
@@ -349,7 +428,7 @@ class _FastLoop:
         waits on something else finishes on its own (with
         ``daemon_threads`` the process can exit without it); requests
         queued for a thread are closed unhandled.  Processes: SIGTERM, then
-        SIGKILL after ``kill_timeout`` seconds.  What this does to a
+        SIGKILL after ``fl_kill_timeout`` seconds.  What this does to a
         connection is not reported to handle_error() as a handler's failure.
         The synchronous server runs its handler in the serving thread: once
         serve_forever() returned there is none to end."""
@@ -369,19 +448,12 @@ class _FastLoop:
             out.update(door.counters())
         return out
 
-    @property
-    def proxy_header(self) -> Optional[ProxyHeader]:
-        """In a handler: the PROXY protocol header of the connection this
-        thread (or process) is handling (a :class:`fastlisten.proxy.ProxyHeader`:
-        addresses, TLVs), or None without one.  ``client_address`` already
-        holds the real client's address."""
-        local = self._fl_local
-        return getattr(local, "header", None) if local is not None else None
+    proxy_header = _ProxyHeaderAttr()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Finish one request by instantiating RequestHandlerClass; behind
         a load balancer (``listen_config.proxy_protocol``) or with
-        ``ssl_context``, first read the PROXY header and run the TLS
+        ``listen_config.ssl_context``, first read the PROXY header and run the TLS
         handshake, here, in the handler's thread or process.  A connection
         that fails them never reaches the handler (it is counted, logged
         once per episode, and closed by the caller)."""
@@ -420,13 +492,14 @@ class _FastLoop:
         return swapped
 
     def _fl_frontdoor(self) -> Optional[FrontDoor]:
-        """The FrontDoor for the current listen_config/ssl_context (built
-        on first use, rebuilt if they were replaced), or None when neither
-        asks for anything."""
-        config = self._fl_config if self._fl_config is not None else self.listen_config
+        """The FrontDoor for the current listen_config (built on first use,
+        rebuilt if it was replaced), or None when it asks for neither the
+        PROXY protocol nor TLS."""
+        config = self._fl_config if self._fl_config is not None else self._fl_listen_config()
         proxy = config.proxy() if config is not None else None
-        context = self.ssl_context
-        timeout = self.handshake_timeout
+        tls = config.tls() if config is not None else None
+        context = tls.context if tls is not None else None
+        timeout = tls.handshake_timeout if tls is not None else None
         door = self._fl_door
         # per connection: compared by identity (config.proxy() returns the
         # same object each time), not by value
@@ -435,7 +508,7 @@ class _FastLoop:
             return door
         if proxy is None and context is None:
             return None
-        self._fl_check_stream("ssl_context", context)     # (set after start-up)
+        self._fl_check_stream("listen_config", config)     # (set after start-up)
         with _wake_lock:
             door = self._fl_door
             if door is None or door.proxy is not proxy or door.ssl_context is not context \
@@ -519,6 +592,7 @@ class _FastLoop:
         """The fast loop.  Returns False if it cannot serve this server (or
         met an error the stdlib's loop would ignore): the caller then runs
         the selector loop, which keeps the stdlib's behaviour."""
+        self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
         if not self._fl_can_batch():
             return False
         sock = self.socket  # type: ignore[attr-defined]
@@ -571,8 +645,8 @@ class _FastLoop:
         return True
 
     def _fl_batch_limit(self) -> int:
-        """accept_batch_size, cut to a share of the descriptor headroom."""
-        size = self.accept_batch_size
+        """fl_accept_batch_size, cut to a share of the descriptor headroom."""
+        size = self.fl_accept_batch_size
         free = sysinfo.descriptor_headroom()
         if free is not None:
             size = min(size, max(1, free // HEADROOM_SHARE))
@@ -817,13 +891,13 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     """Mix-in class to handle each request in a thread, reusing threads.
 
     A new thread starts only when every existing one is busy; a thread idle
-    for ``thread_idle_timeout`` seconds exits.  ``daemon_threads`` and
+    for ``fl_thread_idle_timeout`` seconds exits.  ``daemon_threads`` and
     ``block_on_close`` mean what they mean in the stdlib.  Set
-    ``max_threads`` to cap the threads: requests beyond it wait in a FIFO
-    queue of up to ``max_queued`` requests (default: max_threads); while
+    ``fl_max_threads`` to cap the threads: requests beyond it wait in a FIFO
+    queue of up to ``fl_max_queued`` requests (default: fl_max_threads); while
     that is full, the loop stops accepting and the kernel's backlog holds
-    new connections.  So the server holds at most ``max_threads +
-    max_queued`` connections open: the loop takes no more at a time than
+    new connections.  So the server holds at most ``fl_max_threads +
+    fl_max_queued`` connections open: the loop takes no more at a time than
     there is room for.
 
     Leader/follower: when the hooks that the stdlib calls in the serving
@@ -834,9 +908,9 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     one of them, and that thread runs ``process_request_thread`` (or, with
     the stock ``finish_request``/``shutdown_request``/``close_request``,
     the same steps inline) at once.  One thread always waits (up to
-    ``max_threads``); connections beyond ``max_threads`` stay in the
-    kernel's backlog (``max_queued`` plays no part: no request waits in
-    the process, and the server holds at most ``max_threads`` connections,
+    ``fl_max_threads``); connections beyond ``fl_max_threads`` stay in the
+    kernel's backlog (``fl_max_queued`` plays no part: no request waits in
+    the process, and the server holds at most ``fl_max_threads`` connections,
     one per running handler).  The serving thread keeps ``shutdown()``,
     ``service_actions()`` and Ctrl-C; ``shutdown()`` makes every waiting
     worker leave the core at once, and serve_forever() returns as soon as
@@ -845,11 +919,11 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     """
 
     #: Seconds an idle thread waits for another request before it exits.
-    thread_idle_timeout = 5.0
+    fl_thread_idle_timeout = 5.0
     #: None: unbounded, as in the stdlib.
-    max_threads: Optional[int] = None
-    #: Requests that may wait for a thread when max_threads is reached.
-    max_queued: Optional[int] = None
+    fl_max_threads: Optional[int] = None
+    #: Requests that may wait for a thread when fl_max_threads is reached.
+    fl_max_queued: Optional[int] = None
 
     _fl_pool: Optional[WorkerPool] = None
     _fl_stop: Any = None        # the running leader loop's workers' Stop
@@ -866,14 +940,14 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         if pool is None:
             pool = self._fl_pool = LeaderPool(
                 name=f"{type(self).__name__}-worker", daemon=self.daemon_threads,
-                idle_timeout=self.thread_idle_timeout, max_threads=self.max_threads,
-                max_queued=self.max_queued)
+                idle_timeout=self.fl_thread_idle_timeout, max_threads=self.fl_max_threads,
+                max_queued=self.fl_max_queued)
         return pool
 
     def _fl_take(self, limit: int) -> int:
-        """With max_threads: no more than the pool takes without waiting
+        """With fl_max_threads: no more than the pool takes without waiting
         (waiting, until shutdown(), while that is none)."""
-        if self.max_threads is None:
+        if self.fl_max_threads is None:
             return limit
         room = self._fl_get_pool().wait_for_room(self._fl_shutdown_requested)
         return room if 0 <= room < limit else limit
@@ -1044,9 +1118,9 @@ if hasattr(os, "fork"):
 
         #: One connection per wake-up: a child forked in the middle of a
         #: batch would inherit (and hold open) the rest of it.
-        accept_batch_size = 1
+        fl_accept_batch_size = 1
         #: Seconds end_handlers() gives children after SIGTERM before SIGKILL.
-        kill_timeout = 5.0
+        fl_kill_timeout = 5.0
 
         _fl_forking = True
 
@@ -1127,7 +1201,7 @@ if hasattr(os, "fork"):
                 _wait_for_children(self.active_children, left)
 
         def end_handlers(self) -> int:
-            """SIGTERM the children, SIGKILL those left after kill_timeout
+            """SIGTERM the children, SIGKILL those left after fl_kill_timeout
             seconds, reap them all; returns how many there were."""
             self._fl_reap()
             children = list(self.active_children or ())
@@ -1137,7 +1211,7 @@ if hasattr(os, "fork"):
                         os.kill(pid, sig)
                     except ProcessLookupError:
                         pass
-                if self._fl_wait_handlers(self.kill_timeout if sig == signal.SIGTERM else None):
+                if self._fl_wait_handlers(self.fl_kill_timeout if sig == signal.SIGTERM else None):
                     break
             return len(children)
 

@@ -87,6 +87,7 @@ from fastlisten._wakeup import Waker
 from fastlisten.config import ListenConfig
 from fastlisten.errors import EphemeralPortWarning
 from fastlisten.listener import Listener
+from fastlisten.server import _own_method
 from fastlisten.systemd import Notifier
 
 __all__ = ["Workers"]
@@ -288,7 +289,9 @@ class Workers:
                 raise ValueError(f"{name} must be {'> 0' if name == 'timeout' else '>= 0'}"
                                  f" seconds, not {value!r}")
         if listen_config is None:
-            listen_config = getattr(server_class, "listen_config", None)
+            own = getattr(server_class, "listen_config", None)
+            # anything but a ListenConfig there is the class's own attribute
+            listen_config = own if isinstance(own, ListenConfig) else None
         if listen_config is not None and not isinstance(listen_config, ListenConfig):
             raise TypeError(f"listen_config must be a fastlisten.ListenConfig, not "
                             f"{type(listen_config).__name__}")
@@ -407,10 +410,10 @@ class Workers:
 
     def _socket_config(self) -> ListenConfig:
         """The config of the listening socket(s) the parent opens: the PROXY
-        protocol options are for the servers in the workers, which read the
-        header of each connection (a Listener refuses them)."""
-        return self.config.replace(proxy_protocol=None, trusted_proxies=None,
-                                   proxy_timeout=None, proxy_max_v2=None)
+        protocol and TLS options are for the servers in the workers, which
+        read the header and run the handshake of each connection (a
+        Listener refuses them)."""
+        return self.config.socket_only()
 
     def _open_slot(self) -> int:
         config = self._socket_config().replace(reuse_port=True)
@@ -1034,6 +1037,15 @@ def _handler_process_after_fork() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
+def _fastlisten_drain(server: Any) -> Optional[Callable[[float], int]]:
+    """fastlisten's drain() of a server built on its classes (not a drain
+    a subclass defines for its own purposes), or None for another server."""
+    try:
+        return _own_method(server, "drain")
+    except AttributeError:
+        return None
+
+
 def _adopt_socket(server: Any, sock: socket.socket) -> None:
     """Give a server built with bind_and_activate=False the listening socket
     ``sock`` (what server_bind() and server_activate() would have made)."""
@@ -1174,7 +1186,7 @@ class _WorkerLoop:
         # Stop listening before the handlers drain: this copy of the socket
         # must not hold connections nobody will accept.
         server.socket.close()
-        drain = getattr(server, "drain", None)
+        drain = _fastlisten_drain(server)
         if drain is not None:
             ended = drain(self.graceful_timeout)
             if ended:

@@ -38,7 +38,7 @@ class Mutation(NamedTuple):
 MUTATIONS = [
     # -- issue 14's table ----------------------------------------------------
     Mutation("server batch size 64 -> 1", "src/fastlisten/server.py",
-             "accept_batch_size = DEFAULT_BATCH", "accept_batch_size = 1",
+             "fl_accept_batch_size = DEFAULT_BATCH", "fl_accept_batch_size = 1",
              ("tests/test_server_loop.py",), BOTH),
     Mutation("capacity back-off never doubles (C)", "src/fastlisten/_core.pyx",
              "min(self._backoff_ms * 2, BACKOFF_MAX_MS)", "min(self._backoff_ms, BACKOFF_MAX_MS)",
@@ -242,7 +242,7 @@ MUTATIONS = [
              "self._fl_room.wakeup()", "pass",
              ("tests/test_server_features.py",), BOTH),
     Mutation("ForkingMixIn: batches of 64", "src/fastlisten/server.py",
-             "        accept_batch_size = 1\n", "        accept_batch_size = 64\n",
+             "        fl_accept_batch_size = 1\n", "        fl_accept_batch_size = 64\n",
              ("tests/test_server_loop.py",), BOTH),
     # -- a StreamRequestHandler's files (the core's _streams.pxi) --------------
     Mutation("SocketReader: a timeout leaves it readable", "src/fastlisten/_streams.pxi",
@@ -372,4 +372,22 @@ MUTATIONS = [
              'if "help" in f.metadata and f.metadata.get("cli", True)]',
              'if "help" in f.metadata]',
              ("tests/test_config.py",), BOTH),
+    # -- issue 21: names a subclass may use for itself; TLS twice ------------
+    Mutation("an SSLSocket wrapped again", "src/fastlisten/_frontdoor.py",
+             "if self.ssl_context is not None and not isinstance(request, ssl.SSLSocket):",
+             "if self.ssl_context is not None:",
+             ("tests/test_added_names.py",), BOTH),
+    Mutation("listen_config of any type read", "src/fastlisten/server.py",
+             "return config if isinstance(config, ListenConfig) else None",
+             "return config",
+             ("tests/test_added_names.py",), BOTH),
+    Mutation("drain() calls a subclass's end_handlers", "src/fastlisten/server.py",
+             'return _own_method(self, "end_handlers")()', "return self.end_handlers()",
+             ("tests/test_added_names.py",), BOTH),
+    Mutation("Workers calls a subclass's drain", "src/fastlisten/workers.py",
+             'return _own_method(server, "drain")', 'return getattr(server, "drain")',
+             ("tests/test_added_names.py",), BOTH),
+    Mutation("the old ssl_context attribute not warned", "src/fastlisten/server.py",
+             "        self._fl_tls_warned = True\n", "        return\n",
+             ("tests/test_added_names.py",), BOTH),
 ]

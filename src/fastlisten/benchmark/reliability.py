@@ -11,7 +11,7 @@ run here, on loopback, bounded in count and time.  Scenarios:
 - **soak**: many short requests: RSS, descriptors and threads before/after;
 
 ("after" is once idle threads have retired, up to 8 s: fastlisten's pool
-keeps an idle thread for ``thread_idle_timeout``, 5 s, and each idle
+keeps an idle thread for ``fl_thread_idle_timeout``, 5 s, and each idle
 leader/follower worker holds one epoll descriptor until then; --quick does
 not wait.)
 - **EMFILE storm**: the server at ``RLIMIT_NOFILE=64``, held connections
@@ -82,7 +82,7 @@ _CHILD = textwrap.dedent("""
             pass                         # counted by the clients, not printed
 
     if "max_threads" in options:
-        Server.max_threads = options["max_threads"]
+        Server.fl_max_threads = options["max_threads"]
     if "defer_accept" in options:
         import fastlisten
         Server.listen_config = fastlisten.ListenConfig(defer_accept=options["defer_accept"])
@@ -184,7 +184,7 @@ class _Child:
 
     def threads_after(self, before: int, limit: float) -> int:
         """Threads once idle ones are back to ``before`` (fastlisten's pool
-        retires an idle thread after thread_idle_timeout, 5 s), bounded."""
+        retires an idle thread after fl_thread_idle_timeout, 5 s), bounded."""
         deadline = time.monotonic() + limit
         while self.threads() > before and time.monotonic() < deadline:
             time.sleep(0.1)

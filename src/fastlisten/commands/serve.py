@@ -197,8 +197,9 @@ def server_class(config: ListenConfig, threads: Optional[int],
                  handshake_timeout: float = 10.0) -> type:
     """The library server class serve runs: threads or processes, TCP or Unix."""
     unix = config.family == socket.AF_UNIX
-    attrs: Dict[str, Any] = {"listen_config": config, "ssl_context": ssl_context,
-                             "handshake_timeout": handshake_timeout}
+    if ssl_context is not None:
+        config = config.replace(ssl_context=ssl_context, handshake_timeout=handshake_timeout)
+    attrs: Dict[str, Any] = {"listen_config": config}
     if processes is not None:
         bases: tuple = (_server.ForkingMixIn,
                         _server.UnixStreamServer if unix else _server.TCPServer)
@@ -208,7 +209,7 @@ def server_class(config: ListenConfig, threads: Optional[int],
                  _server.UnixStreamServer if unix else _server.TCPServer)
         # A thread cannot be killed: after --grace, the process leaves
         # without waiting for a handler that does not return.
-        attrs.update(max_threads=threads or DEFAULT_THREADS, daemon_threads=True,
+        attrs.update(fl_max_threads=threads or DEFAULT_THREADS, daemon_threads=True,
                      block_on_close=False)
     if config.family is not None and not unix:
         attrs["address_family"] = config.family
@@ -318,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         os.register_at_fork(after_in_child=_child_after_fork)
         _fork_hook_registered = True
     mode = (f"{args.processes} processes" if args.processes is not None
-            else f"{cls.max_threads} threads")
+            else f"{cls.fl_max_threads} threads")
     try:
         with _Signals() as signals:
             served = _in_thread(server.serve_forever, "fastlisten-serve", signals.waker)
