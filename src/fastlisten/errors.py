@@ -15,7 +15,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import importlib
 import stat
+import traceback
 from typing import Any, Optional
 
 from fastlisten import sysinfo
@@ -25,7 +27,7 @@ from fastlisten.sysinfo import find_holders
 __all__ = [
     "FastlistenWarning", "EphemeralPortWarning", "BacklogTruncatedWarning",
     "OptionIneffectiveWarning", "explain_bind_error", "stale_socket_hint", "format_address",
-    "find_holders", "warn", "warn_if_ephemeral", "effective_backlog",
+    "find_holders", "warn", "warn_if_ephemeral", "effective_backlog", "user_traceback",
 ]
 
 
@@ -214,6 +216,38 @@ def explain_bind_error(exc: OSError, family: int, address: Any,
     new = type(exc)(exc.errno, f"{strerror}: {detail}")
     new.__traceback__ = exc.__traceback__
     return new
+
+
+# -- the caller's own traceback --------------------------------------------------
+
+#: Where the frames of fastlisten and of the import system come from.
+_MACHINERY_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep
+                        for path in (importlib.__file__, __file__))
+
+
+def _machinery(filename: str) -> bool:
+    """True for a frame of fastlisten or of the import system."""
+    return filename.startswith("<frozen importlib") or \
+        os.path.abspath(filename).startswith(_MACHINERY_DIRS)
+
+
+def _only_callers_frames(te: Any) -> None:
+    te.stack = traceback.StackSummary.from_list(
+        [f for f in te.stack if not _machinery(f.filename)])
+    for chained in (te.__cause__, te.__context__):
+        if chained is not None:
+            _only_callers_frames(chained)
+
+
+def user_traceback(exc: BaseException) -> str:
+    """``exc`` as Python prints it, with the caller's own frames only: those
+    of fastlisten and of the import system (importlib, ``<frozen ...>``),
+    which say nothing about the caller's code, are left out.  The type, file
+    and line stay (a SyntaxError's with its caret); so do chained exceptions,
+    filtered alike.  No trailing newline."""
+    te = traceback.TracebackException.from_exception(exc)
+    _only_callers_frames(te)
+    return "".join(te.format()).rstrip("\n")
 
 
 def warn(message: str, category: type = FastlistenWarning) -> None:

@@ -59,6 +59,7 @@ from fastlisten._wakeup import Waker
 from fastlisten.address import format_address
 from fastlisten.commands import options
 from fastlisten.config import ListenConfig
+from fastlisten.errors import user_traceback
 from fastlisten.services import BUILTIN
 
 _log = logging.getLogger("fastlisten.serve")
@@ -130,7 +131,12 @@ def load_handler(spec: str) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"handler {spec!r}: cannot import {module_name!r}: {exc}") from None
+        if _not_found(exc, module_name):
+            raise ValueError(f"handler {spec!r}: cannot import {module_name!r}: "
+                             f"{exc}") from None
+        raise ValueError(_import_failed(spec, module_name, exc)) from None
+    except Exception as exc:    # noqa: BLE001 - the module's own code failed: show where
+        raise ValueError(_import_failed(spec, module_name, exc)) from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -147,6 +153,22 @@ def load_handler(spec: str) -> Callable[..., Any]:
     except ValueError:
         pass        # no signature to check (a builtin): let it be tried
     return obj
+
+
+def _not_found(exc: ImportError, module_name: str) -> bool:
+    """True when the handler's module itself (or a package above it) does
+    not exist, as opposed to its code failing to import something."""
+    missing = getattr(exc, "name", None)
+    return isinstance(exc, ModuleNotFoundError) and missing is not None and (
+        module_name == missing or module_name.startswith(missing + "."))
+
+
+def _import_failed(spec: str, module_name: str, exc: BaseException) -> str:
+    """What to say when the handler's module raised while it was imported:
+    its traceback, with the frames of its own code only (importlib's and
+    fastlisten's say nothing about it)."""
+    return (f"handler {spec!r}: importing {module_name!r} raised "
+            f"{type(exc).__name__}:\n{user_traceback(exc)}")
 
 
 def format_counters(c: Dict[str, Any]) -> str:
