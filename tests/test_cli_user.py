@@ -2,11 +2,15 @@
 (``python -m fastlisten``), real signals, bounded waits."""
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+import fastlisten
 
 FL = [sys.executable, "-m", "fastlisten"]
 
@@ -71,3 +75,78 @@ def test_a_missing_dependency_of_the_handler_module_points_at_its_import(tmp_pat
     assert out.returncode == 2
     assert f'File "{tmp_path / "app.py"}", line 2, in <module>' in out.stderr, out.stderr
     assert out.stderr.rstrip().endswith("No module named 'nosuchdependency'"), out.stderr
+
+
+# -- --bind: one rule with the library, and no URL ------------------------------------
+
+class Served:
+    """A ``fastlisten serve`` child: its address from the first stdout line;
+    stop() sends a signal and returns (returncode, stderr)."""
+
+    def __init__(self, *args, cwd=None):
+        self.proc = subprocess.Popen(FL + ["serve"] + list(args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=cwd)
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"serve did not start: {line!r} {err}")
+        self.where = line[len("listening on "):].strip()
+        host, _, port = self.where.rpartition(":")
+        self.address = (host.strip("[]"), int(port))
+
+    def stop(self, sig=signal.SIGTERM):
+        try:
+            self.proc.send_signal(sig)
+            _, err = self.proc.communicate(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.communicate()
+        return self.proc.returncode, err
+
+
+def test_bind_port_alone_is_loopback_as_in_the_library():
+    server = Served("daytime", "--bind", "0")
+    try:
+        assert server.address[0] == "127.0.0.1", server.where
+        with socket.create_connection(server.address, timeout=10) as c:
+            assert c.makefile("rb").readline().endswith(b"-UTC\r\n")
+    finally:
+        rc, err = server.stop()
+    assert rc == 0, err
+    with fastlisten.listen("0") as lst:             # the same text, the same rule
+        assert lst.address[0] == "127.0.0.1"
+    with fastlisten.listen(port=0) as lst:
+        assert lst.address[0] == "127.0.0.1"
+
+
+def test_bind_colon_port_is_every_interface():
+    server = Served("daytime", "--bind", ":0")
+    rc, err = server.stop()
+    assert rc == 0, err
+    assert server.address[0] == "0.0.0.0", server.where
+
+
+def test_bind_help_states_the_rule():
+    out = run("serve", "--help")
+    text = " ".join(out.stdout.split())
+    assert "PORT alone (no host: loopback only, 127.0.0.1, as in the library)" in text
+    assert ":PORT or 0.0.0.0:PORT (every interface)" in text and "not a URL" in text
+
+
+@pytest.mark.parametrize("url, write", [
+    ("http://127.0.0.1:8080", "write 127.0.0.1:8080 (HOST:PORT"),
+    ("https://[::1]:8443/", "write [::1]:8443 (HOST:PORT"),
+    ("http://localhost", "write localhost:PORT (HOST:PORT"),
+    ("file:///run/app.sock", "write unix:/run/app.sock for that Unix socket"),
+])
+def test_bind_refuses_a_url_and_says_what_to_write(tmp_path, url, write):
+    out = run("serve", "daytime", "--bind", url, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"fastlisten serve: error: address {url!r} is a URL"), \
+        out.stderr
+    assert write in out.stderr and "Traceback" not in out.stderr
+    assert "directory" not in out.stderr and os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="is a URL"):
+        fastlisten.listen(url)
