@@ -28,6 +28,7 @@ __all__ = [
     "FastlistenWarning", "EphemeralPortWarning", "BacklogTruncatedWarning",
     "OptionIneffectiveWarning", "explain_bind_error", "stale_socket_hint", "format_address",
     "find_holders", "warn", "warn_if_ephemeral", "effective_backlog", "user_traceback",
+    "user_error_line",
 ]
 
 
@@ -248,6 +249,24 @@ def user_traceback(exc: BaseException) -> str:
     te = traceback.TracebackException.from_exception(exc)
     _only_callers_frames(te)
     return "".join(te.format()).rstrip("\n")
+
+
+def user_error_line(exc: BaseException) -> str:
+    """``exc`` on one line: its type, the first line of its message, and
+    where in the caller's own code it was raised (file name, line), as in
+    ``SyntaxError: expected ':' (app.py, line 2)``."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        message: Any = exc.msg
+        where: Optional[str] = f"{os.path.basename(exc.filename)}, line {exc.lineno}"
+    else:
+        message = str(exc)
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if not _machinery(f.filename)]
+        where = (f"{os.path.basename(frames[-1].filename)}, line {frames[-1].lineno}"
+                 if frames else None)
+    first = (str(message).splitlines() or [""])[0]
+    line = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"{line} ({where})" if where else line
 
 
 def warn(message: str, category: type = FastlistenWarning) -> None:
