@@ -2,15 +2,18 @@
 (``python -m fastlisten``), real signals, bounded waits."""
 
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 import fastlisten
+from fastlisten import sysinfo
 
 FL = [sys.executable, "-m", "fastlisten"]
 
@@ -92,8 +95,11 @@ class Served:
             _, err = self.proc.communicate()
             raise AssertionError(f"serve did not start: {line!r} {err}")
         self.where = line[len("listening on "):].strip()
-        host, _, port = self.where.rpartition(":")
-        self.address = (host.strip("[]"), int(port))
+        if self.where.startswith("/"):
+            self.address = self.where
+        else:
+            host, _, port = self.where.rpartition(":")
+            self.address = (host.strip("[]"), int(port))
 
     def stop(self, sig=signal.SIGTERM):
         try:
@@ -150,3 +156,96 @@ def test_bind_refuses_a_url_and_says_what_to_write(tmp_path, url, write):
     assert "directory" not in out.stderr and os.listdir(tmp_path) == []
     with pytest.raises(ValueError, match="is a URL"):
         fastlisten.listen(url)
+
+
+# -- the counters line: this listener's drops, not the machine's ----------------------
+
+def _overflow_a_listener_elsewhere():
+    """Make the machine's ListenOverflows rise with a listener of this test
+    process (backlog 0, clients that are never accepted); returns what to
+    close."""
+    before = sysinfo.listen_counters()["ListenOverflows"]
+    if before is None:
+        pytest.skip("/proc/net/netstat has no ListenOverflows here")
+    other = socket.create_server(("127.0.0.1", 0), backlog=0)
+    clients = []
+    deadline = time.monotonic() + 20
+    while sysinfo.listen_counters()["ListenOverflows"] == before:
+        assert time.monotonic() < deadline, "no listen overflow within 20 s"
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(other.getsockname())
+        clients.append(c)
+        if len(clients) > 4:        # the queue is full: wait for a SYN's drop
+            select.select([], [], [], 0.05)
+    return [other] + clients
+
+
+def _last_counters(err):
+    return [line for line in err.splitlines() if "stopped; counters:" in line][-1]
+
+
+def test_the_counters_line_reports_this_listeners_drops_not_the_machines():
+    server = Served("daytime", "--bind", "127.0.0.1:0")
+    elsewhere = _overflow_a_listener_elsewhere()
+    try:
+        rc, err = server.stop(signal.SIGTERM)
+    finally:
+        for s in elsewhere:
+            s.close()
+    assert rc == 0, err
+    line = _last_counters(err)
+    assert line.endswith(" queue_drops=0"), line    # an idle server dropped nothing
+    assert "ListenOverflows" not in line and "ListenDrops" not in line, line
+
+
+STUCK = """
+import socketserver, time
+class Stuck(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"started\\n")
+        time.sleep(60)
+"""
+
+
+def test_the_counters_line_counts_the_connections_this_listener_dropped(tmp_path):
+    (tmp_path / "stuck.py").write_text(STUCK)
+    server = Served("stuck:Stuck", "--bind", "127.0.0.1:0", "--threads", "1", "--backlog", "1",
+                    "--grace", "0", cwd=tmp_path)
+    busy = socket.create_connection(server.address, timeout=30)
+    clients, line = [], ""
+    try:
+        busy.sendall(b"go\n")
+        assert busy.recv(64) == b"started\n"          # the one thread is busy
+        deadline = time.monotonic() + 20
+        while line.endswith(" queue_drops=0") or not line:
+            assert time.monotonic() < deadline, "no drop counted within 20 s"
+            for _ in range(4):          # more clients than the queue holds
+                c = socket.socket()
+                c.setblocking(False)
+                c.connect_ex(server.address)
+                clients.append(c)
+            server.proc.send_signal(signal.SIGUSR1)
+            line = ""
+            while "counters:" not in line:   # bounded by the test's timeout
+                line = server.proc.stderr.readline()
+                assert line, "serve ended"
+            line = line.rstrip()
+    finally:
+        rc, err = server.stop(signal.SIGTERM)
+        busy.close()
+        for c in clients:
+            c.close()
+    assert rc == 0, err
+    assert int(line.rsplit(" queue_drops=", 1)[1]) >= 1, line
+    stopped = int(_last_counters(err).rsplit(" queue_drops=", 1)[1])
+    assert stopped >= int(line.rsplit(" queue_drops=", 1)[1])
+
+
+def test_a_unix_socket_counters_line_has_no_tcp_figures(tmp_path):
+    server = Served("daytime", "--bind", f"unix:{tmp_path / 'd.sock'}")
+    rc, err = server.stop(signal.SIGTERM)
+    assert rc == 0, err
+    line = _last_counters(err)
+    assert "queue_drops" not in line and "Listen" not in line, line
