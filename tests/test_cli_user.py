@@ -249,3 +249,69 @@ def test_a_unix_socket_counters_line_has_no_tcp_figures(tmp_path):
     assert rc == 0, err
     line = _last_counters(err)
     assert "queue_drops" not in line and "Listen" not in line, line
+
+
+# -- explanations in the caller's vocabulary -------------------------------------------
+
+AS_NOBODY = """
+import os, sys
+from fastlisten.cli import build_parser, main
+build_parser()              # every import done while this process may still read them
+import fastlisten
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+if sys.argv[1:] == ["library"]:
+    try:
+        fastlisten.listen(("127.0.0.1", 80))
+    except PermissionError as exc:
+        print(exc)
+    sys.exit(0)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_privileged_port_names_the_flag_on_the_command_line():
+    start = sysinfo.unprivileged_port_start()
+    if start is None or start <= 80:
+        pytest.skip("port 80 is not privileged here")
+    # the command's own main(), in a process that is not root (as a user runs it)
+    out = subprocess.run([sys.executable, "-c", AS_NOBODY, "serve", "daytime",
+                          "--bind", "127.0.0.1:80"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert "ip_unprivileged_port_start" in out.stderr and "(--fd systemd)" in out.stderr
+    assert "fd='systemd'" not in out.stderr, out.stderr
+    # the library's callers still read the keyword they write
+    out = subprocess.run([sys.executable, "-c", AS_NOBODY, "library"], capture_output=True,
+                         text=True, timeout=30)
+    assert "(fd='systemd')" in out.stdout and "--fd" not in out.stdout, out.stdout + out.stderr
+
+
+def test_fd_systemd_without_a_socket_names_the_flag():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    out = run("serve", "daytime", "--fd", "systemd", env=env)
+    assert out.returncode == 1, out.stderr
+    assert "--fd systemd but no socket was passed to this process" in out.stderr, out.stderr
+    assert "fd='systemd'" not in out.stderr
+    with pytest.raises(OSError, match="fd='systemd' but no socket was passed"):
+        fastlisten.listen(fd="systemd")
+
+
+def test_a_stale_socket_kept_by_keep_stale_names_the_flag(tmp_path):
+    path = str(tmp_path / "stale.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)            # a socket file nobody listens on
+    stale.close()
+    out = run("serve", "daytime", "--bind", f"unix:{path}", "--keep-stale")
+    assert out.returncode == 1, out.stderr
+    assert "--keep-stale leaves it in place: remove it, or leave out --keep-stale" in out.stderr
+    assert "unlink_stale" not in out.stderr, out.stderr
+
+
+def test_a_missing_directory_says_the_shell_command(tmp_path):
+    where = tmp_path / "run" / "app.sock"
+    out = run("serve", "daytime", "--bind", f"unix:{where}")
+    assert out.returncode == 1, out.stderr
+    assert f"create it first (mkdir -p {where.parent})" in out.stderr, out.stderr
+    assert "os.makedirs" not in out.stderr

@@ -12,13 +12,14 @@ backlog the kernel truncates, an option the kernel has switched off.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import importlib
 import os
 import socket
-import importlib
 import stat
 import traceback
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from fastlisten import sysinfo
 from fastlisten.address import format_address
@@ -28,7 +29,7 @@ __all__ = [
     "FastlistenWarning", "EphemeralPortWarning", "BacklogTruncatedWarning",
     "OptionIneffectiveWarning", "explain_bind_error", "stale_socket_hint", "format_address",
     "find_holders", "warn", "warn_if_ephemeral", "effective_backlog", "user_traceback",
-    "user_error_line",
+    "user_error_line", "speaking", "spell", "reuse_hint", "explain_no_systemd_socket",
 ]
 
 
@@ -52,6 +53,56 @@ class OptionIneffectiveWarning(FastlistenWarning):
     TCP_FASTOPEN while ``net.ipv4.tcp_fastopen`` has the server bit off)."""
 
 
+# -- the caller's vocabulary --------------------------------------------------
+
+#: The vocabularies explanations speak: the keywords of fastlisten.listen()
+#: and ListenConfig, or the flags of the ``fastlisten`` command.
+VOCABULARIES = ("python", "command line")
+
+_vocabulary = "python"
+
+
+@contextlib.contextmanager
+def speaking(vocabulary: str) -> Iterator[None]:
+    """Within the block, explanations name options as ``vocabulary`` says:
+    "python" (``fd='systemd'``, the default) or "command line" (``--fd
+    systemd``), which the ``fastlisten`` command speaks, so that its users
+    read the flags they type."""
+    global _vocabulary
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"vocabulary must be one of {', '.join(VOCABULARIES)}, "
+                         f"not {vocabulary!r}")
+    previous, _vocabulary = _vocabulary, vocabulary
+    try:
+        yield
+    finally:
+        _vocabulary = previous
+
+
+def spell(option: str, value: Any) -> str:
+    """``option=value`` as the caller writes it: ``fd='systemd'`` in Python,
+    ``--fd systemd`` on the command line, whose flags come from the
+    ListenConfig fields (a flag that switches a default off stands alone:
+    ``unlink_stale=False`` is ``--keep-stale``; the default itself is
+    "without" that flag)."""
+    if _vocabulary == "python":
+        return f"{option}={value!r}"
+    from fastlisten.config import option_fields
+
+    field = next((f for f in option_fields() if f.name == option), None)
+    if field is None:
+        return f"{option}={value!r}"
+    flag = field.metadata.get("flag", "--" + option.replace("_", "-"))
+    if isinstance(value, bool):
+        return flag if value != field.default else f"without {flag}"
+    return f"{flag} {value}"
+
+
+def _either(python: str, command_line: str) -> str:
+    """The words of the caller's vocabulary."""
+    return python if _vocabulary == "python" else command_line
+
+
 # -- the explanations -------------------------------------------------------
 
 def stale_socket_hint(config: Any, server: bool = False) -> str:
@@ -67,11 +118,11 @@ def stale_socket_hint(config: Any, server: bool = False) -> str:
         return ("remove it before binding, or bind with fastlisten.listen(), whose "
                 "unlink_stale=True (the default) removes a socket file nobody listens on")
     if not config.unlink_stale:
-        return ("unlink_stale=False (--keep-stale on the command line) leaves it in "
-                "place: remove it, or leave unlink_stale at True (the default) to have "
-                "fastlisten remove a socket file nobody listens on")
-    return ("it still answered when fastlisten checked it (unlink_stale=True removes "
-            "only a socket nobody listens on): stop whatever uses it, or choose another path")
+        return (f"{spell('unlink_stale', False)} leaves it in place: remove it, or "
+                f"{_either('leave unlink_stale at True (the default)', 'leave out --keep-stale')}"
+                " to have fastlisten remove a socket file nobody listens on")
+    return ("it still answered when fastlisten checked it (fastlisten removes only a "
+            "socket nobody listens on): stop whatever uses it, or choose another path")
 
 
 def _explain_addrinuse(family: int, address: Any, hint: Optional[str]) -> str:
@@ -102,15 +153,17 @@ def _explain_addrinuse(family: int, address: Any, hint: Optional[str]) -> str:
         return f"{where} is already in use"
     return (f"{where}: no listening socket holds it, so it is bound by a socket "
             "that does not listen, or held by a connection "
-            f"(TIME_WAIT). {hint or REUSE_HINT}; "
+            f"(TIME_WAIT). {hint or reuse_hint()}; "
             "otherwise choose another port, or port 0")
 
 
-#: How fastlisten.listen() gets past a port held by TIME_WAIT connections
-#: (Linux lets a bind pass them only when both sockets set SO_REUSEADDR).
-REUSE_HINT = ("reuse_address=True (the default) rebinds over the TIME_WAIT connections of "
-              "a socket that set it too (those of one that did not hold the port for up "
-              "to 60 s)")
+def reuse_hint() -> str:
+    """How fastlisten.listen() (and the command line) gets past a port held
+    by TIME_WAIT connections (Linux lets a bind pass them only when both
+    sockets set SO_REUSEADDR)."""
+    return (f"SO_REUSEADDR ({spell('reuse_address', True)}, the default) rebinds over the "
+            "TIME_WAIT connections of a socket that set it too (those of one that did not "
+            "hold the port for up to 60 s)")
 #: ... and a socketserver class (whose stdlib default is not to set it).
 SERVER_REUSE_HINT = ("the server class sets no SO_REUSEADDR (allow_reuse_address = False, "
                      "the stdlib's default for TCPServer), so the connections a run leaves "
@@ -161,7 +214,7 @@ def _explain_acces(family: int, address: Any, stale_hint: Optional[str]) -> str:
                 "capability (setcap cap_net_bind_service=+ep on the interpreter, or "
                 "AmbientCapabilities= in a systemd unit); lower the sysctl "
                 f"(sysctl net.ipv4.ip_unprivileged_port_start={port}); or let systemd "
-                "open the socket and pass it in (fd='systemd')")
+                f"open the socket and pass it in ({spell('fd', 'systemd')})")
     return (f"{where}: permission denied by the system (a security module or "
             "firewall policy, not the port number)")
 
@@ -172,7 +225,8 @@ def _explain_no_directory(family: int, address: Any, stale_hint: Optional[str]) 
     if os.path.lexists(parent):
         problem, fix = f"{parent} is not a directory", "choose another path"
     else:
-        problem, fix = f"directory {parent} does not exist", "create it first (os.makedirs)"
+        problem = f"directory {parent} does not exist"
+        fix = f"create it first ({_either('os.makedirs', f'mkdir -p {parent}')})"
         if not os.path.isabs(parent):
             problem += f" (in {os.getcwd()})"
     return (f"{format_address(address)}: {problem}; a Unix socket is created in an "
@@ -191,6 +245,16 @@ _EXPLAINERS = {
 _UNIX_ONLY = (errno.ENOENT, errno.ENOTDIR)
 
 
+def explain_no_systemd_socket() -> OSError:
+    """OSError(EBADF) for ``fd='systemd'`` (``--fd systemd``) in a process
+    that systemd passed no socket."""
+    return OSError(errno.EBADF,
+                   f"{os.strerror(errno.EBADF)}: {spell('fd', 'systemd')} but no socket was "
+                   f"passed to this process (pid {os.getpid()}): LISTEN_PID and LISTEN_FDS "
+                   "are unset or name another process. Run it under systemd socket "
+                   "activation (or systemd-socket-activate)")
+
+
 def explain_bind_error(exc: OSError, family: int, address: Any,
                        stale_hint: Optional[str] = None,
                        reuse_hint: Optional[str] = None) -> OSError:
@@ -202,7 +266,7 @@ def explain_bind_error(exc: OSError, family: int, address: Any,
     machine's addresses or the way out; any other error comes back
     unchanged.  ``stale_hint`` says what to do about a leftover Unix socket
     file (see stale_socket_hint()), ``reuse_hint`` about a TCP port held by
-    connections in TIME_WAIT (default: REUSE_HINT).  Use as
+    connections in TIME_WAIT (default: reuse_hint()).  Use as
     ``raise explain_bind_error(e, family, addr) from None``.
     """
     explainer = _EXPLAINERS.get(exc.errno)  # type: ignore[arg-type]
