@@ -34,7 +34,10 @@ With --workers N the same server runs in N supervised processes
 (--graceful-timeout), SIGQUIT at once, SIGHUP reloads (new workers, with the
 handler's package imported afresh, accept before the old ones stop),
 SIGTTIN/SIGTTOU add or remove one, SIGUSR1 logs the counters of every
-worker; --reuse-port gives each worker its own SO_REUSEPORT socket.
+worker; --reuse-port gives each worker its own SO_REUSEPORT socket.  Each
+worker is a process of its own, so what a handler keeps in memory is per
+worker, and connections are not dealt out in turn (with the shared socket,
+an idle server gives sequential clients mostly to one worker).
 """
 
 from __future__ import annotations
