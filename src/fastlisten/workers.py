@@ -573,10 +573,11 @@ class Workers:
             w.status_fd = -1
             return False
         if w.failure is not None:
-            w.failure += data[:_FAILURE_MAX - len(w.failure)]
+            w.failure = (w.failure + data)[:_FAILURE_MAX]
             return True
         if _FAILED in data:
-            data, _, w.failure = data.partition(_FAILED)
+            data, _, failure = data.partition(_FAILED)
+            w.failure = failure[:_FAILURE_MAX]
         if _READY in data and w.state == "starting":
             w.state, w.ready_at = "ready", time.monotonic()
             _log.debug("worker %d (slot %d, generation %d) accepting", w.pid, w.slot,
