@@ -164,7 +164,10 @@ def reuse_hint() -> str:
     return (f"SO_REUSEADDR ({spell('reuse_address', True)}, the default) rebinds over the "
             "TIME_WAIT connections of a socket that set it too (those of one that did not "
             "hold the port for up to 60 s)")
-#: ... and a socketserver class (whose stdlib default is not to set it).
+
+
+#: How a socketserver class gets past it (whose stdlib default is not to set
+#: SO_REUSEADDR).
 SERVER_REUSE_HINT = ("the server class sets no SO_REUSEADDR (allow_reuse_address = False, "
                      "the stdlib's default for TCPServer), so the connections a run leaves "
                      "in TIME_WAIT hold the port for up to 60 s after it ends: wait, and set "
