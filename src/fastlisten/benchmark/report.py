@@ -271,6 +271,9 @@ def figure(report: Report) -> Any:
     close it with ``matplotlib.pyplot.close(fig)``."""
     plt = _pyplot()
     from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    thousands = FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}")
 
     scenarios = [s for s in report.results if report.results[s]]
     first = report.results[scenarios[0]] if scenarios else {}
@@ -317,6 +320,8 @@ def figure(report: Report) -> Any:
         ax1.set_yticklabels(labels, fontsize=8)
         ax2.set_yticks(y)
         ax2.set_yticklabels([])
+        ax2.xaxis.set_major_locator(MaxNLocator(4))
+        ax2.xaxis.set_major_formatter(thousands)
         ax1.set_title(f"{_scenario_title(report, scenario)}", loc="left", fontsize=9)
         for ax in (ax1, ax2):
             ax.spines[["top", "right"]].set_visible(False)
