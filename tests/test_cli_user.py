@@ -160,25 +160,24 @@ def test_bind_refuses_a_url_and_says_what_to_write(tmp_path, url, write):
 
 # -- the counters line: this listener's drops, not the machine's ----------------------
 
-def _overflow_a_listener_elsewhere():
+def _overflow_a_listener_elsewhere(opened):
     """Make the machine's ListenOverflows rise with a listener of this test
-    process (backlog 0, clients that are never accepted); returns what to
-    close."""
+    process (backlog 0, clients that are never accepted); what it opens goes
+    into ``opened``, for the caller to close."""
     before = sysinfo.listen_counters()["ListenOverflows"]
     if before is None:
         pytest.skip("/proc/net/netstat has no ListenOverflows here")
     other = socket.create_server(("127.0.0.1", 0), backlog=0)
-    clients = []
+    opened.append(other)
     deadline = time.monotonic() + 20
     while sysinfo.listen_counters()["ListenOverflows"] == before:
         assert time.monotonic() < deadline, "no listen overflow within 20 s"
         c = socket.socket()
+        opened.append(c)
         c.setblocking(False)
         c.connect_ex(other.getsockname())
-        clients.append(c)
-        if len(clients) > 4:        # the queue is full: wait for a SYN's drop
+        if len(opened) > 5:         # the queue is full: wait for a SYN's drop
             select.select([], [], [], 0.05)
-    return [other] + clients
 
 
 def _last_counters(err):
@@ -187,10 +186,11 @@ def _last_counters(err):
 
 def test_the_counters_line_reports_this_listeners_drops_not_the_machines():
     server = Served("daytime", "--bind", "127.0.0.1:0")
-    elsewhere = _overflow_a_listener_elsewhere()
+    elsewhere = []
     try:
-        rc, err = server.stop(signal.SIGTERM)
+        _overflow_a_listener_elsewhere(elsewhere)
     finally:
+        rc, err = server.stop(signal.SIGTERM)
         for s in elsewhere:
             s.close()
     assert rc == 0, err
