@@ -194,7 +194,7 @@ def test_options_apply_to_a_plain_socket_and_a_raw_descriptor():
     ("127.0.0.1:4481", dict(host="127.0.0.1", port=4481)),
     ("[::1]:7", dict(host="::1", port=7)),
     (":8000", dict(host="", port=8000)),
-    ("8000", dict(host="", port=8000)),
+    ("8000", dict(port=8000)),               # no host: loopback, as port= alone
     ("localhost:0", dict(host="localhost", port=0)),
     ("unix:rel.sock", dict(path="rel.sock")),
     ("/run/app.sock", dict(path="/run/app.sock")),

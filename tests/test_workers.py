@@ -259,14 +259,51 @@ def test_a_reload_that_crashes_backs_off_and_keeps_the_old_workers(tmp_path):
         s.send(signal.SIGHUP)
         delays = []
         for _ in range(4):
-            line = s.expect("failure(s) in a row: next start in")
-            delays.append(float(line.rsplit("in ", 1)[1].split()[0]))
+            line = s.expect("reload failed: the old generation is still serving; retrying in ")
+            delays.append(float(line.split("retrying in ", 1)[1].split()[0]))
+            assert "RuntimeError: broken deploy (tagged.py, line 1)" in line, line
         # each failure doubles the wait: no fork loop
         assert delays == sorted(delays) and delays[-1] >= 4 * delays[0], delays
         assert old in s.workers() and echo(s.address) == b"old"
         rc, log = s.stop(signal.SIGTERM)
     assert rc == 0
-    assert "broken deploy" in log and "reload failed" in log
+    assert log.count("RuntimeError: broken deploy\n") == 1, log     # the traceback once
+
+
+def test_a_reload_with_a_syntax_error_says_so_once_per_attempt_and_recovers(tmp_path):
+    """With several workers, each failed start is one line that says the old
+    generation still serves and when the next try comes; the traceback (the
+    user's file only) is logged once, not per worker per retry; once the
+    file is fixed, the next try deploys it without another SIGHUP."""
+    module = tmp_path / "tagged.py"
+    module.write_text(HANDLER.format(version="old"))
+    with supervised("tagged:Tag", "--bind", "127.0.0.1:0", "--workers", "2",
+                    cwd=tmp_path) as s:
+        s.wait_workers(2)
+        module.write_text("import socketserver\nclass Tag(socketserver.BaseRequestHandler)\n"
+                          "    pass\n")
+        s.send(signal.SIGHUP)
+        for _ in range(4):      # two tries of two workers
+            line = s.expect("reload failed")
+            assert line.startswith("ERROR fastlisten.workers: reload failed: the old generation "
+                                   "is still serving; retrying in "), line
+            assert line.rstrip().endswith("SyntaxError: expected ':' (tagged.py, line 2))") \
+                or "SyntaxError: invalid syntax (tagged.py, line 2))" in line, line
+            assert echo(s.address) == b"old"
+        module.write_text(HANDLER.format(version="fixed"))
+        deadline = time.monotonic() + 30
+        while echo(s.address) != b"fixed":       # the next try, at most 3.2 s away
+            assert time.monotonic() < deadline, "the fixed code was never deployed"
+            time.sleep(0.05)
+        s.wait_workers(2)
+        assert {echo(s.address) for _ in range(4)} == {b"fixed"}
+        rc, log = s.stop(signal.SIGTERM)
+    assert rc == 0, log
+    assert log.count(f'File "{module}", line 2') == 1, log     # the traceback once
+    assert "Traceback" not in log and "importlib" not in log, log
+    assert os.path.dirname(fastlisten.__file__) not in log, log
+    failed = [line for line in log.splitlines() if "ERROR" in line]
+    assert len(failed) == 1 + log.count("reload failed"), failed   # one line per attempt
 
 
 LOOP_REPORTER = """

@@ -6,10 +6,14 @@ messages are the same everywhere:
 
 - **TCP**: a ``(host, port)`` tuple (IPv6 may add flowinfo and scope id, as
   ``socket.bind`` takes it) or, as a string, ``HOST:PORT``, ``[IPv6]:PORT``,
-  ``:PORT`` or ``PORT`` (every interface).  The host is an IPv4/IPv6 address
+  ``:PORT`` (every interface) or ``PORT``.  The host is an IPv4/IPv6 address
   or a name (resolved with ``getaddrinfo(AI_PASSIVE)`` when binding); ``''``
-  means every interface.  The port is an ``int`` 0-65535 (``bool`` is
-  refused, as it is almost always a mistake); 0 lets the kernel choose.
+  means every interface.  One rule everywhere: no host at all (``PORT``
+  alone, or ``port=`` without ``host=``) means loopback only, 127.0.0.1
+  (``::1`` for IPv6); an empty one (``:PORT``, ``''``) every interface.  The
+  port is an ``int`` 0-65535 (``bool`` is refused, as it is almost always a
+  mistake); 0 lets the kernel choose.  A URL (``http://host:port``) is
+  refused with the ``HOST:PORT`` to write instead.
 - **Unix sockets**: ``bytes`` or an ``os.PathLike`` are always paths; a
   ``str`` is a path when it starts with ``unix:`` (which is stripped) or
   contains a ``/``, or when the family is already known to be AF_UNIX
@@ -35,8 +39,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 from typing import Any, Dict, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
 __all__ = [
     "UNIX_PATH_MAX", "FAMILIES", "Address", "check_port", "check_family", "family_name",
@@ -188,15 +194,18 @@ def check_host(host: Any) -> str:
 def parse(text: str) -> Dict[str, Any]:
     """``host``/``port`` or ``path`` keywords from an address written as text.
 
-    ``127.0.0.1:4481`` and ``[::1]:4481`` give host and port; ``:4481`` or
-    ``4481`` every interface (host ''); ``unix:/run/app.sock`` or anything
+    ``127.0.0.1:4481`` and ``[::1]:4481`` give host and port; ``:4481``
+    every interface (host ''); ``4481`` alone, no host, loopback (the port
+    only: ListenConfig's default host); ``unix:/run/app.sock`` or anything
     with a ``/`` a Unix socket path.  Raises ValueError naming what is
-    wrong with a malformed one.
+    wrong with a malformed one, and for a URL what to write instead.
     """
     if not isinstance(text, str):
         raise TypeError(f"an address must be a str here, not {type(text).__name__}: {text!r}")
     if text.startswith("unix:"):
         return {"path": text[5:]}
+    if _URL.match(text):
+        raise ValueError(_not_a_url(text))
     if "/" in text:
         return {"path": text}
     host: Optional[str]
@@ -211,7 +220,7 @@ def parse(text: str) -> Dict[str, Any]:
     elif ":" in text:
         host, port_text = text.rsplit(":", 1)
     elif text.isdigit():
-        host, port_text = "", text
+        return {"port": check_port(int(text, 10))}      # no host: loopback
     else:
         unix = "" if not text or numeric_family(text) else (
             f", or ./{text} or unix:{text} for a Unix socket")
@@ -221,6 +230,28 @@ def parse(text: str) -> Dict[str, Any]:
         raise ValueError(f"address {text!r}: the port must be a number 0-65535, "
                          f"not {port_text!r}")
     return {"host": host, "port": check_port(int(port_text, 10))}
+
+
+#: A URL's scheme and "//": text that names a protocol, not where to listen.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _not_a_url(text: str) -> str:
+    """What to say about a URL given as an address: the HOST:PORT (or Unix
+    path) to write instead, taken from the URL where it says."""
+    scheme = text.split(":", 1)[0].lower()
+    try:
+        url = urlsplit(text)
+        host, port, path = url.hostname, url.port, url.path
+    except ValueError:
+        host, port, path = None, None, ""
+    if scheme in ("unix", "file") and path:
+        return (f"address {text!r} is a URL; an address says where to listen: write "
+                f"unix:{path} for that Unix socket")
+    host = host or "127.0.0.1"
+    instead = f"{f'[{host}]' if ':' in host else host}:{'PORT' if port is None else port}"
+    return (f"address {text!r} is a URL; an address says where to listen: write {instead} "
+            "(HOST:PORT; :PORT for every interface, unix:PATH for a Unix socket)")
 
 
 def split(address: Any, family: Optional[int] = None, *,

@@ -16,6 +16,8 @@ import sys
 import warnings
 from typing import Any, List, Optional
 
+from fastlisten.errors import speaking
+
 #: Subcommands, in the order ``--help`` lists them.
 COMMANDS = ["demo", "info", "serve", "bench", "reliability"]
 
@@ -60,7 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _log_warning
     try:
-        return int(args.run(args) or 0)
+        with speaking("command line"):      # explanations name the flags typed
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
     finally:

@@ -743,11 +743,8 @@ class ListenConfig:
             return self.fd  # type: ignore[return-value]
         fds = systemd_fds()
         if not fds:
-            raise OSError(errno.EBADF,
-                          f"{os.strerror(errno.EBADF)}: fd='systemd' but no socket was "
-                          f"passed to this process (pid {os.getpid()}): LISTEN_PID and "
-                          "LISTEN_FDS are unset or name another process. Run it under "
-                          "systemd socket activation (or systemd-socket-activate)")
+            from fastlisten.errors import explain_no_systemd_socket
+            raise explain_no_systemd_socket()
         return fds[0]
 
     def before_bind(self) -> None:

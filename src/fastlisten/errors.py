@@ -12,11 +12,14 @@ backlog the kernel truncates, an option the kernel has switched off.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import importlib
 import os
 import socket
 import stat
-from typing import Any, Optional
+import traceback
+from typing import Any, Iterator, Optional
 
 from fastlisten import sysinfo
 from fastlisten.address import format_address
@@ -25,7 +28,8 @@ from fastlisten.sysinfo import find_holders
 __all__ = [
     "FastlistenWarning", "EphemeralPortWarning", "BacklogTruncatedWarning",
     "OptionIneffectiveWarning", "explain_bind_error", "stale_socket_hint", "format_address",
-    "find_holders", "warn", "warn_if_ephemeral", "effective_backlog",
+    "find_holders", "warn", "warn_if_ephemeral", "effective_backlog", "user_traceback",
+    "user_error_line", "speaking", "spell", "reuse_hint", "explain_no_systemd_socket",
 ]
 
 
@@ -49,6 +53,56 @@ class OptionIneffectiveWarning(FastlistenWarning):
     TCP_FASTOPEN while ``net.ipv4.tcp_fastopen`` has the server bit off)."""
 
 
+# -- the caller's vocabulary --------------------------------------------------
+
+#: The vocabularies explanations speak: the keywords of fastlisten.listen()
+#: and ListenConfig, or the flags of the ``fastlisten`` command.
+VOCABULARIES = ("python", "command line")
+
+_vocabulary = "python"
+
+
+@contextlib.contextmanager
+def speaking(vocabulary: str) -> Iterator[None]:
+    """Within the block, explanations name options as ``vocabulary`` says:
+    "python" (``fd='systemd'``, the default) or "command line" (``--fd
+    systemd``), which the ``fastlisten`` command speaks, so that its users
+    read the flags they type."""
+    global _vocabulary
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"vocabulary must be one of {', '.join(VOCABULARIES)}, "
+                         f"not {vocabulary!r}")
+    previous, _vocabulary = _vocabulary, vocabulary
+    try:
+        yield
+    finally:
+        _vocabulary = previous
+
+
+def spell(option: str, value: Any) -> str:
+    """``option=value`` as the caller writes it: ``fd='systemd'`` in Python,
+    ``--fd systemd`` on the command line, whose flags come from the
+    ListenConfig fields (a flag that switches a default off stands alone:
+    ``unlink_stale=False`` is ``--keep-stale``; the default itself is
+    "without" that flag)."""
+    if _vocabulary == "python":
+        return f"{option}={value!r}"
+    from fastlisten.config import option_fields
+
+    field = next((f for f in option_fields() if f.name == option), None)
+    if field is None:
+        return f"{option}={value!r}"
+    flag = field.metadata.get("flag", "--" + option.replace("_", "-"))
+    if isinstance(value, bool):
+        return flag if value != field.default else f"without {flag}"
+    return f"{flag} {value}"
+
+
+def _either(python: str, command_line: str) -> str:
+    """The words of the caller's vocabulary."""
+    return python if _vocabulary == "python" else command_line
+
+
 # -- the explanations -------------------------------------------------------
 
 def stale_socket_hint(config: Any, server: bool = False) -> str:
@@ -64,11 +118,11 @@ def stale_socket_hint(config: Any, server: bool = False) -> str:
         return ("remove it before binding, or bind with fastlisten.listen(), whose "
                 "unlink_stale=True (the default) removes a socket file nobody listens on")
     if not config.unlink_stale:
-        return ("unlink_stale=False (--keep-stale on the command line) leaves it in "
-                "place: remove it, or leave unlink_stale at True (the default) to have "
-                "fastlisten remove a socket file nobody listens on")
-    return ("it still answered when fastlisten checked it (unlink_stale=True removes "
-            "only a socket nobody listens on): stop whatever uses it, or choose another path")
+        return (f"{spell('unlink_stale', False)} leaves it in place: remove it, or "
+                f"{_either('leave unlink_stale at True (the default)', 'leave out --keep-stale')}"
+                " to have fastlisten remove a socket file nobody listens on")
+    return ("it still answered when fastlisten checked it (fastlisten removes only a "
+            "socket nobody listens on): stop whatever uses it, or choose another path")
 
 
 def _explain_addrinuse(family: int, address: Any, hint: Optional[str]) -> str:
@@ -99,16 +153,21 @@ def _explain_addrinuse(family: int, address: Any, hint: Optional[str]) -> str:
         return f"{where} is already in use"
     return (f"{where}: no listening socket holds it, so it is bound by a socket "
             "that does not listen, or held by a connection "
-            f"(TIME_WAIT). {hint or REUSE_HINT}; "
+            f"(TIME_WAIT). {hint or reuse_hint()}; "
             "otherwise choose another port, or port 0")
 
 
-#: How fastlisten.listen() gets past a port held by TIME_WAIT connections
-#: (Linux lets a bind pass them only when both sockets set SO_REUSEADDR).
-REUSE_HINT = ("reuse_address=True (the default) rebinds over the TIME_WAIT connections of "
-              "a socket that set it too (those of one that did not hold the port for up "
-              "to 60 s)")
-#: ... and a socketserver class (whose stdlib default is not to set it).
+def reuse_hint() -> str:
+    """How fastlisten.listen() (and the command line) gets past a port held
+    by TIME_WAIT connections (Linux lets a bind pass them only when both
+    sockets set SO_REUSEADDR)."""
+    return (f"SO_REUSEADDR ({spell('reuse_address', True)}, the default) rebinds over the "
+            "TIME_WAIT connections of a socket that set it too (those of one that did not "
+            "hold the port for up to 60 s)")
+
+
+#: How a socketserver class gets past it (whose stdlib default is not to set
+#: SO_REUSEADDR).
 SERVER_REUSE_HINT = ("the server class sets no SO_REUSEADDR (allow_reuse_address = False, "
                      "the stdlib's default for TCPServer), so the connections a run leaves "
                      "in TIME_WAIT hold the port for up to 60 s after it ends: wait, and set "
@@ -158,7 +217,7 @@ def _explain_acces(family: int, address: Any, stale_hint: Optional[str]) -> str:
                 "capability (setcap cap_net_bind_service=+ep on the interpreter, or "
                 "AmbientCapabilities= in a systemd unit); lower the sysctl "
                 f"(sysctl net.ipv4.ip_unprivileged_port_start={port}); or let systemd "
-                "open the socket and pass it in (fd='systemd')")
+                f"open the socket and pass it in ({spell('fd', 'systemd')})")
     return (f"{where}: permission denied by the system (a security module or "
             "firewall policy, not the port number)")
 
@@ -169,7 +228,8 @@ def _explain_no_directory(family: int, address: Any, stale_hint: Optional[str]) 
     if os.path.lexists(parent):
         problem, fix = f"{parent} is not a directory", "choose another path"
     else:
-        problem, fix = f"directory {parent} does not exist", "create it first (os.makedirs)"
+        problem = f"directory {parent} does not exist"
+        fix = f"create it first ({_either('os.makedirs', f'mkdir -p {parent}')})"
         if not os.path.isabs(parent):
             problem += f" (in {os.getcwd()})"
     return (f"{format_address(address)}: {problem}; a Unix socket is created in an "
@@ -188,6 +248,16 @@ _EXPLAINERS = {
 _UNIX_ONLY = (errno.ENOENT, errno.ENOTDIR)
 
 
+def explain_no_systemd_socket() -> OSError:
+    """OSError(EBADF) for ``fd='systemd'`` (``--fd systemd``) in a process
+    that systemd passed no socket."""
+    return OSError(errno.EBADF,
+                   f"{os.strerror(errno.EBADF)}: {spell('fd', 'systemd')} but no socket was "
+                   f"passed to this process (pid {os.getpid()}): LISTEN_PID and LISTEN_FDS "
+                   "are unset or name another process. Run it under systemd socket "
+                   "activation (or systemd-socket-activate)")
+
+
 def explain_bind_error(exc: OSError, family: int, address: Any,
                        stale_hint: Optional[str] = None,
                        reuse_hint: Optional[str] = None) -> OSError:
@@ -199,7 +269,7 @@ def explain_bind_error(exc: OSError, family: int, address: Any,
     machine's addresses or the way out; any other error comes back
     unchanged.  ``stale_hint`` says what to do about a leftover Unix socket
     file (see stale_socket_hint()), ``reuse_hint`` about a TCP port held by
-    connections in TIME_WAIT (default: REUSE_HINT).  Use as
+    connections in TIME_WAIT (default: reuse_hint()).  Use as
     ``raise explain_bind_error(e, family, addr) from None``.
     """
     explainer = _EXPLAINERS.get(exc.errno)  # type: ignore[arg-type]
@@ -214,6 +284,56 @@ def explain_bind_error(exc: OSError, family: int, address: Any,
     new = type(exc)(exc.errno, f"{strerror}: {detail}")
     new.__traceback__ = exc.__traceback__
     return new
+
+
+# -- the caller's own traceback --------------------------------------------------
+
+#: Where the frames of fastlisten and of the import system come from.
+_MACHINERY_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep
+                        for path in (importlib.__file__, __file__))
+
+
+def _machinery(filename: str) -> bool:
+    """True for a frame of fastlisten or of the import system."""
+    return filename.startswith("<frozen importlib") or \
+        os.path.abspath(filename).startswith(_MACHINERY_DIRS)
+
+
+def _only_callers_frames(te: Any) -> None:
+    te.stack = traceback.StackSummary.from_list(
+        [f for f in te.stack if not _machinery(f.filename)])
+    for chained in (te.__cause__, te.__context__):
+        if chained is not None:
+            _only_callers_frames(chained)
+
+
+def user_traceback(exc: BaseException) -> str:
+    """``exc`` as Python prints it, with the caller's own frames only: those
+    of fastlisten and of the import system (importlib, ``<frozen ...>``),
+    which say nothing about the caller's code, are left out.  The type, file
+    and line stay (a SyntaxError's with its caret); so do chained exceptions,
+    filtered alike.  No trailing newline."""
+    te = traceback.TracebackException.from_exception(exc)
+    _only_callers_frames(te)
+    return "".join(te.format()).rstrip("\n")
+
+
+def user_error_line(exc: BaseException) -> str:
+    """``exc`` on one line: its type, the first line of its message, and
+    where in the caller's own code it was raised (file name, line), as in
+    ``SyntaxError: expected ':' (app.py, line 2)``."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        message: Any = exc.msg
+        where: Optional[str] = f"{os.path.basename(exc.filename)}, line {exc.lineno}"
+    else:
+        message = str(exc)
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if not _machinery(f.filename)]
+        where = (f"{os.path.basename(frames[-1].filename)}, line {frames[-1].lineno}"
+                 if frames else None)
+    first = (str(message).splitlines() or [""])[0]
+    line = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"{line} ({where})" if where else line
 
 
 def warn(message: str, category: type = FastlistenWarning) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from fastlisten._version import __version__
@@ -18,7 +19,7 @@ from fastlisten.address import format_address
 __all__ = [
     "somaxconn", "tcp_max_syn_backlog", "syncookies", "tcp_abort_on_overflow",
     "ephemeral_port_range", "reserved_ports", "unprivileged_port_start",
-    "tcp_fastopen", "listen_counters", "features", "limits", "report",
+    "tcp_fastopen", "listen_counters", "listener_drops", "features", "limits", "report",
     "local_addresses", "find_holders", "descriptor_headroom",
 ]
 
@@ -144,6 +145,23 @@ def listen_counters() -> Dict[str, Optional[int]]:
             except (KeyError, ValueError):
                 pass
     return out
+
+
+#: getsockopt(SOL_SOCKET, SO_MEMINFO): nine u32, the last one sk_drops, which
+#: on a listener counts the connections its full accept queue dropped (the
+#: kernel's tcp_listendrop), for this socket alone, unlike /proc/net/netstat.
+SO_MEMINFO = 55
+SK_MEMINFO_DROPS = 8
+
+
+def listener_drops(sock: Any) -> Optional[int]:
+    """Connections the listening socket sock has dropped, or None if unknown."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
+        return int.from_bytes(raw[4 * SK_MEMINFO_DROPS:4 * SK_MEMINFO_DROPS + 4],
+                              sys.byteorder)
+    except (OSError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -85,7 +85,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from fastlisten import sysinfo
 from fastlisten._wakeup import Waker
 from fastlisten.config import ListenConfig
-from fastlisten.errors import EphemeralPortWarning
+from fastlisten.errors import EphemeralPortWarning, user_error_line, user_traceback
 from fastlisten.listener import Listener
 from fastlisten.server import _own_method
 from fastlisten.systemd import Notifier
@@ -125,8 +125,12 @@ class _Record:
         self._shm.close()
 
 
-#: Bytes a worker writes on its status pipe.
-_READY, _RECYCLE = b"R", b"M"
+#: Bytes a worker writes on its status pipe; _FAILED is followed by what
+#: kept it from starting (a line, then its traceback) until the pipe ends.
+_READY, _RECYCLE, _FAILED = b"R", b"M", b"F"
+
+#: The most of a failure's text a worker sends (well below a pipe's buffer).
+_FAILURE_MAX = 16384
 
 _SO_ATTACH_REUSEPORT_CBPF = 51
 _SO_DETACH_REUSEPORT_BPF = 68
@@ -226,6 +230,7 @@ class _Worker:
     deadline: Optional[float] = None    # retiring: SIGKILL after this
     recycle: bool = False           # asked to be replaced (max_requests)
     steered_at: Optional[float] = None  # reuseport slot closing: steered away since
+    failure: Optional[bytes] = None     # what kept it from starting, as it said
 
 
 @dataclass
@@ -339,6 +344,7 @@ class Workers:
         self._next_watchdog = 0.0
         self._pid_written = False
         self._exited: Dict[str, int] = {}
+        self._failure_shown: Optional[str] = None   # the start failure's traceback, logged
 
     # -- control (any thread, or a signal handler) ---------------------------
 
@@ -557,17 +563,24 @@ class Workers:
             times.append(self._next_watchdog)
         return None if not times else max(min(times) - now, 0.0)
 
-    def _read_status(self, w: _Worker) -> None:
+    def _read_status(self, w: _Worker) -> bool:
+        """Read what worker w said; False once there is nothing to read."""
         try:
-            data = os.read(w.status_fd, 64)
+            data = os.read(w.status_fd, _FAILURE_MAX + 64)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:            # the worker is gone (or closed its end): SIGCHLD reaps it
             os.close(w.status_fd)
             w.status_fd = -1
-            return
+            return False
+        if w.failure is not None:
+            w.failure = (w.failure + data)[:_FAILURE_MAX]
+            return True
+        if _FAILED in data:
+            data, _, failure = data.partition(_FAILED)
+            w.failure = failure[:_FAILURE_MAX]
         if _READY in data and w.state == "starting":
             w.state, w.ready_at = "ready", time.monotonic()
             _log.debug("worker %d (slot %d, generation %d) accepting", w.pid, w.slot,
@@ -575,6 +588,7 @@ class Workers:
         if _RECYCLE in data and not w.recycle:
             w.recycle = True
             _log.info("worker %d reached max_requests (%d): replacing it", w.pid, w.limit)
+        return True
 
     # -- requests -------------------------------------------------------------------
 
@@ -595,6 +609,7 @@ class Workers:
                 self._generation += 1
                 self._reloading = True
                 self._failures = 0
+                self._failure_shown = None
                 _log.info("reloading: starting generation %d", self._generation)
                 self.notifier.reloading(f"reloading: starting generation {self._generation}")
             elif what == "ttin":
@@ -658,6 +673,7 @@ class Workers:
                         w.ready_at > self._last_failure and \
                         now - w.ready_at >= self.min_uptime:
                     self._failures = 0      # one started since, and stays up
+                    self._failure_shown = None
             if now - last > self.timeout:
                 _log.error("worker %d %s for %.3g s (timeout): killing it", w.pid,
                            "has not started" if w.state == "starting" else "has not "
@@ -765,6 +781,8 @@ class Workers:
             if not done:
                 continue
             del self._workers[pid]
+            while w.status_fd >= 0 and self._read_status(w):
+                pass            # what it said before it ended
             if w.status_fd >= 0:
                 os.close(w.status_fd)
             w.record.close()
@@ -788,19 +806,34 @@ class Workers:
             self._last_failure = now
             delay = min(self.backoff * 2 ** (self._failures - 1), self.max_backoff)
             self._next_spawn = now + delay
-            _log.error("worker %d ended (%s) before it accepted; %d failure(s) in a row: "
-                       "next start in %.3g s", w.pid, how, self._failures, delay)
+            cause = self._start_failure(w, how)
+            if any(x.generation < w.generation and x.state == "ready"
+                   for x in self._workers.values()):
+                _log.error("reload failed: the old generation is still serving; retrying "
+                           "in %.3g s (worker %d: %s)", delay, w.pid, cause)
+            else:
+                _log.error("worker %d could not start (%s); %d failure(s) in a row: "
+                           "next start in %.3g s", w.pid, cause, self._failures, delay)
             self._notify(STATUS=f"workers failing to start ({self._failures} in a row); "
                                 f"retrying in {delay:.3g} s")
             if self._reloading and w.generation == self._generation:
                 # Type=notify-reload waits for READY=1: the old workers still serve.
                 self._reloading = False
-                _log.error("reload failed: the previous workers go on serving; the new "
-                           "generation is retried with back-off")
-                self._notify(READY=1, STATUS=f"reload failed ({how}): the previous "
+                self._notify(READY=1, STATUS=f"reload failed ({cause}): the previous "
                                              "workers go on serving")
         else:
             _log.warning("worker %d ended (%s): replacing it", w.pid, how)
+
+    def _start_failure(self, w: _Worker, how: str) -> str:
+        """One line on why worker w could not start (what it said, else how
+        it ended); its traceback is logged once, not again while the same
+        failure repeats."""
+        text = (w.failure or b"").decode("utf-8", "replace")
+        line, _, trace = text.partition("\n")
+        if trace and trace != self._failure_shown:
+            self._failure_shown = trace
+            _log.error("worker %d could not start:\n%s", w.pid, trace)
+        return line or how
 
     def _signal(self, w: _Worker, sig: int) -> None:
         """Send sig to worker w; SIGKILL goes to its process group, so that
@@ -984,6 +1017,17 @@ class Workers:
             signal.signal(sig, signal.SIG_IGN)   # the parent's business
         lifeline = self._worker_close_parent_fds(slot, status_fd)
         my_fd = self._socket_fd(slot)
+        try:
+            server = self._worker_server(generation, my_fd)
+        except Exception as exc:   # noqa: BLE001 - said once, by the supervisor
+            _tell_failure(status_fd, exc)
+            return 1
+        return _WorkerLoop(server, status_fd, record, limit, lifeline,
+                           min(0.1, self.timeout / 4), self.graceful_timeout).run()
+
+    def _worker_server(self, generation: int, my_fd: int) -> Any:
+        """The worker's server on the inherited socket, its handler (and
+        class) imported afresh after a reload."""
         handler, server_class = self.handler, self.server_class
         if isinstance(handler, str):
             from fastlisten.commands.serve import load_handler
@@ -998,8 +1042,7 @@ class Workers:
             # a fastlisten server: Workers' listen_config is its own (the
             # PROXY protocol and connection options apply in the worker)
             server._fl_config = self.config
-        return _WorkerLoop(server, status_fd, record, limit, lifeline,
-                           min(0.1, self.timeout / 4), self.graceful_timeout).run()
+        return server
 
     def _worker_close_parent_fds(self, slot: int, status_fd: int) -> int:
         """Close what the parent holds that this worker must not keep: the
@@ -1027,6 +1070,19 @@ _SIGNALS = {
     signal.SIGHUP: "reload", signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou",
     signal.SIGUSR1: "usr1", signal.SIGCHLD: "chld",
 }
+
+
+def _tell_failure(status_fd: int, exc: BaseException) -> None:
+    """In a worker that cannot start: tell the supervisor why (a line, then
+    the traceback of the user's code only), for it to say once, instead of
+    every worker logging the same traceback at every retry."""
+    text = f"{user_error_line(exc)}\n{user_traceback(exc)}".encode("utf-8", "replace")
+    data = memoryview(_FAILED + text[:_FAILURE_MAX])
+    try:
+        while data:
+            data = data[os.write(status_fd, data):]
+    except OSError:
+        pass        # the supervisor is gone
 
 
 def _handler_process_after_fork() -> None:

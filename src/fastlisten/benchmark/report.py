@@ -1,15 +1,30 @@
-"""The report's forms: a terminal table, Markdown, JSON and a chart."""
+"""The report's forms: a terminal table, Markdown, JSON and a chart.
+
+A run shows what its user asked about, fastlisten against the others on
+their machine, in tables that fit :data:`WIDTH` columns; ``wide`` adds every
+figure (the README's tables), and the project's own bars are shown only
+when the report carries them (``fastlisten bench --bars``)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastlisten.benchmark.results import Report
 
-HEADERS = ("server", "conn/s", "x std", "CPU us/conn", "x std", "user us", "x std",
-           "sys us", "p50 ms", "p99 ms", "max ms", "queue drops", "overflows*",
-           "errors", "timeouts")
+#: The terminal's width the text report keeps to.
+WIDTH = 100
+
+#: A run's columns: rate and CPU per connection, each against the stdlib's,
+#: the latency tail, and what went wrong.
+HEADERS = ("server", "conn/s", "x std", "CPU us/conn", "x std", "p99 ms", "drops", "failed")
+
+#: ``wide``: every figure.
+WIDE_HEADERS = ("server", "conn/s", "x std", "CPU us/conn", "x std", "user us", "x std",
+                "sys us", "p50 ms", "p99 ms", "max ms", "queue drops", "overflows*",
+                "errors", "timeouts")
 
 
 def _num(x: Optional[float], spec: str) -> str:
@@ -26,11 +41,24 @@ def _ratio(x: Optional[float]) -> str:
     return f"{x:.2f}x" if x >= 0.1 else f"{x:.2g}x"
 
 
-def rows(report: Report, scenario: str) -> List[Tuple[str, ...]]:
-    """One table's rows (strings), in the order the servers were declared."""
+def rows(report: Report, scenario: str, wide: bool = False) -> List[Tuple[str, ...]]:
+    """One table's rows (strings), in the order the servers were declared:
+    HEADERS' columns, or with ``wide`` WIDE_HEADERS'."""
     out = []
     for name, row in report.results.get(scenario, {}).items():
         label = report.servers.get(name, {}).get("label", name)
+        if not wide:
+            out.append((
+                label,
+                _num(row["rate"], ",.0f") + _spread(row["rate_spread"]),
+                _ratio(row["rate_x"]),
+                _num(row["cpu_us"], ".1f") + _spread(row["cpu_us_spread"]),
+                _ratio(row["cpu_us_x"]),
+                _num(row["p99_ms"], ".2f"),
+                _num(row.get("listener_drops"), "g"),
+                str(row["errors"] + row["timeouts"]),
+            ))
+            continue
         out.append((
             label,
             _num(row["rate"], ",.0f") + _spread(row["rate_spread"]),
@@ -114,71 +142,99 @@ def _md_table(headers: Sequence[str], body: List[Tuple[str, ...]]) -> str:
     return "\n".join([head, sep] + ["| " + " | ".join(r) + " |" for r in body])
 
 
-def _sections(report: Report, table: Any, heading: Any) -> List[str]:
+def _sections(report: Report, table: Any, heading: Any, para: Any = str,
+              wide: bool = False) -> List[str]:
     parts = []
     for scenario in report.results:
         parts += [heading(_scenario_title(report, scenario)),
-                  table(HEADERS, rows(report, scenario)), ""]
+                  table(WIDE_HEADERS if wide else HEADERS, rows(report, scenario, wide)), ""]
         timed_out = [report.servers.get(name, {}).get("label", name)
                      for name, r in report.results[scenario].items() if r.get("timeouts")]
         if timed_out:
-            parts += [f"(timeouts: connections that took longer than "
-                      f"{report.options.get('timeout', 5):g} s (--timeout) and were given up, "
-                      f"here for {', '.join(timed_out)}: a handshake dropped from a full "
-                      f"accept queue is retried after 1 s, 3 s, ..., and a server that "
-                      f"forks per connection works through a burst slowly)", ""]
+            parts += [para(f"(timeouts: connections that took longer than "
+                           f"{report.options.get('timeout', 5):g} s (--timeout) and were given "
+                           f"up, here for {', '.join(timed_out)}: a handshake dropped from a "
+                           f"full accept queue is retried after 1 s, 3 s, ..., and a server "
+                           f"that forks per connection works through a burst slowly)"), ""]
         others = [r["other_cpus"] for r in report.results[scenario].values()
                   if r.get("other_cpus") is not None]
         if others and max(others) >= 0.1:
-            parts += [f"(CPU used by other processes while these loads ran: median "
-                      f"{sorted(others)[len(others) // 2]:.2f}, max {max(others):.2f} CPUs; "
-                      f"rates are disturbed by it more than CPU per connection is)", ""]
+            parts += [para(f"(CPU used by other processes while these loads ran: median "
+                           f"{sorted(others)[len(others) // 2]:.2f}, max {max(others):.2f} "
+                           f"CPUs; rates are disturbed by it more than CPU per connection "
+                           f"is)"), ""]
     if report.shutdown:
         parts += [heading(f"shutdown(): the call to serve_forever returning "
                           f"(idle server, one process per server)"),
                   table(SHUTDOWN_HEADERS, _shutdown_rows(report)), ""]
     if report.bars:
-        parts += [heading("the performance bar, from the runs above (daytime unless named)"),
+        parts += [heading("the performance bar fastlisten holds itself to (its README), "
+                          "from the runs above (daytime unless named)"),
                   table(BAR_HEADERS, _bar_rows(report)), ""]
     if report.skipped:
-        parts.append("Skipped: " + "; ".join(f"{k} ({v})" for k, v in report.skipped.items()))
+        parts.append(para("Skipped: " + "; ".join(f"{k} ({v})"
+                                                 for k, v in report.skipped.items())))
     if report.failures:
         parts.append("FAILURES:\n" + "\n".join("  " + f for f in report.failures))
     return parts
 
 
-NOTES = ("conn/s: connections completed per second while new ones were being started. "
-         "CPU us/conn: the server process's user+system CPU time (getrusage, children "
-         "included) over the run, divided by the connections it completed; user us and "
-         "sys us: its two parts. "
-         "x std: ratio to the standard-library server of the same kind in this run "
-         "(peers and the C loop: to stdlib TCPServer). ±: half the spread of the repeats "
-         "around their median (shown only with 2 or more repeats). "
-         "p50/p99/max ms: connect-to-reply latency. "
-         "queue drops: connections the server's own listening socket dropped "
-         "because its accept queue was full (SO_MEMINFO sk_drops). overflows*: TcpExt "
-         "ListenOverflows during the run, for the whole machine (other processes count too). "
-         "errors: connections that failed (refused, reset, or a reply shorter than the "
-         "scenario's). timeouts: connections not completed within --timeout seconds, "
-         "given up by the load generator. "
-         "shutdown 'less CPU wait': the latency minus the time its two threads were runnable "
-         "but waiting for a CPU held by other processes (/proc/.../schedstat).")
+_COMMON_NOTES = (
+    "conn/s: connections completed per second while new ones were being started. "
+    "CPU us/conn: the server process's user+system CPU time (getrusage, children "
+    "included) over the run, divided by the connections it completed. "
+    "x std: ratio to the standard-library server of the same kind in this run "
+    "(peers and the C loop: to stdlib TCPServer). ±: half the spread of the repeats "
+    "around their median (shown only with 2 or more repeats). ")
+_LEAN_NOTES = (
+    "p99 ms: connect-to-reply latency, 99th percentile. "
+    "drops: connections the server's own listening socket dropped because its accept "
+    "queue was full (SO_MEMINFO sk_drops). "
+    "failed: connections that failed (refused, reset, or a reply shorter than the "
+    "scenario's) or were not completed within --timeout seconds. "
+    "--wide shows every figure.")
+_WIDE_NOTES = (
+    "user us and sys us: the CPU time's two parts. "
+    "p50/p99/max ms: connect-to-reply latency. "
+    "queue drops: connections the server's own listening socket dropped "
+    "because its accept queue was full (SO_MEMINFO sk_drops). overflows*: TcpExt "
+    "ListenOverflows during the run, for the whole machine (other processes count too). "
+    "errors: connections that failed (refused, reset, or a reply shorter than the "
+    "scenario's). timeouts: connections not completed within --timeout seconds, "
+    "given up by the load generator.")
+_SHUTDOWN_NOTE = (
+    " shutdown 'less CPU wait': the latency minus the time its two threads were runnable "
+    "but waiting for a CPU held by other processes (/proc/.../schedstat).")
 
 
-def to_text(report: Report) -> str:
-    """The report as the terminal shows it."""
-    parts = [f"fastlisten bench: {machine_line(report)}", ""]
-    parts += _sections(report, _text_table, lambda t: f"== {t}")
-    parts += ["", NOTES, f"({report.seconds:.0f} s)"]
+def notes(wide: bool = False) -> str:
+    """What the columns are (those of ``wide`` tables, or of a run's)."""
+    return _COMMON_NOTES + (_WIDE_NOTES if wide else _LEAN_NOTES) + _SHUTDOWN_NOTE
+
+
+#: Every column explained (``fastlisten bench --help``).
+NOTES = (_COMMON_NOTES + _LEAN_NOTES + " With --wide: " + _WIDE_NOTES + _SHUTDOWN_NOTE)
+
+
+def _fill(text: str) -> str:
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False)
+
+
+def to_text(report: Report, wide: bool = False) -> str:
+    """The report as the terminal shows it: WIDTH columns (``wide``: every
+    figure, in wider tables)."""
+    parts = [_fill(f"fastlisten bench: {machine_line(report)}"), ""]
+    parts += _sections(report, _text_table, lambda t: _fill(f"== {t}"), _fill, wide)
+    parts += ["", _fill(notes(wide)), f"({report.seconds:.0f} s)"]
     return "\n".join(parts)
 
 
-def to_markdown(report: Report, command: str = "fastlisten bench") -> str:
-    """The report as Markdown (what the README's Benchmarks section shows)."""
+def to_markdown(report: Report, command: str = "fastlisten bench", wide: bool = False) -> str:
+    """The report as Markdown (``wide``: what the README's Benchmarks section shows)."""
     parts = [f"Machine: {machine_line(report)}.  ",
              f"Run {report.started_at}, {report.seconds:.0f} s, with `{command}`.", ""]
-    parts += _sections(report, _md_table, lambda t: f"**{t}**\n")
-    parts += ["", NOTES]
+    parts += _sections(report, _md_table, lambda t: f"**{t}**\n", wide=wide)
+    parts += ["", notes(wide)]
     return "\n".join(parts) + "\n"
 
 
@@ -190,58 +246,106 @@ def write_json(report: Report, path: str) -> None:
 
 
 COLORS = {"fastlisten": "#1f77b4", "stdlib": "#9e9e9e", "peer": "#ff7f0e", "native": "#2ca02c"}
+GROUPS = {"fastlisten": "fastlisten", "stdlib": "standard library", "peer": "peers",
+          "native": "C loop (reference)"}
 
 
-def plot(report: Report, path: str, scenario: str = "daytime") -> None:
-    """One chart: server CPU per connection (user and system, stacked) and
-    connections per second, per server, for one scenario.  Needs matplotlib
-    (the ``bench`` extra)."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files (Agg), with its own log lines
+    (such as 'generated new fontManager' at its first run) kept out of the
+    report's output."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table: Dict[str, Dict[str, Any]] = report.results.get(scenario) or next(
-        iter(report.results.values()), {})
-    names = [n for n in table if table[n]["cpu_us"] is not None]
-    names.sort(key=lambda n: table[n]["cpu_us"], reverse=True)
+    return plt
+
+
+def figure(report: Report) -> Any:
+    """The chart: one row per scenario (workload), each with the server CPU
+    per connection (user and system, stacked) and the connections per
+    second of every server, in the same order in every row; a legend names
+    the colours (fastlisten, the standard library, the peers, the C loop)
+    and the two shades of CPU.  Needs matplotlib (the ``bench`` extra);
+    close it with ``matplotlib.pyplot.close(fig)``."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    thousands = FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}")
+
+    scenarios = [s for s in report.results if report.results[s]]
+    first = report.results[scenarios[0]] if scenarios else {}
+    names = [n for n in report.servers if any(n in report.results[s] for s in scenarios)]
+    # the most expensive on top, as measured in the first scenario
+    names.sort(key=lambda n: (first.get(n) or {}).get("cpu_us") or 0.0)
     labels = [report.servers[n]["label"] for n in names]
     colors = [COLORS.get(report.servers[n]["group"], "#777") for n in names]
-    user = [table[n]["cpu_user_us"] for n in names]
-    system = [table[n]["cpu_sys_us"] for n in names]
-    rate = [table[n]["rate"] for n in names]
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2.2),
-                                   sharey=True, gridspec_kw={"width_ratios": [3, 2]})
-    y = range(len(names))
-    totals = [table[n]["cpu_us"] for n in names]
-    ax1.barh(y, user, color=colors, label="user")
-    ax1.barh(y, system, left=user, color=colors, alpha=0.45, label="system")
-    ax1.set_yticks(list(y), labels)
-    # A forking server costs 100x the others: clip it rather than squash the rest.
-    middle = sorted(totals)[len(totals) // 2] if totals else 0.0
-    small = [t for t in totals if t <= 10 * middle]
-    cap = max(small) * 1.25 if small else None
-    clipped = cap is not None and max(totals) > 2 * cap
-    if clipped:
-        ax1.set_xlim(0, cap)
-    ends = [max(t, u + s) for t, u, s in zip(totals, user, system)]
-    for i, (t, end) in enumerate(zip(totals, ends)):
-        off = clipped and t > cap
-        ax1.text(cap if off else end, i, f" {t:,.1f}" + (" (off scale)" if off else ""),
-                 va="center", ha="right" if off else "left", fontsize=8,
-                 color="white" if off else "black")
-    ax1.set_xlabel("server CPU per connection, µs (solid: user, light: system) — lower is better")
-    ax2.barh(y, rate, color=colors)
-    for i, r in enumerate(rate):
-        ax2.text(r, i, f" {r:,.0f}", va="center", fontsize=8)
-    ax2.set_xlabel("connections per second — higher is better")
-    for ax in (ax1, ax2):
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.margins(x=0.18)
+    rows = max(len(scenarios), 1)
+    height = 0.32 * len(names) + 1.0
+    fig, axes = plt.subplots(rows, 2, figsize=(12, rows * height + 1.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]})
+    y = list(range(len(names)))
+    for (ax1, ax2), scenario in zip(axes, scenarios):
+        table = report.results[scenario]
+        get = lambda n, key: (table.get(n) or {}).get(key) or 0.0  # noqa: E731
+        user = [get(n, "cpu_user_us") for n in names]
+        system = [get(n, "cpu_sys_us") for n in names]
+        totals = [get(n, "cpu_us") for n in names]
+        ax1.barh(y, user, color=colors)
+        ax1.barh(y, system, left=user, color=colors, alpha=0.45)
+        # A forking server costs 100x the others: clip it rather than squash the rest.
+        measured = sorted(t for t in totals if t > 0)
+        middle = measured[len(measured) // 2] if measured else 0.0
+        small = [t for t in measured if t <= 10 * middle]
+        cap = max(small) * 1.25 if small else None
+        clipped = cap is not None and max(totals) > 2 * cap
+        if clipped:
+            ax1.set_xlim(0, cap)
+        for i, (t, u, s_) in enumerate(zip(totals, user, system)):
+            if not t:
+                ax1.text(0, i, " n/a", va="center", fontsize=7)
+                continue
+            off = clipped and t > cap
+            ax1.text(cap if off else max(t, u + s_), i,
+                     f" {t:,.1f}" + (" (off scale)" if off else ""),
+                     va="center", ha="right" if off else "left", fontsize=7,
+                     color="white" if off else "black")
+        rate = [get(n, "rate") for n in names]
+        ax2.barh(y, rate, color=colors)
+        for i, r in enumerate(rate):
+            ax2.text(r, i, f" {r:,.0f}" if r else " n/a", va="center", fontsize=7)
+        ax1.set_yticks(y)
+        ax1.set_yticklabels(labels, fontsize=8)
+        ax2.set_yticks(y)
+        ax2.set_yticklabels([])
+        ax2.xaxis.set_major_locator(MaxNLocator(4))
+        ax2.xaxis.set_major_formatter(thousands)
+        ax1.set_title(f"{_scenario_title(report, scenario)}", loc="left", fontsize=9)
+        for ax in (ax1, ax2):
+            ax.spines[["top", "right"]].set_visible(False)
+            ax.margins(x=0.2)
+    axes[-1][0].set_xlabel("server CPU per connection, µs — lower is better")
+    axes[-1][1].set_xlabel("connections per second — higher is better")
+    groups = [g for g in COLORS if any(report.servers[n]["group"] == g for n in names)]
+    handles = [Patch(color=COLORS[g], label=GROUPS[g]) for g in groups]
+    handles += [Patch(facecolor="#555", label="user CPU"),
+                Patch(facecolor="#555", alpha=0.45, label="system CPU")]
+    fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8,
+               frameon=False)
     m = report.machine
-    fig.suptitle(f"fastlisten bench, {scenario} ({report.options['concurrency']} concurrent "
-                 f"connections): {m['cpu']}, {m['cpus']} CPUs, {m['kernel']}, {m['python']}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(f"fastlisten bench: {m.get('cpu')}, {m.get('cpus')} CPUs, {m.get('kernel')}, "
+                 f"{m.get('python')}", fontsize=9, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (rows * height + 1.4)))
+    return fig
+
+
+def plot(report: Report, path: str) -> None:
+    """Draw :func:`figure` into ``path`` (PNG).  Needs matplotlib."""
+    plt = _pyplot()
+    fig = figure(report)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)

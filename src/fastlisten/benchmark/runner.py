@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from fastlisten.benchmark.bars import evaluate
 from fastlisten.benchmark.loadgen import run_load
 from fastlisten.benchmark.protocol import SCENARIOS
 from fastlisten.benchmark.results import Report
@@ -382,6 +381,5 @@ def run_benchmark(opts: Options, progress: Optional[Progress] = None) -> Report:
                           "baseline": s.baseline} for s in specs},
         skipped=skipped, results=results, shutdown=shutdown, failures=failures,
         started_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() - (time.monotonic() - t_start))))
-    report.bars = evaluate(report)
     report.seconds = time.monotonic() - t_start
     return report

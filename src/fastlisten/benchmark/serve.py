@@ -33,6 +33,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from fastlisten.benchmark.protocol import ECHO_LINE, HTTP_RESPONSE, REPLY
 from fastlisten.benchmark.servers import ServerSpec, by_name
+from fastlisten.sysinfo import listener_drops
 
 HOST = "127.0.0.1"
 
@@ -68,23 +69,6 @@ class _Commands:
 
     def pending(self) -> bool:
         return b"\n" in self.buf
-
-
-#: getsockopt(SOL_SOCKET, SO_MEMINFO): nine u32, the last one sk_drops, which
-#: on a listener counts the connections its full accept queue dropped (the
-#: kernel's tcp_listendrop), for this socket alone, unlike /proc/net/netstat.
-SO_MEMINFO = 55
-SK_MEMINFO_DROPS = 8
-
-
-def listener_drops(sock: Any) -> Optional[int]:
-    """Connections the listening socket sock has dropped, or None if unknown."""
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
-        return int.from_bytes(raw[4 * SK_MEMINFO_DROPS:4 * SK_MEMINFO_DROPS + 4],
-                              sys.byteorder)
-    except (OSError, AttributeError, TypeError, ValueError):
-        return None
 
 
 def _mark(listener: Any) -> None:

@@ -36,8 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser, default_bind: str = "127.0.0.
     :func:`from_args` turns the parsed arguments into a ListenConfig."""
     g = parser.add_argument_group("listener")
     g.add_argument("--bind", metavar="ADDR", default=None,
-                   help=f"HOST:PORT, [IPv6]:PORT, :PORT (every interface), or a Unix "
-                        f"socket path (unix:PATH or anything with a /); default {default_bind}")
+                   help=f"HOST:PORT, [IPv6]:PORT, :PORT or 0.0.0.0:PORT (every interface), "
+                        f"PORT alone (no host: loopback only, 127.0.0.1, as in the library), "
+                        f"or a Unix socket path (unix:PATH or anything with a /); not a URL; "
+                        f"default {default_bind}")
     for f in option_fields():
         if f.name in _WHERE:
             continue

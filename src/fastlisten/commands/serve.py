@@ -34,7 +34,10 @@ With --workers N the same server runs in N supervised processes
 (--graceful-timeout), SIGQUIT at once, SIGHUP reloads (new workers, with the
 handler's package imported afresh, accept before the old ones stop),
 SIGTTIN/SIGTTOU add or remove one, SIGUSR1 logs the counters of every
-worker; --reuse-port gives each worker its own SO_REUSEPORT socket.
+worker; --reuse-port gives each worker its own SO_REUSEPORT socket.  Each
+worker is a process of its own, so what a handler keeps in memory is per
+worker, and connections are not dealt out in turn (with the shared socket,
+an idle server gives sequential clients mostly to one worker).
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ from fastlisten._wakeup import Waker
 from fastlisten.address import format_address
 from fastlisten.commands import options
 from fastlisten.config import ListenConfig
+from fastlisten.errors import user_traceback
 from fastlisten.services import BUILTIN
+from fastlisten.sysinfo import listener_drops
 
 _log = logging.getLogger("fastlisten.serve")
 
@@ -130,7 +135,12 @@ def load_handler(spec: str) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"handler {spec!r}: cannot import {module_name!r}: {exc}") from None
+        if _not_found(exc, module_name):
+            raise ValueError(f"handler {spec!r}: cannot import {module_name!r}: "
+                             f"{exc}") from None
+        raise ValueError(_import_failed(spec, module_name, exc)) from None
+    except Exception as exc:    # noqa: BLE001 - the module's own code failed: show where
+        raise ValueError(_import_failed(spec, module_name, exc)) from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -149,9 +159,30 @@ def load_handler(spec: str) -> Callable[..., Any]:
     return obj
 
 
+def _not_found(exc: ImportError, module_name: str) -> bool:
+    """True when the handler's module itself (or a package above it) does
+    not exist, as opposed to its code failing to import something."""
+    missing = getattr(exc, "name", None)
+    return isinstance(exc, ModuleNotFoundError) and missing is not None and (
+        module_name == missing or module_name.startswith(missing + "."))
+
+
+def _import_failed(spec: str, module_name: str, exc: BaseException) -> str:
+    """What to say when the handler's module raised while it was imported:
+    its traceback, with the frames of its own code only (importlib's and
+    fastlisten's say nothing about it)."""
+    return (f"handler {spec!r}: importing {module_name!r} raised "
+            f"{type(exc).__name__}:\n{user_traceback(exc)}")
+
+
 def format_counters(c: Dict[str, Any]) -> str:
     """Counters (Listener.counters() or a server's counters()) as one log
-    line; values the system cannot tell (None) are left out."""
+    line; values the system cannot tell (None) are left out.
+
+    ``queue_drops`` (see :func:`counters`) is the listener's own count of
+    connections dropped from its full accept queue; only without it does the
+    line show the kernel's ListenOverflows/ListenDrops, which count every
+    listener on the machine, labelled ``machine_``."""
     import errno
 
     errors = ", ".join(f"{errno.errorcode.get(e, e)}={n}"
@@ -161,15 +192,36 @@ def format_counters(c: Dict[str, Any]) -> str:
         "deepest_queue", "backlog")]
     parts += [
         ("accept_errors", f"{{{errors}}}"), ("capacity_episodes", c.get("capacity_episodes")),
-        ("ListenOverflows", _plus(c.get("listen_overflows_since_open"))),
-        ("ListenDrops", _plus(c.get("listen_drops_since_open"))),
     ]
+    if c.get("queue_drops") is not None:
+        parts.append(("queue_drops", c["queue_drops"]))
+    else:
+        parts += [("machine_ListenOverflows", _plus(c.get("listen_overflows_since_open"))),
+                  ("machine_ListenDrops", _plus(c.get("listen_drops_since_open")))]
     parts += [(name, c.get(name)) for name in (
         "proxy_accepted", "proxy_local", "proxy_rejected", "tls_handshakes", "tls_failures")]
     if c.get("proxy_errors"):
         parts.append(("proxy_errors", "{" + ", ".join(
             f"{reason}={n}" for reason, n in c["proxy_errors"].items()) + "}"))
     return " ".join(f"{name}={value}" for name, value in parts if value is not None)
+
+
+def counters(server: Any, drops: Optional[int] = None) -> Dict[str, Any]:
+    """The server's counters() for the counters line, with ``queue_drops``:
+    the connections its own listening socket dropped because its accept
+    queue was full (SO_MEMINFO's sk_drops, which the kernel counts per
+    socket where /proc/net/netstat's ListenDrops counts the whole machine);
+    ``drops`` (read earlier) if the socket cannot tell any more.  A Unix
+    socket's line leaves the TCP figures out."""
+    c = dict(server.counters())
+    sock = server.socket
+    if sock.family == socket.AF_UNIX:
+        for key in ("listen_overflows_since_open", "listen_drops_since_open"):
+            c.pop(key, None)
+        return c
+    own = listener_drops(sock)
+    c["queue_drops"] = own if own is not None else drops
+    return c
 
 
 def _plus(n: Optional[int]) -> Optional[str]:
@@ -331,13 +383,14 @@ def run(args: argparse.Namespace) -> int:
                       "compiled" if compiled else "pure-Python")
             _supervise(server, signals, served, args.stats_interval)
             stops = signals.stops       # any later stop signal is a second one
+            drops = counters(server).get("queue_drops")     # while the socket is open
             server.shutdown()
             running = server.counters()["handlers_running"]
             if running:
                 _log.info("stopped accepting; %d handler(s) running get up to %.3g s "
                           "(a second signal ends them now)", running, args.grace)
             _drain(server, signals, args.grace, stops)
-            _log.info("stopped; counters: %s", format_counters(server.counters()))
+            _log.info("stopped; counters: %s", format_counters(counters(server, drops)))
     finally:
         server.server_close()
     if served and isinstance(served[0], BaseException):
@@ -382,7 +435,7 @@ def _supervise(server: Any, signals: _Signals, served: List[Any],
             next_stats = monotonic() + stats_interval  # type: ignore[operator]
         if signals.stats:
             signals.stats = False
-            _log.info("counters: %s", format_counters(server.counters()))
+            _log.info("counters: %s", format_counters(counters(server)))
 
 
 def _drain(server: Any, signals: _Signals, grace: float, first: int) -> int:
