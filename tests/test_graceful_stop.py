@@ -4,6 +4,7 @@ SIGTERM; every client's connection is either served or refused (the port is
 closed), never reset.  And the library call behind it, serve_queued()."""
 
 import errno
+import os
 import signal
 import socket
 import socketserver
@@ -150,3 +151,31 @@ def test_server_close_alone_keeps_the_stdlib_behaviour():
     with client, pytest.raises(ConnectionResetError):
         client.sendall(b"x")
         client.recv(1)
+
+
+def test_serve_queued_leaves_an_adopted_socket_and_its_queue_alone():
+    # A socket passed in (systemd's, fd=) outlives the server: what is
+    # queued waits for the next start, and new clients are still taken.
+    held = socket.create_server(("127.0.0.1", 0))
+    address = held.getsockname()
+
+    class Adopting(fastlisten.ThreadingTCPServer):
+        listen_config = fastlisten.ListenConfig(fd=os.dup(held.fileno()))
+
+    try:
+        server = Adopting(address, socketserver.StreamRequestHandler)
+        try:
+            thread = serve_in_thread(server)
+            shutdown_within(server, thread)
+            with socket.create_connection(address, timeout=10):
+                assert server.serve_queued() == 0
+        finally:
+            server.server_close()
+        with socket.create_connection(address, timeout=10):
+            held.settimeout(10)
+            first, _ = held.accept()        # the one queued during the stop
+            second, _ = held.accept()       # and a new one: no door was closed
+            first.close()
+            second.close()
+    finally:
+        held.close()

@@ -352,8 +352,10 @@ class _FastLoop:
         queued connection then goes to ``process_request()`` as the serving
         loop would hand it; drain() then waits for their handlers too.
         ``fastlisten serve`` and :class:`fastlisten.Workers` call it on every
-        graceful stop.  Call it from one thread, with no other loop
-        accepting on a blocking socket."""
+        graceful stop.  A socket taken over with ``listen_config.fd`` (say
+        systemd's) outlives the server with its queue, for the next start:
+        its queue is left alone.  Call it from one thread, with no other
+        loop accepting on a blocking socket."""
         kept, self._fl_unserved = self._fl_unserved or [], None
         for i, (request, client_address, verified) in enumerate(kept):
             try:
@@ -362,6 +364,9 @@ class _FastLoop:
                 for rest, _, _ in kept[i + 1:]:
                     self.shutdown_request(rest)  # type: ignore[attr-defined]
                 raise
+        config = self._fl_config
+        if config is not None and config.fd is not None:
+            return len(kept)
         return len(kept) + serve_queued(self)
 
     def _fl_keep(self, request: Any, client_address: Any, verified: bool) -> None:

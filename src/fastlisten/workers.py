@@ -622,10 +622,12 @@ class Workers:
             return
         self._stop_deadline = time.monotonic() + self.graceful_timeout + 1.0
         # Each worker empties its socket's queue before its copy closes: the
-        # sockets close with the last of them, and would reset what is queued.
+        # sockets close with the last of them, and would reset what is queued
+        # (not systemd's socket: its queue waits for the next start).
+        empty = self.config.fd is None
         for w in list(self._workers.values()):
             if w.state not in ("retiring", "killed"):
-                self._retire(w, close_slot=False, empty_queue=True)
+                self._retire(w, close_slot=False, empty_queue=empty)
 
     def _stop_step(self, now: float) -> None:
         if self._stop_deadline is not None and now >= self._stop_deadline:
