@@ -112,31 +112,47 @@ def test_sigterm_under_load_resets_no_queued_client(mode):
     assert counts["refused"] == CLIENTS, counts
 
 
-def test_serve_queued_serves_what_the_kernel_queued():
+@pytest.mark.parametrize("max_threads", [None, 1])
+def test_serve_queued_serves_what_the_kernel_queued(max_threads):
     # The library call: after shutdown(), the connections the kernel had
-    # queued are handed to the handlers; server_close() then resets none,
-    # and a client connecting afterwards is refused once it closes.
+    # queued are handed to the handlers; server_close() then resets none.
+    # With max_threads=1 the pool's one thread, busy with the first client
+    # when the loop stops, must take the queued ones when it is done.
     class Echo(socketserver.StreamRequestHandler):
         def handle(self):
             self.wfile.write(self.rfile.readline())
 
-    server = fastlisten.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    class Server(fastlisten.ThreadingTCPServer):
+        pass
+    Server.max_threads = max_threads
+
+    server = Server(("127.0.0.1", 0), Echo)
+    clients = []
     try:
         thread = serve_in_thread(server)
+        clients.append(socket.create_connection(server.server_address, timeout=10))
+        wait_for(lambda: server.counters()["handlers_running"] == 1)
+        for i in range(1, 5):
+            clients.append(socket.create_connection(server.server_address, timeout=10))
+            clients[i].sendall(b"%d\n" % i)
+        if max_threads == 1:
+            wait_for(lambda: server.counters()["queued"] == 4)
         shutdown_within(server, thread)
-        clients = [socket.create_connection(server.server_address, timeout=10)
-                   for _ in range(5)]
-        try:
-            for i, c in enumerate(clients):
-                c.sendall(b"%d\n" % i)
-            assert server.serve_queued() == 5
-            assert server.drain(10) == 0
-            for i, c in enumerate(clients):
-                assert c.recv(64) == b"%d\n" % i
-        finally:
-            for c in clients:
-                c.close()
+        taken = []
+        queued = threading.Thread(target=lambda: taken.append(server.serve_queued()),
+                                  daemon=True)
+        queued.start()
+        clients[0].sendall(b"0\n")
+        queued.join(10)
+        assert taken, "serve_queued() did not return"
+        assert server.drain(10) == 0
+        for i, c in enumerate(clients):
+            assert c.recv(64) == b"%d\n" % i
+        if max_threads == 1:
+            assert taken == [4]     # (unbounded: the loop's threads took them)
     finally:
+        for c in clients:
+            c.close()
         server.server_close()
 
 
