@@ -1204,7 +1204,12 @@ class _WorkerLoop:
         """Serve the connections still queued on this worker's socket, which
         closes after it (a stop, or reuseport without tcp_migrate_req): no
         reset for them."""
+        # a fastlisten server's own call also serves what its loop kept
+        own = getattr(self.server, "serve_queued", None)
         try:
-            serve_queued(self.server)
+            if own is not None:
+                own()
+            else:
+                serve_queued(self.server)
         except OSError as exc:
             _log.warning("worker %d: cannot empty the accept queue: %s", os.getpid(), exc)

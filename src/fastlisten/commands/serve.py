@@ -26,9 +26,10 @@ The first line on stdout is "listening on ADDRESS" (with the port the kernel
 chose for port 0).  SIGUSR1 logs the counters (so does --stats-interval).
 SIGINT or SIGTERM stop accepting, serve the connections the kernel had
 already queued (closing the socket would reset them) and give running
-handlers --grace seconds to finish; then they are ended (their connections are shut down; processes
-get SIGTERM, then SIGKILL) and the command exits 0 without waiting for a
-thread that still does not return.  A second signal ends them at once.
+handlers --grace seconds to finish; then they are ended (their connections
+are shut down; processes get SIGTERM, then SIGKILL) and the command exits 0
+without waiting for a thread that still does not return.  A second signal
+ends them at once.
 
 With --workers N the same server runs in N supervised processes
 (fastlisten.Workers): SIGTERM/SIGINT stop them gracefully within --grace
