@@ -28,7 +28,7 @@ import pytest
 
 from fastlisten import _coreshared, _corepy
 from helpers import (
-    EXHAUST_DESCRIPTORS, NO_SYSCALL_TABLE, POLL_SYSCALLS, SELECT_SYSCALLS, in_poll, syscall_of, wait_for,
+    EXHAUST_DESCRIPTORS, NO_SYSCALL_TABLE, POLL_SYSCALLS, PPOLL, SELECT_SYSCALLS, in_poll, syscall_of, wait_for,
 )
 
 try:
@@ -230,15 +230,20 @@ def test_a_signal_handler_that_raises_ends_the_wait_at_once(core, own_wakeup_fd)
 
 @main_thread_only
 @needs_syscall_table
+@pytest.mark.parametrize("own_wakeup_fd", [False, True], ids=["", "app-wakeup-fd"])
 @pytest.mark.parametrize("core", CORES)
-def test_the_main_threads_wait_also_watches_for_signals(core):
+def test_the_main_threads_wait_also_watches_for_signals(core, own_wakeup_fd):
     """A signal that arrives between the interpreter's last check and the
     wait must still end the wait.  This checks the mechanism that closes
     that gap, as the kernel sees the wait: both cores poll their
     signal.set_wakeup_fd pipe beside the listener and the wake-up
-    descriptor (a ppoll() mask would not do: see the next test)."""
+    descriptor (a ppoll() mask would not do: see the tests below).  When
+    the application owns the wake-up fd, the pure core polls the two
+    descriptors; the compiled one waits in ppoll() with a signal mask."""
     raw = listening(core)
     main_tid, seen = threading.get_native_id(), []
+    app_r, app_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_fd = signal.set_wakeup_fd(app_w if own_wakeup_fd else -1)
 
     def watch():
         wait_for(lambda: in_poll(main_tid), LIMIT)
@@ -251,11 +256,57 @@ def test_the_main_threads_wait_also_watches_for_signals(core):
         assert raw.accept_many(8, 5) == []
         watcher.join(LIMIT)
     finally:
+        signal.set_wakeup_fd(old_fd)
+        os.close(app_r)
+        os.close(app_w)
         raw.close()
     assert seen and seen[0] is not None
     number, args = seen[0]
-    assert number in POLL_SYSCALLS and args[1] == 3, \
-        f"polls {args[1]} descriptors, not listener, wake-up and signal pipe"
+    if not own_wakeup_fd:
+        assert number in POLL_SYSCALLS and args[1] == 3, \
+            f"polls {args[1]} descriptors, not listener, wake-up and signal pipe"
+    elif core is _corepy:
+        assert number in POLL_SYSCALLS and args[1] == 2, \
+            f"polls {args[1]} descriptors, not listener and wake-up"
+    else:
+        assert number == PPOLL and args[3] != 0, \
+            f"waits in syscall {number} with sigmask {args[3]:#x}, not ppoll with a mask"
+
+
+@main_thread_only
+@needs_syscall_table
+@pytest.mark.parametrize("core", CORES)
+def test_a_signal_another_thread_takes_ends_the_main_threads_wait(core):
+    """A signal sent to the process while the main thread blocks it goes
+    to another thread, whose C handler only notes it for the main thread:
+    the main thread's wait must end for it (the signal wake-up pipe), run
+    the handler, and go on with the time left.  Before, the compiled core's
+    wait went on to its end, and the handler ran only after it."""
+    ran, sent = [], []
+    old = signal.signal(signal.SIGUSR1, lambda signum, frame: ran.append(time.monotonic()))
+    raw = listening(core)
+    main_tid = threading.get_native_id()
+
+    def kick():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})   # (inherited)
+        wait_for(lambda: in_poll(main_tid), LIMIT)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGUSR1)     # this thread takes it
+
+    kicker = threading.Thread(target=kick, name="kick", daemon=True)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        kicker.start()
+        batch, took = timed(raw.accept_many, 8, 2.0)
+        kicker.join(LIMIT)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raw.close()
+        signal.signal(signal.SIGUSR1, old)
+    assert batch == [] and sent and ran
+    assert took >= 1.9, f"the wait ended after {took:.3f} s of 2 s"   # the time left
+    assert ran[0] - sent[0] < 1.0, \
+        f"the handler ran {ran[0] - sent[0]:.3f} s after the signal, when the wait ended"
 
 
 #: write(2)'s number (x86_64, aarch64): a handler blocked writing to a full pipe.
