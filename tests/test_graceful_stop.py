@@ -195,3 +195,14 @@ def test_serve_queued_leaves_an_adopted_socket_and_its_queue_alone():
             second.close()
     finally:
         held.close()
+
+
+def test_the_bench_stop_scenario_counts_no_loss():
+    from fastlisten.benchmark import restarts
+
+    row = restarts.stop_scenario(2, 8)
+    assert row["events"] == 2 and row["completed"] >= 16
+    assert row["lost"] == 0, row
+    assert row["refused_once_closed"] == 16, row
+    assert "refused once the port closed: 16" in restarts.to_text(
+        {"concurrency": 8, "cpus": 2, "events": {"stop/one process": row}, "balance": {}})
