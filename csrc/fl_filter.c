@@ -503,7 +503,7 @@ fl_filter_wait_ms(fl_filter *f, int timeout_ms, long long end)
 }
 
 int
-fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int stop_fd,
+fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int sig_fd, int stop_fd,
                          fl_gate *gate, int timeout_ms, const sigset_t *wait_mask,
                          fl_conn *out, int max, fl_stats *st, int *status, int *err)
 {
@@ -525,9 +525,9 @@ fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int stop_fd,
         }
     }
     for (;;) {
-        struct epoll_event ev[4];
+        struct epoll_event ev[5];
         int r, i, listener = 0, filt = 0, woken = 0;
-        r = epoll_pwait(epfd, ev, 4, fl_filter_wait_ms(f, timeout_ms, end), wait_mask);
+        r = epoll_pwait(epfd, ev, 5, fl_filter_wait_ms(f, timeout_ms, end), wait_mask);
         if (r < 0) {
             *status = errno == EINTR ? FL_WAIT_EINTR : FL_WAIT_READY;
             if (errno != EINTR)
@@ -537,6 +537,10 @@ fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int stop_fd,
         for (i = 0; i < r; i++) {
             if (ev[i].data.fd == stop_fd && stop_fd >= 0) {
                 *status = FL_WAIT_STOPPED;
+                return 0;
+            }
+            if (ev[i].data.fd == sig_fd && sig_fd >= 0) {
+                *status = FL_WAIT_EINTR;    /* as in fl_wait_accept_ep */
                 return 0;
             }
             if (ev[i].data.fd == wfd)
@@ -565,7 +569,8 @@ fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int stop_fd,
         }
     }
 #else
-    (void)f; (void)epfd; (void)lfd; (void)wfd; (void)stop_fd; (void)gate; (void)timeout_ms;
+    (void)f; (void)epfd; (void)lfd; (void)wfd; (void)sig_fd; (void)stop_fd; (void)gate;
+    (void)timeout_ms;
     (void)wait_mask; (void)out; (void)max; (void)st;
     *status = FL_WAIT_READY;
     *err = ENOSYS;
@@ -574,20 +579,21 @@ fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int stop_fd,
 }
 
 int
-fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int timeout_ms,
+fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int sig_fd, int timeout_ms,
                       const sigset_t *wait_mask, fl_conn *out, int max, fl_stats *st,
                       int *status, int *err)
 {
     long long end = timeout_ms >= 0 ? fl_filter_now_ms() + timeout_ms : 0;
     *err = 0;
     for (;;) {
-        struct pollfd pfd[3];
+        struct pollfd pfd[4];
         int ms = fl_filter_wait_ms(f, timeout_ms, end), r, n;
         pfd[0].fd = lfd;
         pfd[1].fd = wfd;
         pfd[2].fd = f->epfd;
-        pfd[0].events = pfd[1].events = pfd[2].events = POLLIN;
-        pfd[0].revents = pfd[1].revents = pfd[2].revents = 0;
+        pfd[3].fd = sig_fd;             /* poll() skips a negative fd */
+        pfd[0].events = pfd[1].events = pfd[2].events = pfd[3].events = POLLIN;
+        pfd[0].revents = pfd[1].revents = pfd[2].revents = pfd[3].revents = 0;
         if (wait_mask != NULL) {
             struct timespec ts, *tsp = NULL;
             if (ms >= 0) {
@@ -595,9 +601,9 @@ fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int timeout_ms,
                 ts.tv_nsec = (long)(ms % 1000) * 1000000L;
                 tsp = &ts;
             }
-            r = ppoll(pfd, 3, tsp, wait_mask);
+            r = ppoll(pfd, 4, tsp, wait_mask);
         } else {
-            r = poll(pfd, 3, ms);
+            r = poll(pfd, 4, ms);
         }
         if (r < 0) {
             if (errno == EINTR) {
@@ -606,6 +612,10 @@ fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int timeout_ms,
             }
             *status = FL_WAIT_READY;
             *err = errno;
+            return 0;
+        }
+        if (pfd[3].revents) {
+            *status = FL_WAIT_EINTR;    /* the caller runs the handlers, drains sig_fd */
             return 0;
         }
         if (pfd[1].revents) {

@@ -144,9 +144,9 @@ void fl_filter_stats_read(const fl_filter *f, fl_filter_stats *out);
  * ready at once goes straight to out[]; the others wait in the filter.
  * Returns how many ready connections are in out[] (the caller owns them:
  * blocking, close-on-exec, every byte they sent still unread).  *status,
- * *err, wait_mask and st as for fl_wait_accept; st->accepted counts the
+ * *err, sig_fd, wait_mask and st as for fl_wait_accept; st->accepted counts the
  * connections handed over, not those that wait or are dropped. */
-int fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int timeout_ms,
+int fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int sig_fd, int timeout_ms,
                           const sigset_t *wait_mask, fl_conn *out, int max, fl_stats *st,
                           int *status, int *err);
 
@@ -157,11 +157,11 @@ int fl_filter_watch(fl_filter *f, int epfd);
 
 /* Contract: called WITHOUT the GIL; touches no Python object.  As
  * fl_filter_wait_accept, for a leader/follower waiter (fl_wait_accept_ep's
- * epfd, stop_fd and gate, its epfd watching this filter: fl_filter_watch).
+ * epfd, sig_fd, stop_fd and gate, its epfd watching this filter: fl_filter_watch).
  * Every waiting thread wakes when a waiting connection has news (an epoll
  * descriptor cannot be watched EPOLLEXCLUSIVE); the first to take f->lock
  * judges it, the others find nothing and wait again. */
-int fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int stop_fd,
+int fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int sig_fd, int stop_fd,
                              fl_gate *gate, int timeout_ms, const sigset_t *wait_mask,
                              fl_conn *out, int max, fl_stats *st, int *status, int *err);
 

@@ -274,15 +274,24 @@ fl_wait_ended(int r, int *status, int *err)
  * is reported as FL_WAIT_EINTR so the caller can run signal handlers with
  * the GIL and call again with the remaining time.
  *
- * wait_mask, when not NULL, is the signal mask to wait with (ppoll): the
- * caller blocks signals, runs the Python handlers of any that already came,
- * and passes the mask it had, so that a signal arriving between that check
- * and the wait still interrupts the wait instead of being lost. */
+ * sig_fd, when not -1, is the read end of the pipe the caller made the
+ * interpreter's signal wake-up fd (signal.set_wakeup_fd) before it last ran
+ * the Python handlers: readable, it ends the wait as FL_WAIT_EINTR.  Python
+ * writes it whichever thread the kernel gave the signal to, so a signal
+ * that arrives after that check and before the wait still ends the wait.
+ *
+ * wait_mask, when not NULL, is the signal mask to wait with (ppoll), for a
+ * caller that cannot own the wake-up fd (the application set its own): it
+ * blocks signals, runs the handlers of any that already came, and passes
+ * the mask it had.  That closes the gap for a signal the kernel gives this
+ * thread; one sent to the process while the mask blocks it goes to another
+ * thread if there is one, and does not end this wait: sig_fd has no such
+ * gap. */
 int
-fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
+fl_wait_accept(int lfd, int wfd, int sig_fd, int timeout_ms, const sigset_t *wait_mask,
                fl_conn *out, int max, fl_stats *st, int *status, int *err)
 {
-    struct pollfd pfd[2];
+    struct pollfd pfd[3];
     int r;
 
     *err = 0;
@@ -292,6 +301,9 @@ fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
     pfd[1].fd = wfd;
     pfd[1].events = POLLIN;
     pfd[1].revents = 0;
+    pfd[2].fd = sig_fd;             /* poll() skips a negative fd */
+    pfd[2].events = POLLIN;
+    pfd[2].revents = 0;
 
     if (wait_mask != NULL) {
         struct timespec ts, *tsp = NULL;
@@ -300,12 +312,16 @@ fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
             ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
             tsp = &ts;
         }
-        r = ppoll(pfd, 2, tsp, wait_mask);
+        r = ppoll(pfd, 3, tsp, wait_mask);
     } else {
-        r = poll(pfd, 2, timeout_ms);
+        r = poll(pfd, 3, timeout_ms);
     }
     if (fl_wait_ended(r, status, err))
         return 0;
+    if (pfd[2].revents) {
+        *status = FL_WAIT_EINTR;    /* the caller runs the handlers, drains sig_fd */
+        return 0;
+    }
     if (pfd[1].revents) {
         /* a wake-up wins over pending connections: shutdown() means no
          * more accepts.  Left readable for the other waiters: the caller
@@ -450,14 +466,15 @@ fl_now_ms(void)
  * once), it waits again, still without the GIL, for the time left.  With a
  * gate (NULL: none), accept4 runs only inside it: a closed gate ends the
  * wait with FL_WAIT_STOPPED too, even when stop_fd is not readable yet; and
- * what is queued already is accepted before any wait. */
+ * what is queued already is accepted before any wait.  sig_fd (-1: none)
+ * and wait_mask as in fl_wait_accept; the caller has added sig_fd to epfd. */
 int
-fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, fl_gate *gate,
+fl_wait_accept_ep(int epfd, int lfd, int wfd, int sig_fd, int stop_fd, fl_gate *gate,
                   int timeout_ms, const sigset_t *wait_mask, fl_conn *out, int max,
                   fl_stats *st, int *status, int *err)
 {
 #ifdef __linux__
-    struct epoll_event ev[3];
+    struct epoll_event ev[4];
     long long end = timeout_ms >= 0 ? fl_now_ms() + timeout_ms : 0;
     int ms = timeout_ms;
 
@@ -481,12 +498,16 @@ fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, fl_gate *gate,
     }
     for (;;) {
         int r, i, listener = 0, woken = 0;
-        r = epoll_pwait(epfd, ev, 3, ms, wait_mask);
+        r = epoll_pwait(epfd, ev, 4, ms, wait_mask);
         if (fl_wait_ended(r, status, err))
             return 0;
         for (i = 0; i < r; i++) {
             if (ev[i].data.fd == stop_fd && stop_fd >= 0) {
                 *status = FL_WAIT_STOPPED;
+                return 0;
+            }
+            if (ev[i].data.fd == sig_fd && sig_fd >= 0) {
+                *status = FL_WAIT_EINTR;
                 return 0;
             }
             if (ev[i].data.fd == wfd)
@@ -523,11 +544,31 @@ fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, fl_gate *gate,
         }
     }
 #else
-    (void)epfd; (void)lfd; (void)wfd; (void)stop_fd; (void)gate; (void)timeout_ms;
+    (void)epfd; (void)lfd; (void)wfd; (void)sig_fd; (void)stop_fd; (void)gate; (void)timeout_ms;
     (void)wait_mask; (void)out; (void)max; (void)st;
     *status = FL_WAIT_READY;
     *err = ENOSYS;
     return 0;
+#endif
+}
+
+/* Contract: called with or without the GIL.  Adds fd to (on) or removes
+ * it from (!on) the epoll set epfd, for reading: the signal wake-up pipe a
+ * main-thread wait watches (fl_wait_accept_ep's sig_fd).  Returns 0, or -1
+ * with errno (ENOSYS without epoll). */
+int
+fl_epoll_watch(int epfd, int fd, int on)
+{
+#ifdef __linux__
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    return epoll_ctl(epfd, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, fd, &ev);
+#else
+    (void)epfd; (void)fd; (void)on;
+    errno = ENOSYS;
+    return -1;
 #endif
 }
 

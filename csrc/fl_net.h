@@ -73,7 +73,7 @@ void fl_wakeup_close(int *rfd, int *wfd);     /* both (one for an eventfd); -1 a
 int fl_wakeup_signal(int wfd);
 void fl_wakeup_drain(int rfd);
 
-int fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
+int fl_wait_accept(int lfd, int wfd, int sig_fd, int timeout_ms, const sigset_t *wait_mask,
                    fl_conn *out, int max, fl_stats *st, int *status, int *err);
 /* A gate over a listening descriptor shared by leader/follower waiters:
  * each waiter passes it (fl_gate_enter) before it touches the descriptor
@@ -135,9 +135,10 @@ void fl_gate_wait(fl_gate *g);         /* Contract: WITHOUT the GIL; after fl_ga
  * Returns the epoll descriptor (close-on-exec) or -1 with errno; *exclusive
  * says whether EPOLLEXCLUSIVE was accepted. */
 int fl_waiter_open(int lfd, int wfd, int stop_fd, fl_gate *gate, int *exclusive);
-int fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, fl_gate *gate,
+int fl_wait_accept_ep(int epfd, int lfd, int wfd, int sig_fd, int stop_fd, fl_gate *gate,
                       int timeout_ms, const sigset_t *wait_mask, fl_conn *out, int max,
                       fl_stats *st, int *status, int *err);
+int fl_epoll_watch(int epfd, int fd, int on);
 int fl_block_signals(sigset_t *old);
 int fl_restore_signals(const sigset_t *old);
 void fl_capacity_backoff(int wfd, int ms);

@@ -11,8 +11,11 @@ a daemon thread joined with a deadline.
 """
 
 import errno
+import functools
+import io
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -25,7 +28,7 @@ import pytest
 
 from fastlisten import _coreshared, _corepy
 from helpers import (
-    EXHAUST_DESCRIPTORS, NO_SYSCALL_TABLE, PPOLL, POLL_SYSCALLS, SELECT_SYSCALLS, in_poll, syscall_of, wait_for,
+    EXHAUST_DESCRIPTORS, NO_SYSCALL_TABLE, POLL_SYSCALLS, PPOLL, SELECT_SYSCALLS, in_poll, syscall_of, wait_for,
 )
 
 try:
@@ -193,16 +196,20 @@ class Interrupted(Exception):
 
 @main_thread_only
 @needs_syscall_table
+@pytest.mark.parametrize("own_wakeup_fd", [False, True], ids=["", "app-wakeup-fd"])
 @pytest.mark.parametrize("core", CORES)
-def test_a_signal_handler_that_raises_ends_the_wait_at_once(core):
+def test_a_signal_handler_that_raises_ends_the_wait_at_once(core, own_wakeup_fd):
     """A handler's exception comes out of accept_many as soon as the signal
     arrives, not when the wait would have timed out (signals must not stay
-    blocked during the wait)."""
+    blocked during the wait), also when the application has its own
+    signal.set_wakeup_fd (asyncio's): the core leaves it alone."""
     def handler(signum, frame):
         raise Interrupted()
 
     old = signal.signal(signal.SIGUSR1, handler)
     raw = listening(core)
+    app_r, app_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_fd = signal.set_wakeup_fd(app_w if own_wakeup_fd else -1)
     try:
         kicker = signal_main_once_it_waits(signal.SIGUSR1)
         start = time.monotonic()
@@ -211,7 +218,11 @@ def test_a_signal_handler_that_raises_ends_the_wait_at_once(core):
         took = time.monotonic() - start
         kicker.join(LIMIT)
         assert raw.accept_many(8, 0) == []     # usable again
+        assert signal.set_wakeup_fd(-1) == (app_w if own_wakeup_fd else -1)
     finally:
+        signal.set_wakeup_fd(old_fd)
+        os.close(app_r)
+        os.close(app_w)
         raw.close()
         signal.signal(signal.SIGUSR1, old)
     assert took < 2, f"the handler's exception came {took:.3f} s after the wait began"
@@ -219,17 +230,20 @@ def test_a_signal_handler_that_raises_ends_the_wait_at_once(core):
 
 @main_thread_only
 @needs_syscall_table
+@pytest.mark.parametrize("own_wakeup_fd", [False, True], ids=["", "app-wakeup-fd"])
 @pytest.mark.parametrize("core", CORES)
-def test_the_main_threads_wait_also_watches_for_signals(core):
+def test_the_main_threads_wait_also_watches_for_signals(core, own_wakeup_fd):
     """A signal that arrives between the interpreter's last check and the
-    wait must still end the wait.  That gap is microseconds wide, too narrow
-    to hit from a test, so this checks the mechanism that closes it, as the
-    kernel sees the wait: the compiled core waits in ppoll() with a signal
-    mask (signals blocked until the wait unblocks them atomically); the
-    pure one polls its signal.set_wakeup_fd pipe beside the listener and
-    the wake-up descriptor."""
+    wait must still end the wait.  This checks the mechanism that closes
+    that gap, as the kernel sees the wait: both cores poll their
+    signal.set_wakeup_fd pipe beside the listener and the wake-up
+    descriptor (a ppoll() mask would not do: see the tests below).  When
+    the application owns the wake-up fd, the pure core polls the two
+    descriptors; the compiled one waits in ppoll() with a signal mask."""
     raw = listening(core)
     main_tid, seen = threading.get_native_id(), []
+    app_r, app_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_fd = signal.set_wakeup_fd(app_w if own_wakeup_fd else -1)
 
     def watch():
         wait_for(lambda: in_poll(main_tid), LIMIT)
@@ -242,15 +256,176 @@ def test_the_main_threads_wait_also_watches_for_signals(core):
         assert raw.accept_many(8, 5) == []
         watcher.join(LIMIT)
     finally:
+        signal.set_wakeup_fd(old_fd)
+        os.close(app_r)
+        os.close(app_w)
         raw.close()
     assert seen and seen[0] is not None
     number, args = seen[0]
-    if core is _corepy:
+    if not own_wakeup_fd:
         assert number in POLL_SYSCALLS and args[1] == 3, \
             f"polls {args[1]} descriptors, not listener, wake-up and signal pipe"
+    elif core is _corepy:
+        assert number in POLL_SYSCALLS and args[1] == 2, \
+            f"polls {args[1]} descriptors, not listener and wake-up"
     else:
         assert number == PPOLL and args[3] != 0, \
             f"waits in syscall {number} with sigmask {args[3]:#x}, not ppoll with a mask"
+
+
+@main_thread_only
+@needs_syscall_table
+@pytest.mark.parametrize("core", CORES)
+def test_a_signal_another_thread_takes_ends_the_main_threads_wait(core):
+    """A signal sent to the process while the main thread blocks it goes
+    to another thread, whose C handler only notes it for the main thread:
+    the main thread's wait must end for it (the signal wake-up pipe), run
+    the handler, and go on with the time left.  Before, the compiled core's
+    wait went on to its end, and the handler ran only after it."""
+    ran, sent = [], []
+    old = signal.signal(signal.SIGUSR1, lambda signum, frame: ran.append(time.monotonic()))
+    raw = listening(core)
+    main_tid = threading.get_native_id()
+
+    def kick():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})   # (inherited)
+        wait_for(lambda: in_poll(main_tid), LIMIT)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGUSR1)     # this thread takes it
+
+    kicker = threading.Thread(target=kick, name="kick", daemon=True)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        kicker.start()
+        batch, took = timed(raw.accept_many, 8, 2.0)
+        kicker.join(LIMIT)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raw.close()
+        signal.signal(signal.SIGUSR1, old)
+    assert batch == [] and sent and ran
+    assert took >= 1.9, f"the wait ended after {took:.3f} s of 2 s"   # the time left
+    assert ran[0] - sent[0] < 1.0, \
+        f"the handler ran {ran[0] - sent[0]:.3f} s after the signal, when the wait ended"
+
+
+#: write(2)'s number (x86_64, aarch64): a handler blocked writing to a full pipe.
+WRITE_SYSCALL = {"x86_64": 1, "aarch64": 64}.get(platform.machine())
+
+
+def _full_pipe():
+    """A pipe whose buffer is full, and a text file over its (blocking) write
+    end: a print() to it blocks, in write(2), until the read end is drained,
+    and runs no signal handler meanwhile (all of it C code)."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    try:
+        while True:
+            os.write(w, b"x")
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    os.set_blocking(r, False)
+    # print(..., flush=True) to it writes once, in the flush, after the str()
+    # calls that may run handlers; no BufferedWriter (which runs them after
+    # each write)
+    return r, w, io.TextIOWrapper(io.FileIO(w, "w", closefd=False))
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 65536):
+            pass
+    except BlockingIOError:
+        pass
+
+
+@main_thread_only
+@needs_syscall_table
+@pytest.mark.skipif(WRITE_SYSCALL is None, reason="no write(2) number for this machine")
+@pytest.mark.parametrize("core", CORES)
+def test_a_signal_sent_to_the_process_ends_the_main_threads_wait(core):
+    """Ctrl-C and kill(1) signal the process; the kernel gives such a signal
+    to any thread that does not block it.  One that comes just before the
+    main thread's wait must still end it, though another thread took it
+    (then Python's C handler ran there).  The compiled core used to block
+    every signal in the main thread from its last run of the handlers to
+    its ppoll(): a SIGINT sent to the process then went to another thread,
+    and the wait went on until the next connection.
+
+    To land SIGINT in that stretch, Python handlers whose C code blocks
+    (a print() to a full pipe) hold the main thread there: SIGWINCH ends a
+    wait and its handler blocks; meanwhile SIGUSR2 is tripped (in this
+    thread), so its handler runs at the core's next check of the handlers,
+    just before the wait, and blocks in turn; SIGINT is sent to the process
+    then, both pipes are drained, and the wait must end with SIGINT's
+    exception within LIMIT."""
+    r1, w1, first = _full_pipe()
+    r2, w2, second = _full_pipe()
+    main_tid, main_ident = threading.get_native_id(), threading.main_thread().ident
+    sent, rescued = [], []
+
+    def writing_to(fd):
+        call = syscall_of(main_tid)
+        return call is not None and call[0] == WRITE_SYSCALL and call[1][0] == fd
+
+    def interrupted(signum, frame):
+        raise Interrupted()
+
+    def kick():
+        try:
+            wait_for(lambda: in_poll(main_tid), LIMIT)
+            signal.pthread_kill(main_ident, signal.SIGWINCH)    # ends the wait
+            wait_for(lambda: writing_to(w1), LIMIT)
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)   # tripped here
+            _drain(r1)
+            wait_for(lambda: writing_to(w2), LIMIT)      # its handler, before the wait
+            os.kill(os.getpid(), signal.SIGINT)
+            sent.append(time.monotonic())
+            _drain(r2)
+            # bounded: with the defect the wait would go on for 3 * LIMIT
+            deadline = time.monotonic() + LIMIT
+            while not done and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not done:
+                rescued.append(True)
+                raw.wakeup()
+        finally:
+            _drain(r1)
+            _drain(r2)
+
+    olds = {sig: signal.signal(sig, handler) for sig, handler in (
+        (signal.SIGWINCH, functools.partial(print, file=first, flush=True)),
+        (signal.SIGUSR2, functools.partial(print, file=second, flush=True)),
+        (signal.SIGINT, interrupted))}
+    raw = listening(core)
+    done = []
+    kicker = threading.Thread(target=kick, name="kick", daemon=True)
+    try:
+        kicker.start()
+        with pytest.raises(Interrupted):
+            try:
+                raw.accept_many(8, 3 * LIMIT)
+            finally:
+                done.append(True)
+        kicker.join(2 * LIMIT)
+    finally:
+        raw.close()
+        for sig, old in olds.items():
+            signal.signal(sig, old)
+        for f in (first, second):
+            try:
+                f.close()
+            except OSError:
+                pass
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+    assert sent and not rescued, "SIGINT sent to the process did not end the wait"
 
 
 # -- closing under waiters ------------------------------------------------------

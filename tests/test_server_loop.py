@@ -96,11 +96,13 @@ def test_shutdown_wakes_a_loop_blocked_in_its_wait(make):
     assert took < 1.0, f"shutdown() took {took:.3f} s"
 
 
+@pytest.mark.parametrize("then", ["server_close", "serve_queued"])
 @pytest.mark.parametrize("cls", [fastlisten.TCPServer, Verifying],
                          ids=["inline-hooks", "stdlib-hooks"])
-def test_the_rest_of_a_batch_is_dropped_once_shutdown_is_asked(cls):
+def test_the_rest_of_a_batch_is_kept_once_shutdown_is_asked(cls, then):
     """README difference 1: connections taken in a batch but not yet handed
-    to the server when shutdown() is asked are closed unhandled."""
+    to the server when shutdown() is asked are kept: server_close() closes
+    them unhandled, serve_queued() hands them to the server."""
     handled, stoppers = [], []
 
     class AskShutdown(socketserver.BaseRequestHandler):
@@ -124,12 +126,19 @@ def test_the_rest_of_a_batch_is_dropped_once_shutdown_is_asked(cls):
             for stopper in stoppers:
                 stopper.join(LIMIT)
             assert not t.is_alive() and not any(s.is_alive() for s in stoppers)
+            if then == "serve_queued":
+                assert server.serve_queued() == 2
+            server.server_close()
             replies = [read_all(c) for c in clients]
         finally:
             for c in clients:
                 c.close()
-    assert replies == [b"handled\n", b"", b""]
-    assert len(handled) == 1
+    if then == "serve_queued":
+        assert replies == [b"handled\n"] * 3
+        assert len(handled) == 3
+    else:
+        assert replies == [b"handled\n", b"", b""]
+        assert len(handled) == 1
 
 
 @pytest.mark.parametrize("cls", [fastlisten.TCPServer, Verifying],

@@ -34,7 +34,7 @@ from fastlisten.includes.fl_net cimport (
     fl_stats, fl_stats_read, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
     fl_wakeup_signal, fl_wakeup_drain, fl_wakeup_close, fl_wait_accept, fl_capacity_backoff,
     fl_tcp_queue, fl_accept_error_class, fl_block_signals, fl_restore_signals,
-    fl_waiter_open, fl_wait_accept_ep, fl_format_ipv4,
+    fl_waiter_open, fl_wait_accept_ep, fl_epoll_watch, fl_format_ipv4,
     fl_gate, fl_gate_init, fl_gate_destroy, fl_gate_close, fl_gate_closed, fl_gate_busy,
     fl_gate_wait,
     FL_ERRNO_SLOTS, FL_ERR_CAPACITY,
@@ -46,6 +46,8 @@ from fastlisten.includes.fl_filter cimport (
     FL_RULE_NONE,
 )
 
+import os as _os
+import signal as _signal
 import socket as _socket
 import threading as _threading
 
@@ -326,6 +328,8 @@ cdef class RawListener:
     cdef int _fd
     cdef int _wake_r
     cdef int _wake_w
+    cdef int _sig_r             # the signal wake-up pipe (a main-thread wait's)
+    cdef int _sig_w
     cdef bint _owned
     cdef int _busy              # accept_many calls in flight (GIL released)
     # Wake-up generations (all under the GIL; see accept_many): a wake-up is
@@ -352,6 +356,8 @@ cdef class RawListener:
         self._fd = -1
         self._wake_r = -1
         self._wake_w = -1
+        self._sig_r = -1
+        self._sig_w = -1
         self._conns = NULL
 
     def __init__(self, int family=AF_INET, int type=_SOCK_STREAM, int proto=0,
@@ -368,6 +374,12 @@ cdef class RawListener:
         self._cond = _threading.Condition(_threading.Lock())
         if fl_wakeup_open(&self._wake_r, &self._wake_w) < 0:
             raise_errno(errno)
+        try:
+            # made now, as the pure core's: a wait under EMFILE needs none
+            self._sig_r, self._sig_w = _os.pipe2(_os.O_NONBLOCK | _os.O_CLOEXEC)
+        except BaseException:
+            self._close_wakeup()
+            raise
         if fileno is None:
             fd = fl_socket(family, type, proto)
             if fd < 0:
@@ -395,6 +407,41 @@ cdef class RawListener:
 
     cdef void _close_wakeup(self) noexcept:
         fl_wakeup_close(&self._wake_r, &self._wake_w)
+        if self._sig_r >= 0:
+            c_close(self._sig_r)
+            c_close(self._sig_w)
+            self._sig_r = self._sig_w = -1
+
+    cdef int _arm_signals(self, int epfd) except -2:
+        """In the main thread, before the handlers' last check: make this
+        listener's pipe the interpreter's signal wake-up fd for one wait (in
+        epfd too, if >= 0) and return its read end; -1 when the application
+        has its own wake-up fd (left alone) or epoll cannot watch the pipe:
+        the caller then masks signals for the wait instead."""
+        try:
+            previous = _signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+        except ValueError:
+            return -1       # not the main interpreter's main thread
+        if previous != -1 and previous != self._sig_w:
+            _signal.set_wakeup_fd(previous)
+            return -1
+        if epfd >= 0 and fl_epoll_watch(epfd, self._sig_r, 1) < 0:
+            _signal.set_wakeup_fd(-1)
+            return -1           # (ENOMEM, ENOSPC): the mask, this time
+        return self._sig_r
+
+    cdef void _disarm_signals(self, int sig_fd, int epfd) noexcept:
+        """Undo _arm_signals (sig_fd: what it returned) after the wait, and
+        empty the pipe: the handlers run after this (PyErr_CheckSignals)."""
+        if sig_fd < 0:
+            return
+        try:
+            _signal.set_wakeup_fd(-1)
+        except BaseException:
+            pass        # (not the main thread's interpreter any more: nothing to undo)
+        if epfd >= 0:
+            fl_epoll_watch(epfd, sig_fd, 0)
+        fl_wakeup_drain(sig_fd)
 
     cdef void _close_now(self) noexcept:
         if self._fd >= 0 and self._owned:
@@ -663,6 +710,7 @@ cdef class RawListener:
         cdef fl_stats *st = &self._st
         cdef sigset_t old_mask
         cdef const sigset_t *wait_mask
+        cdef int sig_fd
         cdef bint main = PyThread_get_thread_ident() == _main_thread
         cdef int nmax
         self._check_open()
@@ -725,35 +773,46 @@ cdef class RawListener:
                     wake = self._wake_r
                     # In the main thread, a signal that arrives after Python
                     # last ran its handlers but before poll() would be lost
-                    # until the next connection: block signals, run handlers
-                    # of those already here, and let ppoll() unblock them
-                    # atomically for the wait.
+                    # until the next connection.  The wait watches a
+                    # signal.set_wakeup_fd pipe armed before that check
+                    # (as the pure core does): Python writes it whichever
+                    # thread the kernel hands the signal to.  A ppoll()
+                    # mask alone would not do with other threads: a signal
+                    # sent to the process while this thread blocks it goes
+                    # to one of them, and this wait goes on.  The mask is
+                    # the fallback when the application owns the wake-up fd.
                     wait_mask = NULL
-                    if main and fl_block_signals(&old_mask) == 0:
-                        wait_mask = &old_mask
+                    sig_fd = -1
+                    if main:
+                        sig_fd = self._arm_signals(epfd)
+                        if sig_fd < 0 and fl_block_signals(&old_mask) == 0:
+                            wait_mask = &old_mask
                         try:
                             PyErr_CheckSignals()
                         except BaseException:
-                            fl_restore_signals(&old_mask)
+                            if wait_mask != NULL:
+                                fl_restore_signals(&old_mask)
+                            self._disarm_signals(sig_fd, epfd)
                             raise
                     with nogil:
                         if filt != NULL and epfd >= 0:
-                            n = fl_filter_wait_accept_ep(filt, epfd, lfd, wake, stop_fd, gate,
-                                                         ms, wait_mask, conns, nmax, st,
+                            n = fl_filter_wait_accept_ep(filt, epfd, lfd, wake, sig_fd, stop_fd,
+                                                         gate, ms, wait_mask, conns, nmax, st,
                                                          &status, &err)
                         elif filt != NULL:
-                            n = fl_filter_wait_accept(filt, lfd, wake, ms, wait_mask, conns,
-                                                      nmax, st, &status, &err)
+                            n = fl_filter_wait_accept(filt, lfd, wake, sig_fd, ms, wait_mask,
+                                                      conns, nmax, st, &status, &err)
                         elif epfd >= 0:
-                            n = fl_wait_accept_ep(epfd, lfd, wake, stop_fd, gate, ms,
+                            n = fl_wait_accept_ep(epfd, lfd, wake, sig_fd, stop_fd, gate, ms,
                                                   wait_mask, conns, nmax, st, &status, &err)
                         else:
-                            n = fl_wait_accept(lfd, wake, ms, wait_mask, conns, nmax, st,
-                                               &status, &err)
+                            n = fl_wait_accept(lfd, wake, sig_fd, ms, wait_mask, conns, nmax,
+                                               st, &status, &err)
                         if wait_mask != NULL:
                             fl_restore_signals(wait_mask)
                         if n == 0 and err != 0 and fl_accept_error_class(err) == FL_ERR_CAPACITY:
                             fl_capacity_backoff(wake, self._backoff_ms if ms < 0 or ms > self._backoff_ms else ms)
+                    self._disarm_signals(sig_fd, epfd)
                     if status == FL_WAIT_TIMEOUT and stepped:
                         ms = _ms_until(deadline)
                         if ms > 0:

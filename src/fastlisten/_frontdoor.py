@@ -9,16 +9,22 @@ A connection that fails either step is dropped (the caller closes it),
 counted, and logged once per episode: the first failure of a run is logged
 at WARNING, the rest are only counted until a connection succeeds again,
 which logs how many were dropped meanwhile.  Forked children report their
-counts to the server process over a pipe, one byte per event.
+counts to the server process over a pipe, one byte per event; the server
+process reads it whenever it reaps children (each child has at most two
+events to tell), and in counters().  A report that finds the pipe full (a
+server that stopped reaping) is counted in memory shared with the children
+and reported: ``counters()['reports_lost']``, and a warning.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import socket
 import ssl
+import struct
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -87,7 +93,13 @@ class FrontDoor:
         self._tls_episode = _Episode("TLS handshake", "tls_failures")
         self._pid = os.getpid()
         self._report_r = self._report_w = -1
+        #: reports the children could not write (shared with them: a
+        #: uint64, which two children losing one at the same instant may
+        #: count once) and how many of those were logged
+        self._lost: Optional[mmap.mmap] = None
+        self._lost_logged = 0
         if forking:
+            self._lost = mmap.mmap(-1, 8)       # MAP_SHARED: the children write it
             self._report_r, self._report_w = os.pipe()
             for fd in (self._report_r, self._report_w):
                 os.set_blocking(fd, False)
@@ -180,8 +192,12 @@ class FrontDoor:
             if self._report_w >= 0:
                 try:
                     os.write(self._report_w, bytes((_CODE[event],)))
+                except BlockingIOError:
+                    lost = self._lost
+                    if lost is not None:
+                        struct.pack_into("=Q", lost, 0, struct.unpack_from("=Q", lost)[0] + 1)
                 except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EPIPE, errno.EBADF):
+                    if exc.errno not in (errno.EPIPE, errno.EBADF):
                         raise
             return
         with self._lock:
@@ -211,6 +227,19 @@ class FrontDoor:
                 if code < len(_EVENTS):
                     self._record(_EVENTS[code])
 
+    def _reports_lost(self) -> int:
+        """Children's reports lost so far (a warning when that grew)."""
+        lost = self._lost
+        if lost is None or os.getpid() != self._pid:
+            return 0
+        n: int = struct.unpack_from("=Q", lost)[0]
+        if n > self._lost_logged:
+            _log.warning("%d counter report(s) of forked children were lost (their pipe to the "
+                         "server process was full: the server did not reap its children); "
+                         "counters() lacks them", n)
+            self._lost_logged = n
+        return n
+
     def counters(self) -> Dict[str, Any]:
         """proxy_accepted (headers whose client became client_address),
         proxy_local (LOCAL/UNKNOWN headers: the peer's own address stands),
@@ -234,12 +263,19 @@ class FrontDoor:
         if self.ssl_context is not None:
             out["tls_handshakes"] = counts["tls_handshakes"]
             out["tls_failures"] = counts["tls_failures"]
+        lost = self._reports_lost()
+        if lost:
+            out["reports_lost"] = lost
         return out
 
     def close(self) -> None:
         """Close the children's report pipe (after counting what is in it)."""
         self.collect()
+        self._reports_lost()
         for fd in (self._report_r, self._report_w):
             if fd >= 0 and os.getpid() == self._pid:
                 os.close(fd)
         self._report_r = self._report_w = -1
+        lost, self._lost = self._lost, None
+        if lost is not None and os.getpid() == self._pid:
+            lost.close()

@@ -556,5 +556,14 @@ class LeaderPool(WorkerPool):
                 # ended by SystemExit & co.: the wait must go on (in the
                 # source led now, if any)
                 spawn = None if broken else self._new_follower()
+                # Jobs submit() queued while this thread held the last place
+                # (after stop_leading(): connections the caller accepted
+                # itself) must not be stranded, nor submit() wait for ever.
+                replacement = None
+                if spawn is None and len(self._jobs) > self._idle:
+                    replacement = self._new_thread(self._jobs.popleft())
+                    self._room.notify()
             if spawn is not None:
                 self._start_follower(*spawn)
+            if replacement is not None:
+                self._start(replacement)

@@ -66,6 +66,7 @@ from fastlisten import sysinfo
 from fastlisten._backend import SocketReader, SocketWriter
 from fastlisten._coreshared import DEFAULT_BATCH
 from fastlisten._frontdoor import FrontDoor
+from fastlisten._queued import hand_over, serve_queued
 from fastlisten._wakeup import Waker
 from fastlisten._workers import LeaderPool
 from fastlisten.config import ListenConfig, server_side_context
@@ -235,6 +236,10 @@ class _FastLoop:
     _fl_door: Optional[FrontDoor] = None    # PROXY header / TLS handshake, when configured
     _fl_local: Optional[threading.local] = None
     _fl_forking = False         # handlers run in forked children
+    #: Connections accepted but kept from their handler by shutdown()
+    #: ((request, client_address, verified)): serve_queued() serves them,
+    #: server_close() closes them.
+    _fl_unserved: Optional[List[Tuple[Any, Any, bool]]] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -367,6 +372,9 @@ class _FastLoop:
     def server_close(self) -> None:
         """Close the server (and remove the Unix socket file listen_config bound)."""
         listener, self._fl_listener = self._fl_listener, None
+        kept, self._fl_unserved = self._fl_unserved or [], None
+        for request, _, _ in kept:
+            self.shutdown_request(request)  # type: ignore[attr-defined]
         try:
             super().server_close()  # type: ignore[misc]
         finally:
@@ -410,6 +418,42 @@ class _FastLoop:
         self._fl_wake()
         self._fl_interrupt()
         self._BaseServer__is_shut_down.wait()  # type: ignore[attr-defined]
+
+    def serve_queued(self) -> int:
+        """After shutdown(), before server_close(): serve the connections
+        the loop had accepted but shutdown() kept from their handler, and
+        those the kernel has completed and queued on the listening socket;
+        return how many.  server_close() alone (the stdlib's behaviour,
+        kept) closes them unserved, and the kernel resets the queued ones:
+        the client reads ECONNRESET.  First the kernel is made to complete no
+        new connection (TCP: a socket filter drops new SYNs, so a client
+        that connects from now on is refused once the socket closes); each
+        queued connection then goes to ``process_request()`` as the serving
+        loop would hand it; drain() then waits for their handlers too.
+        ``fastlisten serve`` and :class:`fastlisten.Workers` call it on every
+        graceful stop.  A socket taken over with ``listen_config.fd`` (say
+        systemd's) outlives the server with its queue, for the next start:
+        its queue is left alone.  Call it from one thread, with no other
+        loop accepting on a blocking socket."""
+        kept, self._fl_unserved = self._fl_unserved or [], None
+        for i, (request, client_address, verified) in enumerate(kept):
+            try:
+                hand_over(self, request, client_address, verified)
+            except BaseException:
+                for rest, _, _ in kept[i + 1:]:
+                    self.shutdown_request(rest)  # type: ignore[attr-defined]
+                raise
+        config = self._fl_config
+        if config is not None and config.fd is not None:
+            return len(kept)
+        return len(kept) + serve_queued(self)
+
+    def _fl_keep(self, request: Any, client_address: Any, verified: bool) -> None:
+        """A connection shutdown() kept from its handler (see serve_queued)."""
+        with _wake_lock:
+            if self._fl_unserved is None:
+                self._fl_unserved = []
+            self._fl_unserved.append((request, client_address, verified))
 
     def drain(self, timeout: Optional[float] = None) -> int:
         """After shutdown(): wait up to ``timeout`` seconds (None: for ever)
@@ -674,10 +718,11 @@ class _FastLoop:
         try:
             for i, (request, client_address) in enumerate(batch):
                 if self._BaseServer__shutdown_request:
-                    # Not handed to the server yet: closed unprocessed (the
-                    # README lists this difference).
-                    for rest, _ in batch[i:]:
-                        rest.close()
+                    # Not handed to the server yet: kept for serve_queued(),
+                    # closed unprocessed by server_close() (the README lists
+                    # this difference).
+                    for rest, address in batch[i:]:
+                        self._fl_keep(rest, address, False)
                     return
                 try:
                     handle_one(request, client_address)
@@ -958,7 +1003,10 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         pool.daemon = self.daemon_threads
         if not pool.submit(self.process_request_thread, request, client_address,
                            cancelled=self._fl_shutdown_requested):
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+            if pool.closed:
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+            else:
+                self._fl_keep(request, client_address, True)    # for serve_queued()
 
     def _fl_lead_handler(self) -> Optional[Callable[[socket.socket, Any], None]]:
         """Leader/follower applies when the hooks the stdlib runs in the
@@ -1132,7 +1180,7 @@ if hasattr(os, "fork"):
             # The stdlib waits for a child to exit (uninterruptibly) when
             # max_children run; wait here instead, for a child or shutdown().
             if not self._fl_wait_for_room():
-                self.shutdown_request(request)  # type: ignore[attr-defined]
+                self._fl_keep(request, client_address, True)    # for serve_queued()
                 return
             self._fl_frontdoor()    # its report pipe exists before the fork
             super().process_request(request, client_address)

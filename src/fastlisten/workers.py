@@ -34,8 +34,10 @@ Sharing the port (``reuse_port``):
   connections off a slot whose worker is not accepting (starting or dead).
 
 Signals (run() installs them; the methods below do the same from code):
-SIGTERM/SIGINT stop gracefully (workers stop accepting; running handlers get
-``graceful_timeout`` seconds, then are ended; a second one stops at once);
+SIGTERM/SIGINT stop gracefully (workers stop accepting and serve the
+connections the kernel had already queued, instead of letting the closing
+socket reset them; running handlers get ``graceful_timeout`` seconds, then
+are ended; a second one stops at once);
 SIGQUIT stops at once; SIGHUP
 reloads (new workers, with the handler's package imported afresh, accept
 before the old ones stop accepting and drain); SIGTTIN/SIGTTOU add/remove a
@@ -83,6 +85,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from fastlisten import sysinfo
+from fastlisten._queued import serve_queued
 from fastlisten._wakeup import Waker
 from fastlisten.config import ListenConfig
 from fastlisten.errors import EphemeralPortWarning, user_error_line, user_traceback
@@ -636,9 +639,13 @@ class Workers:
             self._stop_deadline = None
             return
         self._stop_deadline = time.monotonic() + self.graceful_timeout + 1.0
+        # Each worker empties its socket's queue before its copy closes: the
+        # sockets close with the last of them, and would reset what is queued
+        # (not systemd's socket: its queue waits for the next start).
+        empty = self.config.fd is None
         for w in list(self._workers.values()):
             if w.state not in ("retiring", "killed"):
-                self._retire(w, close_slot=False)
+                self._retire(w, close_slot=False, empty_queue=empty)
 
     def _stop_step(self, now: float) -> None:
         if self._stop_deadline is not None and now >= self._stop_deadline:
@@ -719,9 +726,11 @@ class Workers:
         i = self._open_slot()
         assert i == slot, (i, slot)
 
-    def _retire(self, w: _Worker, close_slot: bool) -> None:
+    def _retire(self, w: _Worker, close_slot: bool, empty_queue: bool = False) -> None:
         """Tell worker w to stop accepting and finish (SIGTERM).  A reuseport
-        slot that closes after it is first steered away from (linger)."""
+        slot that closes after it is first steered away from (linger).
+        ``empty_queue`` (the socket closes after it, as ``close_slot``): the
+        worker serves what is queued first (SIGUSR2)."""
         now = time.monotonic()
         if close_slot and self.handover == "steer" and w.state in ("ready", "closing"):
             if w.steered_at is None:
@@ -733,7 +742,7 @@ class Workers:
         w.steered_at = None
         w.deadline = now + self.graceful_timeout + 1.0
         # SIGUSR2: also empty the socket's queue, it closes after this worker.
-        self._signal(w, signal.SIGUSR2 if close_slot else signal.SIGTERM)
+        self._signal(w, signal.SIGUSR2 if close_slot or empty_queue else signal.SIGTERM)
 
     def _spawn(self, slot: int) -> None:
         limit = 0
@@ -1261,17 +1270,14 @@ class _WorkerLoop:
 
     def _empty_queue(self) -> None:
         """Serve the connections still queued on this worker's socket, which
-        closes after it (reuseport, no tcp_migrate_req): no reset for them."""
-        sock = self.server.socket
+        closes after it (a stop, or reuseport without tcp_migrate_req): no
+        reset for them."""
+        # a fastlisten server's own call also serves what its loop kept
+        own = getattr(self.server, "serve_queued", None)
         try:
-            probe = Listener(sock.family, fileno=sock.fileno(), proto=sock.proto, owned=False)
-        except (OSError, TypeError):
-            return
-        try:
-            queued = probe.queue()[0]
-            for _ in range(queued):
-                self.server._handle_request_noblock()
-        except OSError:
-            pass
-        finally:
-            probe.close()
+            if own is not None:
+                own()
+            else:
+                serve_queued(self.server)
+        except OSError as exc:
+            _log.warning("worker %d: cannot empty the accept queue: %s", os.getpid(), exc)

@@ -36,7 +36,7 @@ waiter(void *arg)
     (void)arg;
     for (;;) {
         int status = 0, err = 0, i;
-        int n = fl_filter_wait_accept(&filt, lfd, wake_r, 1000, NULL, out, 8, &st,
+        int n = fl_filter_wait_accept(&filt, lfd, wake_r, -1, 1000, NULL, out, 8, &st,
                                       &status, &err);
         if (status == FL_WAIT_WOKEN)
             return NULL;

@@ -12,7 +12,9 @@ The native load generator keeps ``concurrency`` connections going (the
   before the kill);
 
 in both ways of sharing the port, beside a naive restart (one process,
-stopped with SIGTERM, then started again on the same port).  Lost
+stopped with SIGTERM, then started again on the same port) and graceful
+stops of one process (its queued clients served, not reset; those that
+come once the port is closed are refused, and not counted as lost).  Lost
 connections are the load generator's errors (refused, reset, short reply)
 and timeouts.  Then balance (connections per worker, max/min, with 2 and 4
 workers) and scale (connections/s, CPU per connection and context switches
@@ -264,6 +266,80 @@ def naive_scenario(cycles: int, duration: float, concurrency: int) -> Dict[str, 
         served.stop()
 
 
+class _Clients:
+    """``concurrency`` client threads, each running the daytime exchange
+    over and over until the port refuses; the outcomes counted by kind
+    (the native load generator counts all failures as one)."""
+
+    def __init__(self, port: int, concurrency: int, limit: int = 100_000) -> None:
+        self.port, self.limit = port, limit
+        self.lock = threading.Lock()
+        self.counts = {"served": 0, "refused": 0, "reset": 0, "short": 0}
+        self.each = [0] * concurrency
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
+                        for i in range(concurrency)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, i: int) -> None:
+        import socket
+        for _ in range(self.limit):
+            what = "served"
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=30) as c:
+                    reply = b""
+                    while True:
+                        data = c.recv(4096)
+                        if not data:
+                            break
+                        reply += data
+                    if reply != REPLY:
+                        what = "short"
+            except ConnectionRefusedError:
+                what = "refused"
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNRESET, errno.EPIPE):
+                    raise
+                what = "reset"
+            with self.lock:
+                self.counts[what] += 1
+                self.each[i] += what == "served"
+            if what == "refused":
+                return
+
+    def everyone_served(self) -> bool:
+        with self.lock:
+            return all(self.each)
+
+    def join(self) -> Dict[str, int]:
+        for t in self.threads:
+            t.join(60)
+        return dict(self.counts)
+
+
+def stop_scenario(cycles: int, concurrency: int) -> Dict[str, Any]:
+    """One process (``fastlisten serve``) stopped with SIGTERM under load,
+    ``cycles`` times: its queued clients must be served, not reset; the
+    clients that come once the port is closed are refused."""
+    totals = {"served": 0, "refused": 0, "reset": 0, "short": 0}
+    for _ in range(cycles):
+        served = _Served(["--bind", "127.0.0.1:0", "--grace", "5"])
+        try:
+            clients = _Clients(served.port, concurrency)
+            deadline = time.monotonic() + 30
+            while not clients.everyone_served() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            served.stop()
+            for what, n in clients.join().items():
+                totals[what] += n
+        finally:
+            served.close()
+    lost = totals["reset"] + totals["short"]
+    return {"events": cycles, "completed": totals["served"], "lost": lost, "errors": lost,
+            "timeouts": 0, "first_errno": errno.ECONNRESET if totals["reset"] else 0,
+            "rate": 0.0, "refused_once_closed": totals["refused"]}
+
+
 def balance_and_scale(mode: str, workers: int, duration: float,
                       concurrency: int) -> Dict[str, Any]:
     """Connections per worker (max/min) and connections/s, CPU and context
@@ -316,6 +392,8 @@ def run_restarts(cycles: int = 20, duration: float = 8.0, concurrency: int = 16,
         out["events"][f"kill/{mode}"] = kill_scenario(mode, cycles, duration, concurrency)
     say(f"{cycles} naive restarts (stop, then start)")
     out["events"]["reload/naive restart"] = naive_scenario(cycles, duration, concurrency)
+    say(f"{cycles} graceful stops of one process")
+    out["events"]["stop/one process"] = stop_scenario(cycles, concurrency)
     return out
 
 
@@ -332,6 +410,8 @@ def to_text(report: Dict[str, Any]) -> str:
             notes.append(f"held by the killed workers: {row['held_by_killed']}")
         if "max_requests" in row:
             notes.append(f"--max-requests {row['max_requests']}")
+        if "refused_once_closed" in row:
+            notes.append(f"refused once the port closed: {row['refused_once_closed']}")
         if row["first_errno"]:
             code = errno.errorcode.get(row["first_errno"], row["first_errno"])
             notes.append(f"first error {code}")

@@ -24,10 +24,12 @@ handler's thread or process, never in the accept loop.
 
 The first line on stdout is "listening on ADDRESS" (with the port the kernel
 chose for port 0).  SIGUSR1 logs the counters (so does --stats-interval).
-SIGINT or SIGTERM stop accepting and give running handlers --grace seconds
-to finish; then they are ended (their connections are shut down; processes
-get SIGTERM, then SIGKILL) and the command exits 0 without waiting for a
-thread that still does not return.  A second signal ends them at once.
+SIGINT or SIGTERM stop accepting, serve the connections the kernel had
+already queued (closing the socket would reset them) and give running
+handlers --grace seconds to finish; then they are ended (their connections
+are shut down; processes get SIGTERM, then SIGKILL) and the command exits 0
+without waiting for a thread that still does not return.  A second signal
+ends them at once.
 
 With --workers N the same server runs in N supervised processes
 (fastlisten.Workers): SIGTERM/SIGINT stop them gracefully within --grace
@@ -385,6 +387,8 @@ def run(args: argparse.Namespace) -> int:
             stops = signals.stops       # any later stop signal is a second one
             drops = counters(server).get("queue_drops")     # while the socket is open
             server.shutdown()
+            # what the kernel queued would be reset by server_close()
+            server.serve_queued()
             running = server.counters()["handlers_running"]
             if running:
                 _log.info("stopped accepting; %d handler(s) running get up to %.3g s "

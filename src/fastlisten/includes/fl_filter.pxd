@@ -34,10 +34,10 @@ cdef extern from "fl_filter.h" nogil:
     void fl_filter_shut(fl_filter *f)
     void fl_filter_destroy(fl_filter *f)
     void fl_filter_stats_read(const fl_filter *f, fl_filter_stats *out)
-    int fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int timeout_ms,
+    int fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int sig_fd, int timeout_ms,
                               const sigset_t *wait_mask, fl_conn *out, int max, fl_stats *st,
                               int *status, int *err)
     int fl_filter_watch(fl_filter *f, int epfd)
-    int fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int stop_fd,
+    int fl_filter_wait_accept_ep(fl_filter *f, int epfd, int lfd, int wfd, int sig_fd, int stop_fd,
                                  fl_gate *gate, int timeout_ms, const sigset_t *wait_mask,
                                  fl_conn *out, int max, fl_stats *st, int *status, int *err)

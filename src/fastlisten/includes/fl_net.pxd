@@ -42,7 +42,7 @@ cdef extern from "fl_net.h" nogil:
     void fl_wakeup_close(int *rfd, int *wfd)
     int fl_wakeup_signal(int wfd)
     void fl_wakeup_drain(int rfd)
-    int fl_wait_accept(int lfd, int wfd, int timeout_ms, const sigset_t *wait_mask,
+    int fl_wait_accept(int lfd, int wfd, int sig_fd, int timeout_ms, const sigset_t *wait_mask,
                        fl_conn *out, int max, fl_stats *st, int *status, int *err)
     ctypedef struct fl_gate:
         pass
@@ -53,9 +53,10 @@ cdef extern from "fl_net.h" nogil:
     int fl_gate_busy(const fl_gate *g)
     void fl_gate_wait(fl_gate *g)
     int fl_waiter_open(int lfd, int wfd, int stop_fd, fl_gate *gate, int *exclusive)
-    int fl_wait_accept_ep(int epfd, int lfd, int wfd, int stop_fd, fl_gate *gate,
+    int fl_wait_accept_ep(int epfd, int lfd, int wfd, int sig_fd, int stop_fd, fl_gate *gate,
                           int timeout_ms, const sigset_t *wait_mask, fl_conn *out, int max,
                           fl_stats *st, int *status, int *err)
+    int fl_epoll_watch(int epfd, int fd, int on)
     int fl_block_signals(sigset_t *old)
     int fl_restore_signals(const sigset_t *old)
     void fl_capacity_backoff(int wfd, int ms)

@@ -1,0 +1,117 @@
+"""Serving what the kernel queued before a listening socket closes.
+
+Closing a listening socket resets every connection the kernel had
+completed and queued on it (the clients read ECONNRESET).  A graceful stop
+takes them first: :func:`serve_queued` makes the kernel stop completing new
+handshakes on the socket (:func:`close_door`), then hands each queued
+connection to the server as its serving loop would.  ``fastlisten serve``
+(one process) and :class:`fastlisten.Workers` (every stop that closes a
+socket: SIGTERM/SIGINT, a reuse-port slot that goes away) both use it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import select
+import socket
+import struct
+from typing import Any
+
+__all__ = ["close_door", "hand_over", "serve_queued"]
+
+_log = logging.getLogger("fastlisten")
+
+_SO_ATTACH_FILTER = 26
+
+# A classic BPF socket filter (linux/filter.h) run on each segment that
+# reaches the listening socket (skb data starts at the TCP header): drop a
+# SYN without ACK (a new handshake: the client retries it, and once the
+# socket is closed is refused), keep the rest, so that a handshake already
+# under way completes into the queue and is served.  Children accepted later
+# inherit the filter; a bare SYN means nothing to an established connection.
+_BPF_LD_B_ABS = 0x00 | 0x10 | 0x20      # BPF_LD | BPF_B | BPF_ABS
+_BPF_ALU_AND_K = 0x04 | 0x50 | 0x00     # BPF_ALU | BPF_AND | BPF_K
+_BPF_JEQ_K = 0x05 | 0x10 | 0x00         # BPF_JMP | BPF_JEQ | BPF_K
+_BPF_RET_K = 0x06 | 0x00                # BPF_RET | BPF_K
+_TH_SYN, _TH_ACK = 0x02, 0x10
+_DROP_NEW_HANDSHAKES = (
+    (_BPF_LD_B_ABS, 0, 0, 13),                  # A = TCP flags
+    (_BPF_ALU_AND_K, 0, 0, _TH_SYN | _TH_ACK),
+    (_BPF_JEQ_K, 0, 1, _TH_SYN),                # a bare SYN ? drop : keep
+    (_BPF_RET_K, 0, 0, 0),
+    (_BPF_RET_K, 0, 0, 0xFFFFFFFF),
+)
+
+
+def close_door(sock: socket.socket) -> bool:
+    """Make the kernel complete no new connection on the listening TCP
+    socket ``sock`` (which stays open): what is queued, and handshakes
+    already under way, stay to be accepted.  True when done; False for a
+    socket that is not TCP (a Unix socket's queue is emptied as it is) or
+    when the kernel refuses the filter (logged)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or \
+            sock.type != socket.SOCK_STREAM:
+        return False
+    prog = _DROP_NEW_HANDSHAKES
+    insns = (ctypes.c_uint8 * (8 * len(prog)))()
+    for i, insn in enumerate(prog):
+        struct.pack_into("=HBBI", insns, 8 * i, *insn)
+    fprog = struct.pack("=HxxxxxxQ", len(prog), ctypes.addressof(insns))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError as exc:
+        _log.warning("cannot stop new connections before closing %s (%s): a connection "
+                     "that completes while the queue is emptied is reset",
+                     sock.getsockname(), exc)
+        return False
+    return True
+
+
+def serve_queued(server: Any) -> int:
+    """Hand every connection queued on ``server.socket`` to the server, as
+    its serving loop would (``verify_request``, ``process_request``; their
+    errors go to ``handle_error``), after :func:`close_door`; returns how
+    many were taken.  Call it after the serving loop stopped and before the
+    socket closes.  Other processes may accept from the same socket
+    meanwhile (Workers): each takes what it gets, until the queue is
+    empty.  An accept error other than an empty queue ends it (logged)."""
+    sock = server.socket
+    if sock is None or sock.fileno() < 0:
+        return 0
+    close_door(sock)
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    taken = 0
+    while poller.poll(0):
+        try:
+            request, client_address = server.get_request()
+        except (BlockingIOError, InterruptedError):
+            continue        # another process took it; poll again
+        except OSError as exc:
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                continue    # the client gave up while queued
+            _log.warning("emptying the accept queue of %s stopped: %s",
+                         sock.getsockname(), exc)
+            break
+        taken += 1
+        hand_over(server, request, client_address)
+    return taken
+
+
+def hand_over(server: Any, request: Any, client_address: Any, verified: bool = False) -> None:
+    """What the stdlib's serving loop does with an accepted connection:
+    ``verify_request`` (unless ``verified``), then ``process_request``;
+    its exception goes to ``handle_error``."""
+    if verified or server.verify_request(request, client_address):
+        try:
+            server.process_request(request, client_address)
+        except Exception:
+            server.handle_error(request, client_address)
+            server.shutdown_request(request)
+        except BaseException:
+            server.shutdown_request(request)
+            raise
+    else:
+        server.shutdown_request(request)
