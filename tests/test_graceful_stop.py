@@ -124,7 +124,7 @@ def test_serve_queued_serves_what_the_kernel_queued(max_threads):
 
     class Server(fastlisten.ThreadingTCPServer):
         pass
-    Server.max_threads = max_threads
+    Server.fl_max_threads = max_threads
 
     server = Server(("127.0.0.1", 0), Echo)
     clients = []
