@@ -69,22 +69,30 @@ def close_door(sock: socket.socket) -> bool:
     return True
 
 
-def serve_queued(server: Any) -> int:
+def serve_queued(server: Any, door: bool = True) -> int:
     """Hand every connection queued on ``server.socket`` to the server, as
     its serving loop would (``verify_request``, ``process_request``; their
-    errors go to ``handle_error``), after :func:`close_door`; returns how
-    many were taken.  Call it after the serving loop stopped and before the
-    socket closes.  Other processes may accept from the same socket
-    meanwhile (Workers): each takes what it gets, until the queue is
-    empty.  An accept error other than an empty queue ends it (logged)."""
+    errors go to ``handle_error``), after :func:`close_door` (with
+    ``door``); returns how many were taken.  Call it after the serving loop
+    stopped and before the socket closes.  Other processes may accept from
+    the same socket meanwhile (Workers): each takes what it gets, until the
+    queue is empty.  An accept error other than an empty queue ends it
+    (logged).
+    Without ``door`` (new connections are kept away otherwise: a reuse-port
+    socket steered around), at most as many as are queued now (TCP) are
+    taken."""
     sock = server.socket
     if sock is None or sock.fileno() < 0:
         return 0
-    close_door(sock)
+    limit = None
+    if door:
+        close_door(sock)
+    elif sock.family in (socket.AF_INET, socket.AF_INET6):
+        limit = _queued_now(sock)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     taken = 0
-    while poller.poll(0):
+    while (limit is None or taken < limit) and poller.poll(0):
         try:
             request, client_address = server.get_request()
         except (BlockingIOError, InterruptedError):
@@ -98,6 +106,23 @@ def serve_queued(server: Any) -> int:
         taken += 1
         hand_over(server, request, client_address)
     return taken
+
+
+def _queued_now(sock: socket.socket) -> int:
+    """Connections in the accept queue of the listening TCP socket now
+    (TCP_INFO, as ``ss -lnt``); 0 when it cannot tell."""
+    from fastlisten.listener import Listener
+
+    try:
+        probe = Listener(sock.family, fileno=sock.fileno(), proto=sock.proto, owned=False)
+    except (OSError, TypeError):
+        return 0
+    try:
+        return probe.queue()[0]
+    except OSError:
+        return 0
+    finally:
+        probe.close()
 
 
 def hand_over(server: Any, request: Any, client_address: Any, verified: bool = False) -> None:

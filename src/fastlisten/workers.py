@@ -729,8 +729,9 @@ class Workers:
     def _retire(self, w: _Worker, close_slot: bool, empty_queue: bool = False) -> None:
         """Tell worker w to stop accepting and finish (SIGTERM).  A reuseport
         slot that closes after it is first steered away from (linger).
-        ``empty_queue`` (the socket closes after it, as ``close_slot``): the
-        worker serves what is queued first (SIGUSR2)."""
+        ``empty_queue`` (a stop: the socket closes for good after it): the
+        worker makes the kernel complete no new connection on it and serves
+        what is queued first (SIGINT)."""
         now = time.monotonic()
         if close_slot and self.handover == "steer" and w.state in ("ready", "closing"):
             if w.steered_at is None:
@@ -741,8 +742,13 @@ class Workers:
         w.state = "retiring"
         w.steered_at = None
         w.deadline = now + self.graceful_timeout + 1.0
-        # SIGUSR2: also empty the socket's queue, it closes after this worker.
-        self._signal(w, signal.SIGUSR2 if close_slot or empty_queue else signal.SIGTERM)
+        # SIGUSR2: also empty the socket's queue, it closes after this worker
+        # (steering or the kernel's migration keeps new connections away).
+        # SIGINT: the same, the stop's: no new connection is let in first.
+        if empty_queue:
+            self._signal(w, signal.SIGINT)
+        else:
+            self._signal(w, signal.SIGUSR2 if close_slot else signal.SIGTERM)
 
     def _spawn(self, slot: int) -> None:
         limit = 0
@@ -1100,6 +1106,7 @@ def _handler_process_after_fork() -> None:
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the worker's, as it was
 
 
 def _fastlisten_drain(server: Any) -> Optional[Callable[[float], int]]:
@@ -1142,7 +1149,9 @@ class _StopServing(BaseException):
 class _WorkerLoop:
     """A worker: serve_forever() in a thread; the main thread waits for
     SIGTERM (graceful stop), SIGUSR2 (graceful stop that empties the
-    socket's queue first) or the parent's death (the lifeline pipe ends)."""
+    socket's queue first), SIGINT (the supervisor's stop: as SIGUSR2, after
+    the kernel is made to let no new connection in) or the parent's death
+    (the lifeline pipe ends)."""
 
     def __init__(self, server: Any, status_fd: int, record: _Record, limit: int,
                  lifeline: int, poll_interval: float, graceful_timeout: float) -> None:
@@ -1208,6 +1217,7 @@ class _WorkerLoop:
         server.service_actions = service_actions
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGUSR2, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
         signal.set_wakeup_fd(self.waker.write_fileno(), warn_on_full_buffer=False)
         outcome: List[Any] = []
 
@@ -1246,8 +1256,8 @@ class _WorkerLoop:
             raise outcome[0]
         if self.stop is None:
             return 1            # serve_forever returned by itself
-        if self.stop == "empty":
-            self._empty_queue()
+        if self.stop in ("empty", "final"):
+            self._empty_queue(final=self.stop == "final")
         # Stop listening before the handlers drain: this copy of the socket
         # must not hold connections nobody will accept.
         server.socket.close()
@@ -1263,21 +1273,24 @@ class _WorkerLoop:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stop is None:
-            self.stop = "empty" if signum == signal.SIGUSR2 else "graceful"
+            self.stop = {signal.SIGUSR2: "empty", signal.SIGINT: "final"}.get(
+                signum, "graceful")
         # The main thread may have drained set_wakeup_fd's byte and looked
         # at self.stop before this handler ran: wake it again.
         self.waker.wakeup()
 
-    def _empty_queue(self) -> None:
+    def _empty_queue(self, final: bool) -> None:
         """Serve the connections still queued on this worker's socket, which
-        closes after it (a stop, or reuseport without tcp_migrate_req): no
-        reset for them."""
+        closes after it: no reset for them.  ``final`` (a stop: it closes for
+        good): first the kernel is made to complete no new connection on it;
+        else (a reuseport slot that goes away) what is queued now is served,
+        and steering or the kernel's migration sees to the rest."""
         # a fastlisten server's own call also serves what its loop kept
         own = getattr(self.server, "serve_queued", None)
         try:
-            if own is not None:
+            if own is not None and final:
                 own()
             else:
-                serve_queued(self.server)
+                serve_queued(self.server, door=final)
         except OSError as exc:
             _log.warning("worker %d: cannot empty the accept queue: %s", os.getpid(), exc)
