@@ -7,7 +7,9 @@ configuration, clear errors and dispatch.
 The drop-in ``socketserver`` is the module ``fastlisten.server`` (what
 ``install()`` puts in ``sys.modules["socketserver"]``).  This package
 re-exports it whole, so ``import fastlisten as socketserver`` gives the very
-same objects, the stdlib's private names included.
+same objects, the stdlib's private names included, and its ``__version__``
+(socketserver's "0.4", deprecated from CPython 3.15 on with the stdlib's
+own warning).  fastlisten's own version is ``fastlisten.VERSION``.
 """
 from fastlisten.config import ListenConfig
 from fastlisten.errors import (
@@ -22,15 +24,19 @@ from fastlisten._install import install
 from fastlisten.workers import Workers
 
 __all__ = ["compiled", "Listener", "listen", "default_backlog", "proxy_parse", "proxy_read"]
-__all__ += ["install", "Workers"] + _server_all
-__version__ = "0.1.0"
+__all__ += ["install", "Workers", "VERSION"] + _server_all
+#: fastlisten's version (``__version__`` is socketserver's, see above).
+VERSION = "0.1.0"
 __all__ += ["ListenConfig", "FastlistenWarning", "EphemeralPortWarning",
             "BacklogTruncatedWarning", "OptionIneffectiveWarning"]
 
 
 def __getattr__(name: str):  # type: ignore[no-untyped-def]
     # Names of the stdlib's socketserver that fastlisten.server forwards
-    # (private helpers such as _ServerSelector), for code that treats this
-    # package as socketserver.
+    # (private helpers such as _ServerSelector, __version__), for code that
+    # treats this package as socketserver.
     from fastlisten import server
-    return getattr(server, name)
+    try:
+        return vars(server)[name]
+    except KeyError:
+        return server._stdlib_attribute(name, stacklevel=2)

@@ -270,10 +270,10 @@ def report() -> Dict[str, Any]:
     import platform
     import sys
 
-    from fastlisten import __version__
+    from fastlisten import VERSION
 
     return {
-        "fastlisten": __version__,
+        "fastlisten": VERSION,
         "python": sys.version.split()[0],
         "kernel": platform.release(),
         "limits": limits(),
