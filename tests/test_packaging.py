@@ -63,3 +63,16 @@ def test_the_package_is_typed():
     assert "Typing :: Typed" in _classifiers()
     import fastlisten
     assert os.path.exists(os.path.join(os.path.dirname(fastlisten.__file__), "py.typed"))
+
+
+def test_ci_runs_every_listed_interpreter():
+    """.ci/run takes 3.9-3.13 from pyenv and the rest from debian-python:
+    between them, every version the classifiers list, and no other."""
+    run = _read(os.path.join(".ci", "run"))
+    pyenv = re.search(r"for v in \$\(pyenv versions --bare \| grep -E '([^']+)'\)", run).group(1)
+    debian = re.search(r'^DEBIAN_VERSIONS="([^"]*)"$', run, re.M).group(1).split()
+    listed = [c.rsplit(" :: ", 1)[1] for c in _classifiers()
+              if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]
+    ci = [v for v in (f"3.{minor}" for minor in range(0, 30))
+          if re.search(pyenv, v + ".0") or v in debian]
+    assert ci == listed
