@@ -17,7 +17,8 @@ library working.  Each class here subclasses its standard-library namesake
 - ``ThreadingMixIn`` reuses threads (``fastlisten._workers``); with stock
   serving-thread hooks its idle threads accept connections themselves
   (leader/follower) and run the request at once.
-- ``request_queue_size`` is the kernel's somaxconn, not 5.
+- ``request_queue_size`` is the kernel's somaxconn, not 5 (CPython 3.15:
+  ``socket.SOMAXCONN``, the C library's constant).
 
 Behind a load balancer and with TLS (fastlisten's additions): a
 ``listen_config`` with ``proxy_protocol`` makes every connection start with
