@@ -242,7 +242,7 @@ if mode == "tls":
     server.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.ssl_context.load_cert_chain(cert, key)
 client = subprocess.Popen([sys.executable, "-c", CLIENT, str(server.server_address[1]), mode,
-                           cert, str(os.getpid())], stdout=subprocess.PIPE)
+                           cert, str(os.getpid()), "SIGUSR1"], stdout=subprocess.PIPE)
 signal.signal(signal.SIGUSR1, stop)
 try:
     server.serve_forever(0.05)       # here, in the main thread, as a program does
@@ -256,7 +256,7 @@ print(json.dumps({"replies": client.communicate(timeout=30)[0].decode().split(),
 
 _CLIENT = r'''
 import os, signal, socket, ssl, sys
-port, mode, cert, server = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+port, mode, cert, server, stop = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 for i in range(3):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
         if mode == "proxy":
@@ -268,7 +268,7 @@ for i in range(3):
         c.sendall(b"ping%d\n" % i)
         print(c.makefile("rb").readline().decode().strip(), flush=True)
         c.close()
-os.kill(server, signal.SIGUSR1)
+os.kill(server, getattr(signal, stop))
 '''
 
 
@@ -296,3 +296,54 @@ def test_a_forking_server_forks_from_its_only_thread(module, mode, tmp_path):
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["replies"] == ["PING0", "PING1", "PING2"]
     assert result["at_fork"] == [[1, 1]] * 3
+
+
+_SUPERVISOR = r'''
+import json, os, subprocess, sys, threading
+import fastlisten
+
+supervisor, at_fork = os.getpid(), []
+
+
+def before_fork():      # in the supervisor: (Python threads, threads of the process)
+    if os.getpid() == supervisor:
+        with open("/proc/self/stat", "rb") as f:
+            at_fork.append((threading.active_count(),
+                            int(f.read().rsplit(b")", 1)[1].split()[17])))
+
+
+os.register_at_fork(before=before_fork)
+
+
+class Upper(fastlisten.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.readline().upper())
+
+
+workers = fastlisten.Workers(fastlisten.ThreadingTCPServer, ("127.0.0.1", 0), Upper, workers=2)
+workers.bind()
+client = subprocess.Popen([sys.executable, "-c", CLIENT, str(workers.address[1]), "plain", "",
+                           str(os.getpid()), "SIGTERM"], stdout=subprocess.PIPE)
+assert workers.run() == 0
+print(json.dumps({"replies": client.communicate(timeout=30)[0].decode().split(),
+                  "at_fork": at_fork}))
+'''
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="Workers needs os.fork")
+def test_the_supervisor_forks_its_workers_from_its_only_thread():
+    """Workers' supervisor, run from a program's main thread, forks each
+    worker from a process with no other thread (CPython 3.12+ has no
+    multi-threaded fork to warn about), even with threaded servers."""
+    import json
+    import subprocess
+    import sys
+
+    script = _SUPERVISOR.replace("CLIENT,", repr(_CLIENT) + ",")
+    proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", script],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multi-threaded" not in proc.stderr, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["replies"] == ["PING0", "PING1", "PING2"]
+    assert result["at_fork"] == [[1, 1]] * 2
