@@ -256,7 +256,8 @@ print(json.dumps({"replies": client.communicate(timeout=30)[0].decode().split(),
 
 _CLIENT = r'''
 import os, signal, socket, ssl, sys
-port, mode, cert, server, stop = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+port, mode, cert, server, stop = sys.argv[1:6]
+port, server = int(port), int(server)
 for i in range(3):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
         if mode == "proxy":
