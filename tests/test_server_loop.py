@@ -224,7 +224,7 @@ class Upper(module.StreamRequestHandler):
         self.wfile.write(self.rfile.readline().upper())
 
 
-class Stop(Exception):
+class Stop(BaseException):     # not an Exception, which handle_error would swallow
     pass
 
 
@@ -291,7 +291,7 @@ def test_a_forking_server_forks_from_its_only_thread(module, mode, tmp_path):
         cert, key = make_cert(tmp_path)
     script = _FORKING_IN_THE_MAIN_THREAD.replace("CLIENT,", repr(_CLIENT) + ",")
     proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", script,
-                           module, mode, cert, key], capture_output=True, text=True, timeout=60)
+                           module, mode, cert, key], capture_output=True, text=True, timeout=40)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "multi-threaded" not in proc.stderr, proc.stderr[-3000:]
     result = json.loads(proc.stdout.splitlines()[-1])
@@ -342,7 +342,7 @@ def test_the_supervisor_forks_its_workers_from_its_only_thread():
 
     script = _SUPERVISOR.replace("CLIENT,", repr(_CLIENT) + ",")
     proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", script],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=40)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "multi-threaded" not in proc.stderr, proc.stderr[-3000:]
     result = json.loads(proc.stdout.splitlines()[-1])
