@@ -228,13 +228,21 @@ class Stop(BaseException):     # not an Exception, which handle_error would swal
     pass
 
 
-def stop(signum, frame):
-    raise Stop
+stopping = []
+
+
+def stop(signum, frame):        # raising here could land where it is swallowed
+    stopping.append(signum)     # (in logging's at-fork hook, say)
 
 
 class Server(module.ForkingTCPServer):
     if mode == "proxy":
         listen_config = fastlisten.ListenConfig(proxy_protocol="v1")
+
+    def service_actions(self):          # every poll_interval, in the loop
+        super().service_actions()
+        if stopping:
+            raise Stop
 
 
 server = Server(("127.0.0.1", 0), Upper)
