@@ -63,7 +63,7 @@ def test_version_names_the_release_and_the_core():
     out = run("--version")
     assert out.returncode == 0, out.stderr
     core = "compiled" if fastlisten.compiled else "pure-Python"
-    assert out.stdout.startswith(f"fastlisten {fastlisten.__version__} ({core} core, ")
+    assert out.stdout.startswith(f"fastlisten {fastlisten.VERSION} ({core} core, ")
 
 
 def test_help_texts_are_plain_text():

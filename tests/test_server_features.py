@@ -255,6 +255,7 @@ def test_the_synchronous_server_has_nothing_to_drain():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.forks_beside_test_threads
 def test_drain_ends_forked_handlers_with_sigterm():
     class Forking(fastlisten.ForkingTCPServer):
         fl_kill_timeout = LIMIT
@@ -270,6 +271,7 @@ def test_drain_ends_forked_handlers_with_sigterm():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.forks_beside_test_threads
 def test_shutdown_is_not_held_up_by_a_full_forking_server():
     class One(fastlisten.ForkingTCPServer):
         max_children = 1

@@ -184,6 +184,7 @@ def _holds_a_connection_from(port):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="ForkingMixIn needs os.fork")
+@pytest.mark.forks_beside_test_threads
 def test_a_forked_handler_holds_no_connection_but_its_own():
     """ForkingMixIn takes one connection per wake-up: a child forked while
     the rest of a batch sat in the parent would hold those connections open
@@ -206,3 +207,161 @@ def test_a_forked_handler_holds_no_connection_but_its_own():
             finally:
                 shutdown_within(server, t, LIMIT)
     assert replies == (b"free\n", b"free\n")
+
+
+_FORKING_IN_THE_MAIN_THREAD = r'''
+import json, os, signal, socket, ssl, subprocess, sys, threading
+import socketserver
+import fastlisten
+
+module = {"stdlib": socketserver, "fastlisten": fastlisten}[sys.argv[1]]
+mode, cert, key = sys.argv[2:5]
+at_fork = []
+
+
+def before_fork():      # (Python threads, threads of the process) at each fork
+    with open("/proc/self/stat", "rb") as f:
+        at_fork.append((threading.active_count(),
+                        int(f.read().rsplit(b")", 1)[1].split()[17])))
+
+
+os.register_at_fork(before=before_fork)
+
+
+class Upper(module.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.readline().upper())
+
+
+class Stop(BaseException):     # not an Exception, which handle_error would swallow
+    pass
+
+
+stopping = []
+
+
+def stop(signum, frame):        # raising here could land where it is swallowed
+    stopping.append(signum)     # (in logging's at-fork hook, say)
+
+
+class Server(module.ForkingTCPServer):
+    if mode == "proxy":
+        listen_config = fastlisten.ListenConfig(proxy_protocol="v1")
+
+    def service_actions(self):          # every poll_interval, in the loop
+        super().service_actions()
+        if stopping:
+            raise Stop
+
+
+server = Server(("127.0.0.1", 0), Upper)
+if mode == "tls":
+    server.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.ssl_context.load_cert_chain(cert, key)
+client = subprocess.Popen([sys.executable, "-c", CLIENT, str(server.server_address[1]), mode,
+                           cert, str(os.getpid()), "SIGUSR1"], stdout=subprocess.PIPE)
+signal.signal(signal.SIGUSR1, stop)
+try:
+    server.serve_forever(0.05)       # here, in the main thread, as a program does
+except Stop:
+    pass
+finally:
+    server.server_close()
+print(json.dumps({"replies": client.communicate(timeout=30)[0].decode().split(),
+                  "at_fork": at_fork}))
+'''
+
+_CLIENT = r'''
+import os, signal, socket, ssl, sys
+port, mode, cert, server, stop = sys.argv[1:6]
+port, server = int(port), int(server)
+for i in range(3):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        if mode == "proxy":
+            c.sendall(b"PROXY TCP4 192.0.2.1 192.0.2.2 5000 80\r\n")
+        if mode == "tls":
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.load_verify_locations(cert)
+            c = ctx.wrap_socket(c, server_hostname="localhost")
+        c.sendall(b"ping%d\n" % i)
+        print(c.makefile("rb").readline().decode().strip(), flush=True)
+        c.close()
+os.kill(server, getattr(signal, stop))
+'''
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="ForkingMixIn needs os.fork")
+@pytest.mark.parametrize("module, mode", [
+    ("stdlib", "plain"), ("fastlisten", "plain"), ("fastlisten", "proxy"), ("fastlisten", "tls")])
+def test_a_forking_server_forks_from_its_only_thread(module, mode, tmp_path):
+    """Where the stdlib's ForkingTCPServer forks from a process with no other
+    thread (serve_forever in a program's main thread), so does fastlisten's,
+    with PROXY headers and TLS too: every fork sees one thread, and CPython
+    (3.12 on) has no multi-threaded fork to warn about."""
+    import json
+    import subprocess
+    import sys
+
+    cert = key = ""
+    if mode == "tls":
+        from tlsutil import make_cert
+        cert, key = make_cert(tmp_path)
+    script = _FORKING_IN_THE_MAIN_THREAD.replace("CLIENT,", repr(_CLIENT) + ",")
+    proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", script,
+                           module, mode, cert, key], capture_output=True, text=True, timeout=40)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multi-threaded" not in proc.stderr, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["replies"] == ["PING0", "PING1", "PING2"]
+    assert result["at_fork"] == [[1, 1]] * 3
+
+
+_SUPERVISOR = r'''
+import json, os, subprocess, sys, threading
+import fastlisten
+
+supervisor, at_fork = os.getpid(), []
+
+
+def before_fork():      # in the supervisor: (Python threads, threads of the process)
+    if os.getpid() == supervisor:
+        with open("/proc/self/stat", "rb") as f:
+            at_fork.append((threading.active_count(),
+                            int(f.read().rsplit(b")", 1)[1].split()[17])))
+
+
+os.register_at_fork(before=before_fork)
+
+
+class Upper(fastlisten.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.readline().upper())
+
+
+workers = fastlisten.Workers(fastlisten.ThreadingTCPServer, ("127.0.0.1", 0), Upper, workers=2)
+workers.bind()
+client = subprocess.Popen([sys.executable, "-c", CLIENT, str(workers.address[1]), "plain", "",
+                           str(os.getpid()), "SIGTERM"], stdout=subprocess.PIPE)
+assert workers.run() == 0
+print(json.dumps({"replies": client.communicate(timeout=30)[0].decode().split(),
+                  "at_fork": at_fork}))
+'''
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="Workers needs os.fork")
+def test_the_supervisor_forks_its_workers_from_its_only_thread():
+    """Workers' supervisor, run from a program's main thread, forks each
+    worker from a process with no other thread (CPython 3.12+ has no
+    multi-threaded fork to warn about), even with threaded servers."""
+    import json
+    import subprocess
+    import sys
+
+    script = _SUPERVISOR.replace("CLIENT,", repr(_CLIENT) + ",")
+    proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", script],
+                          capture_output=True, text=True, timeout=40)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multi-threaded" not in proc.stderr, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["replies"] == ["PING0", "PING1", "PING2"]
+    assert result["at_fork"] == [[1, 1]] * 2

@@ -1,10 +1,13 @@
 """CPython's own socketserver tests, from the installed standard library,
-run with fastlisten standing in for ``socketserver``.
+run with fastlisten standing in for ``socketserver``; then the tests of the
+standard library's modules built on socketserver (http.server, xmlrpc,
+wsgiref, logging.config's listener), with ``fastlisten.install()`` first so
+that their servers are fastlisten's.
 
 Every test must pass except ``test_all``, which compares ``__all__`` with
 the names whose ``__module__`` is ``socketserver`` (fastlisten's classes
-live in ``fastlisten.server``).  Runs in a subprocess so that the stand-in
-never leaks into this interpreter's ``sys.modules``.
+live in ``fastlisten.server``).  Each runs in a subprocess so that the
+stand-in never leaks into this interpreter's ``sys.modules``.
 """
 
 import importlib.util
@@ -33,9 +36,9 @@ _RUNNER = textwrap.dedent("""
 """)
 
 
-def _has_cpython_tests() -> bool:
+def _has_cpython_tests(name: str = "test_socketserver") -> bool:
     try:
-        return importlib.util.find_spec("test.test_socketserver") is not None
+        return importlib.util.find_spec(f"test.{name}") is not None
     except ImportError:
         return False
 
@@ -52,3 +55,53 @@ def test_cpython_socketserver_suite_passes_with_fastlisten():
     # The servers themselves must really run here, not be skipped.
     assert not {"test_TCPServer", "test_ThreadingTCPServer", "test_UDPServer",
                 "test_shutdown"} & set(result["skipped"]), result
+
+
+_DEPENDENT_RUNNER = textwrap.dedent("""
+    import importlib, json, sys, unittest
+    import fastlisten
+    fastlisten.install()      # before the test module imports http.server & co.
+    test_module = importlib.import_module("test." + sys.argv[1])
+    import http.server, logging.config, socketserver, wsgiref.simple_server, xmlrpc.server
+    assert socketserver is fastlisten.server
+    for server in (http.server.HTTPServer, xmlrpc.server.SimpleXMLRPCServer,
+                   wsgiref.simple_server.WSGIServer):
+        assert issubclass(server, fastlisten.TCPServer), server
+    suite = unittest.defaultTestLoader.loadTestsFromModule(test_module)
+    def ids(tests):
+        for t in tests:
+            yield from ids(t) if isinstance(t, unittest.TestSuite) else [t.id()]
+    loaded = sorted(ids(suite))
+    result = unittest.TextTestRunner(stream=sys.stderr, verbosity=2).run(suite)
+    print()
+    print(json.dumps({
+        "run": result.testsRun,
+        "loaded": loaded,
+        "failed": sorted(t.id() for t, _ in result.failures + result.errors),
+        "skipped": sorted(t.id() for t, _ in result.skipped),
+    }))
+""")
+
+#: The stdlib's tests of modules whose servers are socketserver's, and a test
+#: each that must run (not be skipped): one that serves through that module.
+DEPENDENTS = {
+    "test_httpservers": "test_get",
+    "test_xmlrpc": "test_simple1",
+    "test_wsgiref": "test_plain_hello",
+    "test_logging": "test_listen_config_10_ok",
+}
+
+
+@pytest.mark.timeout(300)     # test_logging alone takes most of a minute
+@pytest.mark.parametrize("name", sorted(DEPENDENTS))
+def test_cpython_suites_of_modules_built_on_socketserver_pass_on_fastlisten(name):
+    if not _has_cpython_tests(name):
+        pytest.skip(f"this interpreter has no test package (test.{name})")
+    proc = subprocess.run([sys.executable, "-c", _DEPENDENT_RUNNER, name], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ))
+    assert proc.stdout, proc.stderr[-5000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["run"] >= 20, result
+    assert result["failed"] == [], proc.stderr[-5000:]
+    ran = {t.rsplit(".", 1)[1] for t in set(result["loaded"]) - set(result["skipped"])}
+    assert DEPENDENTS[name] in ran, result["skipped"]

@@ -400,6 +400,7 @@ def test_bookkeeping_stays_bounded(ss):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.forks_beside_test_threads
 def test_forking_server_reaps_children(ss):
     server = ss.ForkingTCPServer(("127.0.0.1", 0), EchoLine)
     with serving(server):
@@ -438,6 +439,7 @@ def test_signal_handler_exception_ends_serve_forever(ss):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.forks_beside_test_threads
 def test_forking_handler_raising(ss):
     class Boom(socketserver.BaseRequestHandler):
         def handle(self):

@@ -499,3 +499,32 @@ def test_the_package_and_fastlisten_server_are_one_drop_in():
         assert getattr(fastlisten, name) is getattr(server, name), name
     with pytest.raises(AttributeError):
         fastlisten.NoSuchServer  # noqa: B018
+
+
+def _read_version(module):
+    """``module.__version__``, and the warnings reading it raised."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = module.__version__
+    return value, [(w.category, str(w.message), w.filename) for w in caught]
+
+
+@pytest.mark.parametrize("module", ["fastlisten", "fastlisten.server"])
+def test_version_is_the_stdlib_socketserver_s_deprecations_included(module):
+    """socketserver.__version__ reads the same through either drop-in name:
+    the same value, and the same DeprecationWarning (CPython 3.15 on),
+    attributed to the line that read it; fastlisten's own version is
+    fastlisten.VERSION."""
+    import importlib.metadata
+    import socketserver as std
+    drop_in = importlib.import_module(module)
+    expected_value, expected = _read_version(std)
+    value, warned = _read_version(drop_in)
+    assert value == expected_value == "0.4"
+    assert warned == expected
+    assert [c for c, _, _ in warned] == ([DeprecationWarning] if sys.version_info >= (3, 15) else [])
+    assert all(filename == __file__ for _, _, filename in warned)
+    assert fastlisten.VERSION == importlib.metadata.version("fastlisten")
+    with pytest.raises(AttributeError):
+        drop_in.__no_such_dunder__  # noqa: B018

@@ -628,6 +628,7 @@ def test_workers_checks_its_arguments():
                 listen_config=fastlisten.ListenConfig(fd=3), reuse_port=True)
 
 
+@pytest.mark.forks_beside_test_threads
 def test_the_supervisor_never_reads_a_half_written_worker_record():
     # A worker writes its record after every batch, and the supervisor reads
     # it meanwhile; a record read half-written once showed a heartbeat of

@@ -7,7 +7,9 @@ configuration, clear errors and dispatch.
 The drop-in ``socketserver`` is the module ``fastlisten.server`` (what
 ``install()`` puts in ``sys.modules["socketserver"]``).  This package
 re-exports it whole, so ``import fastlisten as socketserver`` gives the very
-same objects, the stdlib's private names included.
+same objects, the stdlib's private names included, and its ``__version__``
+(socketserver's "0.4", deprecated from CPython 3.15 on with the stdlib's
+own warning).  fastlisten's own version is ``fastlisten.VERSION``.
 """
 from typing import Any
 
@@ -22,17 +24,20 @@ from fastlisten.server import *  # noqa: F401,F403  (the drop-in socketserver)
 from fastlisten.server import __all__ as _server_all
 from fastlisten._install import install
 from fastlisten.workers import Workers
+from fastlisten._version import VERSION     # fastlisten's (``__version__`` is socketserver's)
 
 __all__ = ["compiled", "Listener", "listen", "default_backlog", "proxy_parse", "proxy_read"]
-__all__ += ["install", "Workers"] + _server_all
-from fastlisten._version import __version__
+__all__ += ["install", "Workers", "VERSION"] + _server_all
 __all__ += ["ListenConfig", "FastlistenWarning", "EphemeralPortWarning",
             "BacklogTruncatedWarning", "OptionIneffectiveWarning"]
 
 
 def __getattr__(name: str) -> Any:
     # Names of the stdlib's socketserver that fastlisten.server forwards
-    # (private helpers such as _ServerSelector), for code that treats this
-    # package as socketserver.
+    # (private helpers such as _ServerSelector, __version__), for code that
+    # treats this package as socketserver.
     from fastlisten import server
-    return getattr(server, name)
+    try:
+        return vars(server)[name]
+    except KeyError:
+        return server._stdlib_attribute(name, stacklevel=2)

@@ -23,10 +23,10 @@ COMMANDS = ["demo", "info", "serve", "bench", "reliability"]
 
 
 def _version() -> str:
-    from fastlisten import __version__, compiled
+    from fastlisten import VERSION, compiled
 
     core = "compiled" if compiled else "pure-Python"
-    return (f"fastlisten {__version__} ({core} core, "
+    return (f"fastlisten {VERSION} ({core} core, "
             f"{platform.python_implementation()} {platform.python_version()})")
 
 

@@ -17,7 +17,8 @@ library working.  Each class here subclasses its standard-library namesake
 - ``ThreadingMixIn`` reuses threads (``fastlisten._workers``); with stock
   serving-thread hooks its idle threads accept connections themselves
   (leader/follower) and run the request at once.
-- ``request_queue_size`` is the kernel's somaxconn, not 5.
+- ``request_queue_size`` is the kernel's somaxconn, not 5 (CPython 3.15:
+  ``socket.SOMAXCONN``, the C library's constant).
 
 Behind a load balancer and with TLS (fastlisten's additions): a
 ``listen_config`` with ``proxy_protocol`` makes every connection start with
@@ -58,6 +59,7 @@ import socketserver as _std
 import ssl
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple, overload
 
@@ -1312,8 +1314,36 @@ if hasattr(socket, "AF_UNIX"):
 __all__ = list(_std.__all__)
 
 
+#: What the running Python's socketserver answers through its module
+#: ``__getattr__`` with a DeprecationWarning: name -> (value, message).
+#: 3.15 deprecates ``__version__`` ("0.4" since 2.x) for removal in 3.20;
+#: before 3.15 it is a plain attribute, forwarded as it is.
+_DEPRECATED: Dict[str, Tuple[Any, str]] = {}
+if "__version__" not in vars(_std):
+    _DEPRECATED["__version__"] = (
+        "0.4", "'__version__' is deprecated and slated for removal in Python 3.20")
+
+
+def _stdlib_attribute(name: str, stacklevel: int = 2) -> Any:
+    """The stdlib socketserver's module attribute ``name`` as reading it
+    there gives it: its private helpers, ``__version__`` (with the same
+    DeprecationWarning where the running Python deprecates it, attributed
+    to the frame ``stacklevel`` levels up from the caller), else an
+    AttributeError.  Backs this module's and the package's ``__getattr__``."""
+    if name in _DEPRECATED:
+        value, message = _DEPRECATED[name]
+        warnings.warn(message, DeprecationWarning, stacklevel=stacklevel + 1)
+        return value
+    # Other dunder names (__path__, __file__...) are this module's own business.
+    if name.startswith("__") and name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        return vars(_std)[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
 def __getattr__(name: str) -> Any:
-    # The stdlib module's other (private) names, for code that reaches for them.
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return getattr(_std, name)
+    # The stdlib module's other names (its private helpers, __version__),
+    # for code that reaches for them.
+    return _stdlib_attribute(name, stacklevel=2)

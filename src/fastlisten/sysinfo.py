@@ -13,7 +13,7 @@ import socket
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from fastlisten._version import __version__
+from fastlisten._version import VERSION
 from fastlisten.address import format_address
 
 __all__ = [
@@ -290,7 +290,7 @@ def report() -> Dict[str, Any]:
     import sys
 
     return {
-        "fastlisten": __version__,
+        "fastlisten": VERSION,
         "python": sys.version.split()[0],
         "kernel": platform.release(),
         "limits": limits(),

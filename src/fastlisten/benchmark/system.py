@@ -34,7 +34,7 @@ def machine() -> Dict[str, object]:
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "kernel": f"{platform.system()} {platform.release()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "fastlisten": fastlisten.__version__,
+        "fastlisten": fastlisten.VERSION,
         "fastlisten_core": "compiled" if fastlisten.compiled else "pure Python",
         "somaxconn": sysinfo.somaxconn(),
         "tcp_tw_reuse": _int(_read("/proc/sys/net/ipv4/tcp_tw_reuse")),
