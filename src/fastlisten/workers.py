@@ -1045,7 +1045,7 @@ class Workers:
         class) imported afresh after a reload."""
         handler, server_class = self.handler, self.server_class
         if isinstance(handler, str):
-            from fastlisten.commands.serve import load_handler
+            from fastlisten.services import load_handler
             handler = load_handler(handler)
         if generation > 0:
             handler, server_class = _fresh(handler), _fresh(server_class)
