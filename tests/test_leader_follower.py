@@ -472,5 +472,5 @@ def test_the_proxy_header_is_read_by_the_worker_that_handles_the_connection():
                    b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 80\r\nping\n") == b"ping\n"
         assert server.counters()["proxy_accepted"] == 1
     (thread, address, version), = seen
-    assert thread.name.startswith("S-worker") and address == ("203.0.113.9", 40000)
+    assert thread.name.startswith("S-pool") and address == ("203.0.113.9", 40000)
     assert version == 1

@@ -490,7 +490,7 @@ def test_join_waits_for_a_thread_that_is_being_started():
     # A follower spawned just as the pool stopped leading is made under the
     # pool's lock and started after it: server_close()'s join() may meet it
     # in between (it once raised "cannot join thread before it is started").
-    from fastlisten._workers import WorkerPool
+    from fastlisten._threadpool import WorkerPool
 
     pool = WorkerPool(name="test-pool")
     ran, errors, joiner_tids = threading.Event(), [], []

@@ -185,7 +185,7 @@ def test_shutdown_ends_a_wait_for_room_in_the_queue():
 _INTERRUPTED_SERVER = textwrap.dedent("""
     import errno, socketserver, sys, threading
     import fastlisten.server as fs
-    from fastlisten import _workers
+    from fastlisten import _threadpool
     where = sys.argv[1]
     errors = []
 
@@ -201,11 +201,11 @@ _INTERRUPTED_SERVER = textwrap.dedent("""
     # as the pool's submit() returns, or while Thread.start() waits for the
     # new thread (the thread exists and runs the handler).
     if where == "after-submit":
-        real_submit = _workers.WorkerPool.submit
+        real_submit = _threadpool.WorkerPool.submit
         def submit(self, *args, **kwargs):
             real_submit(self, *args, **kwargs)
             raise KeyboardInterrupt
-        _workers.WorkerPool.submit = submit
+        _threadpool.WorkerPool.submit = submit
     else:
         real_start = threading.Thread.start
         def start(self):

@@ -15,7 +15,7 @@ import pytest
 
 import fastlisten
 from fastlisten import server as flserver
-from fastlisten._workers import WorkerPool
+from fastlisten._threadpool import WorkerPool
 
 from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
 from helpers import kernel_somaxconn, serve_in_thread, shutdown_within
@@ -182,7 +182,7 @@ def test_daemon_threads():
         assert ask(server.server_address) == b"ping\n"
     assert seen == [True]
     # daemon threads are not joined by server_close(); they retire on close
-    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("S-worker")])
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("S-pool")])
 
 
 def test_max_threads_queues_in_order_and_shutdown_drops_the_waiting_one():

@@ -18,8 +18,10 @@ import pytest
 
 import fastlisten
 from fastlisten import sysinfo
+from fastlisten._heartbeat import Record as _Record
+from fastlisten._reuseport import steering_program
 from fastlisten.systemd import Notifier
-from fastlisten.workers import Workers, _Record, steering_program
+from fastlisten.workers import Workers
 
 FL = [sys.executable, "-m", "fastlisten"]
 
@@ -715,7 +717,7 @@ def test_steering_follows_the_reuseport_group_array():
     """The model Workers keeps of the kernel's reuseport group (members in
     listen() order; a closed member's place taken by the last one) matches
     the kernel: the program's indices reach exactly the sockets meant."""
-    from fastlisten.workers import _attach_cbpf
+    from fastlisten._reuseport import _attach_cbpf
 
     socks = []
     try:

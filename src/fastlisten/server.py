@@ -14,7 +14,7 @@ library working.  Each class here subclasses its standard-library namesake
   ``get_request``, a TLS-wrapped ``self.socket``) keep the stdlib's loop.
 - ``shutdown()`` wakes ``serve_forever`` at once instead of waiting for the
   next ``poll_interval`` tick (CPython gh-88932).
-- ``ThreadingMixIn`` reuses threads (``fastlisten._workers``); with stock
+- ``ThreadingMixIn`` reuses threads (``fastlisten._threadpool``); with stock
   serving-thread hooks its idle threads accept connections themselves
   (leader/follower) and run the request at once.
 - ``request_queue_size`` is the kernel's somaxconn, not 5 (CPython 3.15:
@@ -70,7 +70,7 @@ from fastlisten._coreshared import DEFAULT_BATCH
 from fastlisten._frontdoor import FrontDoor
 from fastlisten._queued import hand_over, serve_queued
 from fastlisten._wakeup import Waker
-from fastlisten._workers import LeaderPool
+from fastlisten._threadpool import LeaderPool
 from fastlisten.config import ListenConfig, server_side_context
 from fastlisten.errors import (
     SERVER_REUSE_HINT, effective_backlog, explain_bind_error, stale_socket_hint,
@@ -904,7 +904,7 @@ class _BusyThreads(list):
 
 class _LeaderSource:
     """What ThreadingMixIn's worker threads serve under leader/follower
-    (a ``fastlisten._workers.Source``): each waits in the core on its own
+    (a ``fastlisten._threadpool.Source``): each waits in the core on its own
     waiter over the listener and ``stop`` (a core Stop: once set, no
     waiter touches the listening descriptor), and runs
     ``run(request, client_address)`` for what it accepted."""
@@ -986,7 +986,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         pool = self._fl_pool
         if pool is None:
             pool = self._fl_pool = LeaderPool(
-                name=f"{type(self).__name__}-worker", daemon=self.daemon_threads,
+                name=f"{type(self).__name__}-pool", daemon=self.daemon_threads,
                 idle_timeout=self.fl_thread_idle_timeout, max_threads=self.fl_max_threads,
                 max_queued=self.fl_max_queued)
         return pool

@@ -8,11 +8,17 @@ server can too::
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
 import socketserver
+import sys
 import time
-from typing import Dict, Type
+from typing import Any, Callable, Dict, Type
 
-__all__ = ["DaytimeHandler", "EchoHandler", "DiscardHandler", "BUILTIN"]
+from fastlisten.errors import user_traceback
+
+__all__ = ["DaytimeHandler", "EchoHandler", "DiscardHandler", "BUILTIN", "load_handler"]
 
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July",
@@ -62,3 +68,59 @@ BUILTIN: Dict[str, Type[socketserver.BaseRequestHandler]] = {
     "echo": EchoHandler,
     "discard": DiscardHandler,
 }
+
+
+def load_handler(spec: str) -> Callable[..., Any]:
+    """A built-in handler's class, or ``module:Class`` imported (the current
+    directory is on the path) and checked to be callable as
+    ``Class(request, client_address, server)``.  Raises ValueError saying
+    what is wrong."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    if ":" not in spec:
+        raise ValueError(f"unknown handler {spec!r}: use one of "
+                         f"{', '.join(sorted(BUILTIN))}, or module:Class")
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        if _not_found(exc, module_name):
+            raise ValueError(f"handler {spec!r}: cannot import {module_name!r}: "
+                             f"{exc}") from None
+        raise ValueError(_import_failed(spec, module_name, exc)) from None
+    except Exception as exc:    # noqa: BLE001 - the module's own code failed: show where
+        raise ValueError(_import_failed(spec, module_name, exc)) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"handler {spec!r}: {module_name!r} has no {attr!r}") from None
+    if not callable(obj):
+        raise ValueError(f"handler {spec!r} is not callable (a request handler class)")
+    try:
+        inspect.signature(obj).bind(None, None, None)
+    except TypeError:
+        raise ValueError(f"handler {spec!r} cannot be called as Class(request, "
+                         "client_address, server): subclass "
+                         "socketserver.BaseRequestHandler") from None
+    except ValueError:
+        pass        # no signature to check (a builtin): let it be tried
+    return obj
+
+
+def _not_found(exc: ImportError, module_name: str) -> bool:
+    """True when the handler's module itself (or a package above it) does
+    not exist, as opposed to its code failing to import something."""
+    missing = getattr(exc, "name", None)
+    return isinstance(exc, ModuleNotFoundError) and missing is not None and (
+        module_name == missing or module_name.startswith(missing + "."))
+
+
+def _import_failed(spec: str, module_name: str, exc: BaseException) -> str:
+    """What to say when the handler's module raised while it was imported:
+    its traceback, with the frames of its own code only (importlib's and
+    fastlisten's say nothing about it)."""
+    return (f"handler {spec!r}: importing {module_name!r} raised "
+            f"{type(exc).__name__}:\n{user_traceback(exc)}")

@@ -60,164 +60,80 @@ socket-activated socket (workers inherit it); with ``$NOTIFY_SOCKET`` the
 parent sends ``READY=1`` once the workers accept, ``STATUS=`` lines,
 ``RELOADING=1``/``MONOTONIC_USEC`` and ``READY=1`` around a reload,
 ``STOPPING=1``, and ``WATCHDOG=1`` every half ``WATCHDOG_USEC``.
+
+Layout: this module is the supervisor, the parent's side only: ``Workers``
+(its checks, its loop, one ``_on_<control>`` method per :class:`Control`,
+each worker's :class:`State`).  A worker process runs
+:mod:`fastlisten._worker_process` (given a frozen ``WorkerJob``); the
+reuse-port sockets and their steering are :mod:`fastlisten._reuseport`,
+the shared heartbeat record :mod:`fastlisten._heartbeat`, the pid file
+:mod:`fastlisten._pidfile`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import importlib
+import enum
 import logging
-import mmap
 import os
 import random
 import select
 import signal
-import socket
-import struct
-import sys
-import sysconfig
 import threading
 import time
-import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from fastlisten import sysinfo
-from fastlisten._queued import serve_queued
+from fastlisten._heartbeat import Record
+from fastlisten._pidfile import PidFile
+from fastlisten._reuseport import ReusePortGroup
 from fastlisten._wakeup import Waker
+from fastlisten._worker_process import FAILED, FAILURE_MAX, READY, RECYCLE, WorkerJob, worker_main
 from fastlisten.config import ListenConfig
-from fastlisten.errors import EphemeralPortWarning, user_error_line, user_traceback
 from fastlisten.listener import Listener
-from fastlisten.server import _own_method
 from fastlisten.systemd import Notifier
 
 __all__ = ["Workers"]
 
 _log = logging.getLogger("fastlisten.workers")
 
-class _Record:
-    """One worker's record, in memory it shares with the supervisor:
-    heartbeat (CLOCK_MONOTONIC seconds), connections accepted, handlers
-    running, handlers peak.  Each field is an aligned 8-byte word stored and
-    loaded whole (one machine store or load, through memoryview casts), so
-    the supervisor never reads a half-written record.  (struct.pack_into
-    zero-fills before it writes: a heartbeat read as 0.0 in between made the
-    supervisor kill a healthy worker, and reset the connections it held.)"""
-
-    def __init__(self) -> None:
-        self._shm = mmap.mmap(-1, 32)
-        view = memoryview(self._shm)
-        self._time = view[:8].cast("d")
-        self._counts = view[8:].cast("Q")
-        view.release()
-
-    def write(self, heartbeat: float, accepted: int, running: int, peak: int) -> None:
-        counts = self._counts
-        counts[0], counts[1], counts[2] = accepted, running, peak
-        self._time[0] = heartbeat
-
-    def read(self) -> Tuple[float, int, int, int]:
-        counts = self._counts
-        return self._time[0], counts[0], counts[1], counts[2]
-
-    def close(self) -> None:
-        self._time.release()
-        self._counts.release()
-        self._shm.close()
-
-
-#: Bytes a worker writes on its status pipe; _FAILED is followed by what
-#: kept it from starting (a line, then its traceback) until the pipe ends.
-_READY, _RECYCLE, _FAILED = b"R", b"M", b"F"
-
-#: The most of a failure's text a worker sends (well below a pipe's buffer).
-_FAILURE_MAX = 16384
-
-_SO_ATTACH_REUSEPORT_CBPF = 51
-_SO_DETACH_REUSEPORT_BPF = 68
-
-
-# -- the reuseport steering program -------------------------------------------
-
-# Classic BPF opcodes (linux/filter.h) for the program below.
-_BPF_LD_W_ABS = 0x00 | 0x00 | 0x20      # BPF_LD | BPF_W | BPF_ABS
-_BPF_ALU_MOD_K = 0x04 | 0x90 | 0x00     # BPF_ALU | BPF_MOD | BPF_K
-_BPF_JEQ_K = 0x05 | 0x10 | 0x00         # BPF_JMP | BPF_JEQ | BPF_K
-_BPF_RET_K = 0x06 | 0x00                # BPF_RET | BPF_K
-_SKF_AD_RANDOM = -0x1000 + 56           # SKF_AD_OFF + SKF_AD_RANDOM
-
-
-def steering_program(indices: List[int]) -> List[Tuple[int, int, int, int]]:
-    """A classic BPF program for ``SO_ATTACH_REUSEPORT_CBPF`` that sends
-    each new connection to one of the reuseport group members at
-    ``indices`` (positions in the group's socket array), uniformly at
-    random: ``A = random % len(indices)`` then a jump table."""
-    if not indices:
-        raise ValueError("steering needs at least one socket to steer to")
-    prog = [(_BPF_LD_W_ABS, 0, 0, _SKF_AD_RANDOM & 0xFFFFFFFF),
-            (_BPF_ALU_MOD_K, 0, 0, len(indices))]
-    for j, index in enumerate(indices[:-1]):
-        prog.append((_BPF_JEQ_K, 0, 1, j))      # A == j ? next : skip the ret
-        prog.append((_BPF_RET_K, 0, 0, index))
-    prog.append((_BPF_RET_K, 0, 0, indices[-1]))
-    return prog
-
-
-def _attach_cbpf(fd: int, prog: List[Tuple[int, int, int, int]]) -> None:
-    """setsockopt(SO_ATTACH_REUSEPORT_CBPF) with a struct sock_fprog."""
-    filters = (ctypes.c_uint8 * (8 * len(prog)))()
-    for i, insn in enumerate(prog):
-        struct.pack_into("=HBBI", filters, 8 * i, *insn)
-    fprog = struct.pack("=HxxxxxxQ", len(prog), ctypes.addressof(filters))
-    sock = socket.socket(fileno=fd)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
-    finally:
-        sock.detach()
-
-
-def _detach_cbpf(fd: int) -> None:
-    sock = socket.socket(fileno=fd)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_REUSEPORT_BPF, 0)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:     # no program attached
-            raise
-    finally:
-        sock.detach()
-
-
-# -- re-importing the handler on reload ----------------------------------------
-
-_STDLIB = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")})
-
-
-def _fresh(obj: Any) -> Any:
-    """``obj`` (a class) looked up again after its top-level package and
-    submodules are imported afresh from disk; ``obj`` itself when it lives
-    in ``__main__``, the standard library or fastlisten (those stay)."""
-    module_name = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", None)
-    if not module_name or not qualname or module_name == "__main__":
-        return obj
-    top = module_name.partition(".")[0]
-    module = sys.modules.get(top)
-    path = getattr(module, "__file__", None) or ""
-    if top in ("fastlisten", "builtins") or top in sys.builtin_module_names \
-            or not path or path.startswith(_STDLIB):
-        return obj
-    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
-        del sys.modules[name]
-    importlib.invalidate_caches()
-    fresh: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        fresh = getattr(fresh, part)
-    return fresh
-
-
 # -- the parent's view of one worker -------------------------------------------
+
+class State(enum.Enum):
+    """Where a worker is, as the supervisor sees it: STARTING -> READY
+    (it accepts) -> RETIRING (told to stop; killed after graceful_timeout).
+    A READY worker whose reuse-port slot goes away is CLOSING first (new
+    connections steered away from its socket for ``linger`` seconds); one
+    that missed its heartbeat is KILLED (SIGKILL sent, not reaped yet)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    CLOSING = "closing"
+    RETIRING = "retiring"
+    KILLED = "killed"
+
+
+class Control(enum.Enum):
+    """What the supervisor is asked (by a signal, or a method from any
+    thread); each is handled by ``Workers._on_<name>``."""
+
+    STOP = "stop"                   # SIGTERM, SIGINT, stop(): gracefully
+    QUIT = "quit"                   # SIGQUIT, stop(graceful=False): at once
+    RELOAD = "reload"               # SIGHUP, reload()
+    ADD_WORKER = "add_worker"       # SIGTTIN, add_worker()
+    REMOVE_WORKER = "remove_worker"     # SIGTTOU, remove_worker()
+    LOG_COUNTERS = "log_counters"   # SIGUSR1, log_counters()
+    CHILD = "child"                 # SIGCHLD: the loop reaps on every pass
+
+
+#: The supervisor's signals and what each asks.
+_SIGNALS = {
+    signal.SIGTERM: Control.STOP, signal.SIGINT: Control.STOP, signal.SIGQUIT: Control.QUIT,
+    signal.SIGHUP: Control.RELOAD, signal.SIGTTIN: Control.ADD_WORKER,
+    signal.SIGTTOU: Control.REMOVE_WORKER, signal.SIGUSR1: Control.LOG_COUNTERS,
+    signal.SIGCHLD: Control.CHILD,
+}
+
 
 @dataclass
 class _Worker:
@@ -225,21 +141,15 @@ class _Worker:
     slot: int
     generation: int
     status_fd: int
-    record: _Record
+    record: Record
     limit: int                      # max_requests (+ jitter) for this worker; 0: none
     started: float
-    state: str = "starting"         # starting -> ready -> retiring
+    state: State = State.STARTING
     ready_at: Optional[float] = None
     deadline: Optional[float] = None    # retiring: SIGKILL after this
     recycle: bool = False           # asked to be replaced (max_requests)
     steered_at: Optional[float] = None  # reuseport slot closing: steered away since
     failure: Optional[bytes] = None     # what kept it from starting, as it said
-
-
-@dataclass
-class _Slot:
-    """A reuseport slot: its socket (None while it has none)."""
-    listener: Optional[Listener] = None
 
 
 class Workers:
@@ -316,28 +226,25 @@ class Workers:
             self.config.replace(reuse_port=True)    # raises what does not fit (a Unix path)
         self.server_class = server_class
         self.handler = RequestHandlerClass
-        self.target = workers
+        self.worker_count = workers
         self.timeout = float(timeout)
         self.graceful_timeout = float(graceful_timeout)
         self.max_requests = max_requests
         self.max_requests_jitter = max_requests_jitter
         self.pid_file = os.fspath(pid_file) if pid_file is not None else None
+        self._pid_file = PidFile(self.pid_file)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.min_uptime, self.linger = float(min_uptime), float(linger)
         self.notifier = Notifier.from_environment() if notify else Notifier()
-        #: What a closing reuseport socket does with its queue: "migrate"
-        #: (net.ipv4.tcp_migrate_req=1) or "steer" (BPF, then empty it).
-        self.handover: Optional[str] = None
-        self._slots: List[_Slot] = []
-        self._group: List[int] = []       # reuseport: slot of each group array position
-        self._steered: Optional[Tuple[int, ...]] = None
-        self._shared: Optional[Listener] = None
+        self._reuse: Optional[ReusePortGroup] = None     # reuse_port: a socket per slot
+        self._shared: Optional[Listener] = None            # else: the one socket
         self._workers: Dict[int, _Worker] = {}
         self._generation = 0
         self._failures = 0
         self._next_spawn = 0.0
         self._last_failure = 0.0
-        self._requests: Deque[str] = deque()
+        #: Controls asked and not handled yet (appended from any thread).
+        self.controls: Deque[Control] = deque()
         self._waker: Optional[Waker] = None
         self._lifeline: Optional[Tuple[int, int]] = None
         self._stopping: Optional[str] = None   # None, "graceful", "now"
@@ -345,14 +252,29 @@ class Workers:
         self._reloading = False
         self._ready_sent = False
         self._next_watchdog = 0.0
-        self._pid_written = False
         self._exited: Dict[str, int] = {}
         self._failure_shown: Optional[str] = None   # the start failure's traceback, logged
 
     # -- control (any thread, or a signal handler) ---------------------------
 
-    def _request(self, what: str) -> None:
-        self._requests.append(what)
+    @property
+    def target(self) -> int:
+        """The number of workers wanted (the old name of worker_count)."""
+        return self.worker_count
+
+    @target.setter
+    def target(self, value: int) -> None:
+        self.worker_count = value
+
+    @property
+    def handover(self) -> Optional[str]:
+        """What a closing reuseport socket does with its queue: "migrate"
+        (net.ipv4.tcp_migrate_req=1) or "steer" (BPF, then empty it);
+        None without reuse_port (or before bind())."""
+        return self._reuse.handover if self._reuse is not None else None
+
+    def _ask(self, control: Control) -> None:
+        self.controls.append(control)
         waker = self._waker
         if waker is not None:
             waker.wakeup()
@@ -360,24 +282,24 @@ class Workers:
     def stop(self, graceful: bool = True) -> None:
         """Stop: gracefully (workers finish running handlers within
         graceful_timeout), or at once (SIGKILL)."""
-        self._request("stop" if graceful else "quit")
+        self._ask(Control.STOP if graceful else Control.QUIT)
 
     def reload(self) -> None:
         """Start a new generation of workers (handler imported afresh);
         each old worker stops accepting once its successor accepts."""
-        self._request("reload")
+        self._ask(Control.RELOAD)
 
     def add_worker(self) -> None:
         """One worker more (SIGTTIN)."""
-        self._request("ttin")
+        self._ask(Control.ADD_WORKER)
 
     def remove_worker(self) -> None:
         """One worker fewer, never below one (SIGTTOU)."""
-        self._request("ttou")
+        self._ask(Control.REMOVE_WORKER)
 
     def log_counters(self) -> None:
         """Log the counters (SIGUSR1)."""
-        self._request("usr1")
+        self._ask(Control.LOG_COUNTERS)
 
     # -- the listening socket(s) ------------------------------------------------
 
@@ -385,7 +307,7 @@ class Workers:
     def address(self) -> Any:
         """The bound address (after bind())."""
         listener = self._shared if self._shared is not None else (
-            self._slots[0].listener if self._slots else None)
+            self._reuse.listener(0) if self._reuse is not None else None)
         if listener is None:
             raise RuntimeError("Workers.address: not bound yet (call bind() or run())")
         return listener.address
@@ -393,29 +315,14 @@ class Workers:
     def bind(self) -> None:
         """Bind and listen now (run() does it if you did not).  Raises the
         OSError of a failing bind, explained, with nothing left open."""
-        if self._shared is not None or self._slots:
+        if self._shared is not None or (self._reuse is not None and len(self._reuse)):
             return
         if not self.reuse_port:
             self._shared = Listener.from_config(self._socket_config())
             return
-        migrate = sysinfo.tcp_migrate_req()
-        self.handover = "migrate" if migrate == 1 else "steer"
-        try:
-            for _ in range(self.target):
-                self._open_slot()
-        except BaseException:
-            for slot in self._slots:
-                if slot.listener is not None:
-                    slot.listener.close()
-            self._slots.clear()
-            self._group.clear()
-            raise
-        _log.info("reuse-port: %d sockets; a closing socket's queue %s", self.target,
-                  "moves to a live socket (net.ipv4.tcp_migrate_req=1)"
-                  if self.handover == "migrate" else
-                  "is kept: new connections are steered away by a classic BPF program "
-                  "(SO_ATTACH_REUSEPORT_CBPF) and the worker empties it before it closes "
-                  f"(net.ipv4.tcp_migrate_req={migrate})")
+        group = ReusePortGroup(self._socket_config().replace(reuse_port=True))
+        group.open(self.worker_count)
+        self._reuse = group
 
     def _socket_config(self) -> ListenConfig:
         """The config of the listening socket(s) the parent opens: the PROXY
@@ -424,43 +331,11 @@ class Workers:
         Listener refuses them)."""
         return self.config.socket_only()
 
-    def _open_slot(self) -> int:
-        config = self._socket_config().replace(reuse_port=True)
-        if self._slots and config.family != socket.AF_UNIX:
-            first = next(s.listener for s in self._slots if s.listener is not None)
-            config = config.replace(port=first.address[1])
-            with warnings.catch_warnings():     # said once, for the first socket
-                warnings.simplefilter("ignore", EphemeralPortWarning)
-                listener = Listener.from_config(config)
-        else:
-            listener = Listener.from_config(config)
-        for i, slot in enumerate(self._slots):
-            if slot.listener is None:
-                self._slots[i] = _Slot(listener)
-                break
-        else:
-            self._slots.append(_Slot(listener))
-            i = len(self._slots) - 1
-        self._group.append(i)
-        return i
-
-    def _close_slot(self, i: int) -> None:
-        slot = self._slots[i]
-        if slot.listener is not None:
-            slot.listener.close()
-            # The kernel fills the hole with the group's last socket.
-            pos = self._group.index(i)
-            self._group[pos] = self._group[-1]
-            self._group.pop()
-        self._slots[i] = _Slot()
-        self._steered = None
-
     def _socket_fd(self, slot: int) -> int:
         if self._shared is not None:
             return self._shared.fileno()
-        listener = self._slots[slot].listener
-        assert listener is not None
-        return listener.fileno()
+        assert self._reuse is not None
+        return self._reuse.fileno(slot)
 
     # -- running ------------------------------------------------------------------
 
@@ -477,16 +352,16 @@ class Workers:
         main = threading.current_thread() is threading.main_thread()
         try:
             if main:
-                for sig, what in _SIGNALS.items():
-                    handlers[sig] = signal.signal(sig, self._on_signal(what))
+                for sig, control in _SIGNALS.items():
+                    handlers[sig] = signal.signal(sig, self._signal_handler(control))
                 old_wakeup = signal.set_wakeup_fd(self._waker.write_fileno(),
                                                   warn_on_full_buffer=False)
-            self._write_pid_file()
-            _log.info("supervisor %d: %d worker(s) on %s (%s)", os.getpid(), self.target,
+            self._pid_file.write()
+            _log.info("supervisor %d: %d worker(s) on %s (%s)", os.getpid(), self.worker_count,
                       self._describe_address(),
                       "one SO_REUSEPORT socket per worker" if self.reuse_port
                       else "one shared socket")
-            self._notify(STATUS=f"starting {self.target} worker(s)")
+            self._notify(STATUS=f"starting {self.worker_count} worker(s)")
             self._loop()
         finally:
             self._kill_all()
@@ -505,12 +380,12 @@ class Workers:
         except (OSError, RuntimeError):
             return "?"
 
-    def _on_signal(self, what: str) -> Callable[[int, Any], None]:
+    def _signal_handler(self, control: Control) -> Callable[[int, Any], None]:
         # The Python handler may run after the loop has drained the byte
-        # set_wakeup_fd wrote and looked at the requests: it wakes the loop
-        # itself, so that the request is seen at once, not at the next tick.
+        # set_wakeup_fd wrote and looked at the controls: it wakes the loop
+        # itself, so that the control is seen at once, not at the next tick.
         def handler(signum: int, frame: Any) -> None:
-            self._request(what)
+            self._ask(control)
         return handler
 
     def _loop(self) -> None:
@@ -518,7 +393,7 @@ class Workers:
         assert waker is not None
         while True:
             self._reap()
-            self._handle_requests()
+            self._handle_controls()
             now = time.monotonic()
             if self._stopping is not None:
                 if not self._workers:
@@ -569,7 +444,7 @@ class Workers:
     def _read_status(self, w: _Worker) -> bool:
         """Read what worker w said; False once there is nothing to read."""
         try:
-            data = os.read(w.status_fd, _FAILURE_MAX + 64)
+            data = os.read(w.status_fd, FAILURE_MAX + 64)
         except BlockingIOError:
             return False
         except OSError:
@@ -579,51 +454,64 @@ class Workers:
             w.status_fd = -1
             return False
         if w.failure is not None:
-            w.failure = (w.failure + data)[:_FAILURE_MAX]
+            w.failure = (w.failure + data)[:FAILURE_MAX]
             return True
-        if _FAILED in data:
-            data, _, failure = data.partition(_FAILED)
-            w.failure = failure[:_FAILURE_MAX]
-        if _READY in data and w.state == "starting":
-            w.state, w.ready_at = "ready", time.monotonic()
+        if FAILED in data:
+            data, _, failure = data.partition(FAILED)
+            w.failure = failure[:FAILURE_MAX]
+        if READY in data and w.state is State.STARTING:
+            w.state, w.ready_at = State.READY, time.monotonic()
             _log.debug("worker %d (slot %d, generation %d) accepting", w.pid, w.slot,
                        w.generation)
-        if _RECYCLE in data and not w.recycle:
+        if RECYCLE in data and not w.recycle:
             w.recycle = True
             _log.info("worker %d reached max_requests (%d): replacing it", w.pid, w.limit)
         return True
 
-    # -- requests -------------------------------------------------------------------
+    # -- controls -------------------------------------------------------------------
 
-    def _handle_requests(self) -> None:
-        while self._requests:
-            what = self._requests.popleft()
-            if what == "chld":
-                continue            # the loop reaps on every pass
-            if what == "stop" and self._stopping is None:
-                self._begin_stop("graceful")
-            elif what == "stop" and self._stopping == "graceful":
-                self._begin_stop("now")     # a second SIGTERM/SIGINT: do not wait
-            elif what == "quit" and self._stopping != "now":
-                self._begin_stop("now")
-            elif self._stopping is not None:
+    def _handle_controls(self) -> None:
+        """Handle the controls asked since the last pass, each by its
+        ``_on_*`` method; once stopping, only a further stop counts."""
+        while self.controls:
+            control = self.controls.popleft()
+            if self._stopping is not None and control not in (Control.STOP, Control.QUIT,
+                                                              Control.CHILD):
                 continue
-            elif what == "reload":
-                self._generation += 1
-                self._reloading = True
-                self._failures = 0
-                self._failure_shown = None
-                _log.info("reloading: starting generation %d", self._generation)
-                self.notifier.reloading(f"reloading: starting generation {self._generation}")
-            elif what == "ttin":
-                self.target += 1
-                _log.info("one worker more: %d", self.target)
-            elif what == "ttou":
-                if self.target > 1:
-                    self.target -= 1
-                    _log.info("one worker fewer: %d", self.target)
-            elif what == "usr1":
-                self._log_counters()
+            getattr(self, f"_on_{control.value}")()
+
+    def _on_stop(self) -> None:
+        if self._stopping is None:
+            self._begin_stop("graceful")
+        elif self._stopping == "graceful":
+            self._begin_stop("now")     # a second SIGTERM/SIGINT: do not wait
+
+    def _on_quit(self) -> None:
+        if self._stopping != "now":
+            self._begin_stop("now")
+
+    def _on_reload(self) -> None:
+        self._generation += 1
+        self._reloading = True
+        self._failures = 0
+        self._failure_shown = None
+        _log.info("reloading: starting generation %d", self._generation)
+        self.notifier.reloading(f"reloading: starting generation {self._generation}")
+
+    def _on_add_worker(self) -> None:
+        self.worker_count += 1
+        _log.info("one worker more: %d", self.worker_count)
+
+    def _on_remove_worker(self) -> None:
+        if self.worker_count > 1:
+            self.worker_count -= 1
+            _log.info("one worker fewer: %d", self.worker_count)
+
+    def _on_log_counters(self) -> None:
+        self._log_counters()
+
+    def _on_child(self) -> None:
+        pass            # the loop reaps on every pass
 
     def _begin_stop(self, how: str) -> None:
         self._stopping = how
@@ -644,7 +532,7 @@ class Workers:
         # (not systemd's socket: its queue waits for the next start).
         empty = self.config.fd is None
         for w in list(self._workers.values()):
-            if w.state not in ("retiring", "killed"):
+            if w.state not in (State.RETIRING, State.KILLED):
                 self._retire(w, close_slot=False, empty_queue=empty)
 
     def _stop_step(self, now: float) -> None:
@@ -663,16 +551,16 @@ class Workers:
 
     def _check_workers(self, now: float) -> None:
         for w in list(self._workers.values()):
-            if w.state == "killed":
+            if w.state is State.KILLED:
                 continue
-            if w.state == "retiring":
+            if w.state is State.RETIRING:
                 if w.deadline is not None and now >= w.deadline:
                     _log.warning("worker %d did not finish within graceful_timeout: killing "
                                  "it", w.pid)
                     self._signal(w, signal.SIGKILL)
                     w.deadline = None
                 continue
-            if w.state == "starting":
+            if w.state is State.STARTING:
                 last = w.started
             else:
                 last = w.record.read()[0]
@@ -683,20 +571,21 @@ class Workers:
                     self._failure_shown = None
             if now - last > self.timeout:
                 _log.error("worker %d %s for %.3g s (timeout): killing it", w.pid,
-                           "has not started" if w.state == "starting" else "has not "
+                           "has not started" if w.state is State.STARTING else "has not "
                            "run its serving loop", now - last)
                 self._signal(w, signal.SIGKILL)
-                w.state, w.deadline = "killed", None
+                w.state, w.deadline = State.KILLED, None
 
     def _balance(self, now: float) -> None:
-        live = [w for w in self._workers.values() if w.state not in ("retiring", "killed")]
+        live = [w for w in self._workers.values()
+                if w.state not in (State.RETIRING, State.KILLED)]
         for w in live:
-            if w.state == "closing" and w.slot < self.target:   # SIGTTIN took it back
-                w.state, w.steered_at = "ready", None
-        for slot in range(self.target):
-            if self.reuse_port and (slot >= len(self._slots)
-                                    or self._slots[slot].listener is None):
-                self._open_slot_at(slot)
+            if w.state is State.CLOSING and w.slot < self.worker_count:  # SIGTTIN took it back
+                w.state, w.steered_at = State.READY, None
+        reuse = self._reuse
+        for slot in range(self.worker_count):
+            if reuse is not None and reuse.listener(slot) is None:
+                reuse.open_slot_at(slot)
             here = [w for w in live if w.slot == slot]
             current = [w for w in here if w.generation == self._generation and not w.recycle]
             if not current:
@@ -704,27 +593,19 @@ class Workers:
                     continue
                 self._spawn(slot)
                 continue
-            if any(w.state == "ready" for w in current):
+            if any(w.state is State.READY for w in current):
                 for w in here:
                     if w not in current:
                         self._retire(w, close_slot=False)
         for w in live:
-            if w.slot >= self.target:
+            if w.slot >= self.worker_count:
                 self._retire(w, close_slot=self.reuse_port)
-        if self.reuse_port:
-            for i in range(self.target, len(self._slots)):
-                slot = self._slots[i]
-                if slot.listener is not None and not any(
+        if reuse is not None:
+            for i in range(self.worker_count, len(reuse)):
+                if reuse.listener(i) is not None and not any(
                         w.slot == i for w in self._workers.values()):
-                    self._close_slot(i)
-            while self._slots and self._slots[-1].listener is None and \
-                    len(self._slots) > self.target:
-                self._slots.pop()
-
-    def _open_slot_at(self, slot: int) -> None:
-        # a slot above the old target that TTOU closed and TTIN wants again
-        i = self._open_slot()
-        assert i == slot, (i, slot)
+                    reuse.close_slot(i)
+            reuse.trim(self.worker_count)
 
     def _retire(self, w: _Worker, close_slot: bool, empty_queue: bool = False) -> None:
         """Tell worker w to stop accepting and finish (SIGTERM).  A reuseport
@@ -733,13 +614,14 @@ class Workers:
         worker makes the kernel complete no new connection on it and serves
         what is queued first (SIGINT)."""
         now = time.monotonic()
-        if close_slot and self.handover == "steer" and w.state in ("ready", "closing"):
+        if close_slot and self.handover == "steer" and w.state in (State.READY,
+                                                                   State.CLOSING):
             if w.steered_at is None:
                 w.steered_at = now
-                w.state = "closing"      # _steer() takes it out of the program now
+                w.state = State.CLOSING      # _steer() takes it out of the program now
             if now < w.steered_at + self.linger:
                 return
-        w.state = "retiring"
+        w.state = State.RETIRING
         w.steered_at = None
         w.deadline = now + self.graceful_timeout + 1.0
         # SIGUSR2: also empty the socket's queue, it closes after this worker
@@ -754,13 +636,14 @@ class Workers:
         limit = 0
         if self.max_requests:
             limit = self.max_requests + random.randint(0, self.max_requests_jitter)
-        record = _Record()
+        record = Record()
         record.write(time.monotonic(), 0, 0, 0)
         r, w = os.pipe2(os.O_CLOEXEC)
         generation = self._generation
         try:
+            job = self._job(slot, generation, w, record, limit)
             pid = os.fork()
-        except OSError:
+        except BaseException:
             os.close(r)
             os.close(w)
             record.close()
@@ -769,7 +652,7 @@ class Workers:
             code = 1
             try:
                 os.close(r)
-                code = self._worker_main(slot, generation, w, record, limit)
+                code = worker_main(job)
             except BaseException:   # noqa: BLE001 - a worker never returns into the parent
                 _log.exception("worker %d failed", os.getpid())
             finally:
@@ -806,14 +689,15 @@ class Workers:
     def _exited_worker(self, w: _Worker, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-        expected = w.state in ("retiring", "closing") or self._stopping is not None
+        expected = w.state in (State.RETIRING, State.CLOSING) or self._stopping is not None
         self._exited["expected" if expected else "unexpected"] = \
             self._exited.get("expected" if expected else "unexpected", 0) + 1
         if expected:
             _log.debug("worker %d ended (%s)", w.pid, how)
-            if self.reuse_port and w.slot >= self.target and self._stopping is None:
+            if self.reuse_port and w.slot >= self.worker_count and self._stopping is None:
                 if not any(x.slot == w.slot for x in self._workers.values()):
-                    self._close_slot(w.slot)
+                    assert self._reuse is not None
+                    self._reuse.close_slot(w.slot)
             return
         now = time.monotonic()
         if w.ready_at is None:
@@ -822,7 +706,7 @@ class Workers:
             delay = min(self.backoff * 2 ** (self._failures - 1), self.max_backoff)
             self._next_spawn = now + delay
             cause = self._start_failure(w, how)
-            if any(x.generation < w.generation and x.state == "ready"
+            if any(x.generation < w.generation and x.state is State.READY
                    for x in self._workers.values()):
                 _log.error("reload failed: the old generation is still serving; retrying "
                            "in %.3g s (worker %d: %s)", delay, w.pid, cause)
@@ -882,10 +766,8 @@ class Workers:
         if self._shared is not None:
             self._shared.close()
             self._shared = None
-        for i in range(len(self._slots)):
-            if self._slots[i].listener is not None:
-                self._close_slot(i)
-        self._slots.clear()
+        if self._reuse is not None:
+            self._reuse.close()
 
     def _close(self) -> None:
         self._close_listeners()
@@ -896,7 +778,7 @@ class Workers:
         if self._waker is not None:
             self._waker.close()
             self._waker = None
-        self._remove_pid_file()
+        self._pid_file.remove()
         if self._stopping is not None:
             self._notify(STATUS="stopped")
 
@@ -904,41 +786,28 @@ class Workers:
 
     def _steer(self) -> None:
         """Point new connections at the slots whose worker accepts."""
-        if not self.reuse_port or len(self._group) < 2:
+        if self._reuse is None:
             return
-        accepting = {w.slot for w in self._workers.values() if w.state == "ready"
-                     and w.slot < self.target}
-        indices = tuple(i for i, slot in enumerate(self._group) if slot in accepting)
-        if indices == self._steered:
-            return
-        fd = self._socket_fd(self._group[0])
-        try:
-            if not indices or len(indices) == len(self._group):
-                _detach_cbpf(fd)
-            else:
-                _attach_cbpf(fd, steering_program(list(indices)))
-        except OSError as exc:
-            _log.warning("cannot steer reuse-port connections (%s): a closing socket may "
-                         "reset the connections queued on it", exc)
-        self._steered = indices
+        self._reuse.steer({w.slot for w in self._workers.values()
+                           if w.state is State.READY and w.slot < self.worker_count})
 
     # -- readiness and systemd ---------------------------------------------------
 
     def _report_readiness(self) -> None:
         ready = {w.slot for w in self._workers.values()
-                 if w.state == "ready" and w.generation == self._generation}
-        if len(ready & set(range(self.target))) < self.target:
+                 if w.state is State.READY and w.generation == self._generation}
+        if len(ready & set(range(self.worker_count))) < self.worker_count:
             return
         if not self._ready_sent:
             self._ready_sent = True
-            _log.info("%d worker(s) accepting", self.target)
-            self._notify(READY=1, STATUS=f"{self.target} worker(s) accepting")
+            _log.info("%d worker(s) accepting", self.worker_count)
+            self._notify(READY=1, STATUS=f"{self.worker_count} worker(s) accepting")
         elif self._reloading and not any(w.generation < self._generation
-                                         and w.state not in ("retiring", "killed")
+                                         and w.state not in (State.RETIRING, State.KILLED)
                                          for w in self._workers.values()):
             self._reloading = False
             _log.info("reloaded: generation %d accepting", self._generation)
-            self._notify(READY=1, STATUS=f"{self.target} worker(s) accepting "
+            self._notify(READY=1, STATUS=f"{self.worker_count} worker(s) accepting "
                                          f"(generation {self._generation})")
 
     def _notify(self, **fields: Any) -> None:
@@ -963,17 +832,17 @@ class Workers:
             _, accepted, running, peak = w.record.read()
             per[w.pid] = {"accepted": accepted, "handlers_running": running,
                           "handlers_peak": peak, "slot": w.slot,
-                          "generation": w.generation, "state": w.state}
+                          "generation": w.generation, "state": w.state.value}
         counts = [p["accepted"] for p in per.values() if p["state"] == "ready"]
         out: Dict[str, Any] = {
-            "workers": per, "target": self.target, "generation": self._generation,
+            "workers": per, "target": self.worker_count, "generation": self._generation,
             "accepted": sum(p["accepted"] for p in per.values()),
             "handlers_running": sum(p["handlers_running"] for p in per.values()),
             "imbalance": (max(counts) / min(counts)) if counts and min(counts) else None,
             "exited": dict(self._exited),
         }
-        listeners = [self._shared] if self._shared is not None else [
-            s.listener for s in self._slots if s.listener is not None]
+        listeners = [self._shared] if self._shared is not None else (
+            self._reuse.listeners() if self._reuse is not None else [])
         queued = 0
         for listener in listeners:
             try:
@@ -991,306 +860,30 @@ class Workers:
                   "max/min=%s per-worker accepted {%s}", len(c["workers"]), c["accepted"],
                   c["handlers_running"], c["queued"], imbalance, per)
 
-    # -- pid file ---------------------------------------------------------------------
-
-    def _write_pid_file(self) -> None:
-        if self.pid_file is None:
-            return
-        tmp = f"{self.pid_file}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, self.pid_file)
-        self._pid_written = True
-
-    def _remove_pid_file(self) -> None:
-        if not self._pid_written or self.pid_file is None:
-            return
-        self._pid_written = False
-        try:
-            with open(self.pid_file) as f:
-                mine = f.read().strip() == str(os.getpid())
-            if mine:
-                os.unlink(self.pid_file)
-        except OSError:
-            pass
-
     # -- the worker process ------------------------------------------------------
 
-    def _worker_main(self, slot: int, generation: int, status_fd: int, record: _Record,
-                     limit: int) -> int:
-        """The body of a worker process (after fork); returns its exit code."""
-        # Its own process group: the supervisor's SIGKILL reaches the
-        # processes it forks too, and a terminal's Ctrl-C reaches the
-        # supervisor alone, which decides.
-        os.setpgid(0, 0)
-        os.register_at_fork(after_in_child=_handler_process_after_fork)
-        signal.set_wakeup_fd(-1)
-        for sig in _SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
-                    signal.SIGTTOU, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)   # the parent's business
-        lifeline = self._worker_close_parent_fds(slot, status_fd)
-        my_fd = self._socket_fd(slot)
-        try:
-            server = self._worker_server(generation, my_fd)
-        except Exception as exc:   # noqa: BLE001 - said once, by the supervisor
-            _tell_failure(status_fd, exc)
-            return 1
-        return _WorkerLoop(server, status_fd, record, limit, lifeline,
-                           min(0.1, self.timeout / 4), self.graceful_timeout).run()
+    def _job(self, slot: int, generation: int, status_fd: int, record: Record,
+             limit: int) -> WorkerJob:
+        """What the worker about to be forked for ``slot`` runs."""
+        return WorkerJob(
+            server_class=self.server_class, handler=self.handler, config=self.config,
+            generation=generation, listen_fd=self._socket_fd(slot), status_fd=status_fd,
+            lifeline_fd=self._lifeline_fds()[0], record=record, limit=limit,
+            poll_interval=min(0.1, self.timeout / 4), graceful_timeout=self.graceful_timeout,
+            parent_fds=self._parent_fds(slot), supervisor_signals=tuple(_SIGNALS))
 
-    def _worker_server(self, generation: int, my_fd: int) -> Any:
-        """The worker's server on the inherited socket, its handler (and
-        class) imported afresh after a reload."""
-        handler, server_class = self.handler, self.server_class
-        if isinstance(handler, str):
-            from fastlisten.commands.serve import load_handler
-            handler = load_handler(handler)
-        if generation > 0:
-            handler, server_class = _fresh(handler), _fresh(server_class)
-        sock = socket.socket(fileno=my_fd)
-        server = server_class(self.config.address if self.config.fd is None
-                              else sock.getsockname(), handler, bind_and_activate=False)
-        _adopt_socket(server, sock)
-        if hasattr(server, "_fl_config"):
-            # a fastlisten server: Workers' listen_config is its own (the
-            # PROXY protocol and connection options apply in the worker)
-            server._fl_config = self.config
-        return server
-
-    def _worker_close_parent_fds(self, slot: int, status_fd: int) -> int:
-        """Close what the parent holds that this worker must not keep: the
-        other slots' sockets (else a closed slot would live on here), the
-        other workers' pipes, the parent's waker and lifeline write end."""
-        for other in self._workers.values():
-            if other.status_fd >= 0:
-                os.close(other.status_fd)
-                other.status_fd = -1
-        if self.reuse_port:
-            for i, s in enumerate(self._slots):
-                if i != slot and s.listener is not None:
-                    os.close(s.listener.fileno())
-        if self._waker is not None:
-            for fd in {self._waker.fileno(), self._waker.write_fileno()}:
-                os.close(fd)
+    def _lifeline_fds(self) -> Tuple[int, int]:
         assert self._lifeline is not None
-        os.close(self._lifeline[1])
-        return self._lifeline[0]
+        return self._lifeline
 
-
-#: The supervisor's signals and what each asks.
-_SIGNALS = {
-    signal.SIGTERM: "stop", signal.SIGINT: "stop", signal.SIGQUIT: "quit",
-    signal.SIGHUP: "reload", signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou",
-    signal.SIGUSR1: "usr1", signal.SIGCHLD: "chld",
-}
-
-
-def _tell_failure(status_fd: int, exc: BaseException) -> None:
-    """In a worker that cannot start: tell the supervisor why (a line, then
-    the traceback of the user's code only), for it to say once, instead of
-    every worker logging the same traceback at every retry."""
-    text = f"{user_error_line(exc)}\n{user_traceback(exc)}".encode("utf-8", "replace")
-    data = memoryview(_FAILED + text[:_FAILURE_MAX])
-    try:
-        while data:
-            data = data[os.write(status_fd, data):]
-    except OSError:
-        pass        # the supervisor is gone
-
-
-def _handler_process_after_fork() -> None:
-    """In a process a worker forks (ForkingMixIn): the worker's signal
-    handling is not its own; SIGTERM from the worker's end_handlers() ends it."""
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the worker's, as it was
-
-
-def _fastlisten_drain(server: Any) -> Optional[Callable[[float], int]]:
-    """fastlisten's drain() of a server built on its classes (not a drain
-    a subclass defines for its own purposes), or None for another server."""
-    try:
-        return _own_method(server, "drain")
-    except AttributeError:
-        return None
-
-
-def _adopt_socket(server: Any, sock: socket.socket) -> None:
-    """Give a server built with bind_and_activate=False the listening socket
-    ``sock`` (what server_bind() and server_activate() would have made)."""
-    old = getattr(server, "socket", None)
-    if old is not None and old is not sock:
-        old.close()
-    # Non-blocking, and left so: the file description is shared with the
-    # other workers, whose loops rely on EAGAIN (a blocking accept4() after
-    # another worker took the connection would hang a graceful stop).
-    sock.setblocking(False)
-    server.socket = sock
-    server.server_address = sock.getsockname()
-    http = sys.modules.get("http.server")
-    if http is not None and isinstance(server, http.HTTPServer):
-        # what HTTPServer.server_bind (and WSGIServer's) set after binding
-        host, port = server.server_address[:2]
-        server.server_name = socket.getfqdn(host)
-        server.server_port = port
-        if hasattr(server, "setup_environ"):
-            server.setup_environ()
-
-
-class _StopServing(BaseException):
-    """Raised by a worker's service_actions to end serve_forever() between
-    two batches: every connection the loop accepted has been handed to the
-    server (shutdown() from another thread may close part of a batch)."""
-
-
-class _WorkerLoop:
-    """A worker: serve_forever() in a thread; the main thread waits for
-    SIGTERM (graceful stop), SIGUSR2 (graceful stop that empties the
-    socket's queue first), SIGINT (the supervisor's stop: as SIGUSR2, after
-    the kernel is made to let no new connection in) or the parent's death
-    (the lifeline pipe ends)."""
-
-    def __init__(self, server: Any, status_fd: int, record: _Record, limit: int,
-                 lifeline: int, poll_interval: float, graceful_timeout: float) -> None:
-        self.server = server
-        self.status_fd = status_fd
-        self.record = record
-        self.limit = limit
-        self.lifeline = lifeline
-        self.poll_interval = poll_interval
-        self.graceful_timeout = graceful_timeout
-        self.stop: Optional[str] = None
-        self.stopping = threading.Event()
-        self.recycle_sent = False
-        self.counted = 0      # connections, for servers without fastlisten's counters
-        self.waker = Waker(pipe=True)
-        fast = getattr(server, "_fl_handlers", None)
-        self._handlers = fast if fast is not None else (lambda: (0, 0))
-        if not hasattr(server, "_fl_get_listener"):
-            self._count_requests()
-
-    def _count_requests(self) -> None:
-        verify = self.server.verify_request
-
-        def counting_verify(request: Any, client_address: Any) -> bool:
-            self.counted += 1
-            return bool(verify(request, client_address))
-        self.server.verify_request = counting_verify
-
-    def accepted(self) -> int:
-        listener = getattr(self.server, "_fl_listener", None)
-        if listener is not None:
-            return int(listener.stats()["accepted"])
-        return self.counted
-
-    def beat(self) -> None:
-        """Heartbeat and counters into the parent's shared memory (the
-        serving loop calls this through service_actions)."""
-        accepted = self.accepted()
-        running, peak = self._handlers()
-        self.record.write(time.monotonic(), accepted, running, peak)
-        if self.limit and accepted >= self.limit and not self.recycle_sent:
-            self.recycle_sent = True
-            self._tell(_RECYCLE)
-
-    def _tell(self, what: bytes) -> None:
-        try:
-            os.write(self.status_fd, what)
-        except OSError:
-            pass        # the parent is gone: the lifeline says so too
-
-    def run(self) -> int:
-        server = self.server
-        actions = server.service_actions
-
-        def service_actions() -> None:
-            actions()
-            self.beat()
-            if self.stopping.is_set():
-                raise _StopServing
-        # Every poll_interval is enough (a fastlisten ThreadingMixIn keeps
-        # leader/follower for it: its serving thread then accepts nothing).
-        service_actions.fl_periodic = True      # type: ignore[attr-defined]
-        server.service_actions = service_actions
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGUSR2, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.set_wakeup_fd(self.waker.write_fileno(), warn_on_full_buffer=False)
-        outcome: List[Any] = []
-
-        def serve() -> None:
-            try:
-                server.serve_forever(self.poll_interval)
-                outcome.append(None)
-            except _StopServing:
-                outcome.append(None)
-            except BaseException as exc:    # noqa: BLE001 - reported below
-                outcome.append(exc)
-            finally:
-                self.waker.wakeup()
-
-        self.beat()
-        thread = threading.Thread(target=serve, name="fastlisten-worker", daemon=True)
-        thread.start()
-        self._tell(_READY)
-        poller = select.poll()
-        poller.register(self.waker.fileno(), select.POLLIN)
-        poller.register(self.lifeline, select.POLLIN)
-        while not outcome:
-            events = poller.poll()
-            if any(fd == self.lifeline for fd, _ in events) and self.stop is None:
-                _log.warning("worker %d: the supervisor is gone; stopping", os.getpid())
-                self.stop = "orphan"
-                poller.unregister(self.lifeline)
-            self.waker.drain()
-            if self.stop is not None and not self.stopping.is_set():
-                self.stopping.set()
-                wake = getattr(server, "_fl_wake", None)
-                if wake is not None:
-                    wake()          # a fastlisten loop runs service_actions at once
-        thread.join()
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        if self.stop is None:
-            return 1            # serve_forever returned by itself
-        if self.stop in ("empty", "final"):
-            self._empty_queue(final=self.stop == "final")
-        # Stop listening before the handlers drain: this copy of the socket
-        # must not hold connections nobody will accept.
-        server.socket.close()
-        drain = _fastlisten_drain(server)
-        if drain is not None:
-            ended = drain(self.graceful_timeout)
-            if ended:
-                _log.info("worker %d: ended %d handler(s) after %.3g s", os.getpid(), ended,
-                          self.graceful_timeout)
-        server.server_close()
-        self.beat()
-        return 0
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stop is None:
-            self.stop = {signal.SIGUSR2: "empty", signal.SIGINT: "final"}.get(
-                signum, "graceful")
-        # The main thread may have drained set_wakeup_fd's byte and looked
-        # at self.stop before this handler ran: wake it again.
-        self.waker.wakeup()
-
-    def _empty_queue(self, final: bool) -> None:
-        """Serve the connections still queued on this worker's socket, which
-        closes after it: no reset for them.  ``final`` (a stop: it closes for
-        good): first the kernel is made to complete no new connection on it;
-        else (a reuseport slot that goes away) what is queued now is served,
-        and steering or the kernel's migration sees to the rest."""
-        # a fastlisten server's own call also serves what its loop kept
-        own = getattr(self.server, "serve_queued", None)
-        try:
-            if own is not None and final:
-                own()
-            else:
-                serve_queued(self.server, door=final)
-        except OSError as exc:
-            _log.warning("worker %d: cannot empty the accept queue: %s", os.getpid(), exc)
+    def _parent_fds(self, slot: int) -> Tuple[int, ...]:
+        """What the parent holds that the worker for ``slot`` must not keep:
+        the other slots' sockets (else a closed slot would live on there),
+        the other workers' pipes, the parent's waker and lifeline write end."""
+        fds = [other.status_fd for other in self._workers.values() if other.status_fd >= 0]
+        if self._reuse is not None:
+            fds += self._reuse.other_fds(slot)
+        if self._waker is not None:
+            fds += sorted({self._waker.fileno(), self._waker.write_fileno()})
+        fds.append(self._lifeline_fds()[1])
+        return tuple(fds)

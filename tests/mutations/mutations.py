@@ -301,12 +301,13 @@ MUTATIONS = [
              "st->accepted += (unsigned long long)n;",
              ("tests/test_core_c.py",), COMPILED),
     Mutation("worker record written by struct.pack_into (zero-fills first)",
-             "src/fastlisten/workers.py",
+             "src/fastlisten/_heartbeat.py",
              "        counts[0], counts[1], counts[2] = accepted, running, peak\n"
              "        self._time[0] = heartbeat\n",
-             "        struct.pack_into('=dQQQ', self._shm, 0, heartbeat, accepted, running, peak)\n",
+             "        __import__('struct').pack_into('=dQQQ', self._shm, 0, heartbeat, accepted,"
+             " running, peak)\n",
              ("tests/test_workers.py",), BOTH),
-    Mutation("a worker's heartbeat not marked periodic", "src/fastlisten/workers.py",
+    Mutation("a worker's heartbeat not marked periodic", "src/fastlisten/_worker_process.py",
              "service_actions.fl_periodic = True", "service_actions.fl_periodic = False",
              ("tests/test_workers.py",), BOTH),
     # -- the accept filter (issue 19) -----------------------------------------
@@ -391,7 +392,7 @@ MUTATIONS = [
     Mutation("drain() calls a subclass's end_handlers", "src/fastlisten/server.py",
              'return _own_method(self, "end_handlers")()', "return self.end_handlers()",
              ("tests/test_added_names.py",), BOTH),
-    Mutation("Workers calls a subclass's drain", "src/fastlisten/workers.py",
+    Mutation("Workers calls a subclass's drain", "src/fastlisten/_worker_process.py",
              'return _own_method(server, "drain")', 'return getattr(server, "drain")',
              ("tests/test_added_names.py",), BOTH),
     Mutation("the old ssl_context attribute not warned", "src/fastlisten/server.py",

@@ -45,8 +45,6 @@ an idle server gives sequential clients mostly to one worker).
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import logging
 import os
 import select
@@ -64,8 +62,7 @@ from fastlisten._wakeup import Waker
 from fastlisten.address import format_address
 from fastlisten.commands import options
 from fastlisten.config import ListenConfig
-from fastlisten.errors import user_traceback
-from fastlisten.services import BUILTIN
+from fastlisten.services import load_handler
 from fastlisten.sysinfo import listener_drops
 
 _log = logging.getLogger("fastlisten.serve")
@@ -119,62 +116,6 @@ def add_parser(subparsers: Any) -> None:
     w.add_argument("--pid-file", default=None, metavar="PATH",
                    help="write the supervisor's pid here (removed on exit)")
     p.set_defaults(run=run)
-
-
-def load_handler(spec: str) -> Callable[..., Any]:
-    """A built-in handler's class, or ``module:Class`` imported (the current
-    directory is on the path) and checked to be callable as
-    ``Class(request, client_address, server)``.  Raises ValueError saying
-    what is wrong."""
-    if spec in BUILTIN:
-        return BUILTIN[spec]
-    if ":" not in spec:
-        raise ValueError(f"unknown handler {spec!r}: use one of "
-                         f"{', '.join(sorted(BUILTIN))}, or module:Class")
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        if _not_found(exc, module_name):
-            raise ValueError(f"handler {spec!r}: cannot import {module_name!r}: "
-                             f"{exc}") from None
-        raise ValueError(_import_failed(spec, module_name, exc)) from None
-    except Exception as exc:    # noqa: BLE001 - the module's own code failed: show where
-        raise ValueError(_import_failed(spec, module_name, exc)) from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(f"handler {spec!r}: {module_name!r} has no {attr!r}") from None
-    if not callable(obj):
-        raise ValueError(f"handler {spec!r} is not callable (a request handler class)")
-    try:
-        inspect.signature(obj).bind(None, None, None)
-    except TypeError:
-        raise ValueError(f"handler {spec!r} cannot be called as Class(request, "
-                         "client_address, server): subclass "
-                         "socketserver.BaseRequestHandler") from None
-    except ValueError:
-        pass        # no signature to check (a builtin): let it be tried
-    return obj
-
-
-def _not_found(exc: ImportError, module_name: str) -> bool:
-    """True when the handler's module itself (or a package above it) does
-    not exist, as opposed to its code failing to import something."""
-    missing = getattr(exc, "name", None)
-    return isinstance(exc, ModuleNotFoundError) and missing is not None and (
-        module_name == missing or module_name.startswith(missing + "."))
-
-
-def _import_failed(spec: str, module_name: str, exc: BaseException) -> str:
-    """What to say when the handler's module raised while it was imported:
-    its traceback, with the frames of its own code only (importlib's and
-    fastlisten's say nothing about it)."""
-    return (f"handler {spec!r}: importing {module_name!r} raised "
-            f"{type(exc).__name__}:\n{user_traceback(exc)}")
 
 
 def format_counters(c: Dict[str, Any]) -> str:

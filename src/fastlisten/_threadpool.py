@@ -68,7 +68,7 @@ class WorkerPool:
     running(), cancel_queued(), wait_idle(), stop_waiting().
     """
 
-    def __init__(self, *, name: str = "fastlisten-worker", daemon: bool = False,
+    def __init__(self, *, name: str = "fastlisten-pool", daemon: bool = False,
                  idle_timeout: float = 5.0, max_threads: Optional[int] = None,
                  max_queued: Optional[int] = None) -> None:
         if max_threads is not None and max_threads < 1:
