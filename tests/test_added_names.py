@@ -324,8 +324,8 @@ def test_workers_with_own_drain_and_listen_config_and_tls_in_its_config(tmp_path
     """fastlisten.Workers over a server class with a drain() and a
     listen_config of its own: TLS given to Workers in a ListenConfig is
     served by every worker (the parent's listening socket takes only the
-    socket options), and the graceful stop drains with fastlisten's drain(),
-    never the subclass's."""
+    socket options), and the graceful stop serves the queue and drains with
+    fastlisten's serve_queued() and drain(), never the subclass's."""
     import signal
     import sys
     import textwrap
@@ -333,6 +333,7 @@ def test_workers_with_own_drain_and_listen_config_and_tls_in_its_config(tmp_path
     from test_workers import supervised
 
     marker = tmp_path / "own-drain-called"
+    queued_marker = tmp_path / "own-serve-queued-called"
     (tmp_path / "app.py").write_text(textwrap.dedent(f"""
         import logging, ssl, sys, fastlisten
         logging.basicConfig(level=logging.INFO)
@@ -347,6 +348,9 @@ def test_workers_with_own_drain_and_listen_config_and_tls_in_its_config(tmp_path
 
             def drain(self, *args):             # its own meaning
                 open({str(marker)!r}, "w").close()
+
+            def serve_queued(self, *args):      # its own meaning too
+                open({str(queued_marker)!r}, "w").close()
 
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain({cert[0]!r}, {cert[1]!r})
@@ -366,3 +370,4 @@ def test_workers_with_own_drain_and_listen_config_and_tls_in_its_config(tmp_path
         rc, log = s.stop(signal.SIGTERM)
     assert rc == 0 and "Traceback" not in log, log
     assert not marker.exists()
+    assert not queued_marker.exists()

@@ -352,7 +352,11 @@ class _WorkerLoop:
         else (a reuseport slot that goes away) what is queued now is served,
         and steering or the kernel's migration sees to the rest."""
         # a fastlisten server's own call also serves what its loop kept
-        own = getattr(self.server, "serve_queued", None)
+        # (fastlisten's implementation: a subclass's serve_queued is its own)
+        try:
+            own: Optional[Callable[[], int]] = _own_method(self.server, "serve_queued")
+        except AttributeError:
+            own = None
         try:
             if own is not None and final:
                 own()
