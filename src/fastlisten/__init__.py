@@ -22,9 +22,10 @@ from fastlisten.server import *  # noqa: F401,F403  (the drop-in socketserver)
 from fastlisten.server import __all__ as _server_all
 from fastlisten._install import install
 from fastlisten.workers import Workers
+from fastlisten.running import serve_until_signalled
 
 __all__ = ["compiled", "Listener", "listen", "default_backlog", "proxy_parse", "proxy_read"]
-__all__ += ["install", "Workers"] + _server_all
+__all__ += ["install", "Workers", "serve_until_signalled"] + _server_all
 from fastlisten._version import __version__
 __all__ += ["ListenConfig", "FastlistenWarning", "EphemeralPortWarning",
             "BacklogTruncatedWarning", "OptionIneffectiveWarning"]
