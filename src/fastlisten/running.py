@@ -260,9 +260,10 @@ def _method(server: Any, name: str) -> Optional[Callable[..., Any]]:
 
 
 def stop_serving(server: Any, signals: Signals, grace: float,
-                 first: Optional[int] = None) -> int:
+                 first: Optional[int] = None, shutdown: bool = True) -> int:
     """The graceful stop, with ``serve_forever()`` running in another
-    thread: ``shutdown()`` (no new connection is accepted), then the
+    thread: ``shutdown()`` (no new connection is accepted; without
+    ``shutdown``, the loop has already returned), then the
     connections the kernel had queued are served (``serve_queued()``), then
     running handlers get ``grace`` seconds to finish (``drain()``) while
     ``signals`` are watched: one more stop signal than had arrived (or than
@@ -270,7 +271,8 @@ def stop_serving(server: Any, signals: Signals, grace: float,
     built on fastlisten's classes gets the queue served and no drain."""
     if first is None:
         first = signals.count(*STOP_SIGNALS)
-    server.shutdown()
+    if shutdown:
+        server.shutdown()
     own = _method(server, "serve_queued")
     if own is not None:
         own()
@@ -345,6 +347,6 @@ def serve_until_signalled(server: Any, *, grace: float = 5.0,
         first = signals.count(*STOP_SIGNALS)    # a later one is a second one
         if on_stop is not None:
             on_stop()
-        ended = stop_serving(server, signals, grace, first)
+        ended = stop_serving(server, signals, grace, first, shutdown=not served.done)
     served.result()
     return ended
