@@ -32,6 +32,7 @@ import select
 import signal
 import socket
 import threading
+from functools import partial
 from time import monotonic
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -305,7 +306,8 @@ def serve_until_signalled(server: Any, *, grace: float = 5.0,
                           on_ready: Optional[Callable[[], None]] = None,
                           on_stats: Optional[Callable[[], None]] = None,
                           stats_interval: Optional[float] = None,
-                          on_stop: Optional[Callable[[], None]] = None) -> int:
+                          on_stop: Optional[Callable[[], None]] = None,
+                          log_stats: bool = False) -> int:
     """Serve with ``server`` until SIGINT or SIGTERM, then stop gracefully;
     returns how many handlers had to be ended (0: all finished in time).
     Call it from the main thread; close the server afterwards (``with
@@ -320,10 +322,15 @@ def serve_until_signalled(server: Any, *, grace: float = 5.0,
     and the server runs (the moment to tell the world it is up);
     ``on_stats()`` on SIGUSR1 (handled only with ``on_stats``) and every
     ``stats_interval`` seconds; ``on_stop()`` on the first stop signal,
-    while the server still accepts.  If ``serve_forever()`` raises, the
-    same stop runs, then its exception is raised.  The previous signal
-    handlers are back when it returns."""
+    while the server still accepts.  With ``log_stats``, the counters line
+    (:func:`log_counters`) is what ``on_stats`` does unless given, and is
+    logged once more when stopped (``stopped; counters: ...``, with the
+    socket's queue drops read before the stop).  If ``serve_forever()``
+    raises, the same stop runs, then its exception is raised.  The previous
+    signal handlers are back when it returns."""
     grace = check_seconds("grace", grace, zero=True)
+    if log_stats and on_stats is None:
+        on_stats = partial(log_counters, server)
     if stats_interval is not None:
         stats_interval = check_seconds("stats_interval", stats_interval)
         if on_stats is None:
@@ -347,6 +354,10 @@ def serve_until_signalled(server: Any, *, grace: float = 5.0,
         first = signals.count(*STOP_SIGNALS)    # a later one is a second one
         if on_stop is not None:
             on_stop()
+        # before the stop: the socket filter's dropped SYNs count as drops
+        drops = counters(server).get("queue_drops") if log_stats else None
         ended = stop_serving(server, signals, grace, first, shutdown=not served.done)
+        if log_stats:
+            _log.info("stopped; counters: %s", format_counters(counters(server, drops)))
     served.result()
     return ended

@@ -52,7 +52,7 @@ import os
 import socket
 import ssl
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional, Type
 
 from fastlisten import server as _server
 from fastlisten._backend import compiled
@@ -60,7 +60,7 @@ from fastlisten.address import format_address
 from fastlisten.commands import options
 from fastlisten.config import ListenConfig, check_int, check_seconds
 from fastlisten.errors import user_traceback
-from fastlisten.running import counters, format_counters, log_counters, serve_until_signalled
+from fastlisten.running import format_counters, serve_until_signalled  # noqa: F401 (its home was here)
 from fastlisten.services import BUILTIN
 
 _log = logging.getLogger("fastlisten.serve")
@@ -190,7 +190,7 @@ def tls_context(cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLCont
 
 def server_class(config: ListenConfig, threads: Optional[int],
                  processes: Optional[int], ssl_context: Optional[ssl.SSLContext] = None,
-                 handshake_timeout: float = 10.0) -> type:
+                 handshake_timeout: float = 10.0) -> Type[Any]:
     """The library server class serve runs: threads or processes, TCP or Unix."""
     unix = config.family == socket.AF_UNIX
     if ssl_context is not None:
@@ -247,20 +247,15 @@ def run(args: argparse.Namespace) -> int:
                   "SIGINT/SIGTERM stop", args.handler, address, mode,
                   "compiled" if compiled else "pure-Python")
 
-    drops: List[Optional[int]] = []     # read while no socket filter counts in it
     try:
-        serve_until_signalled(
-            server, grace=args.grace, on_ready=ready, on_stats=lambda: log_counters(server),
-            stats_interval=args.stats_interval,
-            on_stop=lambda: drops.append(counters(server).get("queue_drops")))
+        serve_until_signalled(server, grace=args.grace, on_ready=ready, log_stats=True,
+                              stats_interval=args.stats_interval)
     finally:
-        if drops:
-            _log.info("stopped; counters: %s", format_counters(counters(server, drops[0])))
         server.server_close()
     return 0
 
 
-def _run_workers(args: argparse.Namespace, cls: type, handler: Any) -> int:
+def _run_workers(args: argparse.Namespace, cls: Type[Any], handler: Any) -> int:
     """``--workers N``: the same server class in N processes under fastlisten.Workers."""
     from fastlisten.workers import Workers
 
