@@ -172,8 +172,9 @@ class Outcome:
 
         def body() -> None:
             try:
-                self._box.append(target())
-                self._ok = True
+                value = target()
+                self._ok = True         # before done, which the box makes true
+                self._box.append(value)
             except BaseException as exc:   # noqa: BLE001 - given to whoever asks result()
                 self._box.append(exc)
             finally:
@@ -294,6 +295,7 @@ def stop_serving(server: Any, signals: Signals, grace: float,
         if signals.count(*STOP_SIGNALS) > first and not hurried:
             hurried = True
             ended = end()
+    drained.thread.join()       # its last act wakes signals: not once they are closed
     result = int(drained.result())
     if ended or result:
         _log.info("ended %d handler(s) still running %s", max(ended, result),
@@ -357,6 +359,7 @@ def serve_until_signalled(server: Any, *, grace: float = 5.0,
         # before the stop: the socket filter's dropped SYNs count as drops
         drops = counters(server).get("queue_drops") if log_stats else None
         ended = stop_serving(server, signals, grace, first, shutdown=not served.done)
+        served.thread.join()    # serve_forever has returned: only its wake-up is left
         if log_stats:
             _log.info("stopped; counters: %s", format_counters(counters(server, drops)))
     served.result()
