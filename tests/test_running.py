@@ -274,16 +274,20 @@ def test_signals_are_handled_in_the_main_thread_only():
 
 
 def test_signals_count_and_wake_the_waiting_thread():
-    before = signal.getsignal(signal.SIGUSR2)
-    with running.Signals([signal.SIGUSR2]) as s:
+    before = signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGUSR1)
+    with running.Signals([signal.SIGUSR2, signal.SIGUSR1]) as s:
         r, w = os.pipe()
         try:
+            assert s.first is None
             os.kill(os.getpid(), signal.SIGUSR2)
             assert s.wait(LIMIT) == []          # woken by the signal, not the timeout
-            assert s.count() == s.count(signal.SIGUSR2) == 1
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert s.wait(LIMIT) == []
+            assert s.count() == 2 and s.count(signal.SIGUSR2) == 1
+            assert s.first == signal.SIGUSR2
             os.write(w, b"x")
             assert s.wait(LIMIT, [r]) == [r]
         finally:
             os.close(r)
             os.close(w)
-    assert signal.getsignal(signal.SIGUSR2) is before
+    assert (signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGUSR1)) == before

@@ -65,6 +65,9 @@ class Signals:
     def __init__(self, signals: Iterable[int] = STOP_SIGNALS) -> None:
         self.signals = tuple(signals)
         self.counts: Dict[int, int] = dict.fromkeys(self.signals, 0)
+        #: The first of them to arrive (None: none yet), for a loop whose
+        #: stop depends on which signal asked for it.
+        self.first: Optional[int] = None
         self.waker: Optional[Waker] = None
         self._previous: Dict[int, Any] = {}
         self._old_fd: Optional[int] = None
@@ -75,6 +78,8 @@ class Signals:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.counts[signum] = self.counts.get(signum, 0) + 1
+        if self.first is None:
+            self.first = signum
         # The waiting thread may have read the wake-up byte and looked at
         # the counts before this handler ran: wake it again.
         self.wakeup()
