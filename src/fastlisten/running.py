@@ -125,11 +125,14 @@ class Signals:
         readable ones of ``fds``.  The Python handlers have run by the time
         it returns."""
         assert self.waker is not None, "wait() outside the with block"
+        poller = select.poll()      # (no FD_SETSIZE limit, unlike select())
         watched = list(fds)
-        ready, _, _ = select.select([self.waker.fileno(), *watched], [], [],
-                                    None if timeout is None else max(timeout, 0.0))
+        for fd in (self.waker.fileno(), *watched):
+            poller.register(fd, select.POLLIN)
+        ms = None if timeout is None else max(0, int(timeout * 1000) + 1)
+        ready = [fd for fd, _ in poller.poll(ms)]
         self.waker.drain()
-        return [fd for fd in ready if fd in watched]
+        return [fd for fd in watched if fd in ready]
 
 
 #: Signals entered now (the after-fork reset applies while one is).
