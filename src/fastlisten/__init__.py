@@ -24,10 +24,11 @@ from fastlisten.server import *  # noqa: F401,F403  (the drop-in socketserver)
 from fastlisten.server import __all__ as _server_all
 from fastlisten._install import install
 from fastlisten.workers import Workers
+from fastlisten.running import serve_until_signalled
 from fastlisten._version import VERSION     # fastlisten's (``__version__`` is socketserver's)
 
 __all__ = ["compiled", "Listener", "listen", "default_backlog", "proxy_parse", "proxy_read"]
-__all__ += ["install", "Workers", "VERSION"] + _server_all
+__all__ += ["install", "Workers", "serve_until_signalled", "VERSION"] + _server_all
 __all__ += ["ListenConfig", "FastlistenWarning", "EphemeralPortWarning",
             "BacklogTruncatedWarning", "OptionIneffectiveWarning"]
 

@@ -41,7 +41,7 @@ from fastlisten import address as _address
 _log = logging.getLogger("fastlisten")
 
 __all__ = ["ListenConfig", "ProxySettings", "ReadySettings", "TLSSettings", "systemd_fds",
-           "check_backlog", "option_fields"]
+           "check_backlog", "check_int", "check_seconds", "option_fields"]
 
 _C_INT_MAX = 2**31 - 1
 
@@ -70,9 +70,11 @@ def _check_bool(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, not {type(value).__name__}: {value!r}")
 
 
-def _check_int(name: str, value: Any, low: int, high: int = _C_INT_MAX,
-               what: str = "") -> int:
-    """An int option in [low, high]: TypeError, ValueError below, OverflowError above."""
+def check_int(name: str, value: Any, low: int, high: int = _C_INT_MAX,
+              what: str = "") -> int:
+    """An int option in [low, high]: TypeError, ValueError below, OverflowError above.
+    ``name`` is what the message calls it (a field, a keyword, a flag such
+    as ``--threads``); ``what`` follows the bound (`` (connections)``)."""
     if isinstance(value, bool) or not isinstance(value, int):
         try:
             value = value.__index__()
@@ -93,7 +95,7 @@ def check_backlog(backlog: Any) -> int:
     """A listen() backlog checked as ``socket.listen`` checks it: an integer
     (else TypeError) that fits a C int (else OverflowError); a negative one
     is clamped to 0."""
-    return max(_check_int("backlog", backlog, -_C_INT_MAX - 1), 0)
+    return max(check_int("backlog", backlog, -_C_INT_MAX - 1), 0)
 
 
 def _platform_option(option: str, constant: str) -> int:
@@ -236,14 +238,17 @@ def _check_networks(value: Any) -> Tuple[Network, ...]:
     return tuple(nets)
 
 
-def _check_seconds(name: str, value: Any) -> float:
+def check_seconds(name: str, value: Any, zero: bool = False) -> float:
+    """A duration: a finite number of seconds, more than 0 (or, with
+    ``zero``, at least 0); TypeError or ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not "
                         f"{type(value).__name__}: {value!r}")
-    if math.isnan(value) or math.isinf(value) or value <= 0:
-        raise ValueError(f"{name}={value!r} is out of range: it must be a positive, "
-                         "finite number of seconds")
+    if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not zero):
+        least = "finite number of seconds >= 0" if zero else "positive, finite number of seconds"
+        raise ValueError(f"{name}={value!r} is out of range: it must be a {least}")
     return float(value)
+
 
 
 @dataclass(frozen=True)
@@ -450,15 +455,15 @@ class ListenConfig:
             put("backlog", check_backlog(self.backlog))
         for name in ("rcvbuf", "sndbuf"):
             if getattr(self, name) is not None:
-                put(name, _check_int(name, getattr(self, name), 1, what=" (bytes)"))
+                put(name, check_int(name, getattr(self, name), 1, what=" (bytes)"))
         if self.defer_accept is not None:
-            put("defer_accept", _check_int("defer_accept", self.defer_accept, 0,
+            put("defer_accept", check_int("defer_accept", self.defer_accept, 0,
                                            what=" (seconds)"))
         if self.fastopen is not None:
-            put("fastopen", _check_int("fastopen", self.fastopen, 0,
+            put("fastopen", check_int("fastopen", self.fastopen, 0,
                                        what=" (queue length)"))
         if self.unix_mode is not None:
-            mode = _check_int("unix_mode", self.unix_mode, 0, what=" (file mode, e.g. 0o660)")
+            mode = check_int("unix_mode", self.unix_mode, 0, what=" (file mode, e.g. 0o660)")
             if mode > 0o7777:
                 raise ValueError(f"unix_mode={oct(mode)} is not a file mode (0 to 0o7777)")
             put("unix_mode", mode)
@@ -506,19 +511,19 @@ class ListenConfig:
             raise ValueError(f"ready_rule={rule!r}: use one of {', '.join(READY_RULES)}")
         timeout = DEFAULT_READY_TIMEOUT
         if self.ready_timeout is not None:
-            timeout = _check_seconds("ready_timeout", self.ready_timeout)
+            timeout = check_seconds("ready_timeout", self.ready_timeout)
             if timeout > MAX_READY_TIMEOUT:
                 raise ValueError(f"ready_timeout={timeout!r} is out of range: at most "
                                  f"{MAX_READY_TIMEOUT:g} seconds")
             put("ready_timeout", timeout)
         max_bytes = DEFAULT_READY_MAX_BYTES
         if self.ready_max_bytes is not None:
-            max_bytes = _check_int("ready_max_bytes", self.ready_max_bytes, 1,
+            max_bytes = check_int("ready_max_bytes", self.ready_max_bytes, 1,
                                    MAX_READY_MAX_BYTES, what=" (bytes)")
             put("ready_max_bytes", max_bytes)
         cap = None
         if self.max_waiting is not None:
-            cap = _check_int("max_waiting", self.max_waiting, 1, what=" (connections)")
+            cap = check_int("max_waiting", self.max_waiting, 1, what=" (connections)")
             put("max_waiting", cap)
         proxy, max_v2 = 0, 0
         if self._proxy is not None:
@@ -556,11 +561,11 @@ class ListenConfig:
             put("trusted_proxies", tuple(str(net) for net in trusted))
         timeout = proxy.DEFAULT_TIMEOUT
         if self.proxy_timeout is not None:
-            timeout = _check_seconds("proxy_timeout", self.proxy_timeout)
+            timeout = check_seconds("proxy_timeout", self.proxy_timeout)
             put("proxy_timeout", timeout)
         max_v2 = proxy.DEFAULT_MAX_V2
         if self.proxy_max_v2 is not None:
-            max_v2 = _check_int("proxy_max_v2", self.proxy_max_v2, proxy.MIN_MAX_V2,
+            max_v2 = check_int("proxy_max_v2", self.proxy_max_v2, proxy.MIN_MAX_V2,
                                 proxy.V2_LIMIT, what=" (bytes)")
             put("proxy_max_v2", max_v2)
         put("_proxy", ProxySettings(PROXY_PROTOCOLS[mode], trusted, timeout, max_v2))
@@ -582,7 +587,7 @@ class ListenConfig:
                              "load_cert_chain()")
         timeout = DEFAULT_HANDSHAKE_TIMEOUT
         if self.handshake_timeout is not None:
-            timeout = _check_seconds("handshake_timeout", self.handshake_timeout)
+            timeout = check_seconds("handshake_timeout", self.handshake_timeout)
             put("handshake_timeout", timeout)
         put("_tls", TLSSettings(context, timeout))
 
@@ -609,7 +614,7 @@ class ListenConfig:
             if fd != "systemd":
                 raise ValueError(f"fd must be a descriptor number or 'systemd', not {fd!r}")
             return
-        _check_int("fd", fd, 0, what=" (an open socket descriptor)")
+        check_int("fd", fd, 0, what=" (an open socket descriptor)")
 
     def _check_path(self) -> Union[str, bytes]:
         path = self.path

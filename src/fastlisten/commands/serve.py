@@ -46,24 +46,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import select
-import signal
 import socket
 import ssl
 import sys
-import threading
-from time import monotonic
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, Optional, Type
 
 from fastlisten import server as _server
 from fastlisten._backend import compiled
-from fastlisten._wakeup import Waker
 from fastlisten.address import format_address
 from fastlisten.commands import options
-from fastlisten.config import ListenConfig
+from fastlisten.config import ListenConfig, check_int, check_seconds
+from fastlisten.running import format_counters, serve_until_signalled  # noqa: F401 (its home was here)
 from fastlisten.services import load_handler
-from fastlisten.sysinfo import listener_drops
 
 _log = logging.getLogger("fastlisten.serve")
 
@@ -118,57 +112,6 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(run=run)
 
 
-def format_counters(c: Dict[str, Any]) -> str:
-    """Counters (Listener.counters() or a server's counters()) as one log
-    line; values the system cannot tell (None) are left out.
-
-    ``queue_drops`` (see :func:`counters`) is the listener's own count of
-    connections dropped from its full accept queue; only without it does the
-    line show the kernel's ListenOverflows/ListenDrops, which count every
-    listener on the machine, labelled ``machine_``."""
-    import errno
-
-    errors = ", ".join(f"{errno.errorcode.get(e, e)}={n}"
-                       for e, n in c.get("errors", {}).items())
-    parts = [(name, c.get(name)) for name in (
-        "accepted", "batches", "max_batch", "handlers_running", "handlers_peak", "queued",
-        "deepest_queue", "backlog")]
-    parts += [
-        ("accept_errors", f"{{{errors}}}"), ("capacity_episodes", c.get("capacity_episodes")),
-    ]
-    if c.get("queue_drops") is not None:
-        parts.append(("queue_drops", c["queue_drops"]))
-    else:
-        parts += [("machine_ListenOverflows", _plus(c.get("listen_overflows_since_open"))),
-                  ("machine_ListenDrops", _plus(c.get("listen_drops_since_open")))]
-    parts += [(name, c.get(name)) for name in (
-        "proxy_accepted", "proxy_local", "proxy_rejected", "tls_handshakes", "tls_failures")]
-    if c.get("proxy_errors"):
-        parts.append(("proxy_errors", "{" + ", ".join(
-            f"{reason}={n}" for reason, n in c["proxy_errors"].items()) + "}"))
-    return " ".join(f"{name}={value}" for name, value in parts if value is not None)
-
-
-def counters(server: Any, drops: Optional[int] = None) -> Dict[str, Any]:
-    """The server's counters() for the counters line, with ``queue_drops``:
-    the connections its own listening socket dropped because its accept
-    queue was full (SO_MEMINFO's sk_drops, which the kernel counts per
-    socket where /proc/net/netstat's ListenDrops counts the whole machine);
-    ``drops`` (read earlier) if the socket cannot tell any more.  A Unix
-    socket's line leaves the TCP figures out."""
-    c = dict(server.counters())
-    sock = server.socket
-    if sock.family == socket.AF_UNIX:
-        for key in ("listen_overflows_since_open", "listen_drops_since_open"):
-            c.pop(key, None)
-        return c
-    own = listener_drops(sock)
-    c["queue_drops"] = own if own is not None else drops
-    return c
-
-
-def _plus(n: Optional[int]) -> Optional[str]:
-    return None if n is None else f"+{n}"
 
 
 def tls_context(cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLContext]:
@@ -189,7 +132,7 @@ def tls_context(cert: Optional[str], key: Optional[str]) -> Optional[ssl.SSLCont
 
 def server_class(config: ListenConfig, threads: Optional[int],
                  processes: Optional[int], ssl_context: Optional[ssl.SSLContext] = None,
-                 handshake_timeout: float = 10.0) -> type:
+                 handshake_timeout: float = 10.0) -> Type[Any]:
     """The library server class serve runs: threads or processes, TCP or Unix."""
     unix = config.family == socket.AF_UNIX
     if ssl_context is not None:
@@ -211,93 +154,18 @@ def server_class(config: ListenConfig, threads: Optional[int],
     return type("ServeServer", bases, attrs)
 
 
-class _Signals:
-    """The signals serve handles, as flags plus a wake-up of the main thread
-    (signal.set_wakeup_fd on a pipe): a signal arriving at any instant wakes
-    it, whichever thread the kernel delivered it to."""
-
-    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.stops = 0
-        self.stats = False
-        self.waker = Waker(pipe=True)
-        self._previous: Dict[int, Any] = {}
-        self._old_fd: Optional[int] = None
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGUSR1:
-            self.stats = True
-        else:
-            self.stops += 1
-
-    def __enter__(self) -> "_Signals":
-        for sig in self.HANDLED:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
-        self._old_fd = signal.set_wakeup_fd(self.waker.write_fileno(),
-                                            warn_on_full_buffer=False)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._old_fd is not None:
-            signal.set_wakeup_fd(self._old_fd)
-        for sig, old in self._previous.items():
-            signal.signal(sig, old)
-        self.waker.close()
-
-    def sleep(self, timeout: Optional[float]) -> None:
-        """Wait until a signal or wake() arrives, or ``timeout`` passes; the
-        Python handlers run as the wait returns."""
-        select.select([self.waker.fileno()], [], [], timeout)
-        self.waker.drain()
-
-
-def _child_after_fork() -> None:
-    # A handler's process: the parent decides when it stops (SIGTERM at the
-    # end of --grace), so Ctrl-C and SIGUSR1 are not its business.
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-_fork_hook_registered = False
-
-
-def _in_thread(target: Callable[[], Any], name: str, wake: Waker) -> List[Any]:
-    """Run target in a thread; the returned list gets its result or the
-    exception it raised, and ``wake`` is woken when it ends."""
-    outcome: List[Any] = []
-
-    def body() -> None:
-        try:
-            outcome.append(target())
-        except BaseException as exc:   # noqa: BLE001 - reported by the main thread
-            outcome.append(exc)
-        finally:
-            wake.wakeup()
-
-    threading.Thread(target=body, name=name, daemon=True).start()
-    return outcome
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM; 0 on a clean shutdown."""
-    global _fork_hook_registered
     try:
         handler = load_handler(args.handler)
         cfg = options.from_args(args)
         for name in ("threads", "processes", "workers"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be a positive integer, not {value!r}")
-        if args.stats_interval is not None and not args.stats_interval > 0:
-            raise ValueError(f"--stats-interval must be positive, not {args.stats_interval!r}")
-        if not args.grace >= 0:
-            raise ValueError(f"--grace must be >= 0, not {args.grace!r}")
-        if not args.handshake_timeout > 0:
-            raise ValueError(f"--handshake-timeout must be positive, not "
-                             f"{args.handshake_timeout!r}")
+            if getattr(args, name) is not None:
+                check_int(f"--{name}", getattr(args, name), 1)
+        if args.stats_interval is not None:
+            check_seconds("--stats-interval", args.stats_interval)
+        check_seconds("--grace", args.grace, zero=True)
+        check_seconds("--handshake-timeout", args.handshake_timeout)
         context = tls_context(args.tls_cert, args.tls_key)
     except (ValueError, TypeError, OverflowError, OSError) as exc:
         print(f"fastlisten serve: error: {exc}", file=sys.stderr)
@@ -310,40 +178,26 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"fastlisten serve: {exc}", file=sys.stderr)
         return 1
-    if args.processes is not None and not _fork_hook_registered:
-        os.register_at_fork(after_in_child=_child_after_fork)
-        _fork_hook_registered = True
     mode = (f"{args.processes} processes" if args.processes is not None
             else f"{cls.fl_max_threads} threads")
+
+    def ready() -> None:
+        # Only now, with the signals handled, tell the world we are up.
+        address = format_address(server.socket.getsockname())
+        print(f"listening on {address}", flush=True)
+        _log.info("serving %s on %s (%s, %s core); SIGUSR1 logs counters, "
+                  "SIGINT/SIGTERM stop", args.handler, address, mode,
+                  "compiled" if compiled else "pure-Python")
+
     try:
-        with _Signals() as signals:
-            served = _in_thread(server.serve_forever, "fastlisten-serve", signals.waker)
-            # Only now, with the handlers in place, tell the world we are up.
-            address = server.socket.getsockname()
-            print(f"listening on {format_address(address)}", flush=True)
-            _log.info("serving %s on %s (%s, %s core); SIGUSR1 logs counters, "
-                      "SIGINT/SIGTERM stop", args.handler, format_address(address), mode,
-                      "compiled" if compiled else "pure-Python")
-            _supervise(server, signals, served, args.stats_interval)
-            stops = signals.stops       # any later stop signal is a second one
-            drops = counters(server).get("queue_drops")     # while the socket is open
-            server.shutdown()
-            # what the kernel queued would be reset by server_close()
-            server.serve_queued()
-            running = server.counters()["handlers_running"]
-            if running:
-                _log.info("stopped accepting; %d handler(s) running get up to %.3g s "
-                          "(a second signal ends them now)", running, args.grace)
-            _drain(server, signals, args.grace, stops)
-            _log.info("stopped; counters: %s", format_counters(counters(server, drops)))
+        serve_until_signalled(server, grace=args.grace, on_ready=ready, log_stats=True,
+                              stats_interval=args.stats_interval)
     finally:
         server.server_close()
-    if served and isinstance(served[0], BaseException):
-        raise served[0]
     return 0
 
 
-def _run_workers(args: argparse.Namespace, cls: type, handler: Any) -> int:
+def _run_workers(args: argparse.Namespace, cls: Type[Any], handler: Any) -> int:
     """``--workers N``: the same server class in N processes under fastlisten.Workers."""
     from fastlisten.workers import Workers
 
@@ -366,37 +220,3 @@ def _run_workers(args: argparse.Namespace, cls: type, handler: Any) -> int:
         return 1
     print(f"listening on {format_address(workers.address)}", flush=True)
     return workers.run()
-
-
-def _supervise(server: Any, signals: _Signals, served: List[Any],
-               stats_interval: Optional[float]) -> None:
-    """The main thread while serving: log counters on SIGUSR1 and every
-    stats_interval; return on a stop signal or when serve_forever ended."""
-    next_stats = None if stats_interval is None else monotonic() + stats_interval
-    while not signals.stops and not served:
-        signals.sleep(None if next_stats is None else max(next_stats - monotonic(), 0.0))
-        if next_stats is not None and monotonic() >= next_stats:
-            signals.stats = True
-            next_stats = monotonic() + stats_interval  # type: ignore[operator]
-        if signals.stats:
-            signals.stats = False
-            _log.info("counters: %s", format_counters(counters(server)))
-
-
-def _drain(server: Any, signals: _Signals, grace: float, first: int) -> int:
-    """server.drain(grace) in a thread, while the main thread keeps taking
-    signals: a stop signal beyond the ``first`` ones ends the handlers at once."""
-    drained = _in_thread(lambda: server.drain(grace), "fastlisten-drain", signals.waker)
-    ended, hurried = 0, False
-    while not drained:
-        signals.sleep(None)
-        if signals.stops > first and not hurried:
-            hurried = True
-            ended = server.end_handlers()
-    result = drained[0]
-    if isinstance(result, BaseException):
-        raise result
-    if ended or result:
-        _log.info("ended %d handler(s) still running %s", max(ended, result),
-                  "on a second signal" if hurried else f"after {grace:.3g} s")
-    return max(ended, result)
