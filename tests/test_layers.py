@@ -22,7 +22,7 @@ LAYERS = [
     ("Python layer", ["sysinfo", "errors", "config", "listener", "_queued", "services",
                       "_reuseport"]),
     ("drop-in", ["_frontdoor", "server", "_install"]),
-    ("supervisor", ["workers", "_worker_process"]),
+    ("supervisor", ["workers", "running", "_worker_process"]),
     ("package", ["__init__"]),
     ("benchmark", ["benchmark.*"]),
     ("CLI", ["cli", "__main__", "commands.*"]),
