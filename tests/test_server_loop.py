@@ -247,6 +247,10 @@ def stop(signum, frame):        # raising here could land where it is swallowed
 class Server(module.ForkingTCPServer):
     if mode == "proxy":
         listen_config = fastlisten.ListenConfig(proxy_protocol="v1")
+    elif mode == "tls":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        listen_config = fastlisten.ListenConfig(ssl_context=context)
 
     def service_actions(self):          # every poll_interval, in the loop
         super().service_actions()
@@ -255,9 +259,6 @@ class Server(module.ForkingTCPServer):
 
 
 server = Server(("127.0.0.1", 0), Upper)
-if mode == "tls":
-    server.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.ssl_context.load_cert_chain(cert, key)
 client = subprocess.Popen([sys.executable, "-c", CLIENT, str(server.server_address[1]), mode,
                            cert, str(os.getpid()), "SIGUSR1"], stdout=subprocess.PIPE)
 signal.signal(signal.SIGUSR1, stop)
