@@ -128,8 +128,12 @@ def _queued_now(sock: socket.socket) -> int:
 def hand_over(server: Any, request: Any, client_address: Any, verified: bool = False) -> None:
     """What the stdlib's serving loop does with an accepted connection:
     ``verify_request`` (unless ``verified``), then ``process_request``;
-    its exception goes to ``handle_error``."""
-    if verified or server.verify_request(request, client_address):
+    its exception goes to ``handle_error``.  Once a fastlisten server's
+    end_handlers() ran (a stop's grace is over), the connection is closed
+    instead."""
+    if getattr(server, "_fl_abandoned", False):
+        server.shutdown_request(request)
+    elif verified or server.verify_request(request, client_address):
         try:
             server.process_request(request, client_address)
         except Exception:

@@ -266,48 +266,68 @@ def log_counters(server: Any) -> None:
 
 
 def _method(server: Any, name: str) -> Optional[Callable[..., Any]]:
-    return getattr(server, name, None)
+    """fastlisten's own ``name`` (``serve_queued``, ``drain``,
+    ``end_handlers``, ``counters``) bound to a server built on its classes,
+    never a subclass's method of that name (the added names' policy); None
+    for another server."""
+    from fastlisten.server import _own_method
+
+    try:
+        return _own_method(server, name)
+    except AttributeError:
+        return None
 
 
 def stop_serving(server: Any, signals: Signals, grace: float,
                  first: Optional[int] = None, shutdown: bool = True) -> int:
     """The graceful stop, with ``serve_forever()`` running in another
     thread: ``shutdown()`` (no new connection is accepted; without
-    ``shutdown``, the loop has already returned), then the
-    connections the kernel had queued are served (``serve_queued()``), then
-    running handlers get ``grace`` seconds to finish (``drain()``) while
+    ``shutdown``, the loop has already returned), then the connections the
+    kernel had queued are served (``serve_queued()``) and running handlers
+    get what is left of ``grace`` seconds to finish (``drain()``), while
     ``signals`` are watched: one more stop signal than had arrived (or than
-    ``first``) ends them at once.  Returns how many handlers were ended.  A server not
-    built on fastlisten's classes gets the queue served and no drain."""
+    ``first``), or the end of the grace, ends them (``end_handlers()``),
+    which also closes what ``serve_queued()`` had not handed over yet (it
+    may be waiting for room in a full pool).  Returns how many handlers
+    were ended.  A server not built on fastlisten's classes gets the queue
+    served and no drain."""
     if first is None:
         first = signals.count(*STOP_SIGNALS)
     if shutdown:
         server.shutdown()
+    deadline = monotonic() + grace
     own = _method(server, "serve_queued")
-    if own is not None:
-        own()
-    else:
-        serve_queued(server)
+    queued = own if own is not None else partial(serve_queued, server)
     drain, end = _method(server, "drain"), _method(server, "end_handlers")
     counters = _method(server, "counters")
     if drain is None or end is None:
+        queued()
         return 0
     running = counters()["handlers_running"] if counters is not None else 0
     if running:
         _log.info("stopped accepting; %d handler(s) running get up to %.3g s "
                   "(a second signal ends them now)", running, grace)
-    drained = Outcome(lambda: drain(grace), "fastlisten-drain", signals.wakeup)
-    ended, hurried = 0, False
-    while not drained.done:
-        signals.wait()
-        if signals.count(*STOP_SIGNALS) > first and not hurried:
-            hurried = True
-            ended = end()
-    drained.thread.join()       # its last act wakes signals: not once they are closed
-    result = int(drained.result())
+
+    def finish() -> int:
+        queued()
+        return int(drain(max(0.0, deadline - monotonic())))
+
+    finished = Outcome(finish, "fastlisten-drain", signals.wakeup)
+    ended, why = 0, None
+    while not finished.done:
+        signals.wait(None if why is not None else max(0.0, deadline - monotonic()))
+        if why is None:
+            if signals.count(*STOP_SIGNALS) > first:
+                why = "on a second signal"
+            elif monotonic() >= deadline:
+                why = f"after {grace:.3g} s"
+            if why is not None:
+                ended = end()
+    finished.thread.join()      # its last act wakes signals: not once they are closed
+    result = int(finished.result())
     if ended or result:
         _log.info("ended %d handler(s) still running %s", max(ended, result),
-                  "on a second signal" if hurried else f"after {grace:.3g} s")
+                  why or f"after {grace:.3g} s")
     return max(ended, result)
 
 

@@ -242,6 +242,11 @@ class _FastLoop:
     #: ((request, client_address, verified)): serve_queued() serves them,
     #: server_close() closes them.
     _fl_unserved: Optional[List[Tuple[Any, Any, bool]]] = None
+    #: end_handlers() ran during a stop: serve_queued() hands no more
+    #: connections to handlers (it closes them), and a wait for room in the
+    #: pool (or for a child to exit) gives up, so a stop's grace and its
+    #: second signal reach a serve_queued() that waits for a stuck handler.
+    _fl_abandoned = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -399,6 +404,7 @@ class _FastLoop:
         """
         if self._fl_defer:
             return super().serve_forever(poll_interval)  # type: ignore[misc]
+        self._fl_abandoned = False
         self._BaseServer__is_shut_down.clear()  # type: ignore[attr-defined]
         try:
             if not self._fl_serve_batches(poll_interval):
@@ -477,8 +483,16 @@ class _FastLoop:
         SIGKILL after ``fl_kill_timeout`` seconds.  What this does to a
         connection is not reported to handle_error() as a handler's failure.
         The synchronous server runs its handler in the serving thread: once
-        serve_forever() returned there is none to end."""
+        serve_forever() returned there is none to end.  Whatever the
+        server, serve_queued() hands no more connections to handlers from
+        then on: it closes them."""
+        self._fl_abandon()
         return 0
+
+    def _fl_abandon(self) -> None:
+        """end_handlers() of a stop: see _fl_abandoned."""
+        self._fl_abandoned = True
+        self._fl_interrupt()
 
     def counters(self) -> Dict[str, Any]:
         """The server's counters: those of :meth:`Listener.counters` for the
@@ -1005,7 +1019,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         pool.daemon = self.daemon_threads
         if not pool.submit(self.process_request_thread, request, client_address,
                            cancelled=self._fl_shutdown_requested):
-            if pool.closed:
+            if pool.closed or self._fl_abandoned:
                 self.shutdown_request(request)  # type: ignore[attr-defined]
             else:
                 self._fl_keep(request, client_address, True)    # for serve_queued()
@@ -1102,7 +1116,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         return pool is not None and pool.holds(request)
 
     def _fl_shutdown_requested(self) -> bool:
-        return bool(self._BaseServer__shutdown_request)
+        return bool(self._BaseServer__shutdown_request) or self._fl_abandoned
 
     def _fl_interrupt(self) -> None:
         if self._fl_pool is not None:
@@ -1119,6 +1133,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     def end_handlers(self) -> int:
         """End the running handlers' connections; close queued requests
         (see BaseServer.end_handlers)."""
+        self._fl_abandon()
         pool = self._fl_pool
         if pool is None:
             return 0
@@ -1182,7 +1197,10 @@ if hasattr(os, "fork"):
             # The stdlib waits for a child to exit (uninterruptibly) when
             # max_children run; wait here instead, for a child or shutdown().
             if not self._fl_wait_for_room():
-                self._fl_keep(request, client_address, True)    # for serve_queued()
+                if self._fl_abandoned:
+                    self.shutdown_request(request)  # type: ignore[attr-defined]
+                else:
+                    self._fl_keep(request, client_address, True)    # for serve_queued()
                 return
             self._fl_frontdoor()    # its report pipe exists before the fork
             super().process_request(request, client_address)
@@ -1202,7 +1220,7 @@ if hasattr(os, "fork"):
                 self._fl_reap()
                 if len(children) < self.max_children:
                     return True
-                if self._BaseServer__shutdown_request:
+                if self._BaseServer__shutdown_request or self._fl_abandoned:
                     return False
                 _wait_for_children(children, None, room.fileno())
                 room.drain()
@@ -1253,6 +1271,7 @@ if hasattr(os, "fork"):
         def end_handlers(self) -> int:
             """SIGTERM the children, SIGKILL those left after fl_kill_timeout
             seconds, reap them all; returns how many there were."""
+            self._fl_abandon()
             self._fl_reap()
             children = list(self.active_children or ())
             for sig in (signal.SIGTERM, signal.SIGKILL):
