@@ -182,6 +182,33 @@ class _ProxyHeaderAttr:
         return getattr(local, "header", None) if local is not None else None
 
 
+# -- the stdlib BaseServer's private state ------------------------------------
+# serve_forever() and shutdown() keep their state where the stdlib's
+# BaseServer keeps it: in its name-mangled private attributes
+# (``__shutdown_request``, ``__is_shut_down``), which BaseServer.__init__
+# sets.  So the loop works over any stdlib server class, whoever's __init__
+# ran (a mixin's, a third party's), and the stdlib's own methods that read
+# them (handle_request's callers, a base class's own serve_forever) see the
+# same state.  These helpers are the one place that spells the names; the
+# fast loop's two per-connection checks read the attribute inline (a call
+# there would cost every connection a Python frame).
+
+def _stop_asked(server: Any) -> bool:
+    """True once shutdown() asked the running serve_forever() to return."""
+    return bool(server._BaseServer__shutdown_request)
+
+
+def _ask_stop(server: Any, asked: bool) -> None:
+    """Set (or clear) the request to stop that serve_forever() checks."""
+    server._BaseServer__shutdown_request = asked
+
+
+def _shut_down_event(server: Any) -> threading.Event:
+    """The event shutdown() waits on: clear while serve_forever() runs."""
+    event: threading.Event = server._BaseServer__is_shut_down
+    return event
+
+
 #: A server's accept batch takes at most 1/HEADROOM_SHARE of the descriptors
 #: its process may still open (see _FastLoop.fl_accept_batch_size).
 HEADROOM_SHARE = 4
@@ -397,13 +424,13 @@ class _FastLoop:
         """
         if self._fl_defer:
             return super().serve_forever(poll_interval)  # type: ignore[misc]
-        self._BaseServer__is_shut_down.clear()  # type: ignore[attr-defined]
+        _shut_down_event(self).clear()
         try:
             if not self._fl_serve_batches(poll_interval):
                 self._fl_serve_selector(poll_interval)
         finally:
-            self._BaseServer__shutdown_request = False
-            self._BaseServer__is_shut_down.set()  # type: ignore[attr-defined]
+            _ask_stop(self, False)
+            _shut_down_event(self).set()
 
     def shutdown(self) -> None:
         """Stop the serve_forever loop and wait until it has returned.
@@ -414,10 +441,10 @@ class _FastLoop:
         """
         if self._fl_defer:
             return super().shutdown()  # type: ignore[misc]
-        self._BaseServer__shutdown_request = True
+        _ask_stop(self, True)
         self._fl_wake()
         self._fl_interrupt()
-        self._BaseServer__is_shut_down.wait()  # type: ignore[attr-defined]
+        _shut_down_event(self).wait()
 
     def serve_queued(self) -> int:
         """After shutdown(), before server_close(): serve the connections
@@ -673,7 +700,7 @@ class _FastLoop:
         limit = self._fl_batch_limit()
         self._fl_publish(listener, "batches")
         try:
-            while not self._BaseServer__shutdown_request:
+            while not self._BaseServer__shutdown_request:  # (_stop_asked, inline)
                 take = self._fl_take(limit)
                 if take == 0:
                     continue            # shutdown() ended the wait for room
@@ -717,7 +744,7 @@ class _FastLoop:
         self._fl_in_batch = self._fl_handled = True
         try:
             for i, (request, client_address) in enumerate(batch):
-                if self._BaseServer__shutdown_request:
+                if self._BaseServer__shutdown_request:  # (_stop_asked, inline)
                     # Not handed to the server yet: kept for serve_queued(),
                     # closed unprocessed by server_close() (the README lists
                     # this difference).
@@ -811,9 +838,9 @@ class _FastLoop:
                 if self.fileno() >= 0:  # type: ignore[attr-defined]
                     selector.register(self, selectors.EVENT_READ)
                 selector.register(waker, selectors.EVENT_READ)
-                while not self._BaseServer__shutdown_request:
+                while not _stop_asked(self):
                     ready = selector.select(poll_interval)
-                    if self._BaseServer__shutdown_request:
+                    if _stop_asked(self):
                         break
                     if any(key.fileobj is self for key, _ in ready):
                         self._handle_request_noblock()  # type: ignore[attr-defined]
@@ -1067,11 +1094,11 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             poller.register(stop.fileno(), select.POLLIN)
             ms = None if timeout is None else int(timeout * 1000 + 0.999)
             while True:
-                if (self._BaseServer__shutdown_request or source.error is not None
+                if (_stop_asked(self) or source.error is not None
                         or pool.closed or stop.fenced):
                     break
                 poller.poll(ms)
-                if (self._BaseServer__shutdown_request or source.error is not None
+                if (_stop_asked(self) or source.error is not None
                         or pool.closed or stop.fenced):
                     break
                 self.service_actions()  # type: ignore[attr-defined]
@@ -1100,7 +1127,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         return pool is not None and pool.holds(request)
 
     def _fl_shutdown_requested(self) -> bool:
-        return bool(self._BaseServer__shutdown_request)
+        return _stop_asked(self)
 
     def _fl_interrupt(self) -> None:
         if self._fl_pool is not None:
@@ -1200,7 +1227,7 @@ if hasattr(os, "fork"):
                 self._fl_reap()
                 if len(children) < self.max_children:
                     return True
-                if self._BaseServer__shutdown_request:
+                if _stop_asked(self):
                     return False
                 _wait_for_children(children, None, room.fileno())
                 room.drain()
