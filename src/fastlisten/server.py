@@ -47,6 +47,7 @@ The request handlers are the standard library's own classes, but for
 
 from __future__ import annotations
 
+import enum
 import io
 import logging
 import os
@@ -59,7 +60,7 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple, overload
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, overload
 
 from fastlisten import address as _address
 from fastlisten import sysinfo
@@ -209,6 +210,39 @@ def _shut_down_event(server: Any) -> threading.Event:
     return event
 
 
+#: What runs per connection in a loop that accepts in the core: (request,
+#: client_address) -> None.
+PerConnection = Callable[[socket.socket, Any], None]
+
+
+class Loop(enum.Enum):
+    """Which loop ``serve_forever`` runs (see _FastLoop._fl_choose_loop);
+    the value is what ``_fl_loop`` holds while it runs."""
+
+    #: A base class's own serve_forever()/shutdown() pair.
+    BASE = "base"
+    #: The stdlib's loop (select, then _handle_request_noblock), with a
+    #: wake-up descriptor for shutdown().
+    SELECTOR = "selector"
+    #: The serving thread takes batches of connections from the core.
+    BATCHES = "batches"
+    #: ThreadingMixIn's leader/follower: idle worker threads accept in the
+    #: core themselves; the serving thread only waits for shutdown().
+    LEADER = "leader"
+
+
+class LoopChoice(NamedTuple):
+    """The loop serve_forever runs and the call it makes per connection."""
+
+    loop: Loop
+    #: BATCHES: called in the serving thread for each accepted connection;
+    #: LEADER: in the worker thread that accepted it; None for BASE and
+    #: SELECTOR (the stdlib's _handle_request_noblock calls the hooks).
+    per_connection: Optional[PerConnection]
+    #: Why (one line, for tests and debugging).
+    why: str
+
+
 #: A server's accept batch takes at most 1/HEADROOM_SHARE of the descriptors
 #: its process may still open (see _FastLoop.fl_accept_batch_size).
 HEADROOM_SHARE = 4
@@ -248,9 +282,10 @@ class _FastLoop:
     listen_config: Optional[ListenConfig] = None
 
     _fl_waker: Any = None       # the running loop's wake-up source, if any
-    #: Which loop serve_forever runs now: "batches" (the serving thread takes
-    #: batches from the core), "leader" (worker threads accept: ThreadingMixIn's
-    #: leader/follower), "selector" (the stdlib's loop); None when not serving.
+    #: Which loop serve_forever runs now, a Loop's value: "batches" (the
+    #: serving thread takes batches from the core), "leader" (worker threads
+    #: accept: ThreadingMixIn's leader/follower), "selector" (the stdlib's
+    #: loop); None when not serving (and under a base class's own loop).
     _fl_loop: Optional[str] = None
     _fl_defer = False           # a base class below brings its own loop: use it
     _fl_listener: Optional[Listener] = None    # over self.socket, for the server's life
@@ -422,11 +457,15 @@ class _FastLoop:
         poll_interval is how often service_actions() runs while idle;
         shutdown() does not wait for it.
         """
-        if self._fl_defer:
+        if self._fl_defer:     # Loop.BASE (shutdown() asks the same, without choosing)
             return super().serve_forever(poll_interval)  # type: ignore[misc]
         _shut_down_event(self).clear()
         try:
-            if not self._fl_serve_batches(poll_interval):
+            self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
+            choice = self._fl_choose_loop()
+            if choice.loop is Loop.SELECTOR or not self._fl_serve_fast(choice, poll_interval):
+                # (the fast loops return False on an error the stdlib's loop
+                # would ignore: it takes over and keeps the stdlib's behaviour)
                 self._fl_serve_selector(poll_interval)
         finally:
             _ask_stop(self, False)
@@ -439,7 +478,7 @@ class _FastLoop:
         thread that runs serve_forever, this deadlocks (as in the stdlib).
         Handlers already running go on: drain() waits for them.
         """
-        if self._fl_defer:
+        if self._fl_defer:     # Loop.BASE: the base class's pair
             return super().shutdown()  # type: ignore[misc]
         _ask_stop(self, True)
         self._fl_wake()
@@ -619,9 +658,9 @@ class _FastLoop:
             if self._fl_waker is not None:
                 self._fl_waker.wakeup()
 
-    def _fl_publish(self, waker: Any, loop: str) -> None:
+    def _fl_publish(self, waker: Any, loop: Loop) -> None:
         with _wake_lock:
-            self._fl_waker, self._fl_loop = waker, loop
+            self._fl_waker, self._fl_loop = waker, loop.value
 
     def _fl_unpublish(self) -> None:
         with _wake_lock:
@@ -644,9 +683,74 @@ class _FastLoop:
             and not {"get_request", "fileno", "_handle_request_noblock"} & own.keys()
         )
 
+    def _fl_choose_loop(self) -> LoopChoice:
+        """Which loop serve_forever() runs and what it calls per connection,
+        from the hooks the server's class (or instance) overrides; checked
+        each time serve_forever() starts.  The first row that applies:
+
+        ==================================  ========  ======================  ======================
+        server, hooks overridden            loop      per connection          why
+        ==================================  ========  ======================  ======================
+        a class after _FastLoop in the MRO  BASE      the base's own          its serve_forever()
+        (short of the stdlib's                                                and shutdown() go
+        BaseServer) defines serve_forever                                     together
+        or shutdown (``_fl_defer``)
+        not a plain listening stream        SELECTOR  _handle_request_        only the stdlib's
+        socket (UDP, an SSLSocket, closed),           noblock (the stdlib's)  get_request() does
+        or get_request, fileno or                                             what those ask
+        _handle_request_noblock overridden
+        ThreadingMixIn with epoll, stock    LEADER    _fl_handle_inline, in   nothing runs in the
+        verify_request, process_request,              the worker thread that  serving thread: idle
+        service_actions (or fl_periodic),             accepted it             workers accept; the
+        finish_request without PROXY/TLS,                                     hooks' chain in one
+        shutdown_request, close_request,                                      call
+        process_request_thread
+        the same, but finish_request,       LEADER    process_request_thread  as above; the
+        shutdown_request, close_request               in the worker thread    overridden hooks run
+        or process_request_thread                                             as the stdlib runs
+        overridden, or PROXY/TLS on                                           them
+        every per-connection hook stock,    BATCHES   _fl_handle_inline, in   the five hook calls
+        finish_request without PROXY/TLS              the serving thread      in one
+        (TCPServer, UnixStreamServer)
+        any other stream server             BATCHES   _fl_handle_accepted:    the hooks as the
+        (ThreadingMixIn: the pool;                    verify_request ->       stdlib calls them
+        ForkingMixIn: fork)                           process_request ...
+        ==================================  ========  ======================  ======================
+
+        BATCHES and LEADER take connections from the server's Listener,
+        prepared in _fl_get_listener(): the accept filter (issue 19) goes
+        there, and applies to both (Listener.set_accept_filter() does not
+        serve a leader's waiters yet: LEADER must then give way to BATCHES
+        until the core does).
+        """
+        if self._fl_defer:
+            return LoopChoice(Loop.BASE, None, "a base class's own serve_forever/shutdown")
+        if not self._fl_can_batch():
+            return LoopChoice(Loop.SELECTOR, None, "not a plain stream socket, or "
+                              "get_request/fileno/_handle_request_noblock overridden")
+        if isinstance(self, ThreadingMixIn) and self._fl_can_lead():
+            if (self._fl_plain_finish()
+                    and self._fl_stock(("shutdown_request", "close_request"))
+                    and self._fl_stock(("process_request_thread",), _std.ThreadingMixIn)):
+                return LoopChoice(Loop.LEADER, self._fl_handle_inline,
+                                  "leader/follower, stock hooks inline")
+            return LoopChoice(Loop.LEADER, self.process_request_thread,
+                              "leader/follower, the thread's hooks as the stdlib's")
+        if self._fl_stock_hooks():
+            return LoopChoice(Loop.BATCHES, self._fl_handle_inline,
+                              "batches, stock hooks inline")
+        return LoopChoice(Loop.BATCHES, self._fl_handle_accepted,
+                          "batches, the hooks as the stdlib calls them")
+
     def _fl_get_listener(self, sock: socket.socket) -> Listener:
         """The server's Listener over ``sock`` (kept for the server's life,
-        so that its counters span serve_forever() calls)."""
+        so that its counters span serve_forever() calls): the one place
+        where the listener of a loop that accepts in the core (Loop.BATCHES,
+        Loop.LEADER, and fastlisten.Workers' loop in each worker process)
+        is prepared.  The accept filter (``listen_config.ready()``, issue
+        19) is to be applied here, with Listener.set_accept_filter(), when
+        the Listener is made; until then server_bind() refuses a
+        listen_config with ``ready_rule``."""
         listener = self._fl_listener
         if listener is None or listener.closed or listener.fileno() != sock.fileno():
             if listener is not None:
@@ -659,13 +763,12 @@ class _FastLoop:
             os.set_blocking(sock.fileno(), False)   # the core relies on EAGAIN
         return listener
 
-    def _fl_serve_batches(self, poll_interval: Optional[float]) -> bool:
-        """The fast loop.  Returns False if it cannot serve this server (or
-        met an error the stdlib's loop would ignore): the caller then runs
-        the selector loop, which keeps the stdlib's behaviour."""
-        self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
-        if not self._fl_can_batch():
-            return False
+    def _fl_serve_fast(self, choice: LoopChoice, poll_interval: Optional[float]) -> bool:
+        """Run the loop ``choice`` names (Loop.BATCHES or Loop.LEADER) over
+        the server's Listener.  Returns False on an error the stdlib's loop
+        would ignore: the caller then runs the selector loop."""
+        run = choice.per_connection
+        assert run is not None
         sock = self.socket  # type: ignore[attr-defined]
         # The core makes the descriptor non-blocking; the socket object is
         # told again what it is set to when the loop ends.
@@ -678,10 +781,9 @@ class _FastLoop:
         # while they leave).
         last: List[Callable[[], None]] = []
         try:
-            run = self._fl_lead_handler()
-            if run is not None:
+            if choice.loop is Loop.LEADER:
                 return self._fl_serve_leader(listener, timeout, run, last)
-            return self._fl_serve_accepted(listener, timeout)
+            return self._fl_serve_accepted(listener, timeout, run)
         finally:
             try:
                 if sock.fileno() >= 0:
@@ -693,12 +795,12 @@ class _FastLoop:
                 for step in last:
                     step()
 
-    def _fl_serve_accepted(self, listener: Listener, timeout: Optional[float]) -> bool:
-        """The serving thread takes batches from the core and hands each
-        connection to the hooks (or runs the stock ones inline)."""
-        handle_one = self._fl_handle_inline if self._fl_stock_hooks() else self._fl_handle_accepted
+    def _fl_serve_accepted(self, listener: Listener, timeout: Optional[float],
+                           handle_one: PerConnection) -> bool:
+        """Loop.BATCHES: the serving thread takes batches from the core and
+        runs ``handle_one`` for each connection."""
         limit = self._fl_batch_limit()
-        self._fl_publish(listener, "batches")
+        self._fl_publish(listener, Loop.BATCHES)
         try:
             while not self._BaseServer__shutdown_request:  # (_stop_asked, inline)
                 take = self._fl_take(limit)
@@ -728,16 +830,9 @@ class _FastLoop:
         0 when shutdown() ended a wait for room."""
         return limit
 
-    def _fl_lead_handler(self) -> Optional[Callable[[socket.socket, Any], None]]:
-        """What a worker thread runs per connection when worker threads wait
-        for connections themselves (ThreadingMixIn's leader/follower); None:
-        the serving thread accepts (here: always)."""
-        return None
-
     def _fl_serve_leader(self, listener: Listener, timeout: Optional[float],
-                         run: Callable[[socket.socket, Any], None],
-                         last: List[Callable[[], None]]) -> bool:
-        raise NotImplementedError   # only servers whose _fl_lead_handler() is not None
+                         run: PerConnection, last: List[Callable[[], None]]) -> bool:
+        raise NotImplementedError   # Loop.LEADER: ThreadingMixIn's
 
     def _fl_handle_batch(self, batch: List[Tuple[socket.socket, Any]],
                          handle_one: Callable[[socket.socket, Any], None]) -> None:
@@ -832,7 +927,7 @@ class _FastLoop:
     def _fl_serve_selector(self, poll_interval: Optional[float]) -> None:
         """The stdlib's loop, plus a wake-up descriptor for shutdown()."""
         waker = Waker()
-        self._fl_publish(waker, "selector")
+        self._fl_publish(waker, Loop.SELECTOR)
         try:
             with selectors.PollSelector() as selector:
                 if self.fileno() >= 0:  # type: ignore[attr-defined]
@@ -1035,34 +1130,26 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             else:
                 self._fl_keep(request, client_address, True)    # for serve_queued()
 
-    def _fl_lead_handler(self) -> Optional[Callable[[socket.socket, Any], None]]:
-        """Leader/follower applies when the hooks the stdlib runs in the
-        serving thread are stock (else a worker would run them): then the
-        workers run _fl_handle_inline (stock per-connection hooks) or
-        process_request_thread, in the thread that handles the request.
-        A service_actions set on the instance with a true ``fl_periodic``
-        attribute (fastlisten.Workers' heartbeat) counts as stock: it asks
-        to run every poll_interval, not after each request, and the serving
-        thread runs it so."""
+    def _fl_can_lead(self) -> bool:
+        """Leader/follower applies (see _FastLoop._fl_choose_loop) when the
+        hooks the stdlib runs in the serving thread are stock (else a
+        worker would run them).  A service_actions set on the instance with
+        a true ``fl_periodic`` attribute (fastlisten.Workers' heartbeat)
+        counts as stock: it asks to run every poll_interval, not after each
+        request, and the serving thread runs it so."""
         if not hasattr(select, "epoll"):
-            return None
+            return False
         cls = type(self)
         own_actions = vars(self).get("service_actions")
-        if not (_stock(cls, "service_actions", _std.BaseServer)
+        return (_stock(cls, "service_actions", _std.BaseServer)
                 and (own_actions is None or getattr(own_actions, "fl_periodic", False))
                 and self._fl_stock(("verify_request",), _std.BaseServer)
                 and getattr(cls, "process_request", None) is ThreadingMixIn.process_request
-                and "process_request" not in vars(self)):
-            return None
-        if (self._fl_plain_finish() and self._fl_stock(("shutdown_request", "close_request"))
-                and self._fl_stock(("process_request_thread",), _std.ThreadingMixIn)):
-            return self._fl_handle_inline
-        return self.process_request_thread  # type: ignore[no-any-return]
+                and "process_request" not in vars(self))
 
     def _fl_serve_leader(self, listener: Listener, timeout: Optional[float],
-                         run: Callable[[socket.socket, Any], None],
-                         last: List[Callable[[], None]]) -> bool:
-        """serve_forever's loop under leader/follower: the workers accept;
+                         run: PerConnection, last: List[Callable[[], None]]) -> bool:
+        """serve_forever's loop under leader/follower (Loop.LEADER): the workers accept;
         this thread waits for shutdown() (or a worker's accept error, which
         returns False: the selector loop takes over), running
         service_actions() every ``timeout`` seconds.  The idle workers are
@@ -1085,7 +1172,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         last.append(wake_workers)
         source = _LeaderSource(listener, stop, run)
         self._fl_stop = stop
-        self._fl_publish(waker, "leader")
+        self._fl_publish(waker, Loop.LEADER)
         accepted = listener.stats()["accepted"]
         try:
             pool.lead(source)
