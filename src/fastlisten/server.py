@@ -330,6 +330,7 @@ class _FastLoop:
         config = self._fl_listen_config()
         if config is not None:
             self._fl_check_stream("listen_config", config)
+            self._fl_check_ready_rule(config)
             config = self._fl_config = config.for_address(
                 self.server_address, self.address_family)  # type: ignore[attr-defined]
             if config.fd is not None:
@@ -397,6 +398,18 @@ class _FastLoop:
         else, which is a subclass's own attribute of that name."""
         config = getattr(self, "listen_config", None)
         return config if isinstance(config, ListenConfig) else None
+
+    def _fl_check_ready_rule(self, config: ListenConfig) -> None:
+        """A ValueError for ``listen_config.ready_rule``: the server classes
+        do not apply the accept filter yet (see _fl_get_listener, where it
+        will be), and serving every connection at once while the program
+        asked for a filter would leave it unprotected without a word."""
+        if config.ready_rule is not None:
+            raise ValueError(
+                f"{type(self).__name__}: listen_config.ready_rule={config.ready_rule!r} is "
+                "not applied by the server classes yet; for an accept filter now, serve "
+                "from a fastlisten.Listener (Listener.from_config(config), then "
+                "accept_many()), which applies it, or leave ready_rule unset")
 
     def _fl_check_stream(self, name: str, value: Any) -> None:
         """A ValueError when ``name`` is set (not None) on a server that is
