@@ -60,7 +60,7 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, overload
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple, overload
 
 from fastlisten import address as _address
 from fastlisten import sysinfo
@@ -72,7 +72,10 @@ from fastlisten._wakeup import Waker
 from fastlisten._workers import LeaderPool
 from fastlisten.config import ListenConfig, server_side_context
 from fastlisten.errors import (
-    SERVER_REUSE_HINT, effective_backlog, explain_bind_error, stale_socket_hint,
+    SERVER_REUSE_HINT,
+    effective_backlog,
+    explain_bind_error,
+    stale_socket_hint,
     warn_if_ephemeral,
 )
 from fastlisten.listener import Listener, UnixSocketFile, adoptable, default_backlog
@@ -135,7 +138,7 @@ _wake_lock = threading.Lock()
 #: socket.socket.close() is "_closed = True, then the real close unless a
 #: makefile() object still uses the socket" (3.9 to 3.13); the inline path
 #: does the same without two Python calls, where the class still looks so.
-_socket_close = socket.socket.__mro__[1].close
+_socket_close: Callable[[socket.socket], None] = getattr(socket.socket.__mro__[1], "close")
 _INLINE_CLOSE = {"_io_refs", "_closed"} <= set(getattr(socket.socket, "__slots__", ()))
 
 
@@ -155,7 +158,7 @@ def _own_method(server: Any, name: str) -> Callable[..., Any]:
     cls = type(server)
     for klass in cls.__mro__:
         if klass.__module__ == __name__ and name in vars(klass):
-            return vars(klass)[name].__get__(server, cls)  # type: ignore[no-any-return]
+            return vars(klass)[name].__get__(server, cls)
     raise AttributeError(f"{cls.__name__} is not a fastlisten server: it has no "
                          f"fastlisten {name}()")
 
@@ -183,6 +186,45 @@ class _ProxyHeaderAttr:
         return getattr(local, "header", None) if local is not None else None
 
 
+# -- the stdlib server class the mixins join --------------------------------------
+# _FastLoop (and through it every class here) is mixed into a stdlib server
+# class: its methods use that class's attributes and hooks (socket,
+# server_address, verify_request, ...) and call its methods through super().
+# At run time it derives from object, so that it fits anywhere in an MRO;
+# the type checker sees _StdServer, which declares what the mixins expect of
+# the class they join, the BaseServer private state below included.  (Not
+# the stdlib's TCPServer itself: as a base of the mixins it would come before
+# the stdlib's mixins in the servers' MROs, where ThreadingTCPServer & co.
+# put it after them.)
+if TYPE_CHECKING:
+    class _StdServer:
+        socket: socket.socket
+        server_address: Any
+        address_family: int
+        socket_type: int
+        allow_reuse_address: bool
+        request_queue_size: int
+        RequestHandlerClass: Any
+        _BaseServer__shutdown_request: bool
+        _BaseServer__is_shut_down: threading.Event
+
+        def server_bind(self) -> None: ...
+        def server_activate(self) -> None: ...
+        def server_close(self) -> None: ...
+        def serve_forever(self, poll_interval: Optional[float] = 0.5) -> None: ...
+        def shutdown(self) -> None: ...
+        def fileno(self) -> int: ...
+        def _handle_request_noblock(self) -> None: ...
+        def verify_request(self, request: Any, client_address: Any) -> bool: ...
+        def process_request(self, request: Any, client_address: Any) -> None: ...
+        def finish_request(self, request: Any, client_address: Any) -> None: ...
+        def shutdown_request(self, request: Any) -> None: ...
+        def handle_error(self, request: Any, client_address: Any) -> None: ...
+        def service_actions(self) -> None: ...
+else:
+    _StdServer = object
+
+
 # -- the stdlib BaseServer's private state ------------------------------------
 # serve_forever() and shutdown() keep their state where the stdlib's
 # BaseServer keeps it: in its name-mangled private attributes
@@ -194,20 +236,19 @@ class _ProxyHeaderAttr:
 # fast loop's two per-connection checks read the attribute inline (a call
 # there would cost every connection a Python frame).
 
-def _stop_asked(server: Any) -> bool:
+def _stop_asked(server: _StdServer) -> bool:
     """True once shutdown() asked the running serve_forever() to return."""
     return bool(server._BaseServer__shutdown_request)
 
 
-def _ask_stop(server: Any, asked: bool) -> None:
+def _ask_stop(server: _StdServer, asked: bool) -> None:
     """Set (or clear) the request to stop that serve_forever() checks."""
     server._BaseServer__shutdown_request = asked
 
 
-def _shut_down_event(server: Any) -> threading.Event:
+def _shut_down_event(server: _StdServer) -> threading.Event:
     """The event shutdown() waits on: clear while serve_forever() runs."""
-    event: threading.Event = server._BaseServer__is_shut_down
-    return event
+    return server._BaseServer__is_shut_down
 
 
 #: What runs per connection in a loop that accepts in the core: (request,
@@ -248,7 +289,7 @@ class LoopChoice(NamedTuple):
 HEADROOM_SHARE = 4
 
 
-class _FastLoop:
+class _FastLoop(_StdServer):
     """The serve loop, shutdown, drain and counters shared by every server
     and mixin here, and the listener options of ``listen_config``.
 
@@ -332,23 +373,23 @@ class _FastLoop:
             self._fl_check_stream("listen_config", config)
             self._fl_check_ready_rule(config)
             config = self._fl_config = config.for_address(
-                self.server_address, self.address_family)  # type: ignore[attr-defined]
+                self.server_address, self.address_family)
             if config.fd is not None:
                 self._fl_adopt(config)
                 return
-            config.apply_listener_options(self.socket)  # type: ignore[attr-defined]
+            config.apply_listener_options(self.socket)
             config.before_bind()
             if config.family != socket.AF_UNIX:
                 warn_if_ephemeral(config.port)
             self.server_address = config.address
         else:
             # A str is never a TCP address (nor, behind the caller's back, a file).
-            _address.check_inet_tuple(self.address_family,  # type: ignore[attr-defined]
+            _address.check_inet_tuple(self.address_family,
                                       self.server_address)
         try:
-            super().server_bind()  # type: ignore[misc]
+            super().server_bind()
         except OSError as exc:
-            family, where = self.address_family, self.server_address  # type: ignore[attr-defined]
+            family, where = self.address_family, self.server_address
             try:
                 where = _address.resolve(family, where)   # name the numeric address
             except socket.gaierror as unknown:
@@ -357,7 +398,7 @@ class _FastLoop:
             except (OSError, TypeError, ValueError, OverflowError):
                 pass
             reuse = None
-            if config is None and not self.allow_reuse_address:  # type: ignore[attr-defined]
+            if config is None and not self.allow_reuse_address:
                 reuse = SERVER_REUSE_HINT
             raise explain_bind_error(exc, family, where, reuse_hint=reuse,
                                      stale_hint=stale_socket_hint(config, server=True)) from None
@@ -414,7 +455,7 @@ class _FastLoop:
     def _fl_check_stream(self, name: str, value: Any) -> None:
         """A ValueError when ``name`` is set (not None) on a server that is
         not a stream server: they act on connections."""
-        if value is not None and self.socket_type != socket.SOCK_STREAM:  # type: ignore[attr-defined]
+        if value is not None and self.socket_type != socket.SOCK_STREAM:
             raise ValueError(f"{type(self).__name__}: {name} is for stream "
                              "(TCP and Unix stream) servers")
 
@@ -423,7 +464,7 @@ class _FastLoop:
         passed in (self.socket is replaced; server_address is its address)."""
         fd, family, listening = adoptable(config)
         sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-        self.socket.close()  # type: ignore[attr-defined]
+        self.socket.close()
         self.socket = sock
         self.address_family = family
         self.server_address = sock.getsockname()
@@ -436,11 +477,11 @@ class _FastLoop:
         is unless listen_config sets a backlog."""
         config = self._fl_config
         if config is None:
-            return super().server_activate()  # type: ignore[misc]
+            return super().server_activate()
         if self._fl_adopted and config.backlog is None:
             return None
-        backlog = config.backlog if config.backlog is not None else self.request_queue_size  # type: ignore[attr-defined]
-        self.socket.listen(backlog)  # type: ignore[attr-defined]
+        backlog = config.backlog if config.backlog is not None else self.request_queue_size
+        self.socket.listen(backlog)
         effective_backlog(backlog)     # warns when the kernel truncates it
         return None
 
@@ -449,9 +490,9 @@ class _FastLoop:
         listener, self._fl_listener = self._fl_listener, None
         kept, self._fl_unserved = self._fl_unserved or [], None
         for request, _, _ in kept:
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+            self.shutdown_request(request)
         try:
-            super().server_close()  # type: ignore[misc]
+            super().server_close()
         finally:
             if listener is not None:
                 listener.close()
@@ -471,7 +512,7 @@ class _FastLoop:
         shutdown() does not wait for it.
         """
         if self._fl_defer:     # Loop.BASE (shutdown() asks the same, without choosing)
-            return super().serve_forever(poll_interval)  # type: ignore[misc]
+            return super().serve_forever(poll_interval)
         _shut_down_event(self).clear()
         try:
             self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
@@ -492,7 +533,7 @@ class _FastLoop:
         Handlers already running go on: drain() waits for them.
         """
         if self._fl_defer:     # Loop.BASE: the base class's pair
-            return super().shutdown()  # type: ignore[misc]
+            return super().shutdown()
         _ask_stop(self, True)
         self._fl_wake()
         self._fl_interrupt()
@@ -520,7 +561,7 @@ class _FastLoop:
                 hand_over(self, request, client_address, verified)
             except BaseException:
                 for rest, _, _ in kept[i + 1:]:
-                    self.shutdown_request(rest)  # type: ignore[attr-defined]
+                    self.shutdown_request(rest)
                 raise
         config = self._fl_config
         if config is not None and config.fd is not None:
@@ -582,7 +623,7 @@ class _FastLoop:
         once per episode, and closed by the caller)."""
         door = self._fl_frontdoor()
         if door is None:
-            return super().finish_request(request, client_address)  # type: ignore[misc]
+            return super().finish_request(request, client_address)
         prepared = door.prepare(request, client_address)
         if prepared is None:
             return None
@@ -594,15 +635,15 @@ class _FastLoop:
         if conn is not request:
             self._fl_swapped[request] = conn
         try:
-            super().finish_request(conn, address)  # type: ignore[misc]
+            super().finish_request(conn, address)
         except Exception:
             # reported with the real client's address and connection
-            self.handle_error(conn, address)  # type: ignore[attr-defined]
+            self.handle_error(conn, address)
         finally:
             local.header = None
             if conn is not request:
                 self._fl_swapped.pop(request, None)
-                self.shutdown_request(conn)  # type: ignore[attr-defined]
+                self.shutdown_request(conn)
         return None
 
     @property
@@ -649,7 +690,7 @@ class _FastLoop:
             _log.debug("handler for %s ended by the server", _address.format_address(
                 client_address))
             return
-        super().handle_error(request, client_address)  # type: ignore[misc]
+        super().handle_error(request, client_address)
 
     # -- internals -----------------------------------------------------
 
@@ -782,7 +823,7 @@ class _FastLoop:
         would ignore: the caller then runs the selector loop."""
         run = choice.per_connection
         assert run is not None
-        sock = self.socket  # type: ignore[attr-defined]
+        sock = self.socket
         # The core makes the descriptor non-blocking; the socket object is
         # told again what it is set to when the loop ends.
         listener = self._fl_get_listener(sock)
@@ -825,7 +866,7 @@ class _FastLoop:
                     return False
                 if batch:
                     self._fl_handle_batch(batch, handle_one)
-                self.service_actions()  # type: ignore[attr-defined]
+                self.service_actions()
         finally:
             self._fl_unpublish()
         return True
@@ -897,9 +938,9 @@ class _FastLoop:
         handler raises something else)."""
         try:
             try:
-                self.RequestHandlerClass(request, client_address, self)  # type: ignore[attr-defined]
+                self.RequestHandlerClass(request, client_address, self)
             except Exception:
-                self.handle_error(request, client_address)  # type: ignore[attr-defined]
+                self.handle_error(request, client_address)
         finally:
             try:
                 # SHUT_WR first: the peer sees EOF now, even while a
@@ -909,28 +950,28 @@ class _FastLoop:
                 pass  # the peer is gone already (ENOTCONN)
             if _INLINE_CLOSE:
                 # socket.socket.close() without its two Python frames
-                request._closed = True
-                if request._io_refs <= 0:
+                request._closed = True  # type: ignore[attr-defined]
+                if request._io_refs <= 0:  # type: ignore[attr-defined]
                     _socket_close(request)
             else:
                 request.close()
 
     def _fl_handle_accepted(self, request: socket.socket, client_address: Any) -> None:
         """The stdlib's _handle_request_noblock, after its get_request()."""
-        if self.verify_request(request, client_address):  # type: ignore[attr-defined]
+        if self.verify_request(request, client_address):
             try:
-                self.process_request(request, client_address)  # type: ignore[attr-defined]
+                self.process_request(request, client_address)
             except Exception:
-                self.handle_error(request, client_address)  # type: ignore[attr-defined]
-                self.shutdown_request(request)  # type: ignore[attr-defined]
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
             except BaseException:
                 # (KeyboardInterrupt & co.) unless process_request handed
                 # the request on already: then its new owner closes it
                 if not self._fl_handed_on(request):
-                    self.shutdown_request(request)  # type: ignore[attr-defined]
+                    self.shutdown_request(request)
                 raise
         else:
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+            self.shutdown_request(request)
 
     def _fl_handed_on(self, request: socket.socket) -> bool:
         """True if process_request gave ``request`` to someone else (a worker
@@ -943,7 +984,7 @@ class _FastLoop:
         self._fl_publish(waker, Loop.SELECTOR)
         try:
             with selectors.PollSelector() as selector:
-                if self.fileno() >= 0:  # type: ignore[attr-defined]
+                if self.fileno() >= 0:
                     selector.register(self, selectors.EVENT_READ)
                 selector.register(waker, selectors.EVENT_READ)
                 while not _stop_asked(self):
@@ -951,8 +992,8 @@ class _FastLoop:
                     if _stop_asked(self):
                         break
                     if any(key.fileobj is self for key, _ in ready):
-                        self._handle_request_noblock()  # type: ignore[attr-defined]
-                    self.service_actions()  # type: ignore[attr-defined]
+                        self._handle_request_noblock()
+                    self.service_actions()
         finally:
             self._fl_unpublish()
             waker.close()
@@ -1006,7 +1047,7 @@ def _wait_for_children(pids: Any, timeout: Optional[float], wake_fd: int = -1) -
     try:
         for pid in pids:
             try:
-                fds.append(os.pidfd_open(pid))  # type: ignore[attr-defined]
+                fds.append(os.pidfd_open(pid))
             except ProcessLookupError:
                 return              # exited and reaped meanwhile: look again
             except (AttributeError, OSError):
@@ -1105,11 +1146,11 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     #: Requests that may wait for a thread when fl_max_threads is reached.
     fl_max_queued: Optional[int] = None
 
-    _fl_pool: Optional[WorkerPool] = None
+    _fl_pool: Optional[LeaderPool] = None
     _fl_stop: Any = None        # the running leader loop's workers' Stop
 
     @property
-    def _threads(self) -> Any:  # type: ignore[override]
+    def _threads(self) -> Any:
         """The threads handling a request now, as the stdlib's ``_threads``
         lists them (idle pool threads are not in it)."""
         pool = self._fl_pool
@@ -1139,7 +1180,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         if not pool.submit(self.process_request_thread, request, client_address,
                            cancelled=self._fl_shutdown_requested):
             if pool.closed:
-                self.shutdown_request(request)  # type: ignore[attr-defined]
+                self.shutdown_request(request)
             else:
                 self._fl_keep(request, client_address, True)    # for serve_queued()
 
@@ -1201,7 +1242,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
                 if (_stop_asked(self) or source.error is not None
                         or pool.closed or stop.fenced):
                     break
-                self.service_actions()  # type: ignore[attr-defined]
+                self.service_actions()
         finally:
             # Once fence() returns, no worker touches the listening
             # descriptor any more (it waits only for a worker in the middle
@@ -1249,7 +1290,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             return 0
         queued = pool.cancel_queued()
         for request, _ in queued:
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+            self.shutdown_request(request)
         pool.stop_waiting()     # a drain() waiting for them is done
         running = pool.running()
         if running and not self._fl_ended:
@@ -1276,7 +1317,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         pool, self._fl_pool = self._fl_pool, None
         try:
             # The stdlib ThreadingMixIn's server_close then joins an empty _threads.
-            super().server_close()  # type: ignore[misc]
+            super().server_close()
         finally:
             if pool is not None:
                 pool.close()
@@ -1426,12 +1467,13 @@ if hasattr(socket, "AF_UNIX"):
 
     if hasattr(os, "fork") and "ForkingUnixStreamServer" in _std.__all__:
 
+        # (the stdlib's since 3.12: the type checker, set to 3.10, does not know them)
         class ForkingUnixStreamServer(ForkingMixIn, UnixStreamServer,
-                                      _std.ForkingUnixStreamServer):
+                                      _std.ForkingUnixStreamServer):  # type: ignore[name-defined]
             """UnixStreamServer with ForkingMixIn."""
 
         class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer,
-                                        _std.ForkingUnixDatagramServer):
+                                        _std.ForkingUnixDatagramServer):  # type: ignore[name-defined]
             """UnixDatagramServer with ForkingMixIn."""
 
 
