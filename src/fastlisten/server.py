@@ -824,8 +824,10 @@ class _FastLoop(_StdServer):
         run = choice.per_connection
         assert run is not None
         sock = self.socket
-        # The core makes the descriptor non-blocking; the socket object is
-        # told again what it is set to when the loop ends.
+        # The listener both loops accept from (where the accept filter is to
+        # be set up: see _fl_get_listener).  The core makes the descriptor
+        # non-blocking; the socket object is told again what it is set to
+        # when the loop ends.
         listener = self._fl_get_listener(sock)
         # As selectors do: a negative timeout means "do not wait".
         timeout = None if poll_interval is None else max(float(poll_interval), 0.0)
