@@ -528,3 +528,62 @@ def test_version_is_the_stdlib_socketserver_s_deprecations_included(module):
     assert fastlisten.VERSION == importlib.metadata.version("fastlisten")
     with pytest.raises(AttributeError):
         drop_in.__no_such_dunder__  # noqa: B018
+
+
+def test_one_loop_choice_follows_the_overridden_hooks():
+    # _fl_choose_loop's table, row by row: the loop and the per-connection call
+    Loop = flserver.Loop
+
+    class OwnLoop(socketserver.TCPServer):
+        def serve_forever(self, poll_interval=0.5):
+            pass
+
+    class Deferring(fastlisten.ThreadingMixIn, OwnLoop):
+        pass
+
+    class OwnGet(fastlisten.ThreadingTCPServer):
+        def get_request(self):
+            return super().get_request()
+
+    class OwnFinish(fastlisten.ThreadingTCPServer):
+        def finish_request(self, request, client_address):
+            super().finish_request(request, client_address)
+
+    class OwnVerify(fastlisten.ThreadingTCPServer):
+        def verify_request(self, request, client_address):
+            return True
+
+    class OwnProcess(fastlisten.TCPServer):
+        def process_request(self, request, client_address):
+            super().process_request(request, client_address)
+
+    rows = [
+        (Deferring, Loop.BASE, None),
+        (fastlisten.UDPServer, Loop.SELECTOR, None),
+        (OwnGet, Loop.SELECTOR, None),
+        (fastlisten.ThreadingTCPServer, Loop.LEADER, "_fl_handle_inline"),
+        (OwnFinish, Loop.LEADER, "process_request_thread"),
+        (fastlisten.TCPServer, Loop.BATCHES, "_fl_handle_inline"),
+        (OwnVerify, Loop.BATCHES, "_fl_handle_accepted"),
+        (OwnProcess, Loop.BATCHES, "_fl_handle_accepted"),
+        (fastlisten.ForkingTCPServer, Loop.BATCHES, "_fl_handle_accepted"),
+    ]
+    for cls, loop, call in rows:
+        server = cls(("127.0.0.1", 0), EchoLine, bind_and_activate=False)
+        try:
+            choice = server._fl_choose_loop()
+            assert choice.loop is loop, (cls, choice)
+            if call is None:
+                assert choice.per_connection is None, (cls, choice)
+            else:
+                assert choice.per_connection == getattr(server, call), (cls, choice)
+        finally:
+            server.server_close()
+    # a hook replaced on the instance counts as overridden
+    server = fastlisten.ThreadingTCPServer(("127.0.0.1", 0), EchoLine, bind_and_activate=False)
+    try:
+        server.verify_request = lambda request, client_address: True
+        choice = server._fl_choose_loop()
+        assert (choice.loop, choice.per_connection) == (Loop.BATCHES, server._fl_handle_accepted)
+    finally:
+        server.server_close()

@@ -146,9 +146,10 @@ class FrontDoor:
         # the server wrapped itself, or wrapped by its own get_request) is
         # never wrapped again: a second handshake inside the first fails.
         if self.ssl_context is not None and not isinstance(request, ssl.SSLSocket):
-            conn = self._handshake(request, address)
-            if conn is None:
+            wrapped = self._handshake(request, address)
+            if wrapped is None:
                 return None
+            conn = wrapped
         return conn, address, header
 
     def _trusts(self, proxy: ProxySettings, peer: Any) -> bool:

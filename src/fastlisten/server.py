@@ -48,6 +48,7 @@ The request handlers are the standard library's own classes, but for
 
 from __future__ import annotations
 
+import enum
 import io
 import logging
 import os
@@ -61,7 +62,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple, overload
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple, overload
 
 from fastlisten import address as _address
 from fastlisten import sysinfo
@@ -73,7 +74,10 @@ from fastlisten._wakeup import Waker
 from fastlisten._threadpool import LeaderPool
 from fastlisten.config import ListenConfig, server_side_context
 from fastlisten.errors import (
-    SERVER_REUSE_HINT, effective_backlog, explain_bind_error, stale_socket_hint,
+    SERVER_REUSE_HINT,
+    effective_backlog,
+    explain_bind_error,
+    stale_socket_hint,
     warn_if_ephemeral,
 )
 from fastlisten.listener import Listener, UnixSocketFile, adoptable, default_backlog
@@ -136,7 +140,7 @@ _wake_lock = threading.Lock()
 #: socket.socket.close() is "_closed = True, then the real close unless a
 #: makefile() object still uses the socket" (3.9 to 3.13); the inline path
 #: does the same without two Python calls, where the class still looks so.
-_socket_close = socket.socket.__mro__[1].close
+_socket_close: Callable[[socket.socket], None] = getattr(socket.socket.__mro__[1], "close")
 _INLINE_CLOSE = {"_io_refs", "_closed"} <= set(getattr(socket.socket, "__slots__", ()))
 
 
@@ -156,7 +160,7 @@ def _own_method(server: Any, name: str) -> Callable[..., Any]:
     cls = type(server)
     for klass in cls.__mro__:
         if klass.__module__ == __name__ and name in vars(klass):
-            return vars(klass)[name].__get__(server, cls)  # type: ignore[no-any-return]
+            return vars(klass)[name].__get__(server, cls)
     raise AttributeError(f"{cls.__name__} is not a fastlisten server: it has no "
                          f"fastlisten {name}()")
 
@@ -184,12 +188,110 @@ class _ProxyHeaderAttr:
         return getattr(local, "header", None) if local is not None else None
 
 
+# -- the stdlib server class the mixins join --------------------------------------
+# _FastLoop (and through it every class here) is mixed into a stdlib server
+# class: its methods use that class's attributes and hooks (socket,
+# server_address, verify_request, ...) and call its methods through super().
+# At run time it derives from object, so that it fits anywhere in an MRO;
+# the type checker sees _StdServer, which declares what the mixins expect of
+# the class they join, the BaseServer private state below included.  (Not
+# the stdlib's TCPServer itself: as a base of the mixins it would come before
+# the stdlib's mixins in the servers' MROs, where ThreadingTCPServer & co.
+# put it after them.)
+if TYPE_CHECKING:
+    class _StdServer:
+        socket: socket.socket
+        server_address: Any
+        address_family: int
+        socket_type: int
+        allow_reuse_address: bool
+        request_queue_size: int
+        RequestHandlerClass: Any
+        _BaseServer__shutdown_request: bool
+        _BaseServer__is_shut_down: threading.Event
+
+        def server_bind(self) -> None: ...
+        def server_activate(self) -> None: ...
+        def server_close(self) -> None: ...
+        def serve_forever(self, poll_interval: Optional[float] = 0.5) -> None: ...
+        def shutdown(self) -> None: ...
+        def fileno(self) -> int: ...
+        def _handle_request_noblock(self) -> None: ...
+        def verify_request(self, request: Any, client_address: Any) -> bool: ...
+        def process_request(self, request: Any, client_address: Any) -> None: ...
+        def finish_request(self, request: Any, client_address: Any) -> None: ...
+        def shutdown_request(self, request: Any) -> None: ...
+        def handle_error(self, request: Any, client_address: Any) -> None: ...
+        def service_actions(self) -> None: ...
+else:
+    _StdServer = object
+
+
+# -- the stdlib BaseServer's private state ------------------------------------
+# serve_forever() and shutdown() keep their state where the stdlib's
+# BaseServer keeps it: in its name-mangled private attributes
+# (``__shutdown_request``, ``__is_shut_down``), which BaseServer.__init__
+# sets.  So the loop works over any stdlib server class, whoever's __init__
+# ran (a mixin's, a third party's), and the stdlib's own methods that read
+# them (handle_request's callers, a base class's own serve_forever) see the
+# same state.  These helpers are the one place that spells the names; the
+# fast loop's two per-connection checks read the attribute inline (a call
+# there would cost every connection a Python frame).
+
+def _stop_asked(server: _StdServer) -> bool:
+    """True once shutdown() asked the running serve_forever() to return."""
+    return bool(server._BaseServer__shutdown_request)
+
+
+def _ask_stop(server: _StdServer, asked: bool) -> None:
+    """Set (or clear) the request to stop that serve_forever() checks."""
+    server._BaseServer__shutdown_request = asked
+
+
+def _shut_down_event(server: _StdServer) -> threading.Event:
+    """The event shutdown() waits on: clear while serve_forever() runs."""
+    return server._BaseServer__is_shut_down
+
+
+#: What runs per connection in a loop that accepts in the core: (request,
+#: client_address) -> None.
+PerConnection = Callable[[socket.socket, Any], None]
+
+
+class Loop(enum.Enum):
+    """Which loop ``serve_forever`` runs (see _FastLoop._fl_choose_loop);
+    the value is what ``_fl_loop`` holds while it runs."""
+
+    #: A base class's own serve_forever()/shutdown() pair.
+    BASE = "base"
+    #: The stdlib's loop (select, then _handle_request_noblock), with a
+    #: wake-up descriptor for shutdown().
+    SELECTOR = "selector"
+    #: The serving thread takes batches of connections from the core.
+    BATCHES = "batches"
+    #: ThreadingMixIn's leader/follower: idle worker threads accept in the
+    #: core themselves; the serving thread only waits for shutdown().
+    LEADER = "leader"
+
+
+class LoopChoice(NamedTuple):
+    """The loop serve_forever runs and the call it makes per connection."""
+
+    loop: Loop
+    #: BATCHES: called in the serving thread for each accepted connection;
+    #: LEADER: in the worker thread that accepted it; None for BASE and
+    #: SELECTOR (the stdlib's _handle_request_noblock calls the hooks).
+    per_connection: Optional[PerConnection]
+    #: Why (one line, for tests and debugging).
+    why: str
+
+
 #: A server's accept batch takes at most 1/HEADROOM_SHARE of the descriptors
 #: its process may still open (see _FastLoop.fl_accept_batch_size).
 HEADROOM_SHARE = 4
 
 
-class _FastLoop:
+class _FastLoop(_StdServer):
     """The serve loop, shutdown, drain and counters shared by every server
     and mixin here, and the listener options of ``listen_config``.
 
@@ -223,9 +325,10 @@ class _FastLoop:
     listen_config: Optional[ListenConfig] = None
 
     _fl_waker: Any = None       # the running loop's wake-up source, if any
-    #: Which loop serve_forever runs now: "batches" (the serving thread takes
-    #: batches from the core), "leader" (worker threads accept: ThreadingMixIn's
-    #: leader/follower), "selector" (the stdlib's loop); None when not serving.
+    #: Which loop serve_forever runs now, a Loop's value: "batches" (the
+    #: serving thread takes batches from the core), "leader" (worker threads
+    #: accept: ThreadingMixIn's leader/follower), "selector" (the stdlib's
+    #: loop); None when not serving (and under a base class's own loop).
     _fl_loop: Optional[str] = None
     _fl_defer = False           # a base class below brings its own loop: use it
     _fl_listener: Optional[Listener] = None    # over self.socket, for the server's life
@@ -275,24 +378,25 @@ class _FastLoop:
         config = self._fl_listen_config()
         if config is not None:
             self._fl_check_stream("listen_config", config)
+            self._fl_check_ready_rule(config)
             config = self._fl_config = config.for_address(
-                self.server_address, self.address_family)  # type: ignore[attr-defined]
+                self.server_address, self.address_family)
             if config.fd is not None:
                 self._fl_adopt(config)
                 return
-            config.apply_listener_options(self.socket)  # type: ignore[attr-defined]
+            config.apply_listener_options(self.socket)
             config.before_bind()
             if config.family != socket.AF_UNIX:
                 warn_if_ephemeral(config.port)
             self.server_address = config.address
         else:
             # A str is never a TCP address (nor, behind the caller's back, a file).
-            _address.check_inet_tuple(self.address_family,  # type: ignore[attr-defined]
+            _address.check_inet_tuple(self.address_family,
                                       self.server_address)
         try:
-            super().server_bind()  # type: ignore[misc]
+            super().server_bind()
         except OSError as exc:
-            family, where = self.address_family, self.server_address  # type: ignore[attr-defined]
+            family, where = self.address_family, self.server_address
             try:
                 where = _address.resolve(family, where)   # name the numeric address
             except socket.gaierror as unknown:
@@ -301,7 +405,7 @@ class _FastLoop:
             except (OSError, TypeError, ValueError, OverflowError):
                 pass
             reuse = None
-            if config is None and not self.allow_reuse_address:  # type: ignore[attr-defined]
+            if config is None and not self.allow_reuse_address:
                 reuse = SERVER_REUSE_HINT
             raise explain_bind_error(exc, family, where, reuse_hint=reuse,
                                      stale_hint=stale_socket_hint(config, server=True)) from None
@@ -343,10 +447,22 @@ class _FastLoop:
         config = getattr(self, "listen_config", None)
         return config if isinstance(config, ListenConfig) else None
 
+    def _fl_check_ready_rule(self, config: ListenConfig) -> None:
+        """A ValueError for ``listen_config.ready_rule``: the server classes
+        do not apply the accept filter yet (see _fl_get_listener, where it
+        will be), and serving every connection at once while the program
+        asked for a filter would leave it unprotected without a word."""
+        if config.ready_rule is not None:
+            raise ValueError(
+                f"{type(self).__name__}: listen_config.ready_rule={config.ready_rule!r} is "
+                "not applied by the server classes yet; for an accept filter now, serve "
+                "from a fastlisten.Listener (Listener.from_config(config), then "
+                "accept_many()), which applies it, or leave ready_rule unset")
+
     def _fl_check_stream(self, name: str, value: Any) -> None:
         """A ValueError when ``name`` is set (not None) on a server that is
         not a stream server: they act on connections."""
-        if value is not None and self.socket_type != socket.SOCK_STREAM:  # type: ignore[attr-defined]
+        if value is not None and self.socket_type != socket.SOCK_STREAM:
             raise ValueError(f"{type(self).__name__}: {name} is for stream "
                              "(TCP and Unix stream) servers")
 
@@ -355,7 +471,7 @@ class _FastLoop:
         passed in (self.socket is replaced; server_address is its address)."""
         fd, family, listening = adoptable(config)
         sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-        self.socket.close()  # type: ignore[attr-defined]
+        self.socket.close()
         self.socket = sock
         self.address_family = family
         self.server_address = sock.getsockname()
@@ -368,11 +484,11 @@ class _FastLoop:
         is unless listen_config sets a backlog."""
         config = self._fl_config
         if config is None:
-            return super().server_activate()  # type: ignore[misc]
+            return super().server_activate()
         if self._fl_adopted and config.backlog is None:
             return None
-        backlog = config.backlog if config.backlog is not None else self.request_queue_size  # type: ignore[attr-defined]
-        self.socket.listen(backlog)  # type: ignore[attr-defined]
+        backlog = config.backlog if config.backlog is not None else self.request_queue_size
+        self.socket.listen(backlog)
         effective_backlog(backlog)     # warns when the kernel truncates it
         return None
 
@@ -381,9 +497,9 @@ class _FastLoop:
         listener, self._fl_listener = self._fl_listener, None
         kept, self._fl_unserved = self._fl_unserved or [], None
         for request, _, _ in kept:
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+            self.shutdown_request(request)
         try:
-            super().server_close()  # type: ignore[misc]
+            super().server_close()
         finally:
             if listener is not None:
                 listener.close()
@@ -402,16 +518,20 @@ class _FastLoop:
         poll_interval is how often service_actions() runs while idle;
         shutdown() does not wait for it.
         """
-        if self._fl_defer:
-            return super().serve_forever(poll_interval)  # type: ignore[misc]
+        if self._fl_defer:     # Loop.BASE (shutdown() asks the same, without choosing)
+            return super().serve_forever(poll_interval)
         self._fl_abandoned = False
-        self._BaseServer__is_shut_down.clear()  # type: ignore[attr-defined]
+        _shut_down_event(self).clear()
         try:
-            if not self._fl_serve_batches(poll_interval):
+            self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
+            choice = self._fl_choose_loop()
+            if choice.loop is Loop.SELECTOR or not self._fl_serve_fast(choice, poll_interval):
+                # (the fast loops return False on an error the stdlib's loop
+                # would ignore: it takes over and keeps the stdlib's behaviour)
                 self._fl_serve_selector(poll_interval)
         finally:
-            self._BaseServer__shutdown_request = False
-            self._BaseServer__is_shut_down.set()  # type: ignore[attr-defined]
+            _ask_stop(self, False)
+            _shut_down_event(self).set()
 
     def shutdown(self) -> None:
         """Stop the serve_forever loop and wait until it has returned.
@@ -420,12 +540,12 @@ class _FastLoop:
         thread that runs serve_forever, this deadlocks (as in the stdlib).
         Handlers already running go on: drain() waits for them.
         """
-        if self._fl_defer:
-            return super().shutdown()  # type: ignore[misc]
-        self._BaseServer__shutdown_request = True
+        if self._fl_defer:     # Loop.BASE: the base class's pair
+            return super().shutdown()
+        _ask_stop(self, True)
         self._fl_wake()
         self._fl_interrupt()
-        self._BaseServer__is_shut_down.wait()  # type: ignore[attr-defined]
+        _shut_down_event(self).wait()
 
     def serve_queued(self) -> int:
         """After shutdown(), before server_close(): serve the connections
@@ -449,7 +569,7 @@ class _FastLoop:
                 hand_over(self, request, client_address, verified)
             except BaseException:
                 for rest, _, _ in kept[i + 1:]:
-                    self.shutdown_request(rest)  # type: ignore[attr-defined]
+                    self.shutdown_request(rest)
                 raise
         config = self._fl_config
         if config is not None and config.fd is not None:
@@ -519,7 +639,7 @@ class _FastLoop:
         once per episode, and closed by the caller)."""
         door = self._fl_frontdoor()
         if door is None:
-            return super().finish_request(request, client_address)  # type: ignore[misc]
+            return super().finish_request(request, client_address)
         prepared = door.prepare(request, client_address)
         if prepared is None:
             return None
@@ -531,15 +651,15 @@ class _FastLoop:
         if conn is not request:
             self._fl_swapped[request] = conn
         try:
-            super().finish_request(conn, address)  # type: ignore[misc]
+            super().finish_request(conn, address)
         except Exception:
             # reported with the real client's address and connection
-            self.handle_error(conn, address)  # type: ignore[attr-defined]
+            self.handle_error(conn, address)
         finally:
             local.header = None
             if conn is not request:
                 self._fl_swapped.pop(request, None)
-                self.shutdown_request(conn)  # type: ignore[attr-defined]
+                self.shutdown_request(conn)
         return None
 
     @property
@@ -586,7 +706,7 @@ class _FastLoop:
             _log.debug("handler for %s ended by the server", _address.format_address(
                 client_address))
             return
-        super().handle_error(request, client_address)  # type: ignore[misc]
+        super().handle_error(request, client_address)
 
     # -- internals -----------------------------------------------------
 
@@ -608,9 +728,9 @@ class _FastLoop:
             if self._fl_waker is not None:
                 self._fl_waker.wakeup()
 
-    def _fl_publish(self, waker: Any, loop: str) -> None:
+    def _fl_publish(self, waker: Any, loop: Loop) -> None:
         with _wake_lock:
-            self._fl_waker, self._fl_loop = waker, loop
+            self._fl_waker, self._fl_loop = waker, loop.value
 
     def _fl_unpublish(self) -> None:
         with _wake_lock:
@@ -633,9 +753,74 @@ class _FastLoop:
             and not {"get_request", "fileno", "_handle_request_noblock"} & own.keys()
         )
 
+    def _fl_choose_loop(self) -> LoopChoice:
+        """Which loop serve_forever() runs and what it calls per connection,
+        from the hooks the server's class (or instance) overrides; checked
+        each time serve_forever() starts.  The first row that applies:
+
+        ==================================  ========  ======================  ======================
+        server, hooks overridden            loop      per connection          why
+        ==================================  ========  ======================  ======================
+        a class after _FastLoop in the MRO  BASE      the base's own          its serve_forever()
+        (short of the stdlib's                                                and shutdown() go
+        BaseServer) defines serve_forever                                     together
+        or shutdown (``_fl_defer``)
+        not a plain listening stream        SELECTOR  _handle_request_        only the stdlib's
+        socket (UDP, an SSLSocket, closed),           noblock (the stdlib's)  get_request() does
+        or get_request, fileno or                                             what those ask
+        _handle_request_noblock overridden
+        ThreadingMixIn with epoll, stock    LEADER    _fl_handle_inline, in   nothing runs in the
+        verify_request, process_request,              the worker thread that  serving thread: idle
+        service_actions (or fl_periodic),             accepted it             workers accept; the
+        finish_request without PROXY/TLS,                                     hooks' chain in one
+        shutdown_request, close_request,                                      call
+        process_request_thread
+        the same, but finish_request,       LEADER    process_request_thread  as above; the
+        shutdown_request, close_request               in the worker thread    overridden hooks run
+        or process_request_thread                                             as the stdlib runs
+        overridden, or PROXY/TLS on                                           them
+        every per-connection hook stock,    BATCHES   _fl_handle_inline, in   the five hook calls
+        finish_request without PROXY/TLS              the serving thread      in one
+        (TCPServer, UnixStreamServer)
+        any other stream server             BATCHES   _fl_handle_accepted:    the hooks as the
+        (ThreadingMixIn: the pool;                    verify_request ->       stdlib calls them
+        ForkingMixIn: fork)                           process_request ...
+        ==================================  ========  ======================  ======================
+
+        BATCHES and LEADER take connections from the server's Listener,
+        prepared in _fl_get_listener(): the accept filter (issue 19) goes
+        there, and applies to both (Listener.set_accept_filter() does not
+        serve a leader's waiters yet: LEADER must then give way to BATCHES
+        until the core does).
+        """
+        if self._fl_defer:
+            return LoopChoice(Loop.BASE, None, "a base class's own serve_forever/shutdown")
+        if not self._fl_can_batch():
+            return LoopChoice(Loop.SELECTOR, None, "not a plain stream socket, or "
+                              "get_request/fileno/_handle_request_noblock overridden")
+        if isinstance(self, ThreadingMixIn) and self._fl_can_lead():
+            if (self._fl_plain_finish()
+                    and self._fl_stock(("shutdown_request", "close_request"))
+                    and self._fl_stock(("process_request_thread",), _std.ThreadingMixIn)):
+                return LoopChoice(Loop.LEADER, self._fl_handle_inline,
+                                  "leader/follower, stock hooks inline")
+            return LoopChoice(Loop.LEADER, self.process_request_thread,
+                              "leader/follower, the thread's hooks as the stdlib's")
+        if self._fl_stock_hooks():
+            return LoopChoice(Loop.BATCHES, self._fl_handle_inline,
+                              "batches, stock hooks inline")
+        return LoopChoice(Loop.BATCHES, self._fl_handle_accepted,
+                          "batches, the hooks as the stdlib calls them")
+
     def _fl_get_listener(self, sock: socket.socket) -> Listener:
         """The server's Listener over ``sock`` (kept for the server's life,
-        so that its counters span serve_forever() calls)."""
+        so that its counters span serve_forever() calls): the one place
+        where the listener of a loop that accepts in the core (Loop.BATCHES,
+        Loop.LEADER, and fastlisten.Workers' loop in each worker process)
+        is prepared.  The accept filter (``listen_config.ready()``, issue
+        19) is to be applied here, with Listener.set_accept_filter(), when
+        the Listener is made; until then server_bind() refuses a
+        listen_config with ``ready_rule``."""
         listener = self._fl_listener
         if listener is None or listener.closed or listener.fileno() != sock.fileno():
             if listener is not None:
@@ -648,16 +833,17 @@ class _FastLoop:
             os.set_blocking(sock.fileno(), False)   # the core relies on EAGAIN
         return listener
 
-    def _fl_serve_batches(self, poll_interval: Optional[float]) -> bool:
-        """The fast loop.  Returns False if it cannot serve this server (or
-        met an error the stdlib's loop would ignore): the caller then runs
-        the selector loop, which keeps the stdlib's behaviour."""
-        self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
-        if not self._fl_can_batch():
-            return False
-        sock = self.socket  # type: ignore[attr-defined]
-        # The core makes the descriptor non-blocking; the socket object is
-        # told again what it is set to when the loop ends.
+    def _fl_serve_fast(self, choice: LoopChoice, poll_interval: Optional[float]) -> bool:
+        """Run the loop ``choice`` names (Loop.BATCHES or Loop.LEADER) over
+        the server's Listener.  Returns False on an error the stdlib's loop
+        would ignore: the caller then runs the selector loop."""
+        run = choice.per_connection
+        assert run is not None
+        sock = self.socket
+        # The listener both loops accept from (where the accept filter is to
+        # be set up: see _fl_get_listener).  The core makes the descriptor
+        # non-blocking; the socket object is told again what it is set to
+        # when the loop ends.
         listener = self._fl_get_listener(sock)
         # As selectors do: a negative timeout means "do not wait".
         timeout = None if poll_interval is None else max(float(poll_interval), 0.0)
@@ -667,10 +853,9 @@ class _FastLoop:
         # while they leave).
         last: List[Callable[[], None]] = []
         try:
-            run = self._fl_lead_handler()
-            if run is not None:
+            if choice.loop is Loop.LEADER:
                 return self._fl_serve_leader(listener, timeout, run, last)
-            return self._fl_serve_accepted(listener, timeout)
+            return self._fl_serve_accepted(listener, timeout, run)
         finally:
             try:
                 if sock.fileno() >= 0:
@@ -682,14 +867,14 @@ class _FastLoop:
                 for step in last:
                     step()
 
-    def _fl_serve_accepted(self, listener: Listener, timeout: Optional[float]) -> bool:
-        """The serving thread takes batches from the core and hands each
-        connection to the hooks (or runs the stock ones inline)."""
-        handle_one = self._fl_handle_inline if self._fl_stock_hooks() else self._fl_handle_accepted
+    def _fl_serve_accepted(self, listener: Listener, timeout: Optional[float],
+                           handle_one: PerConnection) -> bool:
+        """Loop.BATCHES: the serving thread takes batches from the core and
+        runs ``handle_one`` for each connection."""
         limit = self._fl_batch_limit()
-        self._fl_publish(listener, "batches")
+        self._fl_publish(listener, Loop.BATCHES)
         try:
-            while not self._BaseServer__shutdown_request:
+            while not self._BaseServer__shutdown_request:  # (_stop_asked, inline)
                 take = self._fl_take(limit)
                 if take == 0:
                     continue            # shutdown() ended the wait for room
@@ -699,7 +884,7 @@ class _FastLoop:
                     return False
                 if batch:
                     self._fl_handle_batch(batch, handle_one)
-                self.service_actions()  # type: ignore[attr-defined]
+                self.service_actions()
         finally:
             self._fl_unpublish()
         return True
@@ -717,23 +902,16 @@ class _FastLoop:
         0 when shutdown() ended a wait for room."""
         return limit
 
-    def _fl_lead_handler(self) -> Optional[Callable[[socket.socket, Any], None]]:
-        """What a worker thread runs per connection when worker threads wait
-        for connections themselves (ThreadingMixIn's leader/follower); None:
-        the serving thread accepts (here: always)."""
-        return None
-
     def _fl_serve_leader(self, listener: Listener, timeout: Optional[float],
-                         run: Callable[[socket.socket, Any], None],
-                         last: List[Callable[[], None]]) -> bool:
-        raise NotImplementedError   # only servers whose _fl_lead_handler() is not None
+                         run: PerConnection, last: List[Callable[[], None]]) -> bool:
+        raise NotImplementedError   # Loop.LEADER: ThreadingMixIn's
 
     def _fl_handle_batch(self, batch: List[Tuple[socket.socket, Any]],
                          handle_one: Callable[[socket.socket, Any], None]) -> None:
         self._fl_in_batch = self._fl_handled = True
         try:
             for i, (request, client_address) in enumerate(batch):
-                if self._BaseServer__shutdown_request:
+                if self._BaseServer__shutdown_request:  # (_stop_asked, inline)
                     # Not handed to the server yet: kept for serve_queued(),
                     # closed unprocessed by server_close() (the README lists
                     # this difference).
@@ -778,9 +956,9 @@ class _FastLoop:
         handler raises something else)."""
         try:
             try:
-                self.RequestHandlerClass(request, client_address, self)  # type: ignore[attr-defined]
+                self.RequestHandlerClass(request, client_address, self)
             except Exception:
-                self.handle_error(request, client_address)  # type: ignore[attr-defined]
+                self.handle_error(request, client_address)
         finally:
             try:
                 # SHUT_WR first: the peer sees EOF now, even while a
@@ -790,28 +968,28 @@ class _FastLoop:
                 pass  # the peer is gone already (ENOTCONN)
             if _INLINE_CLOSE:
                 # socket.socket.close() without its two Python frames
-                request._closed = True
-                if request._io_refs <= 0:
+                request._closed = True  # type: ignore[attr-defined]
+                if request._io_refs <= 0:  # type: ignore[attr-defined]
                     _socket_close(request)
             else:
                 request.close()
 
     def _fl_handle_accepted(self, request: socket.socket, client_address: Any) -> None:
         """The stdlib's _handle_request_noblock, after its get_request()."""
-        if self.verify_request(request, client_address):  # type: ignore[attr-defined]
+        if self.verify_request(request, client_address):
             try:
-                self.process_request(request, client_address)  # type: ignore[attr-defined]
+                self.process_request(request, client_address)
             except Exception:
-                self.handle_error(request, client_address)  # type: ignore[attr-defined]
-                self.shutdown_request(request)  # type: ignore[attr-defined]
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
             except BaseException:
                 # (KeyboardInterrupt & co.) unless process_request handed
                 # the request on already: then its new owner closes it
                 if not self._fl_handed_on(request):
-                    self.shutdown_request(request)  # type: ignore[attr-defined]
+                    self.shutdown_request(request)
                 raise
         else:
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+            self.shutdown_request(request)
 
     def _fl_handed_on(self, request: socket.socket) -> bool:
         """True if process_request gave ``request`` to someone else (a worker
@@ -821,19 +999,19 @@ class _FastLoop:
     def _fl_serve_selector(self, poll_interval: Optional[float]) -> None:
         """The stdlib's loop, plus a wake-up descriptor for shutdown()."""
         waker = Waker()
-        self._fl_publish(waker, "selector")
+        self._fl_publish(waker, Loop.SELECTOR)
         try:
             with selectors.PollSelector() as selector:
-                if self.fileno() >= 0:  # type: ignore[attr-defined]
+                if self.fileno() >= 0:
                     selector.register(self, selectors.EVENT_READ)
                 selector.register(waker, selectors.EVENT_READ)
-                while not self._BaseServer__shutdown_request:
+                while not _stop_asked(self):
                     ready = selector.select(poll_interval)
-                    if self._BaseServer__shutdown_request:
+                    if _stop_asked(self):
                         break
                     if any(key.fileobj is self for key, _ in ready):
-                        self._handle_request_noblock()  # type: ignore[attr-defined]
-                    self.service_actions()  # type: ignore[attr-defined]
+                        self._handle_request_noblock()
+                    self.service_actions()
         finally:
             self._fl_unpublish()
             waker.close()
@@ -887,7 +1065,7 @@ def _wait_for_children(pids: Any, timeout: Optional[float], wake_fd: int = -1) -
     try:
         for pid in pids:
             try:
-                fds.append(os.pidfd_open(pid))  # type: ignore[attr-defined]
+                fds.append(os.pidfd_open(pid))
             except ProcessLookupError:
                 return              # exited and reaped meanwhile: look again
             except (AttributeError, OSError):
@@ -986,11 +1164,11 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
     #: Requests that may wait for a thread when fl_max_threads is reached.
     fl_max_queued: Optional[int] = None
 
-    _fl_pool: Optional[WorkerPool] = None
+    _fl_pool: Optional[LeaderPool] = None
     _fl_stop: Any = None        # the running leader loop's workers' Stop
 
     @property
-    def _threads(self) -> Any:  # type: ignore[override]
+    def _threads(self) -> Any:
         """The threads handling a request now, as the stdlib's ``_threads``
         lists them (idle pool threads are not in it)."""
         pool = self._fl_pool
@@ -1020,38 +1198,30 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         if not pool.submit(self.process_request_thread, request, client_address,
                            cancelled=self._fl_shutdown_requested):
             if pool.closed or self._fl_abandoned:
-                self.shutdown_request(request)  # type: ignore[attr-defined]
+                self.shutdown_request(request)
             else:
                 self._fl_keep(request, client_address, True)    # for serve_queued()
 
-    def _fl_lead_handler(self) -> Optional[Callable[[socket.socket, Any], None]]:
-        """Leader/follower applies when the hooks the stdlib runs in the
-        serving thread are stock (else a worker would run them): then the
-        workers run _fl_handle_inline (stock per-connection hooks) or
-        process_request_thread, in the thread that handles the request.
-        A service_actions set on the instance with a true ``fl_periodic``
-        attribute (fastlisten.Workers' heartbeat) counts as stock: it asks
-        to run every poll_interval, not after each request, and the serving
-        thread runs it so."""
+    def _fl_can_lead(self) -> bool:
+        """Leader/follower applies (see _FastLoop._fl_choose_loop) when the
+        hooks the stdlib runs in the serving thread are stock (else a
+        worker would run them).  A service_actions set on the instance with
+        a true ``fl_periodic`` attribute (fastlisten.Workers' heartbeat)
+        counts as stock: it asks to run every poll_interval, not after each
+        request, and the serving thread runs it so."""
         if not hasattr(select, "epoll"):
-            return None
+            return False
         cls = type(self)
         own_actions = vars(self).get("service_actions")
-        if not (_stock(cls, "service_actions", _std.BaseServer)
+        return (_stock(cls, "service_actions", _std.BaseServer)
                 and (own_actions is None or getattr(own_actions, "fl_periodic", False))
                 and self._fl_stock(("verify_request",), _std.BaseServer)
                 and getattr(cls, "process_request", None) is ThreadingMixIn.process_request
-                and "process_request" not in vars(self)):
-            return None
-        if (self._fl_plain_finish() and self._fl_stock(("shutdown_request", "close_request"))
-                and self._fl_stock(("process_request_thread",), _std.ThreadingMixIn)):
-            return self._fl_handle_inline
-        return self.process_request_thread  # type: ignore[no-any-return]
+                and "process_request" not in vars(self))
 
     def _fl_serve_leader(self, listener: Listener, timeout: Optional[float],
-                         run: Callable[[socket.socket, Any], None],
-                         last: List[Callable[[], None]]) -> bool:
-        """serve_forever's loop under leader/follower: the workers accept;
+                         run: PerConnection, last: List[Callable[[], None]]) -> bool:
+        """serve_forever's loop under leader/follower (Loop.LEADER): the workers accept;
         this thread waits for shutdown() (or a worker's accept error, which
         returns False: the selector loop takes over), running
         service_actions() every ``timeout`` seconds.  The idle workers are
@@ -1074,7 +1244,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         last.append(wake_workers)
         source = _LeaderSource(listener, stop, run)
         self._fl_stop = stop
-        self._fl_publish(waker, "leader")
+        self._fl_publish(waker, Loop.LEADER)
         accepted = listener.stats()["accepted"]
         try:
             pool.lead(source)
@@ -1083,14 +1253,14 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             poller.register(stop.fileno(), select.POLLIN)
             ms = None if timeout is None else int(timeout * 1000 + 0.999)
             while True:
-                if (self._BaseServer__shutdown_request or source.error is not None
+                if (_stop_asked(self) or source.error is not None
                         or pool.closed or stop.fenced):
                     break
                 poller.poll(ms)
-                if (self._BaseServer__shutdown_request or source.error is not None
+                if (_stop_asked(self) or source.error is not None
                         or pool.closed or stop.fenced):
                     break
-                self.service_actions()  # type: ignore[attr-defined]
+                self.service_actions()
         finally:
             # Once fence() returns, no worker touches the listening
             # descriptor any more (it waits only for a worker in the middle
@@ -1116,7 +1286,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         return pool is not None and pool.holds(request)
 
     def _fl_shutdown_requested(self) -> bool:
-        return bool(self._BaseServer__shutdown_request) or self._fl_abandoned
+        return _stop_asked(self) or self._fl_abandoned
 
     def _fl_interrupt(self) -> None:
         if self._fl_pool is not None:
@@ -1139,7 +1309,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             return 0
         queued = pool.cancel_queued()
         for request, _ in queued:
-            self.shutdown_request(request)  # type: ignore[attr-defined]
+            self.shutdown_request(request)
         pool.stop_waiting()     # a drain() waiting for them is done
         running = pool.running()
         if running and not self._fl_ended:
@@ -1166,7 +1336,7 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
         pool, self._fl_pool = self._fl_pool, None
         try:
             # The stdlib ThreadingMixIn's server_close then joins an empty _threads.
-            super().server_close()  # type: ignore[misc]
+            super().server_close()
         finally:
             if pool is not None:
                 pool.close()
@@ -1220,7 +1390,7 @@ if hasattr(os, "fork"):
                 self._fl_reap()
                 if len(children) < self.max_children:
                     return True
-                if self._BaseServer__shutdown_request or self._fl_abandoned:
+                if _stop_asked(self) or self._fl_abandoned:
                     return False
                 _wait_for_children(children, None, room.fileno())
                 room.drain()
@@ -1320,12 +1490,13 @@ if hasattr(socket, "AF_UNIX"):
 
     if hasattr(os, "fork") and "ForkingUnixStreamServer" in _std.__all__:
 
+        # (the stdlib's since 3.12: the type checker, set to 3.10, does not know them)
         class ForkingUnixStreamServer(ForkingMixIn, UnixStreamServer,
-                                      _std.ForkingUnixStreamServer):
+                                      _std.ForkingUnixStreamServer):  # type: ignore[name-defined]
             """UnixStreamServer with ForkingMixIn."""
 
         class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer,
-                                        _std.ForkingUnixDatagramServer):
+                                        _std.ForkingUnixDatagramServer):  # type: ignore[name-defined]
             """UnixDatagramServer with ForkingMixIn."""
 
 

@@ -113,7 +113,7 @@ def evaluate(report: "Report", scenario: str = "daytime") -> List[Dict[str, Any]
 
     # shutdown() latency
     sd = {s: report.shutdown[s].get("p99_ms") for s in FL_SERVERS if s in report.shutdown}
-    met = None if not sd or None in sd.values() else all(v < 1.0 for v in sd.values())
+    met = None if not sd or None in sd.values() else all(v is not None and v < 1.0 for v in sd.values())
     oc = {s: report.shutdown[s].get("p99_on_cpu_ms") for s in sd}
     std_sd = {s: report.shutdown[s].get("p99_ms") for s in STD_SERVERS if s in report.shutdown}
     bars.append(_bar("shutdown() to serve_forever returning, p99", "< 1 ms", met,

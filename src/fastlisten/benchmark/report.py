@@ -44,7 +44,7 @@ def _ratio(x: Optional[float]) -> str:
 def rows(report: Report, scenario: str, wide: bool = False) -> List[Tuple[str, ...]]:
     """One table's rows (strings), in the order the servers were declared:
     HEADERS' columns, or with ``wide`` WIDE_HEADERS'."""
-    out = []
+    out: List[Tuple[str, ...]] = []
     for name, row in report.results.get(scenario, {}).items():
         label = report.servers.get(name, {}).get("label", name)
         if not wide:
@@ -99,7 +99,7 @@ def machine_line(report: Report) -> str:
 
 
 def _shutdown_rows(report: Report) -> List[Tuple[str, ...]]:
-    out = []
+    out: List[Tuple[str, ...]] = []
     for name, row in report.shutdown.items():
         label = report.servers.get(name, {}).get("label", name)
         if "error" in row:
@@ -307,7 +307,7 @@ def figure(report: Report) -> Any:
             if not t:
                 ax1.text(0, i, " n/a", va="center", fontsize=7)
                 continue
-            off = clipped and t > cap
+            off = clipped and cap is not None and t > cap
             ax1.text(cap if off else max(t, u + s_), i,
                      f" {t:,.1f}" + (" (off scale)" if off else ""),
                      va="center", ha="right" if off else "left", fontsize=7,

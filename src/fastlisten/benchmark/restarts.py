@@ -357,8 +357,9 @@ def balance_and_scale(mode: str, workers: int, duration: float,
         switches = sum(after[p][1] - before[p][1] for p in pids)
         done = max(load.completed, 1)
         spread: Optional[float] = None
-        if counts and min(counts):
-            spread = max(counts) / min(counts)
+        fewest = min(counts) if counts else 0
+        if fewest:
+            spread = max(counts) / fewest
         return {"workers": workers, "per_worker": counts, "max_min": spread,
                 "rate": load.rate, "lost": load.errors + load.timeouts,
                 "cpu_us_per_conn": cpu / done * 1e6, "switches_per_conn": switches / done}

@@ -158,7 +158,7 @@ def _run_balancer(args: argparse.Namespace) -> int:
 
     from fastlisten.benchmark.balancer import run_balancer_bench, to_text
 
-    kw = {"total": args.total or (2000 if args.quick else 20000),
+    kw: "dict[str, Any]" = {"total": args.total or (2000 if args.quick else 20000),
           "repeats": args.repeats or (1 if args.quick else 3),
           "concurrency": args.concurrency or 16,
           "timeout": args.timeout or 5.0}

@@ -72,7 +72,7 @@ def from_args(args: argparse.Namespace) -> ListenConfig:
     if fd is not None:
         if args.bind is not None:
             raise ValueError("give --bind or --fd, not both")
-        return ListenConfig(fd=fd if fd == "systemd" else _cli_int("--fd", fd), **options)
+        return ListenConfig(fd=fd if fd == "systemd" else _cli_int("--fd", str(fd)), **options)
     where = address.parse(args.bind if args.bind is not None else args._default_bind)
     return ListenConfig(**where, **options)
 
