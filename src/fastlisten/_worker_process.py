@@ -22,7 +22,7 @@ import sysconfig
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fastlisten._heartbeat import Record
 from fastlisten._queued import serve_queued
@@ -339,8 +339,8 @@ class _WorkerLoop:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stop is None:
-            self.stop = {signal.SIGUSR2: "empty", signal.SIGINT: "final"}.get(
-                signum, "graceful")
+            stops: Dict[int, str] = {signal.SIGUSR2: "empty", signal.SIGINT: "final"}
+            self.stop = stops.get(signum, "graceful")
         # The main thread may have drained set_wakeup_fd's byte and looked
         # at self.stop before this handler ran: wake it again.
         self.waker.wakeup()

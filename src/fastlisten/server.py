@@ -1368,7 +1368,7 @@ if hasattr(os, "fork"):
             # max_children run; wait here instead, for a child or shutdown().
             if not self._fl_wait_for_room():
                 if self._fl_abandoned:
-                    self.shutdown_request(request)  # type: ignore[attr-defined]
+                    self.shutdown_request(request)
                 else:
                     self._fl_keep(request, client_address, True)    # for serve_queued()
                 return

@@ -197,15 +197,15 @@ class Workers:
         if max_requests < 0 or max_requests_jitter < 0:
             raise ValueError(f"max_requests and max_requests_jitter must be >= 0, not "
                              f"{max_requests!r} and {max_requests_jitter!r}")
-        for name, value in (("timeout", timeout), ("graceful_timeout", graceful_timeout),
-                            ("backoff", backoff), ("max_backoff", max_backoff),
-                            ("min_uptime", min_uptime), ("linger", linger)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+        for name, seconds in (("timeout", timeout), ("graceful_timeout", graceful_timeout),
+                              ("backoff", backoff), ("max_backoff", max_backoff),
+                              ("min_uptime", min_uptime), ("linger", linger)):
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
                 raise TypeError(f"{name} must be a number of seconds, not "
-                                f"{type(value).__name__}: {value!r}")
-            if not value >= 0 or (name == "timeout" and not value > 0):
+                                f"{type(seconds).__name__}: {seconds!r}")
+            if not seconds >= 0 or (name == "timeout" and not seconds > 0):
                 raise ValueError(f"{name} must be {'> 0' if name == 'timeout' else '>= 0'}"
-                                 f" seconds, not {value!r}")
+                                 f" seconds, not {seconds!r}")
         if listen_config is None:
             own = getattr(server_class, "listen_config", None)
             # anything but a ListenConfig there is the class's own attribute
@@ -368,8 +368,8 @@ class Workers:
             if main:
                 if old_wakeup is not None:
                     signal.set_wakeup_fd(old_wakeup)
-                for sig, old in handlers.items():
-                    signal.signal(sig, old)
+                for signum, old in handlers.items():
+                    signal.signal(signum, old)
             self._close()
         return 0
 
