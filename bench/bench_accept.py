@@ -9,9 +9,9 @@ never assert timings).
 import socket
 
 import pytest
+from helpers import wait_for
 
 import fastlisten
-from helpers import wait_for
 
 N = 64
 

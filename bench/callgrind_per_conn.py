@@ -21,7 +21,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 from fastlisten.benchmark.loadgen import run_load
 

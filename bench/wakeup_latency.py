@@ -35,6 +35,9 @@ def measure(rounds: int = 300) -> list:
 
 if __name__ == "__main__":
     lat = measure(int(sys.argv[1]) if len(sys.argv) > 1 else 300)
-    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6
+
+    def pick(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6
+
     print(f"core={'compiled' if fastlisten.compiled else 'python'} rounds={len(lat)} "
           f"wakeup->return p50={pick(0.5):.0f}us p99={pick(0.99):.0f}us max={lat[-1] * 1e6:.0f}us")

@@ -16,11 +16,11 @@ import threading
 import time
 
 import pytest
+from helpers import wait_for
 
 import fastlisten
-from fastlisten import Listener, ListenConfig, _corepy
+from fastlisten import ListenConfig, Listener, _corepy
 from fastlisten.proxy import V1, V2
-from helpers import wait_for
 
 LOOPBACK = ("127.0.0.1", 0)
 HEAD = b"GET /index.html HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n"
@@ -493,7 +493,8 @@ def test_a_listener_takes_proxy_protocol_only_with_a_ready_rule():
 
 
 def test_the_default_cap_is_a_share_of_the_descriptor_headroom(monkeypatch):
-    from fastlisten import listener as listener_module, sysinfo
+    from fastlisten import listener as listener_module
+    from fastlisten import sysinfo
 
     monkeypatch.setattr(sysinfo, "descriptor_headroom", lambda: 1000)
     assert listener_module.default_max_waiting() == 500

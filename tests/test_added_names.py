@@ -16,14 +16,13 @@ import urllib.request
 import warnings
 
 import pytest
+from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
+from tlsutil import client_context, make_cert, server_context
 
 import fastlisten
 from fastlisten import ListenConfig
 from fastlisten.errors import FastlistenWarning
 from fastlisten.server import _own_method
-
-from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
-from tlsutil import client_context, make_cert, server_context
 
 
 @pytest.fixture(scope="module")

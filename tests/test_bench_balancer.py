@@ -4,8 +4,8 @@ measurements run and report numbers (their size is not asserted)."""
 import subprocess
 import sys
 
-from fastlisten.benchmark.balancer import find_haproxy, run_balancer_bench, to_text, v2_header
 from fastlisten import proxy_parse as parse
+from fastlisten.benchmark.balancer import find_haproxy, run_balancer_bench, to_text, v2_header
 
 
 def test_the_header_the_bench_sends_is_what_haproxy_sends():

@@ -177,6 +177,7 @@ def test_reference_server(scenario):
 
 def test_listener_drops_counts_this_listener_only():
     from helpers import wait_for
+
     from fastlisten.benchmark.serve import listener_drops
     with socket.socket() as full, socket.socket() as other:
         for s, backlog in ((full, 1), (other, 64)):

@@ -12,11 +12,11 @@ import textwrap
 import time
 
 import pytest
+from helpers import kernel_somaxconn
 
 import fastlisten
 from fastlisten import sysinfo
 from fastlisten.services import daytime
-from helpers import kernel_somaxconn
 
 FL = [sys.executable, "-m", "fastlisten"]
 DAYTIME = re.compile(rb"^[A-Z][a-z]+day, [A-Z][a-z]+ \d{1,2}, \d{4} \d\d:\d\d:\d\d-UTC\r\n$")

@@ -5,7 +5,6 @@ import socket
 import textwrap
 
 import pytest
-
 from test_cli_info_serve import Served, run
 from tlsutil import client_context, make_cert
 

@@ -8,7 +8,8 @@ import ssl
 import warnings
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastlisten
 from fastlisten.address import parse as parse_bind

@@ -19,10 +19,10 @@ import threading
 import time
 
 import pytest
+from helpers import EXHAUST_DESCRIPTORS, NO_SYSCALL_TABLE, in_poll, queued, wait_for
 
 import fastlisten
 from fastlisten import Listener, _corepy
-from helpers import EXHAUST_DESCRIPTORS, NO_SYSCALL_TABLE, in_poll, queued, wait_for
 
 LOOPBACK = ("127.0.0.1", 0)
 
@@ -62,7 +62,7 @@ def _core_params():
 def core(request, monkeypatch):
     """Every Listener made by a test runs on this core."""
     if request.param == "compiled":
-        from fastlisten import _core as module   # built: test_compiled_core_in_use... says so
+        from fastlisten import _core as module  # built: test_compiled_core_in_use... says so
     else:
         module = _corepy
     monkeypatch.setattr(fastlisten.listener, "RawListener", module.RawListener)

@@ -25,11 +25,18 @@ import threading
 import time
 
 import pytest
-
-from fastlisten import _coreshared, _corepy
 from helpers import (
-    EXHAUST_DESCRIPTORS, NO_SYSCALL_TABLE, POLL_SYSCALLS, PPOLL, SELECT_SYSCALLS, in_poll, syscall_of, wait_for,
+    EXHAUST_DESCRIPTORS,
+    NO_SYSCALL_TABLE,
+    POLL_SYSCALLS,
+    PPOLL,
+    SELECT_SYSCALLS,
+    in_poll,
+    syscall_of,
+    wait_for,
 )
+
+from fastlisten import _corepy, _coreshared
 
 try:
     from fastlisten import _core

@@ -13,9 +13,9 @@ import sys
 import threading
 
 import pytest
+from helpers import serve_in_thread, shutdown_within, wait_for
 
 import fastlisten
-from helpers import serve_in_thread, shutdown_within, wait_for
 
 FL = [sys.executable, "-m", "fastlisten"]
 CLIENTS = 16

@@ -16,13 +16,12 @@ import socket
 import threading
 
 import pytest
+from test_socketserver_diff import LIMIT, wait_for
+from tlsutil import client_context, make_cert
 
 import fastlisten
 from fastlisten import ListenConfig
 from fastlisten.benchmark.balancer import HAProxy, find_haproxy, free_port
-
-from test_socketserver_diff import LIMIT, wait_for
-from tlsutil import client_context, make_cert
 
 HAPROXY = find_haproxy()
 

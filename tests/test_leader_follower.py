@@ -14,16 +14,14 @@ import textwrap
 import threading
 
 import pytest
+from helpers import POLL_SYSCALLS as _POLL_SYSCALLS
+from helpers import end_child
+from helpers import in_syscall as _in_syscall
+from test_core import LOOPBACK, core, needs_syscall_table  # noqa: F401  (core: autouse, both cores)
+from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
 
 import fastlisten
 from fastlisten._wakeup import Waker
-
-from helpers import POLL_SYSCALLS as _POLL_SYSCALLS, in_syscall as _in_syscall
-from test_core import (  # noqa: F401  (core: autouse, both cores)
-    LOOPBACK, core, needs_syscall_table,
-)
-from helpers import end_child
-from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
 
 _EPOLL_SYSCALLS = {"x86_64": {232, 281}, "aarch64": {22}}.get(os.uname().machine, set())
 

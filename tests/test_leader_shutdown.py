@@ -19,17 +19,14 @@ import textwrap
 import threading
 
 import pytest
+from helpers import NO_SYSCALL_TABLE, end_child, in_syscall, serve_in_thread, shutdown_within
+from test_core import LOOPBACK, core, needs_syscall_table  # noqa: F401  (core: autouse, both cores)
+from test_leader_follower import _EPOLL_SYSCALLS, _ask_together, _leading, _together
+from test_server_loop import queued
+from test_socketserver_diff import LIMIT, EchoLine, ask, wait_for
 
 import fastlisten
 import fastlisten.server as server_mod
-
-from helpers import NO_SYSCALL_TABLE, end_child, in_syscall, serve_in_thread, shutdown_within
-from test_core import (  # noqa: F401  (core: autouse, both cores)
-    LOOPBACK, core, needs_syscall_table,
-)
-from test_leader_follower import _EPOLL_SYSCALLS, _leading, _together, _ask_together
-from test_server_loop import queued
-from test_socketserver_diff import LIMIT, EchoLine, ask, wait_for
 
 _ARCH = os.uname().machine
 #: accept/accept4, and futex (where a fence() waits), by architecture.

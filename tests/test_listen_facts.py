@@ -11,14 +11,15 @@ import sys
 import textwrap
 
 import pytest
+from helpers import kernel_somaxconn, wait_for
 
 import fastlisten
 from fastlisten import sysinfo
 from fastlisten.errors import (
-    BacklogTruncatedWarning, EphemeralPortWarning, OptionIneffectiveWarning,
+    BacklogTruncatedWarning,
+    EphemeralPortWarning,
+    OptionIneffectiveWarning,
 )
-
-from helpers import kernel_somaxconn, wait_for
 
 LOOPBACK = ("127.0.0.1", 0)
 

@@ -9,9 +9,7 @@ import http.server
 import io
 import json
 import logging
-import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -20,15 +18,14 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_proxy_parser import SIG, inet4, inet6, mutated, v1_lines, v2
+from test_socketserver_diff import LIMIT, serving, wait_for
+from tlsutil import client_context, make_cert, server_context
 
 import fastlisten
 from fastlisten import ListenConfig
 from fastlisten import proxy as pp
 from fastlisten._backend import core
-
-from test_proxy_parser import SIG, inet4, inet6, mutated, v1_lines, v2
-from test_socketserver_diff import LIMIT, serving, wait_for
-from tlsutil import client_context, make_cert, server_context
 
 
 class Who(fastlisten.StreamRequestHandler):

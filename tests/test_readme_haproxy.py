@@ -11,11 +11,10 @@ import subprocess
 import threading
 
 import pytest
+from test_socketserver_diff import LIMIT, wait_for
 
 import fastlisten
 from fastlisten.benchmark.balancer import find_haproxy, free_port
-
-from test_socketserver_diff import LIMIT, wait_for
 
 HAPROXY = find_haproxy()
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")

@@ -16,10 +16,10 @@ import textwrap
 import threading
 
 import pytest
+from helpers import end_child, wait_for
 
 import fastlisten
 import fastlisten.server as fs
-from helpers import end_child, wait_for
 
 LOOPBACK = ("127.0.0.1", 0)
 
@@ -409,7 +409,8 @@ def test_close_races_with_threads_accepting():
 
 # -- fuzzed calls on both cores ------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from fastlisten import _corepy  # noqa: E402
 

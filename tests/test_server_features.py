@@ -13,12 +13,11 @@ import time
 import warnings
 
 import pytest
+from helpers import kernel_somaxconn, serve_in_thread, shutdown_within
+from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
 
 import fastlisten
 from fastlisten import ListenConfig
-
-from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
-from helpers import kernel_somaxconn, serve_in_thread, shutdown_within
 
 
 def _backlog_of(sock):

@@ -13,11 +13,9 @@ import socketserver
 import threading
 
 import pytest
+from helpers import NO_SYSCALL_TABLE, in_poll, read_all, serve_in_thread, shutdown_within, wait_for
 
 import fastlisten
-from helpers import (
-    NO_SYSCALL_TABLE, in_poll, read_all, serve_in_thread, shutdown_within, wait_for,
-)
 
 LIMIT = 10.0
 needs_syscall_table = pytest.mark.skipif(NO_SYSCALL_TABLE is not None,

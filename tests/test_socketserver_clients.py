@@ -11,10 +11,9 @@ import xmlrpc.client
 import xmlrpc.server
 
 import pytest
+from test_socketserver_diff import LIMIT, serving, wait_for
 
 import fastlisten
-
-from test_socketserver_diff import LIMIT, serving, wait_for
 
 
 def _url(server, path="/"):

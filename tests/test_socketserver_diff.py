@@ -11,9 +11,9 @@ import threading
 import time
 
 import pytest
+from helpers import read_all, serve_in_thread, shutdown_within
 
 import fastlisten
-from helpers import read_all, serve_in_thread, shutdown_within
 
 MODULES = [pytest.param(socketserver, id="stdlib"), pytest.param(fastlisten, id="fastlisten")]
 LIMIT = 10.0   # seconds any single wait may take before the test fails
@@ -289,7 +289,7 @@ def test_unix_stream_client_address(ss, tmp_path):
             super().handle()
 
     path = str(tmp_path / "s")
-    with serving(ss.ThreadingUnixStreamServer(path, Handler)) as server:
+    with serving(ss.ThreadingUnixStreamServer(path, Handler)):
         assert ask(path, family=socket.AF_UNIX) == b"ping\n"
     assert addrs == [""]
     os.unlink(path)

@@ -12,13 +12,12 @@ import textwrap
 import threading
 
 import pytest
+from helpers import kernel_somaxconn, serve_in_thread, shutdown_within
+from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
 
 import fastlisten
 from fastlisten import server as flserver
 from fastlisten._threadpool import WorkerPool
-
-from test_socketserver_diff import LIMIT, EchoLine, ask, serving, wait_for
-from helpers import kernel_somaxconn, serve_in_thread, shutdown_within
 
 
 def test_names_match_the_running_stdlib():
@@ -492,6 +491,7 @@ def test_the_package_and_fastlisten_server_are_one_drop_in():
     """`import fastlisten as socketserver` and install()'s fastlisten.server
     give the same object for every name the stdlib module has."""
     import socketserver as std
+
     from fastlisten import server
     names = [n for n in dir(std) if not n.startswith("__")]
     assert "_ServerSelector" in names

@@ -13,8 +13,8 @@ import io
 import os
 import select
 import socket
-import struct
 import socketserver
+import struct
 import threading
 
 import pytest

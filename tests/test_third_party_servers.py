@@ -18,10 +18,9 @@ import sys
 import prometheus_client  # noqa: F401  (missing: the run fails, never skips)
 import pytest
 import werkzeug  # noqa: F401
+from tlsutil import make_cert
 
 import fastlisten
-
-from tlsutil import make_cert
 
 LIMIT = 60      # seconds for one scenario's interpreter, start to finish
 

@@ -854,7 +854,7 @@ def test_a_listen_config_given_to_workers_reaches_the_servers(tmp_path):
 
 def test_sysinfo_reads_children_sockets_and_switches_of_a_process():
     before = sysinfo.open_sockets(os.getpid())
-    with socket.socket() as s:
+    with socket.socket():
         assert sysinfo.open_sockets(os.getpid()) == before + 1
     child = subprocess.Popen([sys.executable, "-c", "print('up', flush=True); input()"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)

@@ -13,19 +13,21 @@ own warning).  fastlisten's own version is ``fastlisten.VERSION``.
 """
 from typing import Any
 
+from fastlisten._backend import compiled, proxy_parse, proxy_read
+from fastlisten._install import install
+from fastlisten._version import VERSION  # fastlisten's (``__version__`` is socketserver's)
 from fastlisten.config import ListenConfig
 from fastlisten.errors import (
-    BacklogTruncatedWarning, EphemeralPortWarning, FastlistenWarning, OptionIneffectiveWarning,
+    BacklogTruncatedWarning,
+    EphemeralPortWarning,
+    FastlistenWarning,
+    OptionIneffectiveWarning,
 )
-from fastlisten._backend import compiled, proxy_parse, proxy_read
-from fastlisten.listener import Listener, listen, default_backlog
-
+from fastlisten.listener import Listener, default_backlog, listen
+from fastlisten.running import serve_until_signalled
 from fastlisten.server import *  # noqa: F401,F403  (the drop-in socketserver)
 from fastlisten.server import __all__ as _server_all
-from fastlisten._install import install
 from fastlisten.workers import Workers
-from fastlisten.running import serve_until_signalled
-from fastlisten._version import VERSION     # fastlisten's (``__version__`` is socketserver's)
 
 __all__ = ["compiled", "Listener", "listen", "default_backlog", "proxy_parse", "proxy_read"]
 __all__ += ["install", "Workers", "serve_until_signalled", "VERSION"] + _server_all

@@ -491,7 +491,9 @@ class ListenConfig:
 
     def _check_ready(self, put: Any) -> None:
         from fastlisten._coreshared import (
-            DEFAULT_READY_MAX_BYTES, DEFAULT_READY_TIMEOUT, MAX_READY_MAX_BYTES,
+            DEFAULT_READY_MAX_BYTES,
+            DEFAULT_READY_TIMEOUT,
+            MAX_READY_MAX_BYTES,
             MAX_READY_TIMEOUT,
         )
 

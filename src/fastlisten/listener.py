@@ -32,12 +32,18 @@ from fastlisten import address as _address
 from fastlisten import sysinfo
 from fastlisten._backend import RawListener
 from fastlisten._coreshared import (
-    DEFAULT_BATCH, DEFAULT_READY_MAX_BYTES, DEFAULT_READY_TIMEOUT, remaining,
+    DEFAULT_BATCH,
+    DEFAULT_READY_MAX_BYTES,
+    DEFAULT_READY_TIMEOUT,
+    remaining,
 )
 from fastlisten.address import Address
 from fastlisten.config import ListenConfig, check_backlog
 from fastlisten.errors import (
-    effective_backlog, explain_bind_error, stale_socket_hint, warn_if_ephemeral,
+    effective_backlog,
+    explain_bind_error,
+    stale_socket_hint,
+    warn_if_ephemeral,
 )
 
 __all__ = ["Listener", "listen", "default_backlog", "default_max_waiting", "adoptable",

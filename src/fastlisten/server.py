@@ -70,8 +70,8 @@ from fastlisten._backend import SocketReader, SocketWriter
 from fastlisten._coreshared import DEFAULT_BATCH
 from fastlisten._frontdoor import FrontDoor
 from fastlisten._queued import hand_over, serve_queued
-from fastlisten._wakeup import Waker
 from fastlisten._threadpool import LeaderPool
+from fastlisten._wakeup import Waker
 from fastlisten.config import ListenConfig, server_side_context
 from fastlisten.errors import (
     SERVER_REUSE_HINT,

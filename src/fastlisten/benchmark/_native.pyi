@@ -1,4 +1,3 @@
-from array import array
 from typing import Any, Dict, Tuple
 
 MAX_SECONDS: float

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from fastlisten.benchmark.results import Report
 
@@ -164,8 +164,8 @@ def _sections(report: Report, table: Any, heading: Any, para: Any = str,
                            f"CPUs; rates are disturbed by it more than CPU per connection "
                            f"is)"), ""]
     if report.shutdown:
-        parts += [heading(f"shutdown(): the call to serve_forever returning "
-                          f"(idle server, one process per server)"),
+        parts += [heading("shutdown(): the call to serve_forever returning "
+                          "(idle server, one process per server)"),
                   table(SHUTDOWN_HEADERS, _shutdown_rows(report)), ""]
     if report.bars:
         parts += [heading("the performance bar fastlisten holds itself to (its README), "

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from fastlisten.benchmark.loadgen import run_load
 from fastlisten.benchmark.protocol import SCENARIOS

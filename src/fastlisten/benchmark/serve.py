@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
-from fastlisten.benchmark.protocol import ECHO_LINE, HTTP_RESPONSE, REPLY
+from fastlisten.benchmark.protocol import HTTP_RESPONSE, REPLY
 from fastlisten.benchmark.servers import ServerSpec, by_name
 from fastlisten.sysinfo import listener_drops
 
