@@ -1,7 +1,7 @@
-"""The README's HAProxy configuration works as shown: the block after
+"""The documented HAProxy configuration (docs/guide/balancers.md) works as shown: the block after
 ``<!-- haproxy-config -->`` is checked by haproxy itself and then run (its
 ports and stats socket moved to free ones) in front of two fastlisten
-instances configured as the README's example configures them."""
+instances configured as the guide's example configures them."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import fastlisten
 from fastlisten.benchmark.balancer import find_haproxy, free_port
 
 HAPROXY = find_haproxy()
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+README = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "guide", "balancers.md")
 
 if HAPROXY is None:
     if os.environ.get("FASTLISTEN_REQUIRE_HAPROXY") == "1":
