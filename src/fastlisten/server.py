@@ -913,7 +913,7 @@ class _FastLoop(_StdServer):
             for i, (request, client_address) in enumerate(batch):
                 if self._BaseServer__shutdown_request:  # (_stop_asked, inline)
                     # Not handed to the server yet: kept for serve_queued(),
-                    # closed unprocessed by server_close() (the README lists
+                    # closed unprocessed by server_close() (docs/guide/dropin.md lists
                     # this difference).
                     for rest, address in batch[i:]:
                         self._fl_keep(rest, address, False)

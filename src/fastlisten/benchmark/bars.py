@@ -1,8 +1,8 @@
-"""The performance bar fastlisten holds itself to (see the README), checked against
+"""The performance bar fastlisten holds itself to (see docs/benchmarks.md), checked against
 one run's figures.  Each bar is met, not met, or not measurable here (a
 server or scenario missing from the run); never asserted by a test.  The
 project's own tooling asks for them (``fastlisten bench --bars``, which
-refreshes the README); a user's run does not show them."""
+refreshes docs/benchmarks.md); a user's run does not show them."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A run shows what its user asked about, fastlisten against the others on
 their machine, in tables that fit :data:`WIDTH` columns; ``wide`` adds every
-figure (the README's tables), and the project's own bars are shown only
+figure (the tables of docs/benchmarks.md), and the project's own bars are shown only
 when the report carries them (``fastlisten bench --bars``)."""
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def to_text(report: Report, wide: bool = False) -> str:
 
 
 def to_markdown(report: Report, command: str = "fastlisten bench", wide: bool = False) -> str:
-    """The report as Markdown (``wide``: what the README's Benchmarks section shows)."""
+    """The report as Markdown (``wide``: what docs/benchmarks.md shows)."""
     parts = [f"Machine: {machine_line(report)}.  ",
              f"Run {report.started_at}, {report.seconds:.0f} s, with `{command}`.", ""]
     parts += _sections(report, _md_table, lambda t: f"**{t}**\n", wide=wide)

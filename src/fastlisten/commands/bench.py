@@ -61,7 +61,7 @@ def add_parser(subparsers: Any) -> None:
                         "the machine-wide ListenOverflows, errors and timeouts apart), wider "
                         "than 100 columns")
     p.add_argument("--bars", action="store_true",
-                   help="for the project's own runs (its README): also judge the run against "
+                   help="for the project's own runs (docs/benchmarks.md): also judge the run against "
                         "the performance bar fastlisten holds itself to")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")

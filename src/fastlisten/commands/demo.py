@@ -77,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
           f"({good / elapsed:,.0f} connections/s, {workers} client threads)")
     print(f"accepted {stats['accepted']} in {stats['batches']} batches "
           f"(largest {stats['max_batch']}); accept errors: {stats['errors'] or 'none'}")
-    print("Next: `fastlisten --help`; the README has the library API.")
+    print("Next: `fastlisten --help`; the README has the first steps, docs/ the library API.")
     return 0 if good == n else 1
