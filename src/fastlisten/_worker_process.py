@@ -324,6 +324,8 @@ class _WorkerLoop:
             return 1            # serve_forever returned by itself
         if self.stop in ("empty", "final"):
             self._empty_queue(final=self.stop == "final")
+        else:
+            self._serve_kept()
         # Stop listening before the handlers drain: this copy of the socket
         # must not hold connections nobody will accept.
         server.socket.close()
@@ -345,6 +347,17 @@ class _WorkerLoop:
         # at self.stop before this handler ran: wake it again.
         self.waker.wakeup()
 
+    def _serve_kept(self) -> None:
+        """A stop that leaves the socket's queue to a successor (a reload, a
+        recycle, the graceful default): the connections a fastlisten loop
+        had accepted when it stopped still reach a handler (else they would
+        wait unanswered until this worker exits)."""
+        try:
+            serve_kept: Callable[[], int] = _own_method(self.server, "_fl_serve_kept")
+        except AttributeError:
+            return
+        serve_kept()
+
     def _empty_queue(self, final: bool) -> None:
         """Serve the connections still queued on this worker's socket, which
         closes after it: no reset for them.  ``final`` (a stop: it closes for
@@ -361,6 +374,7 @@ class _WorkerLoop:
             if own is not None and final:
                 own()
             else:
+                self._serve_kept()
                 serve_queued(self.server, door=final)
         except OSError as exc:
             _log.warning("worker %d: cannot empty the accept queue: %s", os.getpid(), exc)

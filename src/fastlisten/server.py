@@ -563,6 +563,17 @@ class _FastLoop(_StdServer):
         systemd's) outlives the server with its queue, for the next start:
         its queue is left alone.  Call it from one thread, with no other
         loop accepting on a blocking socket."""
+        kept = self._fl_serve_kept()
+        config = self._fl_config
+        if config is not None and config.fd is not None:
+            return kept
+        return kept + serve_queued(self)
+
+    def _fl_serve_kept(self) -> int:
+        """serve_queued()'s first half, alone: hand the connections
+        shutdown() kept from their handler to it, and return how many.  A
+        retiring worker whose socket stays open for its successor (a reload,
+        a recycle) calls it: the kernel's queue is the successor's."""
         kept, self._fl_unserved = self._fl_unserved or [], None
         for i, (request, client_address, verified) in enumerate(kept):
             try:
@@ -571,10 +582,7 @@ class _FastLoop(_StdServer):
                 for rest, _, _ in kept[i + 1:]:
                     self.shutdown_request(rest)
                 raise
-        config = self._fl_config
-        if config is not None and config.fd is not None:
-            return len(kept)
-        return len(kept) + serve_queued(self)
+        return len(kept)
 
     def _fl_keep(self, request: Any, client_address: Any, verified: bool) -> None:
         """A connection shutdown() kept from its handler (see serve_queued)."""
