@@ -53,6 +53,8 @@ def http_get(server):
         return r.status, r.read()
 
 
+#: CPython 3.12+'s warning for a fork beside other threads (conftest.py's FORK_WARNING)
+FORK_WARNING = r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) "
 BASES = [fastlisten.TCPServer, fastlisten.ThreadingTCPServer, fastlisten.ForkingTCPServer]
 IDS = ["sync", "threading", "forking"]
 
@@ -108,6 +110,8 @@ def test_own_ssl_context_on_a_plain_server_switches_no_tls_on(base, cert):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # (a fork beside the test's own threads: see forks_beside_test_threads)
+        warnings.filterwarnings("ignore", FORK_WARNING, DeprecationWarning)
         with serving(Server(("127.0.0.1", 0), Hello), 0.05) as server:
             assert http_get(server) == (200, b"hello")
             assert "tls_handshakes" not in server.counters()
@@ -220,6 +224,7 @@ def test_own_thread_settings_are_left_alone(name, value):
         assert getattr(server, name) == value
 
 
+@pytest.mark.forks_beside_test_threads
 def test_own_kill_timeout_of_a_forking_server_is_left_alone():
     """end_handlers() gives children fl_kill_timeout, not a subclass's
     kill_timeout."""
@@ -232,7 +237,7 @@ def test_own_kill_timeout_of_a_forking_server_is_left_alone():
         kill_timeout = "whenever the subclass likes"
 
     server = Server(("127.0.0.1", 0), Waiting)
-    t = threading.Thread(target=server.serve_forever, args=(0.05,))
+    t = threading.Thread(target=server.serve_forever, args=(0.05,), name="serve_forever-own")
     t.start()
     try:
         with socket.create_connection(server.server_address, timeout=LIMIT) as c:

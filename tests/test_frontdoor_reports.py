@@ -34,6 +34,7 @@ def _in_child(door, events):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@pytest.mark.forks_beside_test_threads      # os.fork() beside pytest's watchdog
 def test_a_few_reports_all_arrive():
     door = _door()
     try:
@@ -45,6 +46,7 @@ def test_a_few_reports_all_arrive():
         door.close()
 
 
+@pytest.mark.forks_beside_test_threads
 def test_reports_beyond_a_full_pipe_are_counted_and_reported(caplog):
     # More than the pipe holds (64 KiB, one byte each) while the server
     # process reads nothing: every event is either counted or reported lost.
