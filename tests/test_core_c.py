@@ -50,3 +50,8 @@ def test_waiters_counting_at_once_lose_no_count(tmp_path):
 def test_threads_waiting_through_one_accept_filter_hand_each_connection_over_once(tmp_path):
     ran = _build_and_run("filter_threads.c", tmp_path, extra=("fl_filter.c", "fl_proxy.c"))
     assert ran.returncode == 0, ran.stderr
+
+
+def test_a_waiter_woken_after_its_gate_closed_accepts_nothing(tmp_path):
+    ran = _build_and_run("gate_after_wake.c", tmp_path)
+    assert ran.returncode == 0, ran.stderr

@@ -115,6 +115,77 @@ def test_a_set_stop_descriptor_accepts_nothing_and_leaves_the_connection_queued(
             stop.close()
 
 
+def _watched(epfd):
+    """The descriptors epoll set ``epfd`` (of this process) watches."""
+    with open(f"/proc/self/fdinfo/{epfd}") as f:
+        return {int(line.split()[1]) for line in f if line.startswith("tfd:")}
+
+
+def test_a_fenced_waiter_leaves_the_listeners_wait_queue():
+    """fence() takes the listener off its waiters' epoll sets (a waiter made
+    after it never had it), and a closed waiter is forgotten."""
+    with fastlisten.listen(LOOPBACK) as lst:
+        stop = lst.new_stop()
+        w, gone = lst.waiter(stop), lst.waiter(stop)
+        try:
+            assert lst.fileno() in _watched(w.fileno())
+            gone.close()
+            stop.fence()
+            assert lst.fileno() not in _watched(w.fileno())
+            late = lst.waiter(stop)
+            assert lst.fileno() not in _watched(late.fileno())
+            late.close()
+        finally:
+            w.close()
+            gone.close()
+            stop.close()
+
+
+@pytest.mark.skipif(not _EPOLL_SYSCALLS, reason="no syscall table for this machine")
+def test_a_fenced_waiter_does_not_take_the_wake_up_of_one_that_still_accepts():
+    """With EPOLLEXCLUSIVE the kernel wakes one waiting epoll set per
+    connection, the first registered.  A group of waiters that was fenced
+    (an old worker stopping after a reload, its idle threads not yet gone)
+    must not take that wake-up from a group that still accepts (a new
+    worker sharing the socket): the connection would stay queued, unanswered,
+    until the next one arrives."""
+    with fastlisten.listen(LOOPBACK) as lst:
+        old, new = lst.new_stop(), lst.new_stop()
+        results = {"old": [], "new": []}
+        tids = []
+
+        def wait(stop, name):
+            w = lst.waiter(stop)        # made in turn: "old" first in the wait queue
+            made.set()
+            tids.append(threading.get_native_id())
+            try:
+                results[name].append(lst.accept_many(1, LIMIT, w))
+            finally:
+                w.close()
+        threads = []
+        try:
+            for stop, name in ((old, "old"), (new, "new")):
+                made = threading.Event()
+                threads.append(threading.Thread(target=wait, args=(stop, name)))
+                threads[-1].start()
+                assert made.wait(LIMIT)
+            wait_for(lambda: len(tids) == 2 and _waiting_in_epoll(tids))
+            old.fence()                 # old's thread waits on, accepting nothing
+            with socket.create_connection(lst.address, timeout=LIMIT):
+                threads[1].join(LIMIT)
+                assert not threads[1].is_alive()
+                assert len(results["new"]) == 1 and len(results["new"][0]) == 1
+                results["new"][0][0][0].close()
+            assert results["old"] == []
+        finally:
+            old.set()
+            new.set()
+            for t in threads:
+                t.join(LIMIT)
+            old.close()
+            new.close()
+
+
 def test_waiter_arguments_are_checked():
     with fastlisten.listen(LOOPBACK) as a, fastlisten.listen(LOOPBACK) as b:
         w = a.waiter()

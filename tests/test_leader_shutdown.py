@@ -70,10 +70,11 @@ def test_a_gated_waiter_takes_what_is_queued_before_it_waits():
 
 
 @needs_syscall_table
-def test_a_fenced_stop_keeps_a_waiter_that_the_listener_wakes_off_it():
-    # fence() wakes nobody: the waiter stays in epoll_wait until a connection
-    # makes the listener readable; then it must accept nothing, since the
-    # descriptor may be blocking or closed by then.
+def test_a_fenced_stop_takes_its_waiters_off_the_listener():
+    # fence() wakes nobody, and takes the listener off its waiters' epoll
+    # sets: a connection does not wake a fenced waiter (with EPOLLEXCLUSIVE
+    # that wake-up would be lost to the waiters that still accept); it stays
+    # queued, and the waiter accepts nothing until set() ends its wait.
     with fastlisten.listen(LOOPBACK) as lst:
         stop = lst.new_stop()
         w = lst.waiter(stop)
@@ -91,10 +92,12 @@ def test_a_fenced_stop_keeps_a_waiter_that_the_listener_wakes_off_it():
             stop.fence()
             assert stop.fenced
             with socket.create_connection(lst.address, timeout=LIMIT):
+                wait_for(lambda: lst.queue()[0] == 1)       # in the kernel's queue
+                assert t.is_alive() and in_syscall(tids[0], _EPOLL_SYSCALLS)
+                stop.set()
                 t.join(LIMIT)
                 assert not t.is_alive() and got == [[]]
                 assert lst.stats()["accepted"] == 0
-                assert lst.queue()[0] == 1          # left in the kernel's queue
                 assert lst.accept_many(1, 0, w) == []   # and so, at once, from now on
                 conn, _ = lst.accept(LIMIT)         # (a waiter of no stop takes it)
                 conn.close()

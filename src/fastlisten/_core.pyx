@@ -34,7 +34,7 @@ from fastlisten.includes.fl_net cimport (
     fl_stats, fl_stats_read, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
     fl_wakeup_signal, fl_wakeup_drain, fl_wakeup_close, fl_wait_accept, fl_capacity_backoff,
     fl_tcp_queue, fl_accept_error_class, fl_block_signals, fl_restore_signals,
-    fl_waiter_open, fl_wait_accept_ep, fl_epoll_watch, fl_format_ipv4,
+    fl_waiter_open, fl_waiter_forget, fl_wait_accept_ep, fl_epoll_watch, fl_format_ipv4,
     fl_gate, fl_gate_init, fl_gate_destroy, fl_gate_close, fl_gate_closed, fl_gate_busy,
     fl_gate_wait,
     FL_ERRNO_SLOTS, FL_ERR_CAPACITY,
@@ -204,9 +204,11 @@ cdef class Stop:
     cdef int _w
     cdef int _users             # open waiters made with this stop
     cdef bint _close_pending
+    cdef dict _watching         # their epoll descriptors that watch the listener: its fd
 
     def __cinit__(self):
         self._r = self._w = -1
+        self._watching = {}
         cdef int err = fl_gate_init(&self._gate)
         if err != 0:
             raise_errno(err)
@@ -244,6 +246,12 @@ cdef class Stop:
         if fl_gate_busy(&self._gate):
             with nogil:
                 fl_gate_wait(&self._gate)
+        # Off the listener's wait queue too: see fl_waiter_forget.  (Under
+        # the GIL, as Waiter._close and waiter() are: no descriptor in the
+        # dict is closed or reused meanwhile.)
+        watching, self._watching = self._watching, {}
+        for epfd, lfd in watching.items():
+            fl_waiter_forget(epfd, lfd)
 
     def set(self):
         """fence(), and wake every waiting one."""
@@ -269,6 +277,7 @@ cdef class Stop:
 
 
 @cython.final
+@cython.no_gc_clear     # _close() needs _stop, even when a cycle is collected
 cdef class Waiter:
     """One thread's way to wait in ``RawListener.accept_many(..., waiter=)``
     (leader/follower): an epoll descriptor watching the listener (with
@@ -296,6 +305,8 @@ cdef class Waiter:
 
     cdef void _close(self) noexcept:
         if self._epfd >= 0:
+            if self._stop is not None:
+                self._stop._watching.pop(self._epfd, None)
             c_close(self._epfd)
             self._epfd = -1
             if self._stop is not None:
@@ -678,6 +689,8 @@ cdef class RawListener:
         if gate_owner is not None:
             w._stop = gate_owner
             gate_owner._users += 1
+            if not fl_gate_closed(gate):   # (the GIL held since fl_waiter_open)
+                gate_owner._watching[fd] = self._fd     # it registered the listener
         return w
 
     def accept_many(self, max=DEFAULT_BATCH, timeout=None, Waiter waiter=None):

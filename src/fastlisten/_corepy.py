@@ -92,6 +92,8 @@ class Stop:
         self._inside = 0        # waiters touching the listening descriptor now
         self._users = 0         # open waiters made with this stop
         self._close_pending = False
+        #: Their epoll objects that watch the listener, by id: the listener's fd.
+        self._watching: Dict[int, Tuple[Any, int]] = {}
 
     def fileno(self) -> int:
         """The descriptor set() makes readable; -1 once closed."""
@@ -109,6 +111,15 @@ class Stop:
             self._fenced = True
             while self._inside:
                 self._out.wait()
+            # Off the listener's wait queue too (see fl_waiter_forget in
+            # csrc/fl_net.h): a fenced waiter must not take the one wake-up
+            # EPOLLEXCLUSIVE gives a new connection from one that accepts.
+            watching, self._watching = self._watching, {}
+        for ep, lfd in watching.values():
+            try:
+                ep.unregister(lfd)
+            except (OSError, ValueError):   # ValueError: closed meanwhile
+                pass
 
     def set(self) -> None:
         """fence(), and wake every waiting one."""
@@ -198,6 +209,8 @@ class Waiter:
                 if self._stop is None or self._stop._enter():
                     try:
                         self._register_listener(ep, lfd)
+                        if self._stop is not None:      # before fence() can look
+                            self._stop._watching[id(ep)] = (ep, lfd)
                     finally:
                         if self._stop is not None:
                             self._stop._leave()
@@ -237,6 +250,8 @@ class Waiter:
         """Close the epoll descriptor.  Idempotent."""
         poller, self._poller = self._poller, None
         if poller is not None:
+            if self._stop is not None:
+                self._stop._watching.pop(id(poller.ep), None)
             poller.ep.close()
             if self._stop is not None:
                 self._stop._release()

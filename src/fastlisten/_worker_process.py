@@ -322,10 +322,12 @@ class _WorkerLoop:
             raise outcome[0]
         if self.stop is None:
             return 1            # serve_forever returned by itself
-        if self.stop in ("empty", "final"):
-            self._empty_queue(final=self.stop == "final")
-        else:
-            self._serve_kept()
+        # Every stop serves what is queued now, the successor's socket too
+        # (a reload, a recycle): a connection whose one wake-up went to this
+        # worker's threads just before its loop stopped (EPOLLEXCLUSIVE
+        # wakes one waiting thread) wakes nobody else, and would otherwise
+        # wait for the next one to arrive.
+        self._empty_queue(final=self.stop == "final")
         # Stop listening before the handlers drain: this copy of the socket
         # must not hold connections nobody will accept.
         server.socket.close()
@@ -348,10 +350,9 @@ class _WorkerLoop:
         self.waker.wakeup()
 
     def _serve_kept(self) -> None:
-        """A stop that leaves the socket's queue to a successor (a reload, a
-        recycle, the graceful default): the connections a fastlisten loop
-        had accepted when it stopped still reach a handler (else they would
-        wait unanswered until this worker exits)."""
+        """The connections a fastlisten loop had accepted when it stopped
+        still reach a handler (else they would wait unanswered until this
+        worker exits)."""
         try:
             serve_kept: Callable[[], int] = _own_method(self.server, "_fl_serve_kept")
         except AttributeError:
@@ -359,11 +360,12 @@ class _WorkerLoop:
         serve_kept()
 
     def _empty_queue(self, final: bool) -> None:
-        """Serve the connections still queued on this worker's socket, which
-        closes after it: no reset for them.  ``final`` (a stop: it closes for
+        """Serve the connections still queued on this worker's socket: no
+        reset for them when it closes.  ``final`` (a stop: it closes for
         good): first the kernel is made to complete no new connection on it;
-        else (a reuseport slot that goes away) what is queued now is served,
-        and steering or the kernel's migration sees to the rest."""
+        else (a reuseport slot that goes away, or a successor that shares
+        the socket) what is queued now is served, and steering, the
+        kernel's migration or the successor sees to the rest."""
         # a fastlisten server's own call also serves what its loop kept
         # (fastlisten's implementation: a subclass's serve_queued is its own)
         try:
