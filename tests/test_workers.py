@@ -566,6 +566,26 @@ def test_watchdog_pings_at_half_the_interval(tmp_path):
     assert rc == 0, log
 
 
+def test_keep_alive_pings_when_due_and_says_when_next(tmp_path):
+    sock, where = _notify_socket(tmp_path, abstract=False)
+    try:
+        n = Notifier(where, watchdog_usec=2_000_000)        # every 1.0 s
+        n.keep_alive(100.0)                                 # the first: at once
+        assert n.next_watchdog == 101.0
+        n.keep_alive(100.5)                                 # not due: nothing sent
+        n.keep_alive(101.0)
+        assert n.next_watchdog == 102.0
+        sock.setblocking(False)
+        assert [sock.recv(100) for _ in range(2)] == [b"WATCHDOG=1"] * 2
+        with pytest.raises(BlockingIOError):
+            sock.recv(100)
+    finally:
+        sock.close()
+    off = Notifier(where)                                   # no WATCHDOG_USEC
+    off.keep_alive(100.0)
+    assert off.next_watchdog is None
+
+
 def test_the_watchdog_is_for_the_pid_systemd_named():
     env = {"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}
     n = Notifier.from_environment(env)

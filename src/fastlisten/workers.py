@@ -87,7 +87,9 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from fastlisten._heartbeat import Record
 from fastlisten._pidfile import PidFile
 from fastlisten._reuseport import ReusePortGroup
+from fastlisten._supervisor_status import SupervisorStatus
 from fastlisten._wakeup import Waker
+from fastlisten._worker_counters import WorkerCounters, log_summary
 from fastlisten._worker_process import FAILED, FAILURE_MAX, READY, RECYCLE, WorkerJob, worker_main
 from fastlisten.config import ListenConfig
 from fastlisten.listener import Listener
@@ -235,7 +237,8 @@ class Workers:
         self._pid_file = PidFile(self.pid_file)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.min_uptime, self.linger = float(min_uptime), float(linger)
-        self.notifier = Notifier.from_environment() if notify else Notifier()
+        self._status = SupervisorStatus(Notifier.from_environment() if notify else Notifier())
+        self._counters = WorkerCounters()
         self._reuse: Optional[ReusePortGroup] = None     # reuse_port: a socket per slot
         self._shared: Optional[Listener] = None            # else: the one socket
         self._workers: Dict[int, _Worker] = {}
@@ -249,10 +252,6 @@ class Workers:
         self._lifeline: Optional[Tuple[int, int]] = None
         self._stopping: Optional[str] = None   # None, "graceful", "now"
         self._stop_deadline: Optional[float] = None
-        self._reloading = False
-        self._ready_sent = False
-        self._next_watchdog = 0.0
-        self._exited: Dict[str, int] = {}
         self._failure_shown: Optional[str] = None   # the start failure's traceback, logged
 
     # -- control (any thread, or a signal handler) ---------------------------
@@ -265,6 +264,15 @@ class Workers:
     @target.setter
     def target(self, value: int) -> None:
         self.worker_count = value
+
+    @property
+    def notifier(self) -> Notifier:
+        """The systemd notifier (sends nothing without ``$NOTIFY_SOCKET``)."""
+        return self._status.notifier
+
+    @notifier.setter
+    def notifier(self, value: Notifier) -> None:
+        self._status.notifier = value
 
     @property
     def handover(self) -> Optional[str]:
@@ -361,7 +369,7 @@ class Workers:
                       self._describe_address(),
                       "one SO_REUSEPORT socket per worker" if self.reuse_port
                       else "one shared socket")
-            self._notify(STATUS=f"starting {self.worker_count} worker(s)")
+            self._status.starting(self.worker_count)
             self._loop()
         finally:
             self._kill_all()
@@ -404,7 +412,7 @@ class Workers:
                 self._balance(now)
                 self._steer()
                 self._report_readiness()
-            self._watchdog(now)
+            self._status.keep_alive(now)
             self._wait(waker, self._next_wakeup(now))
 
     def _wait(self, waker: Waker, timeout: Optional[float]) -> None:
@@ -437,8 +445,8 @@ class Workers:
                 times.append(w.steered_at + self.linger)
         if self._stop_deadline is not None:
             times.append(self._stop_deadline)
-        if self.notifier.watchdog_interval is not None:
-            times.append(self._next_watchdog)
+        if self._status.next_watchdog is not None:
+            times.append(self._status.next_watchdog)
         return None if not times else max(min(times) - now, 0.0)
 
     def _read_status(self, w: _Worker) -> bool:
@@ -492,11 +500,9 @@ class Workers:
 
     def _on_reload(self) -> None:
         self._generation += 1
-        self._reloading = True
         self._failures = 0
         self._failure_shown = None
-        _log.info("reloading: starting generation %d", self._generation)
-        self.notifier.reloading(f"reloading: starting generation {self._generation}")
+        self._status.reload_started(self._generation)
 
     def _on_add_worker(self) -> None:
         self.worker_count += 1
@@ -508,7 +514,7 @@ class Workers:
             _log.info("one worker fewer: %d", self.worker_count)
 
     def _on_log_counters(self) -> None:
-        self._log_counters()
+        log_summary(self.counters())
 
     def _on_child(self) -> None:
         pass            # the loop reaps on every pass
@@ -517,7 +523,7 @@ class Workers:
         self._stopping = how
         _log.info("stopping %s: %d worker(s)", "gracefully" if how == "graceful" else "now",
                   len(self._workers))
-        self._notify(STOPPING=1, STATUS="stopping")
+        self._status.stopping()
         # New connections are refused from now on (a socket systemd passed
         # stays open in systemd, and queues them for the next start).
         self._close_listeners()
@@ -690,8 +696,7 @@ class Workers:
         code = os.waitstatus_to_exitcode(status)
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         expected = w.state in (State.RETIRING, State.CLOSING) or self._stopping is not None
-        self._exited["expected" if expected else "unexpected"] = \
-            self._exited.get("expected" if expected else "unexpected", 0) + 1
+        self._counters.count_exit(expected)
         if expected:
             _log.debug("worker %d ended (%s)", w.pid, how)
             if self.reuse_port and w.slot >= self.worker_count and self._stopping is None:
@@ -713,13 +718,8 @@ class Workers:
             else:
                 _log.error("worker %d could not start (%s); %d failure(s) in a row: "
                            "next start in %.3g s", w.pid, cause, self._failures, delay)
-            self._notify(STATUS=f"workers failing to start ({self._failures} in a row); "
-                                f"retrying in {delay:.3g} s")
-            if self._reloading and w.generation == self._generation:
-                # Type=notify-reload waits for READY=1: the old workers still serve.
-                self._reloading = False
-                self._notify(READY=1, STATUS=f"reload failed ({cause}): the previous "
-                                             "workers go on serving")
+            self._status.start_failed(self._failures, delay, cause,
+                                      ends_reload=w.generation == self._generation)
         else:
             _log.warning("worker %d ended (%s): replacing it", w.pid, how)
 
@@ -780,7 +780,7 @@ class Workers:
             self._waker = None
         self._pid_file.remove()
         if self._stopping is not None:
-            self._notify(STATUS="stopped")
+            self._status.stopped()
 
     # -- reuseport steering ----------------------------------------------------
 
@@ -791,35 +791,16 @@ class Workers:
         self._reuse.steer({w.slot for w in self._workers.values()
                            if w.state is State.READY and w.slot < self.worker_count})
 
-    # -- readiness and systemd ---------------------------------------------------
+    # -- readiness and counters ----------------------------------------------------
 
     def _report_readiness(self) -> None:
         ready = {w.slot for w in self._workers.values()
                  if w.state is State.READY and w.generation == self._generation}
         if len(ready & set(range(self.worker_count))) < self.worker_count:
             return
-        if not self._ready_sent:
-            self._ready_sent = True
-            _log.info("%d worker(s) accepting", self.worker_count)
-            self._notify(READY=1, STATUS=f"{self.worker_count} worker(s) accepting")
-        elif self._reloading and not any(w.generation < self._generation
-                                         and w.state not in (State.RETIRING, State.KILLED)
-                                         for w in self._workers.values()):
-            self._reloading = False
-            _log.info("reloaded: generation %d accepting", self._generation)
-            self._notify(READY=1, STATUS=f"{self.worker_count} worker(s) accepting "
-                                         f"(generation {self._generation})")
-
-    def _notify(self, **fields: Any) -> None:
-        self.notifier.notify(fields)
-
-    def _watchdog(self, now: float) -> None:
-        interval = self.notifier.watchdog_interval
-        if interval is not None and now >= self._next_watchdog:
-            self.notifier.watchdog()
-            self._next_watchdog = now + interval
-
-    # -- counters -----------------------------------------------------------------
+        self._status.accepting(self.worker_count, self._generation, any(
+            w.generation < self._generation and w.state not in (State.RETIRING, State.KILLED)
+            for w in self._workers.values()))
 
     def counters(self) -> Dict[str, Any]:
         """Counters summed over the live workers, and per worker:
@@ -827,38 +808,10 @@ class Workers:
         "slot", "generation", "state"}}), ``accepted``, ``handlers_running``,
         ``imbalance`` (max/min accepted among ready workers), ``exited``
         (workers that ended, expected or not)."""
-        per: Dict[int, Dict[str, Any]] = {}
-        for w in self._workers.values():
-            _, accepted, running, peak = w.record.read()
-            per[w.pid] = {"accepted": accepted, "handlers_running": running,
-                          "handlers_peak": peak, "slot": w.slot,
-                          "generation": w.generation, "state": w.state.value}
-        counts = [p["accepted"] for p in per.values() if p["state"] == "ready"]
-        out: Dict[str, Any] = {
-            "workers": per, "target": self.worker_count, "generation": self._generation,
-            "accepted": sum(p["accepted"] for p in per.values()),
-            "handlers_running": sum(p["handlers_running"] for p in per.values()),
-            "imbalance": (max(counts) / min(counts)) if counts and min(counts) else None,
-            "exited": dict(self._exited),
-        }
         listeners = [self._shared] if self._shared is not None else (
             self._reuse.listeners() if self._reuse is not None else [])
-        queued = 0
-        for listener in listeners:
-            try:
-                queued += listener.queue()[0]
-            except OSError:
-                pass
-        out["queued"] = queued
-        return out
-
-    def _log_counters(self) -> None:
-        c = self.counters()
-        per = " ".join(f"{pid}:{p['accepted']}" for pid, p in sorted(c["workers"].items()))
-        imbalance = "-" if c["imbalance"] is None else f"{c['imbalance']:.2f}"
-        _log.info("counters: workers=%d accepted=%d handlers_running=%d queued=%d "
-                  "max/min=%s per-worker accepted {%s}", len(c["workers"]), c["accepted"],
-                  c["handlers_running"], c["queued"], imbalance, per)
+        return self._counters.summary(self._workers.values(), self.worker_count,
+                                      self._generation, listeners)
 
     # -- the worker process ------------------------------------------------------
 
