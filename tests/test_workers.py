@@ -645,6 +645,19 @@ def test_workers_checks_its_arguments():
     with pytest.raises(ValueError, match="timeout must be > 0"):
         Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
                 timeout=0)
+    # the numbers are checked as ListenConfig's are (fastlisten.config)
+    with pytest.raises(TypeError, match="workers must be an integer"):
+        Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                workers=1.5)
+    with pytest.raises(ValueError, match="max_requests_jitter must be at least 0"):
+        Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                max_requests_jitter=-1)
+    with pytest.raises(ValueError, match="graceful_timeout must be >= 0"):
+        Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                graceful_timeout=float("inf"))
+    w = Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                max_requests=10**12, linger=0)      # any number of connections
+    assert (w.max_requests, w.linger) == (10**12, 0.0)
     with pytest.raises(ValueError, match="reuse_port needs sockets of its own"):
         Workers(fastlisten.TCPServer, None, fastlisten.StreamRequestHandler,
                 listen_config=fastlisten.ListenConfig(fd=3), reuse_port=True)

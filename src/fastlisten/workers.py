@@ -78,6 +78,7 @@ import os
 import random
 import select
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -91,7 +92,7 @@ from fastlisten._supervisor_status import SupervisorStatus
 from fastlisten._wakeup import Waker
 from fastlisten._worker_counters import WorkerCounters, log_summary
 from fastlisten._worker_process import FAILED, FAILURE_MAX, READY, RECYCLE, WorkerJob, worker_main
-from fastlisten.config import ListenConfig
+from fastlisten.config import ListenConfig, check_int, check_seconds
 from fastlisten.listener import Listener
 from fastlisten.systemd import Notifier
 
@@ -189,25 +190,17 @@ class Workers:
                  linger: float = 0.2) -> None:
         if RequestHandlerClass is None:
             raise TypeError("Workers needs a RequestHandlerClass (a class or 'module:Class')")
-        for name, value in (("workers", workers), ("max_requests", max_requests),
-                            ("max_requests_jitter", max_requests_jitter)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an integer, not {type(value).__name__}: "
-                                f"{value!r}")
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers!r}")
-        if max_requests < 0 or max_requests_jitter < 0:
-            raise ValueError(f"max_requests and max_requests_jitter must be >= 0, not "
-                             f"{max_requests!r} and {max_requests_jitter!r}")
-        for name, seconds in (("timeout", timeout), ("graceful_timeout", graceful_timeout),
-                              ("backoff", backoff), ("max_backoff", max_backoff),
-                              ("min_uptime", min_uptime), ("linger", linger)):
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-                raise TypeError(f"{name} must be a number of seconds, not "
-                                f"{type(seconds).__name__}: {seconds!r}")
-            if not seconds >= 0 or (name == "timeout" and not seconds > 0):
-                raise ValueError(f"{name} must be {'> 0' if name == 'timeout' else '>= 0'}"
-                                 f" seconds, not {seconds!r}")
+        workers = check_int("workers", workers, 1)
+        # (any number of connections: the C int bound is for socket options)
+        max_requests = check_int("max_requests", max_requests, 0, sys.maxsize)
+        max_requests_jitter = check_int("max_requests_jitter", max_requests_jitter, 0,
+                                        sys.maxsize)
+        timeout = check_seconds("timeout", timeout)
+        graceful_timeout = check_seconds("graceful_timeout", graceful_timeout, zero=True)
+        backoff = check_seconds("backoff", backoff, zero=True)
+        max_backoff = check_seconds("max_backoff", max_backoff, zero=True)
+        min_uptime = check_seconds("min_uptime", min_uptime, zero=True)
+        linger = check_seconds("linger", linger, zero=True)
         if listen_config is None:
             own = getattr(server_class, "listen_config", None)
             # anything but a ListenConfig there is the class's own attribute
@@ -229,14 +222,14 @@ class Workers:
         self.server_class = server_class
         self.handler = RequestHandlerClass
         self.worker_count = workers
-        self.timeout = float(timeout)
-        self.graceful_timeout = float(graceful_timeout)
+        self.timeout = timeout
+        self.graceful_timeout = graceful_timeout
         self.max_requests = max_requests
         self.max_requests_jitter = max_requests_jitter
         self.pid_file = os.fspath(pid_file) if pid_file is not None else None
         self._pid_file = PidFile(self.pid_file)
-        self.backoff, self.max_backoff = float(backoff), float(max_backoff)
-        self.min_uptime, self.linger = float(min_uptime), float(linger)
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.min_uptime, self.linger = min_uptime, linger
         self._status = SupervisorStatus(Notifier.from_environment() if notify else Notifier())
         self._counters = WorkerCounters()
         self._reuse: Optional[ReusePortGroup] = None     # reuse_port: a socket per slot
