@@ -177,7 +177,9 @@ class Workers:
     ``notify``: speak systemd's sd_notify protocol when ``$NOTIFY_SOCKET``
     is set.  ``linger``: seconds a reuseport socket about to close keeps
     being served after new connections are steered away (handshakes in
-    flight land meanwhile).
+    flight land meanwhile).  The numbers are checked as ListenConfig's
+    options are (``fastlisten.config.check_int``/``check_seconds``: a
+    duration is finite).
     """
 
     def __init__(self, server_class: Callable[..., Any], server_address: Any = None,
