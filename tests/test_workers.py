@@ -824,6 +824,17 @@ def test_workers_on_a_unix_socket_remove_its_file_at_the_end(tmp_path):
                 reuse_port=True)
 
 
+def _bit(sig):
+    return 1 << (sig - 1)
+
+
+def _signal_dispositions(pid):
+    """(caught, ignored): the signal masks /proc/<pid>/status shows."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["SigCgt"], 16), int(fields["SigIgn"], 16)
+
+
 def test_forking_handlers_inside_workers_stop_with_them(tmp_path):
     (tmp_path / "slow.py").write_text(SLOW)
     with supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "2", "--processes", "4",
@@ -833,6 +844,11 @@ def test_forking_handlers_inside_workers_stop_with_them(tmp_path):
             assert f.readline() == b"started\n"
             handlers = [p for w in s.workers() for p in sysinfo.children(w)]
             assert len(handlers) == 1
+            # the worker's signal handling is not the handler process's:
+            # SIGTERM (end_handlers') and SIGUSR2 end it, SIGINT is ignored
+            caught, ignored = _signal_dispositions(handlers[0])
+            assert not caught & (_bit(signal.SIGTERM) | _bit(signal.SIGUSR2)), hex(caught)
+            assert ignored & _bit(signal.SIGINT), hex(ignored)
             s.seen_workers.update(handlers)         # checked gone in close()
             rc, log = s.stop()
             assert f.readline() == b""      # its process was ended after the grace
