@@ -72,6 +72,7 @@ the shared heartbeat record :mod:`fastlisten._heartbeat`, the pid file
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -94,6 +95,7 @@ from fastlisten._worker_counters import WorkerCounters, log_summary
 from fastlisten._worker_process import FAILED, FAILURE_MAX, READY, RECYCLE, WorkerJob, worker_main
 from fastlisten.config import ListenConfig, check_int, check_seconds
 from fastlisten.listener import Listener
+from fastlisten.running import Signals
 from fastlisten.systemd import Notifier
 
 __all__ = ["Workers"]
@@ -130,7 +132,7 @@ class Control(enum.Enum):
 
 
 #: The supervisor's signals and what each asks.
-_SIGNALS = {
+_SIGNALS: Dict[int, Control] = {
     signal.SIGTERM: Control.STOP, signal.SIGINT: Control.STOP, signal.SIGQUIT: Control.QUIT,
     signal.SIGHUP: Control.RELOAD, signal.SIGTTIN: Control.ADD_WORKER,
     signal.SIGTTOU: Control.REMOVE_WORKER, signal.SIGUSR1: Control.LOG_COUNTERS,
@@ -350,29 +352,21 @@ class Workers:
         self._waker = Waker(pipe=True)
         r, w = os.pipe2(os.O_CLOEXEC)
         self._lifeline = (r, w)
-        handlers: Dict[int, Any] = {}
-        old_wakeup: Optional[int] = None
-        main = threading.current_thread() is threading.main_thread()
         try:
-            if main:
-                for sig, control in _SIGNALS.items():
-                    handlers[sig] = signal.signal(sig, self._signal_handler(control))
-                old_wakeup = signal.set_wakeup_fd(self._waker.write_fileno(),
-                                                  warn_on_full_buffer=False)
-            self._pid_file.write()
-            _log.info("supervisor %d: %d worker(s) on %s (%s)", os.getpid(), self.worker_count,
-                      self._describe_address(),
-                      "one SO_REUSEPORT socket per worker" if self.reuse_port
-                      else "one shared socket")
-            self._status.starting(self.worker_count)
-            self._loop()
+            main = threading.current_thread() is threading.main_thread()
+            with (Signals(_SIGNALS, self._on_signal, self._waker) if main
+                  else contextlib.nullcontext()):
+                try:
+                    self._pid_file.write()
+                    _log.info("supervisor %d: %d worker(s) on %s (%s)", os.getpid(),
+                              self.worker_count, self._describe_address(),
+                              "one SO_REUSEPORT socket per worker" if self.reuse_port
+                              else "one shared socket")
+                    self._status.starting(self.worker_count)
+                    self._loop()
+                finally:
+                    self._kill_all()
         finally:
-            self._kill_all()
-            if main:
-                if old_wakeup is not None:
-                    signal.set_wakeup_fd(old_wakeup)
-                for signum, old in handlers.items():
-                    signal.signal(signum, old)
             self._close()
         return 0
 
@@ -383,13 +377,11 @@ class Workers:
         except (OSError, RuntimeError):
             return "?"
 
-    def _signal_handler(self, control: Control) -> Callable[[int, Any], None]:
-        # The Python handler may run after the loop has drained the byte
-        # set_wakeup_fd wrote and looked at the controls: it wakes the loop
-        # itself, so that the control is seen at once, not at the next tick.
-        def handler(signum: int, frame: Any) -> None:
-            self._ask(control)
-        return handler
+    def _on_signal(self, signum: int) -> None:
+        """A signal's control, asked in the order signals came (the Python
+        handler also wakes the loop: it may run after the loop drained the
+        wake-up byte and looked at the controls)."""
+        self._ask(_SIGNALS[signum])
 
     def _loop(self) -> None:
         waker = self._waker
