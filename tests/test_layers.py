@@ -23,7 +23,7 @@ LAYERS = [
                       "_reuseport"]),
     ("drop-in", ["_frontdoor", "server", "_install"]),
     ("supervisor", ["workers", "running", "_worker_process", "_worker_counters",
-                    "_supervisor_status"]),
+                    "_supervisor_status", "_server_hooks"]),
     ("package", ["__init__"]),
     ("benchmark", ["benchmark.*"]),
     ("CLI", ["cli", "__main__", "commands.*"]),

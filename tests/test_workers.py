@@ -20,6 +20,7 @@ import fastlisten
 from fastlisten import sysinfo
 from fastlisten._heartbeat import Record as _Record
 from fastlisten._reuseport import steering_program
+from fastlisten._server_hooks import FastServer, PeriodicActions
 from fastlisten.systemd import Notifier
 from fastlisten.workers import Workers
 
@@ -694,6 +695,29 @@ def test_the_supervisor_never_reads_a_half_written_worker_record():
         record.close()
     assert os.waitstatus_to_exitcode(status) == 0
     assert bad == [], f"{len(bad)}+ torn reads of {reads}"
+
+
+def test_fastlisten_servers_offer_the_hooks_a_worker_uses():
+    import socketserver
+
+    classes = [fastlisten.TCPServer, fastlisten.ThreadingTCPServer, fastlisten.ForkingTCPServer]
+    for cls in classes:
+        server = cls(("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                     bind_and_activate=False)
+        try:
+            assert isinstance(server, FastServer), cls
+        finally:
+            server.server_close()
+    plain = socketserver.TCPServer(("127.0.0.1", 0), socketserver.StreamRequestHandler,
+                                   bind_and_activate=False)
+    try:
+        assert not isinstance(plain, FastServer)  # served through socketserver's API only
+    finally:
+        plain.server_close()
+    calls = []
+    marked = PeriodicActions(lambda: calls.append(1))
+    marked()
+    assert calls == [1] and marked.fl_periodic is True   # what ThreadingMixIn looks for
 
 
 def test_steering_program_picks_only_the_given_sockets():

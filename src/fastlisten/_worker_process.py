@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from fastlisten._heartbeat import Record
 from fastlisten._queued import serve_queued
+from fastlisten._server_hooks import FastServer, PeriodicActions
 from fastlisten.config import ListenConfig
 from fastlisten.errors import user_error_line, user_traceback
 from fastlisten.running import Outcome, Signals
@@ -117,9 +118,9 @@ def _worker_server(job: WorkerJob) -> Any:
     server = server_class(job.config.address if job.config.fd is None
                           else sock.getsockname(), handler, bind_and_activate=False)
     _adopt_socket(server, sock)
-    if hasattr(server, "_fl_config"):
-        # a fastlisten server: Workers' listen_config is its own (the
-        # PROXY protocol and connection options apply in the worker)
+    if isinstance(server, FastServer):
+        # Workers' listen_config is its own (the PROXY protocol and
+        # connection options apply in the worker)
         server._fl_config = job.config
     return server
 
@@ -231,9 +232,9 @@ class _WorkerLoop:
         self.stopping = threading.Event()
         self.recycle_sent = False
         self.counted = 0      # connections, for servers without fastlisten's counters
-        fast = getattr(server, "_fl_handlers", None)
-        self._handlers = fast if fast is not None else (lambda: (0, 0))
-        if not hasattr(server, "_fl_get_listener"):
+        #: The server's fastlisten hooks, if it has them.
+        self.fast: Optional[FastServer] = server if isinstance(server, FastServer) else None
+        if self.fast is None:
             self._count_requests()
 
     def _count_requests(self) -> None:
@@ -245,7 +246,7 @@ class _WorkerLoop:
         self.server.verify_request = counting_verify
 
     def accepted(self) -> int:
-        listener = getattr(self.server, "_fl_listener", None)
+        listener = self.fast._fl_listener if self.fast is not None else None
         if listener is not None:
             return int(listener.stats()["accepted"])
         return self.counted
@@ -254,7 +255,7 @@ class _WorkerLoop:
         """Heartbeat and counters into the parent's shared memory (the
         serving loop calls this through service_actions)."""
         accepted = self.accepted()
-        running, peak = self._handlers()
+        running, peak = self.fast._fl_handlers() if self.fast is not None else (0, 0)
         self.record.write(time.monotonic(), accepted, running, peak)
         if self.limit and accepted >= self.limit and not self.recycle_sent:
             self.recycle_sent = True
@@ -277,8 +278,7 @@ class _WorkerLoop:
                 raise _StopServing
         # Every poll_interval is enough (a fastlisten ThreadingMixIn keeps
         # leader/follower for it: its serving thread then accepts nothing).
-        service_actions.fl_periodic = True      # type: ignore[attr-defined]
-        server.service_actions = service_actions
+        server.service_actions = PeriodicActions(service_actions)
         # Handled until the worker exits (the queue's serving and the drain
         # included); a process forked for a handler resets them
         # (running.reset_after_fork).
@@ -327,9 +327,8 @@ class _WorkerLoop:
                     self.stop = "orphan"
             if self.stop is not None and not self.stopping.is_set():
                 self.stopping.set()
-                wake = getattr(self.server, "_fl_wake", None)
-                if wake is not None:
-                    wake()          # a fastlisten loop runs service_actions at once
+                if self.fast is not None:
+                    self.fast._fl_wake()    # its loop runs service_actions at once
 
     def _serve_kept(self) -> None:
         """A stop that leaves the socket's queue to a successor (a reload, a
