@@ -142,6 +142,9 @@ _SIGNALS: Dict[int, Control] = {
 
 @dataclass
 class _Worker:
+    """The supervisor's view of one worker process: what it was started
+    for, where it is, and its status pipe, heartbeat record and signals."""
+
     pid: int
     slot: int
     generation: int
@@ -155,6 +158,56 @@ class _Worker:
     recycle: bool = False           # asked to be replaced (max_requests)
     steered_at: Optional[float] = None  # reuseport slot closing: steered away since
     failure: Optional[bytes] = None     # what kept it from starting, as it said
+
+    def read_status(self) -> bool:
+        """Read what the worker said on its status pipe; False once there
+        is nothing to read."""
+        try:
+            data = os.read(self.status_fd, FAILURE_MAX + 64)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:            # the worker is gone (or closed its end): SIGCHLD reaps it
+            os.close(self.status_fd)
+            self.status_fd = -1
+            return False
+        if self.failure is not None:
+            self.failure = (self.failure + data)[:FAILURE_MAX]
+            return True
+        if FAILED in data:
+            data, _, failure = data.partition(FAILED)
+            self.failure = failure[:FAILURE_MAX]
+        if READY in data and self.state is State.STARTING:
+            self.state, self.ready_at = State.READY, time.monotonic()
+            _log.debug("worker %d (slot %d, generation %d) accepting", self.pid, self.slot,
+                       self.generation)
+        if RECYCLE in data and not self.recycle:
+            self.recycle = True
+            _log.info("worker %d reached max_requests (%d): replacing it", self.pid,
+                      self.limit)
+        return True
+
+    def send(self, sig: int) -> None:
+        """Send sig to the worker; SIGKILL goes to its process group, so
+        that the processes it forked (ForkingMixIn handlers) end with it."""
+        try:
+            if sig == signal.SIGKILL:
+                try:
+                    os.killpg(self.pid, sig)
+                    return
+                except ProcessLookupError:
+                    pass        # not its own group yet: the worker alone
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        """Once reaped: its status pipe and its record."""
+        if self.status_fd >= 0:
+            os.close(self.status_fd)
+            self.status_fd = -1
+        self.record.close()
 
 
 class Workers:
@@ -417,7 +470,7 @@ class Workers:
             if fd == waker.fileno():
                 waker.drain()
             elif fd in by_fd:
-                self._read_status(by_fd[fd])
+                by_fd[fd].read_status()
 
     def _next_wakeup(self, now: float) -> Optional[float]:
         times: List[float] = []
@@ -435,33 +488,6 @@ class Workers:
         if self._status.next_watchdog is not None:
             times.append(self._status.next_watchdog)
         return None if not times else max(min(times) - now, 0.0)
-
-    def _read_status(self, w: _Worker) -> bool:
-        """Read what worker w said; False once there is nothing to read."""
-        try:
-            data = os.read(w.status_fd, FAILURE_MAX + 64)
-        except BlockingIOError:
-            return False
-        except OSError:
-            data = b""
-        if not data:            # the worker is gone (or closed its end): SIGCHLD reaps it
-            os.close(w.status_fd)
-            w.status_fd = -1
-            return False
-        if w.failure is not None:
-            w.failure = (w.failure + data)[:FAILURE_MAX]
-            return True
-        if FAILED in data:
-            data, _, failure = data.partition(FAILED)
-            w.failure = failure[:FAILURE_MAX]
-        if READY in data and w.state is State.STARTING:
-            w.state, w.ready_at = State.READY, time.monotonic()
-            _log.debug("worker %d (slot %d, generation %d) accepting", w.pid, w.slot,
-                       w.generation)
-        if RECYCLE in data and not w.recycle:
-            w.recycle = True
-            _log.info("worker %d reached max_requests (%d): replacing it", w.pid, w.limit)
-        return True
 
     # -- controls -------------------------------------------------------------------
 
@@ -516,7 +542,7 @@ class Workers:
         self._close_listeners()
         if how == "now":
             for w in self._workers.values():
-                self._signal(w, signal.SIGKILL)
+                w.send(signal.SIGKILL)
             self._stop_deadline = None
             return
         self._stop_deadline = time.monotonic() + self.graceful_timeout + 1.0
@@ -533,11 +559,11 @@ class Workers:
             for w in self._workers.values():
                 _log.warning("worker %d still running after graceful_timeout: killing it",
                              w.pid)
-                self._signal(w, signal.SIGKILL)
+                w.send(signal.SIGKILL)
             self._stop_deadline = None
         for w in self._workers.values():
             if w.deadline is not None and now >= w.deadline:
-                self._signal(w, signal.SIGKILL)
+                w.send(signal.SIGKILL)
                 w.deadline = None
 
     # -- workers ----------------------------------------------------------------
@@ -550,7 +576,7 @@ class Workers:
                 if w.deadline is not None and now >= w.deadline:
                     _log.warning("worker %d did not finish within graceful_timeout: killing "
                                  "it", w.pid)
-                    self._signal(w, signal.SIGKILL)
+                    w.send(signal.SIGKILL)
                     w.deadline = None
                 continue
             if w.state is State.STARTING:
@@ -566,7 +592,7 @@ class Workers:
                 _log.error("worker %d %s for %.3g s (timeout): killing it", w.pid,
                            "has not started" if w.state is State.STARTING else "has not "
                            "run its serving loop", now - last)
-                self._signal(w, signal.SIGKILL)
+                w.send(signal.SIGKILL)
                 w.state, w.deadline = State.KILLED, None
 
     def _balance(self, now: float) -> None:
@@ -621,9 +647,9 @@ class Workers:
         # (steering or the kernel's migration keeps new connections away).
         # SIGINT: the same, the stop's: no new connection is let in first.
         if empty_queue:
-            self._signal(w, signal.SIGINT)
+            w.send(signal.SIGINT)
         else:
-            self._signal(w, signal.SIGUSR2 if close_slot else signal.SIGTERM)
+            w.send(signal.SIGUSR2 if close_slot else signal.SIGTERM)
 
     def _spawn(self, slot: int) -> None:
         limit = 0
@@ -672,11 +698,9 @@ class Workers:
             if not done:
                 continue
             del self._workers[pid]
-            while w.status_fd >= 0 and self._read_status(w):
+            while w.status_fd >= 0 and w.read_status():
                 pass            # what it said before it ended
-            if w.status_fd >= 0:
-                os.close(w.status_fd)
-            w.record.close()
+            w.close()
             self._exited_worker(w, status)
 
     def _exited_worker(self, w: _Worker, status: int) -> None:
@@ -721,32 +745,16 @@ class Workers:
             _log.error("worker %d could not start:\n%s", w.pid, trace)
         return line or how
 
-    def _signal(self, w: _Worker, sig: int) -> None:
-        """Send sig to worker w; SIGKILL goes to its process group, so that
-        the processes it forked (ForkingMixIn handlers) end with it."""
-        try:
-            if sig == signal.SIGKILL:
-                try:
-                    os.killpg(w.pid, sig)
-                    return
-                except ProcessLookupError:
-                    pass        # not its own group yet: the worker alone
-            os.kill(w.pid, sig)
-        except ProcessLookupError:
-            pass
-
     def _kill_all(self) -> None:
         """On the way out (also after an error): no worker left behind."""
         for w in self._workers.values():
-            self._signal(w, signal.SIGKILL)
+            w.send(signal.SIGKILL)
         for pid, w in list(self._workers.items()):
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-            if w.status_fd >= 0:
-                os.close(w.status_fd)
-            w.record.close()
+            w.close()
         self._workers.clear()
 
     def _close_listeners(self) -> None:
