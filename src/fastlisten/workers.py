@@ -61,13 +61,16 @@ parent sends ``READY=1`` once the workers accept, ``STATUS=`` lines,
 ``RELOADING=1``/``MONOTONIC_USEC`` and ``READY=1`` around a reload,
 ``STOPPING=1``, and ``WATCHDOG=1`` every half ``WATCHDOG_USEC``.
 
-Layout: this module is the supervisor, the parent's side only: ``Workers``
-(its checks, its loop, one ``_on_<control>`` method per :class:`Control`,
-each worker's :class:`State`).  A worker process runs
-:mod:`fastlisten._worker_process` (given a frozen ``WorkerJob``); the
-reuse-port sockets and their steering are :mod:`fastlisten._reuseport`,
-the shared heartbeat record :mod:`fastlisten._heartbeat`, the pid file
-:mod:`fastlisten._pidfile`.
+Layout: this module is the supervisor's state machine, the parent's side
+only: ``Workers`` (its loop, one ``_on_<control>`` method per
+:class:`Control`, each worker's :class:`State`).  A worker process runs
+:mod:`fastlisten._worker_process` (given a frozen ``WorkerJob``), which
+uses a server through :mod:`fastlisten._server_hooks`; the counters are
+:mod:`fastlisten._worker_counters`, what systemd and the log are told
+:mod:`fastlisten._supervisor_status`, the reuse-port sockets and their
+steering :mod:`fastlisten._reuseport`, the shared heartbeat record
+:mod:`fastlisten._heartbeat`, the pid file :mod:`fastlisten._pidfile`;
+signals are handled with :class:`fastlisten.running.Signals`.
 """
 
 from __future__ import annotations
