@@ -291,3 +291,24 @@ def test_signals_count_and_wake_the_waiting_thread():
             os.close(r)
             os.close(w)
     assert (signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGUSR1)) == before
+
+
+def test_signals_in_order_through_a_callback_and_a_waker_of_the_callers():
+    from fastlisten._wakeup import Waker
+
+    seen = []
+    waker = Waker(pipe=True)
+    try:
+        with running.Signals([signal.SIGUSR2, signal.SIGUSR1], seen.append, waker) as s:
+            assert s.waker is waker
+            for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGUSR1):
+                os.kill(os.getpid(), sig)
+            s.wait(LIMIT)                       # the handlers have run
+            assert seen == [signal.SIGUSR1, signal.SIGUSR2, signal.SIGUSR1]
+            assert signal.set_wakeup_fd(-1) == waker.write_fileno()   # the caller's pipe
+            signal.set_wakeup_fd(waker.write_fileno(), warn_on_full_buffer=False)
+        assert waker.fileno() >= 0
+        waker.wakeup()                          # left open for its owner
+        waker.drain()
+    finally:
+        waker.close()

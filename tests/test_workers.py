@@ -20,6 +20,7 @@ import fastlisten
 from fastlisten import sysinfo
 from fastlisten._heartbeat import Record as _Record
 from fastlisten._reuseport import steering_program
+from fastlisten._server_hooks import FastServer, PeriodicActions
 from fastlisten.systemd import Notifier
 from fastlisten.workers import Workers
 
@@ -566,6 +567,26 @@ def test_watchdog_pings_at_half_the_interval(tmp_path):
     assert rc == 0, log
 
 
+def test_keep_alive_pings_when_due_and_says_when_next(tmp_path):
+    sock, where = _notify_socket(tmp_path, abstract=False)
+    try:
+        n = Notifier(where, watchdog_usec=2_000_000)        # every 1.0 s
+        n.keep_alive(100.0)                                 # the first: at once
+        assert n.next_watchdog == 101.0
+        n.keep_alive(100.5)                                 # not due: nothing sent
+        n.keep_alive(101.0)
+        assert n.next_watchdog == 102.0
+        sock.setblocking(False)
+        assert [sock.recv(100) for _ in range(2)] == [b"WATCHDOG=1"] * 2
+        with pytest.raises(BlockingIOError):
+            sock.recv(100)
+    finally:
+        sock.close()
+    off = Notifier(where)                                   # no WATCHDOG_USEC
+    off.keep_alive(100.0)
+    assert off.next_watchdog is None
+
+
 def test_the_watchdog_is_for_the_pid_systemd_named():
     env = {"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}
     n = Notifier.from_environment(env)
@@ -625,6 +646,19 @@ def test_workers_checks_its_arguments():
     with pytest.raises(ValueError, match="timeout must be > 0"):
         Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
                 timeout=0)
+    # the numbers are checked as ListenConfig's are (fastlisten.config)
+    with pytest.raises(TypeError, match="workers must be an integer"):
+        Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                workers=1.5)
+    with pytest.raises(ValueError, match="max_requests_jitter must be at least 0"):
+        Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                max_requests_jitter=-1)
+    with pytest.raises(ValueError, match="graceful_timeout must be >= 0"):
+        Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                graceful_timeout=float("inf"))
+    w = Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                max_requests=10**12, linger=0)      # any number of connections
+    assert (w.max_requests, w.linger) == (10**12, 0.0)
     with pytest.raises(ValueError, match="reuse_port needs sockets of its own"):
         Workers(fastlisten.TCPServer, None, fastlisten.StreamRequestHandler,
                 listen_config=fastlisten.ListenConfig(fd=3), reuse_port=True)
@@ -661,6 +695,29 @@ def test_the_supervisor_never_reads_a_half_written_worker_record():
         record.close()
     assert os.waitstatus_to_exitcode(status) == 0
     assert bad == [], f"{len(bad)}+ torn reads of {reads}"
+
+
+def test_fastlisten_servers_offer_the_hooks_a_worker_uses():
+    import socketserver
+
+    classes = [fastlisten.TCPServer, fastlisten.ThreadingTCPServer, fastlisten.ForkingTCPServer]
+    for cls in classes:
+        server = cls(("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                     bind_and_activate=False)
+        try:
+            assert isinstance(server, FastServer), cls
+        finally:
+            server.server_close()
+    plain = socketserver.TCPServer(("127.0.0.1", 0), socketserver.StreamRequestHandler,
+                                   bind_and_activate=False)
+    try:
+        assert not isinstance(plain, FastServer)  # served through socketserver's API only
+    finally:
+        plain.server_close()
+    calls = []
+    marked = PeriodicActions(lambda: calls.append(1))
+    marked()
+    assert calls == [1] and marked.fl_periodic is True   # what ThreadingMixIn looks for
 
 
 def test_steering_program_picks_only_the_given_sockets():
@@ -791,6 +848,17 @@ def test_workers_on_a_unix_socket_remove_its_file_at_the_end(tmp_path):
                 reuse_port=True)
 
 
+def _bit(sig):
+    return 1 << (sig - 1)
+
+
+def _signal_dispositions(pid):
+    """(caught, ignored): the signal masks /proc/<pid>/status shows."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["SigCgt"], 16), int(fields["SigIgn"], 16)
+
+
 def test_forking_handlers_inside_workers_stop_with_them(tmp_path):
     (tmp_path / "slow.py").write_text(SLOW)
     with supervised("slow:Slow", "--bind", "127.0.0.1:0", "--workers", "2", "--processes", "4",
@@ -800,6 +868,11 @@ def test_forking_handlers_inside_workers_stop_with_them(tmp_path):
             assert f.readline() == b"started\n"
             handlers = [p for w in s.workers() for p in sysinfo.children(w)]
             assert len(handlers) == 1
+            # the worker's signal handling is not the handler process's:
+            # SIGTERM (end_handlers') and SIGUSR2 end it, SIGINT is ignored
+            caught, ignored = _signal_dispositions(handlers[0])
+            assert not caught & (_bit(signal.SIGTERM) | _bit(signal.SIGUSR2)), hex(caught)
+            assert ignored & _bit(signal.SIGINT), hex(ignored)
             s.seen_workers.update(handlers)         # checked gone in close()
             rc, log = s.stop()
             assert f.readline() == b""      # its process was ended after the grace

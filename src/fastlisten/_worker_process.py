@@ -6,7 +6,10 @@ The supervisor describes what to run in a frozen :class:`WorkerJob`;
 supervisor's signals left to the supervisor, the supervisor's descriptors
 closed), builds the server on the inherited listening socket and runs
 :class:`_WorkerLoop`: ``serve_forever()`` in a thread, the heartbeat written
-from the serving loop, and the stops the supervisor asks for by signal.
+from the serving loop, and the stops the supervisor asks for by signal
+(handled through :class:`fastlisten.running.Signals`, as
+``serve_until_signalled`` handles its own, with the same serving thread
+and the same reset in a process forked for a handler).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import select
 import signal
 import socket
 import sys
@@ -22,13 +24,14 @@ import sysconfig
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from fastlisten._heartbeat import Record
 from fastlisten._queued import serve_queued
-from fastlisten._wakeup import Waker
+from fastlisten._server_hooks import FastServer, PeriodicActions
 from fastlisten.config import ListenConfig
 from fastlisten.errors import user_error_line, user_traceback
+from fastlisten.running import Outcome, Signals
 from fastlisten.server import _own_method
 from fastlisten.services import load_handler
 
@@ -86,7 +89,6 @@ def worker_main(job: WorkerJob) -> int:
     # processes it forks too, and a terminal's Ctrl-C reaches the
     # supervisor alone, which decides.
     os.setpgid(0, 0)
-    os.register_at_fork(after_in_child=_handler_process_after_fork)
     signal.set_wakeup_fd(-1)
     for sig in job.supervisor_signals:
         signal.signal(sig, signal.SIG_DFL)
@@ -116,9 +118,9 @@ def _worker_server(job: WorkerJob) -> Any:
     server = server_class(job.config.address if job.config.fd is None
                           else sock.getsockname(), handler, bind_and_activate=False)
     _adopt_socket(server, sock)
-    if hasattr(server, "_fl_config"):
-        # a fastlisten server: Workers' listen_config is its own (the
-        # PROXY protocol and connection options apply in the worker)
+    if isinstance(server, FastServer):
+        # Workers' listen_config is its own (the PROXY protocol and
+        # connection options apply in the worker)
         server._fl_config = job.config
     return server
 
@@ -166,15 +168,6 @@ def _tell_failure(status_fd: int, exc: BaseException) -> None:
         pass        # the supervisor is gone
 
 
-def _handler_process_after_fork() -> None:
-    """In a process a worker forks (ForkingMixIn): the worker's signal
-    handling is not its own; SIGTERM from the worker's end_handlers() ends it."""
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the worker's, as it was
-
-
 def _fastlisten_drain(server: Any) -> Optional[Callable[[float], int]]:
     """fastlisten's drain() of a server built on its classes (not a drain
     a subclass defines for its own purposes), or None for another server."""
@@ -206,6 +199,13 @@ def _adopt_socket(server: Any, sock: socket.socket) -> None:
             server.setup_environ()
 
 
+#: The signals a worker stops on, and how: SIGTERM leaves the socket's
+#: queue to a successor, SIGUSR2 serves what is queued (its reuse-port slot
+#: closes), SIGINT (the supervisor's stop) first lets no new connection in.
+_STOPS: Dict[int, str] = {signal.SIGTERM: "graceful", signal.SIGUSR2: "empty",
+                          signal.SIGINT: "final"}
+
+
 class _StopServing(BaseException):
     """Raised by a worker's service_actions to end serve_forever() between
     two batches: every connection the loop accepted has been handed to the
@@ -232,10 +232,9 @@ class _WorkerLoop:
         self.stopping = threading.Event()
         self.recycle_sent = False
         self.counted = 0      # connections, for servers without fastlisten's counters
-        self.waker = Waker(pipe=True)
-        fast = getattr(server, "_fl_handlers", None)
-        self._handlers = fast if fast is not None else (lambda: (0, 0))
-        if not hasattr(server, "_fl_get_listener"):
+        #: The server's fastlisten hooks, if it has them.
+        self.fast: Optional[FastServer] = server if isinstance(server, FastServer) else None
+        if self.fast is None:
             self._count_requests()
 
     def _count_requests(self) -> None:
@@ -247,7 +246,7 @@ class _WorkerLoop:
         self.server.verify_request = counting_verify
 
     def accepted(self) -> int:
-        listener = getattr(self.server, "_fl_listener", None)
+        listener = self.fast._fl_listener if self.fast is not None else None
         if listener is not None:
             return int(listener.stats()["accepted"])
         return self.counted
@@ -256,7 +255,7 @@ class _WorkerLoop:
         """Heartbeat and counters into the parent's shared memory (the
         serving loop calls this through service_actions)."""
         accepted = self.accepted()
-        running, peak = self._handlers()
+        running, peak = self.fast._fl_handlers() if self.fast is not None else (0, 0)
         self.record.write(time.monotonic(), accepted, running, peak)
         if self.limit and accepted >= self.limit and not self.recycle_sent:
             self.recycle_sent = True
@@ -279,75 +278,59 @@ class _WorkerLoop:
                 raise _StopServing
         # Every poll_interval is enough (a fastlisten ThreadingMixIn keeps
         # leader/follower for it: its serving thread then accepts nothing).
-        service_actions.fl_periodic = True      # type: ignore[attr-defined]
-        server.service_actions = service_actions
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGUSR2, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.set_wakeup_fd(self.waker.write_fileno(), warn_on_full_buffer=False)
-        outcome: List[Any] = []
-
-        def serve() -> None:
-            try:
-                server.serve_forever(self.poll_interval)
-                outcome.append(None)
-            except _StopServing:
-                outcome.append(None)
-            except BaseException as exc:    # noqa: BLE001 - reported below
-                outcome.append(exc)
-            finally:
-                self.waker.wakeup()
-
-        self.beat()
-        thread = threading.Thread(target=serve, name="fastlisten-worker", daemon=True)
-        thread.start()
-        self._tell(READY)
-        poller = select.poll()
-        poller.register(self.waker.fileno(), select.POLLIN)
-        poller.register(self.lifeline, select.POLLIN)
-        while not outcome:
-            events = poller.poll()
-            if any(fd == self.lifeline for fd, _ in events) and self.stop is None:
-                _log.warning("worker %d: the supervisor is gone; stopping", os.getpid())
-                self.stop = "orphan"
-                poller.unregister(self.lifeline)
-            self.waker.drain()
-            if self.stop is not None and not self.stopping.is_set():
-                self.stopping.set()
-                wake = getattr(server, "_fl_wake", None)
-                if wake is not None:
-                    wake()          # a fastlisten loop runs service_actions at once
-        thread.join()
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        if self.stop is None:
-            return 1            # serve_forever returned by itself
-        # Every stop serves what is queued now, the successor's socket too
-        # (a reload, a recycle): a connection whose one wake-up went to this
-        # worker's threads just before its loop stopped (EPOLLEXCLUSIVE
-        # wakes one waiting thread) wakes nobody else, and would otherwise
-        # wait for the next one to arrive.
-        self._empty_queue(final=self.stop == "final")
-        # Stop listening before the handlers drain: this copy of the socket
-        # must not hold connections nobody will accept.
-        server.socket.close()
-        drain = _fastlisten_drain(server)
-        if drain is not None:
-            ended = drain(self.graceful_timeout)
-            if ended:
-                _log.info("worker %d: ended %d handler(s) after %.3g s", os.getpid(), ended,
-                          self.graceful_timeout)
-        server.server_close()
-        self.beat()
+        server.service_actions = PeriodicActions(service_actions)
+        # Handled until the worker exits (the queue's serving and the drain
+        # included); a process forked for a handler resets them
+        # (running.reset_after_fork).
+        with Signals(_STOPS) as signals:
+            self.beat()
+            served = Outcome(lambda: server.serve_forever(self.poll_interval),
+                             "fastlisten-worker", signals.wakeup)
+            self._tell(READY)
+            self._wait(signals, served)
+            served.thread.join()
+            if served.exception is not None and not isinstance(served.exception,
+                                                               _StopServing):
+                raise served.exception
+            if self.stop is None:
+                return 1            # serve_forever returned by itself
+            # Every stop serves what is queued now, the successor's socket
+            # too (a reload, a recycle): a connection whose one wake-up went
+            # to this worker's threads just before its loop stopped
+            # (EPOLLEXCLUSIVE wakes one waiting thread) wakes nobody else,
+            # and would otherwise wait for the next one to arrive.
+            self._empty_queue(final=self.stop == "final")
+            # Stop listening before the handlers drain: this copy of the socket
+            # must not hold connections nobody will accept.
+            server.socket.close()
+            drain = _fastlisten_drain(server)
+            if drain is not None:
+                ended = drain(self.graceful_timeout)
+                if ended:
+                    _log.info("worker %d: ended %d handler(s) after %.3g s", os.getpid(),
+                              ended, self.graceful_timeout)
+            server.server_close()
+            self.beat()
         return 0
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stop is None:
-            stops: Dict[int, str] = {signal.SIGUSR2: "empty", signal.SIGINT: "final"}
-            self.stop = stops.get(signum, "graceful")
-        # The main thread may have drained set_wakeup_fd's byte and looked
-        # at self.stop before this handler ran: wake it again.
-        self.waker.wakeup()
+    def _wait(self, signals: Signals, served: Outcome) -> None:
+        """Until serve_forever() returns: the first stop signal (or the
+        supervisor's death: the lifeline ends) sets :attr:`stop` and makes
+        the serving loop stop between two batches."""
+        lifeline: Tuple[int, ...] = (self.lifeline,)
+        while not served.done:
+            ended = signals.wait(None, lifeline)
+            if self.stop is None and signals.first is not None:
+                self.stop = _STOPS[signals.first]
+            if ended:
+                lifeline = ()       # (read to its end: watched no more)
+                if self.stop is None:
+                    _log.warning("worker %d: the supervisor is gone; stopping", os.getpid())
+                    self.stop = "orphan"
+            if self.stop is not None and not self.stopping.is_set():
+                self.stopping.set()
+                if self.fast is not None:
+                    self.fast._fl_wake()    # its loop runs service_actions at once
 
     def _serve_kept(self) -> None:
         """The connections a fastlisten loop had accepted when it stopped

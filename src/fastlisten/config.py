@@ -87,7 +87,7 @@ def check_int(name: str, value: Any, low: int, high: int = _C_INT_MAX,
     if value < low:
         if value < -_C_INT_MAX - 1:
             raise OverflowError(f"{name}={value} is too small for a C int")
-        raise ValueError(f"{name}={value} is out of range: it must be >= {low}{what}")
+        raise ValueError(f"{name}={value} is out of range: {name} must be at least {low}{what}")
     return int(value)
 
 
@@ -245,8 +245,8 @@ def check_seconds(name: str, value: Any, zero: bool = False) -> float:
         raise TypeError(f"{name} must be a number of seconds, not "
                         f"{type(value).__name__}: {value!r}")
     if math.isnan(value) or math.isinf(value) or value < 0 or (value == 0 and not zero):
-        least = "finite number of seconds >= 0" if zero else "positive, finite number of seconds"
-        raise ValueError(f"{name}={value!r} is out of range: it must be a {least}")
+        raise ValueError(f"{name}={value!r} is out of range: {name} must be "
+                         f"{'>= 0' if zero else '> 0'} (a finite number of seconds)")
     return float(value)
 
 

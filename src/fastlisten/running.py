@@ -60,15 +60,26 @@ class Signals:
 
     A process forked meanwhile (ForkingMixIn's handlers) shares the pipe:
     :func:`reset_after_fork` runs in it (registered once with
-    ``os.register_at_fork``) while a Signals is entered."""
+    ``os.register_at_fork``) while a Signals is entered.
 
-    def __init__(self, signals: Iterable[int] = STOP_SIGNALS) -> None:
+    ``on_signal(signum)``, if given, is called by the handler too (after
+    counting it): for a loop that must see every signal in the order they
+    came (``fastlisten.Workers``' supervisor queues each as a control).
+    ``waker``: a ``Waker(pipe=True)`` of the caller's to use (and leave
+    open) instead of a pipe of its own, for a loop that waits on it
+    itself and wakes it from other threads too."""
+
+    def __init__(self, signals: Iterable[int] = STOP_SIGNALS,
+                 on_signal: Optional[Callable[[int], None]] = None,
+                 waker: Optional[Waker] = None) -> None:
         self.signals = tuple(signals)
         self.counts: Dict[int, int] = dict.fromkeys(self.signals, 0)
         #: The first of them to arrive (None: none yet), for a loop whose
         #: stop depends on which signal asked for it.
         self.first: Optional[int] = None
         self.waker: Optional[Waker] = None
+        self._callback = on_signal
+        self._given = waker
         self._previous: Dict[int, Any] = {}
         self._old_fd: Optional[int] = None
 
@@ -80,6 +91,8 @@ class Signals:
         self.counts[signum] = self.counts.get(signum, 0) + 1
         if self.first is None:
             self.first = signum
+        if self._callback is not None:
+            self._callback(signum)
         # The waiting thread may have read the wake-up byte and looked at
         # the counts before this handler ran: wake it again.
         self.wakeup()
@@ -89,7 +102,7 @@ class Signals:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("signals are handled in the main thread: call this there")
         _register_after_fork()
-        self.waker = Waker(pipe=True)
+        self.waker = self._given if self._given is not None else Waker(pipe=True)
         try:
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -110,9 +123,9 @@ class Signals:
         for sig, old in self._previous.items():
             signal.signal(sig, old)
         self._previous.clear()
-        if self.waker is not None:
+        if self.waker is not None and self.waker is not self._given:
             self.waker.close()
-            self.waker = None
+        self.waker = None
 
     def wakeup(self) -> None:
         """Wake :meth:`wait` (from any thread)."""

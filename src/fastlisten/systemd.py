@@ -61,6 +61,7 @@ class Notifier:
         self.socket_path = socket_path
         self.watchdog_usec = watchdog_usec if watchdog_usec and watchdog_usec > 0 else None
         self._warned = False
+        self._next_watchdog = 0.0     # time.monotonic() of the next keep_alive ping
 
     @classmethod
     def from_environment(cls, environ: Optional[MutableMapping[str, str]] = None,
@@ -135,3 +136,19 @@ class Notifier:
         if self.watchdog_usec is None:
             return False
         return self.notify(WATCHDOG=1)
+
+    def keep_alive(self, now: float) -> None:
+        """The watchdog on a schedule, for a loop that calls this on every
+        pass: ``WATCHDOG=1`` once ``now`` (``time.monotonic()``) reaches
+        :attr:`next_watchdog` (the first call: at once), then every
+        :attr:`watchdog_interval`.  Does nothing with the watchdog off."""
+        interval = self.watchdog_interval
+        if interval is not None and now >= self._next_watchdog:
+            self.watchdog()
+            self._next_watchdog = now + interval
+
+    @property
+    def next_watchdog(self) -> Optional[float]:
+        """When :meth:`keep_alive` pings next (``time.monotonic()``), or
+        None with the watchdog off: the latest a loop may sleep until."""
+        return None if self.watchdog_interval is None else self._next_watchdog

@@ -61,23 +61,28 @@ parent sends ``READY=1`` once the workers accept, ``STATUS=`` lines,
 ``RELOADING=1``/``MONOTONIC_USEC`` and ``READY=1`` around a reload,
 ``STOPPING=1``, and ``WATCHDOG=1`` every half ``WATCHDOG_USEC``.
 
-Layout: this module is the supervisor, the parent's side only: ``Workers``
-(its checks, its loop, one ``_on_<control>`` method per :class:`Control`,
-each worker's :class:`State`).  A worker process runs
-:mod:`fastlisten._worker_process` (given a frozen ``WorkerJob``); the
-reuse-port sockets and their steering are :mod:`fastlisten._reuseport`,
-the shared heartbeat record :mod:`fastlisten._heartbeat`, the pid file
-:mod:`fastlisten._pidfile`.
+Layout: this module is the supervisor's state machine, the parent's side
+only: ``Workers`` (its loop, one ``_on_<control>`` method per
+:class:`Control`, each worker's :class:`State`).  A worker process runs
+:mod:`fastlisten._worker_process` (given a frozen ``WorkerJob``), which
+uses a server through :mod:`fastlisten._server_hooks`; the counters are
+:mod:`fastlisten._worker_counters`, what systemd and the log are told
+:mod:`fastlisten._supervisor_status`, the reuse-port sockets and their
+steering :mod:`fastlisten._reuseport`, the shared heartbeat record
+:mod:`fastlisten._heartbeat`, the pid file :mod:`fastlisten._pidfile`;
+signals are handled with :class:`fastlisten.running.Signals`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
 import random
 import select
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -87,10 +92,13 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from fastlisten._heartbeat import Record
 from fastlisten._pidfile import PidFile
 from fastlisten._reuseport import ReusePortGroup
+from fastlisten._supervisor_status import SupervisorStatus
 from fastlisten._wakeup import Waker
+from fastlisten._worker_counters import WorkerCounters, log_summary
 from fastlisten._worker_process import FAILED, FAILURE_MAX, READY, RECYCLE, WorkerJob, worker_main
-from fastlisten.config import ListenConfig
+from fastlisten.config import ListenConfig, check_int, check_seconds
 from fastlisten.listener import Listener
+from fastlisten.running import Signals
 from fastlisten.systemd import Notifier
 
 __all__ = ["Workers"]
@@ -127,7 +135,7 @@ class Control(enum.Enum):
 
 
 #: The supervisor's signals and what each asks.
-_SIGNALS = {
+_SIGNALS: Dict[int, Control] = {
     signal.SIGTERM: Control.STOP, signal.SIGINT: Control.STOP, signal.SIGQUIT: Control.QUIT,
     signal.SIGHUP: Control.RELOAD, signal.SIGTTIN: Control.ADD_WORKER,
     signal.SIGTTOU: Control.REMOVE_WORKER, signal.SIGUSR1: Control.LOG_COUNTERS,
@@ -137,6 +145,9 @@ _SIGNALS = {
 
 @dataclass
 class _Worker:
+    """The supervisor's view of one worker process: what it was started
+    for, where it is, and its status pipe, heartbeat record and signals."""
+
     pid: int
     slot: int
     generation: int
@@ -150,6 +161,56 @@ class _Worker:
     recycle: bool = False           # asked to be replaced (max_requests)
     steered_at: Optional[float] = None  # reuseport slot closing: steered away since
     failure: Optional[bytes] = None     # what kept it from starting, as it said
+
+    def read_status(self) -> bool:
+        """Read what the worker said on its status pipe; False once there
+        is nothing to read."""
+        try:
+            data = os.read(self.status_fd, FAILURE_MAX + 64)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:            # the worker is gone (or closed its end): SIGCHLD reaps it
+            os.close(self.status_fd)
+            self.status_fd = -1
+            return False
+        if self.failure is not None:
+            self.failure = (self.failure + data)[:FAILURE_MAX]
+            return True
+        if FAILED in data:
+            data, _, failure = data.partition(FAILED)
+            self.failure = failure[:FAILURE_MAX]
+        if READY in data and self.state is State.STARTING:
+            self.state, self.ready_at = State.READY, time.monotonic()
+            _log.debug("worker %d (slot %d, generation %d) accepting", self.pid, self.slot,
+                       self.generation)
+        if RECYCLE in data and not self.recycle:
+            self.recycle = True
+            _log.info("worker %d reached max_requests (%d): replacing it", self.pid,
+                      self.limit)
+        return True
+
+    def send(self, sig: int) -> None:
+        """Send sig to the worker; SIGKILL goes to its process group, so
+        that the processes it forked (ForkingMixIn handlers) end with it."""
+        try:
+            if sig == signal.SIGKILL:
+                try:
+                    os.killpg(self.pid, sig)
+                    return
+                except ProcessLookupError:
+                    pass        # not its own group yet: the worker alone
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        """Once reaped: its status pipe and its record."""
+        if self.status_fd >= 0:
+            os.close(self.status_fd)
+            self.status_fd = -1
+        self.record.close()
 
 
 class Workers:
@@ -174,7 +235,9 @@ class Workers:
     ``notify``: speak systemd's sd_notify protocol when ``$NOTIFY_SOCKET``
     is set.  ``linger``: seconds a reuseport socket about to close keeps
     being served after new connections are steered away (handshakes in
-    flight land meanwhile).
+    flight land meanwhile).  The numbers are checked as ListenConfig's
+    options are (``fastlisten.config.check_int``/``check_seconds``: a
+    duration is finite).
     """
 
     def __init__(self, server_class: Callable[..., Any], server_address: Any = None,
@@ -187,25 +250,17 @@ class Workers:
                  linger: float = 0.2) -> None:
         if RequestHandlerClass is None:
             raise TypeError("Workers needs a RequestHandlerClass (a class or 'module:Class')")
-        for name, value in (("workers", workers), ("max_requests", max_requests),
-                            ("max_requests_jitter", max_requests_jitter)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an integer, not {type(value).__name__}: "
-                                f"{value!r}")
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers!r}")
-        if max_requests < 0 or max_requests_jitter < 0:
-            raise ValueError(f"max_requests and max_requests_jitter must be >= 0, not "
-                             f"{max_requests!r} and {max_requests_jitter!r}")
-        for name, seconds in (("timeout", timeout), ("graceful_timeout", graceful_timeout),
-                              ("backoff", backoff), ("max_backoff", max_backoff),
-                              ("min_uptime", min_uptime), ("linger", linger)):
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-                raise TypeError(f"{name} must be a number of seconds, not "
-                                f"{type(seconds).__name__}: {seconds!r}")
-            if not seconds >= 0 or (name == "timeout" and not seconds > 0):
-                raise ValueError(f"{name} must be {'> 0' if name == 'timeout' else '>= 0'}"
-                                 f" seconds, not {seconds!r}")
+        workers = check_int("workers", workers, 1)
+        # (any number of connections: the C int bound is for socket options)
+        max_requests = check_int("max_requests", max_requests, 0, sys.maxsize)
+        max_requests_jitter = check_int("max_requests_jitter", max_requests_jitter, 0,
+                                        sys.maxsize)
+        timeout = check_seconds("timeout", timeout)
+        graceful_timeout = check_seconds("graceful_timeout", graceful_timeout, zero=True)
+        backoff = check_seconds("backoff", backoff, zero=True)
+        max_backoff = check_seconds("max_backoff", max_backoff, zero=True)
+        min_uptime = check_seconds("min_uptime", min_uptime, zero=True)
+        linger = check_seconds("linger", linger, zero=True)
         if listen_config is None:
             own = getattr(server_class, "listen_config", None)
             # anything but a ListenConfig there is the class's own attribute
@@ -227,15 +282,16 @@ class Workers:
         self.server_class = server_class
         self.handler = RequestHandlerClass
         self.worker_count = workers
-        self.timeout = float(timeout)
-        self.graceful_timeout = float(graceful_timeout)
+        self.timeout = timeout
+        self.graceful_timeout = graceful_timeout
         self.max_requests = max_requests
         self.max_requests_jitter = max_requests_jitter
         self.pid_file = os.fspath(pid_file) if pid_file is not None else None
         self._pid_file = PidFile(self.pid_file)
-        self.backoff, self.max_backoff = float(backoff), float(max_backoff)
-        self.min_uptime, self.linger = float(min_uptime), float(linger)
-        self.notifier = Notifier.from_environment() if notify else Notifier()
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.min_uptime, self.linger = min_uptime, linger
+        self._status = SupervisorStatus(Notifier.from_environment() if notify else Notifier())
+        self._counters = WorkerCounters()
         self._reuse: Optional[ReusePortGroup] = None     # reuse_port: a socket per slot
         self._shared: Optional[Listener] = None            # else: the one socket
         self._workers: Dict[int, _Worker] = {}
@@ -249,10 +305,6 @@ class Workers:
         self._lifeline: Optional[Tuple[int, int]] = None
         self._stopping: Optional[str] = None   # None, "graceful", "now"
         self._stop_deadline: Optional[float] = None
-        self._reloading = False
-        self._ready_sent = False
-        self._next_watchdog = 0.0
-        self._exited: Dict[str, int] = {}
         self._failure_shown: Optional[str] = None   # the start failure's traceback, logged
 
     # -- control (any thread, or a signal handler) ---------------------------
@@ -265,6 +317,15 @@ class Workers:
     @target.setter
     def target(self, value: int) -> None:
         self.worker_count = value
+
+    @property
+    def notifier(self) -> Notifier:
+        """The systemd notifier (sends nothing without ``$NOTIFY_SOCKET``)."""
+        return self._status.notifier
+
+    @notifier.setter
+    def notifier(self, value: Notifier) -> None:
+        self._status.notifier = value
 
     @property
     def handover(self) -> Optional[str]:
@@ -347,29 +408,21 @@ class Workers:
         self._waker = Waker(pipe=True)
         r, w = os.pipe2(os.O_CLOEXEC)
         self._lifeline = (r, w)
-        handlers: Dict[int, Any] = {}
-        old_wakeup: Optional[int] = None
-        main = threading.current_thread() is threading.main_thread()
         try:
-            if main:
-                for sig, control in _SIGNALS.items():
-                    handlers[sig] = signal.signal(sig, self._signal_handler(control))
-                old_wakeup = signal.set_wakeup_fd(self._waker.write_fileno(),
-                                                  warn_on_full_buffer=False)
-            self._pid_file.write()
-            _log.info("supervisor %d: %d worker(s) on %s (%s)", os.getpid(), self.worker_count,
-                      self._describe_address(),
-                      "one SO_REUSEPORT socket per worker" if self.reuse_port
-                      else "one shared socket")
-            self._notify(STATUS=f"starting {self.worker_count} worker(s)")
-            self._loop()
+            main = threading.current_thread() is threading.main_thread()
+            with (Signals(_SIGNALS, self._on_signal, self._waker) if main
+                  else contextlib.nullcontext()):
+                try:
+                    self._pid_file.write()
+                    _log.info("supervisor %d: %d worker(s) on %s (%s)", os.getpid(),
+                              self.worker_count, self._describe_address(),
+                              "one SO_REUSEPORT socket per worker" if self.reuse_port
+                              else "one shared socket")
+                    self._status.starting(self.worker_count)
+                    self._loop()
+                finally:
+                    self._kill_all()
         finally:
-            self._kill_all()
-            if main:
-                if old_wakeup is not None:
-                    signal.set_wakeup_fd(old_wakeup)
-                for signum, old in handlers.items():
-                    signal.signal(signum, old)
             self._close()
         return 0
 
@@ -380,13 +433,11 @@ class Workers:
         except (OSError, RuntimeError):
             return "?"
 
-    def _signal_handler(self, control: Control) -> Callable[[int, Any], None]:
-        # The Python handler may run after the loop has drained the byte
-        # set_wakeup_fd wrote and looked at the controls: it wakes the loop
-        # itself, so that the control is seen at once, not at the next tick.
-        def handler(signum: int, frame: Any) -> None:
-            self._ask(control)
-        return handler
+    def _on_signal(self, signum: int) -> None:
+        """A signal's control, asked in the order signals came (the Python
+        handler also wakes the loop: it may run after the loop drained the
+        wake-up byte and looked at the controls)."""
+        self._ask(_SIGNALS[signum])
 
     def _loop(self) -> None:
         waker = self._waker
@@ -404,7 +455,7 @@ class Workers:
                 self._balance(now)
                 self._steer()
                 self._report_readiness()
-            self._watchdog(now)
+            self._status.keep_alive(now)
             self._wait(waker, self._next_wakeup(now))
 
     def _wait(self, waker: Waker, timeout: Optional[float]) -> None:
@@ -422,7 +473,7 @@ class Workers:
             if fd == waker.fileno():
                 waker.drain()
             elif fd in by_fd:
-                self._read_status(by_fd[fd])
+                by_fd[fd].read_status()
 
     def _next_wakeup(self, now: float) -> Optional[float]:
         times: List[float] = []
@@ -437,36 +488,9 @@ class Workers:
                 times.append(w.steered_at + self.linger)
         if self._stop_deadline is not None:
             times.append(self._stop_deadline)
-        if self.notifier.watchdog_interval is not None:
-            times.append(self._next_watchdog)
+        if self._status.next_watchdog is not None:
+            times.append(self._status.next_watchdog)
         return None if not times else max(min(times) - now, 0.0)
-
-    def _read_status(self, w: _Worker) -> bool:
-        """Read what worker w said; False once there is nothing to read."""
-        try:
-            data = os.read(w.status_fd, FAILURE_MAX + 64)
-        except BlockingIOError:
-            return False
-        except OSError:
-            data = b""
-        if not data:            # the worker is gone (or closed its end): SIGCHLD reaps it
-            os.close(w.status_fd)
-            w.status_fd = -1
-            return False
-        if w.failure is not None:
-            w.failure = (w.failure + data)[:FAILURE_MAX]
-            return True
-        if FAILED in data:
-            data, _, failure = data.partition(FAILED)
-            w.failure = failure[:FAILURE_MAX]
-        if READY in data and w.state is State.STARTING:
-            w.state, w.ready_at = State.READY, time.monotonic()
-            _log.debug("worker %d (slot %d, generation %d) accepting", w.pid, w.slot,
-                       w.generation)
-        if RECYCLE in data and not w.recycle:
-            w.recycle = True
-            _log.info("worker %d reached max_requests (%d): replacing it", w.pid, w.limit)
-        return True
 
     # -- controls -------------------------------------------------------------------
 
@@ -492,11 +516,9 @@ class Workers:
 
     def _on_reload(self) -> None:
         self._generation += 1
-        self._reloading = True
         self._failures = 0
         self._failure_shown = None
-        _log.info("reloading: starting generation %d", self._generation)
-        self.notifier.reloading(f"reloading: starting generation {self._generation}")
+        self._status.reload_started(self._generation)
 
     def _on_add_worker(self) -> None:
         self.worker_count += 1
@@ -508,7 +530,7 @@ class Workers:
             _log.info("one worker fewer: %d", self.worker_count)
 
     def _on_log_counters(self) -> None:
-        self._log_counters()
+        log_summary(self.counters())
 
     def _on_child(self) -> None:
         pass            # the loop reaps on every pass
@@ -517,13 +539,13 @@ class Workers:
         self._stopping = how
         _log.info("stopping %s: %d worker(s)", "gracefully" if how == "graceful" else "now",
                   len(self._workers))
-        self._notify(STOPPING=1, STATUS="stopping")
+        self._status.stopping()
         # New connections are refused from now on (a socket systemd passed
         # stays open in systemd, and queues them for the next start).
         self._close_listeners()
         if how == "now":
             for w in self._workers.values():
-                self._signal(w, signal.SIGKILL)
+                w.send(signal.SIGKILL)
             self._stop_deadline = None
             return
         self._stop_deadline = time.monotonic() + self.graceful_timeout + 1.0
@@ -540,11 +562,11 @@ class Workers:
             for w in self._workers.values():
                 _log.warning("worker %d still running after graceful_timeout: killing it",
                              w.pid)
-                self._signal(w, signal.SIGKILL)
+                w.send(signal.SIGKILL)
             self._stop_deadline = None
         for w in self._workers.values():
             if w.deadline is not None and now >= w.deadline:
-                self._signal(w, signal.SIGKILL)
+                w.send(signal.SIGKILL)
                 w.deadline = None
 
     # -- workers ----------------------------------------------------------------
@@ -557,7 +579,7 @@ class Workers:
                 if w.deadline is not None and now >= w.deadline:
                     _log.warning("worker %d did not finish within graceful_timeout: killing "
                                  "it", w.pid)
-                    self._signal(w, signal.SIGKILL)
+                    w.send(signal.SIGKILL)
                     w.deadline = None
                 continue
             if w.state is State.STARTING:
@@ -573,7 +595,7 @@ class Workers:
                 _log.error("worker %d %s for %.3g s (timeout): killing it", w.pid,
                            "has not started" if w.state is State.STARTING else "has not "
                            "run its serving loop", now - last)
-                self._signal(w, signal.SIGKILL)
+                w.send(signal.SIGKILL)
                 w.state, w.deadline = State.KILLED, None
 
     def _balance(self, now: float) -> None:
@@ -628,9 +650,9 @@ class Workers:
         # (steering or the kernel's migration keeps new connections away).
         # SIGINT: the same, the stop's: no new connection is let in first.
         if empty_queue:
-            self._signal(w, signal.SIGINT)
+            w.send(signal.SIGINT)
         else:
-            self._signal(w, signal.SIGUSR2 if close_slot else signal.SIGTERM)
+            w.send(signal.SIGUSR2 if close_slot else signal.SIGTERM)
 
     def _spawn(self, slot: int) -> None:
         limit = 0
@@ -679,19 +701,16 @@ class Workers:
             if not done:
                 continue
             del self._workers[pid]
-            while w.status_fd >= 0 and self._read_status(w):
+            while w.status_fd >= 0 and w.read_status():
                 pass            # what it said before it ended
-            if w.status_fd >= 0:
-                os.close(w.status_fd)
-            w.record.close()
+            w.close()
             self._exited_worker(w, status)
 
     def _exited_worker(self, w: _Worker, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         expected = w.state in (State.RETIRING, State.CLOSING) or self._stopping is not None
-        self._exited["expected" if expected else "unexpected"] = \
-            self._exited.get("expected" if expected else "unexpected", 0) + 1
+        self._counters.count_exit(expected)
         if expected:
             _log.debug("worker %d ended (%s)", w.pid, how)
             if self.reuse_port and w.slot >= self.worker_count and self._stopping is None:
@@ -713,13 +732,8 @@ class Workers:
             else:
                 _log.error("worker %d could not start (%s); %d failure(s) in a row: "
                            "next start in %.3g s", w.pid, cause, self._failures, delay)
-            self._notify(STATUS=f"workers failing to start ({self._failures} in a row); "
-                                f"retrying in {delay:.3g} s")
-            if self._reloading and w.generation == self._generation:
-                # Type=notify-reload waits for READY=1: the old workers still serve.
-                self._reloading = False
-                self._notify(READY=1, STATUS=f"reload failed ({cause}): the previous "
-                                             "workers go on serving")
+            self._status.start_failed(self._failures, delay, cause,
+                                      ends_reload=w.generation == self._generation)
         else:
             _log.warning("worker %d ended (%s): replacing it", w.pid, how)
 
@@ -734,32 +748,16 @@ class Workers:
             _log.error("worker %d could not start:\n%s", w.pid, trace)
         return line or how
 
-    def _signal(self, w: _Worker, sig: int) -> None:
-        """Send sig to worker w; SIGKILL goes to its process group, so that
-        the processes it forked (ForkingMixIn handlers) end with it."""
-        try:
-            if sig == signal.SIGKILL:
-                try:
-                    os.killpg(w.pid, sig)
-                    return
-                except ProcessLookupError:
-                    pass        # not its own group yet: the worker alone
-            os.kill(w.pid, sig)
-        except ProcessLookupError:
-            pass
-
     def _kill_all(self) -> None:
         """On the way out (also after an error): no worker left behind."""
         for w in self._workers.values():
-            self._signal(w, signal.SIGKILL)
+            w.send(signal.SIGKILL)
         for pid, w in list(self._workers.items()):
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-            if w.status_fd >= 0:
-                os.close(w.status_fd)
-            w.record.close()
+            w.close()
         self._workers.clear()
 
     def _close_listeners(self) -> None:
@@ -780,7 +778,7 @@ class Workers:
             self._waker = None
         self._pid_file.remove()
         if self._stopping is not None:
-            self._notify(STATUS="stopped")
+            self._status.stopped()
 
     # -- reuseport steering ----------------------------------------------------
 
@@ -791,35 +789,16 @@ class Workers:
         self._reuse.steer({w.slot for w in self._workers.values()
                            if w.state is State.READY and w.slot < self.worker_count})
 
-    # -- readiness and systemd ---------------------------------------------------
+    # -- readiness and counters ----------------------------------------------------
 
     def _report_readiness(self) -> None:
         ready = {w.slot for w in self._workers.values()
                  if w.state is State.READY and w.generation == self._generation}
         if len(ready & set(range(self.worker_count))) < self.worker_count:
             return
-        if not self._ready_sent:
-            self._ready_sent = True
-            _log.info("%d worker(s) accepting", self.worker_count)
-            self._notify(READY=1, STATUS=f"{self.worker_count} worker(s) accepting")
-        elif self._reloading and not any(w.generation < self._generation
-                                         and w.state not in (State.RETIRING, State.KILLED)
-                                         for w in self._workers.values()):
-            self._reloading = False
-            _log.info("reloaded: generation %d accepting", self._generation)
-            self._notify(READY=1, STATUS=f"{self.worker_count} worker(s) accepting "
-                                         f"(generation {self._generation})")
-
-    def _notify(self, **fields: Any) -> None:
-        self.notifier.notify(fields)
-
-    def _watchdog(self, now: float) -> None:
-        interval = self.notifier.watchdog_interval
-        if interval is not None and now >= self._next_watchdog:
-            self.notifier.watchdog()
-            self._next_watchdog = now + interval
-
-    # -- counters -----------------------------------------------------------------
+        self._status.accepting(self.worker_count, self._generation, any(
+            w.generation < self._generation and w.state not in (State.RETIRING, State.KILLED)
+            for w in self._workers.values()))
 
     def counters(self) -> Dict[str, Any]:
         """Counters summed over the live workers, and per worker:
@@ -827,38 +806,10 @@ class Workers:
         "slot", "generation", "state"}}), ``accepted``, ``handlers_running``,
         ``imbalance`` (max/min accepted among ready workers), ``exited``
         (workers that ended, expected or not)."""
-        per: Dict[int, Dict[str, Any]] = {}
-        for w in self._workers.values():
-            _, accepted, running, peak = w.record.read()
-            per[w.pid] = {"accepted": accepted, "handlers_running": running,
-                          "handlers_peak": peak, "slot": w.slot,
-                          "generation": w.generation, "state": w.state.value}
-        counts = [p["accepted"] for p in per.values() if p["state"] == "ready"]
-        out: Dict[str, Any] = {
-            "workers": per, "target": self.worker_count, "generation": self._generation,
-            "accepted": sum(p["accepted"] for p in per.values()),
-            "handlers_running": sum(p["handlers_running"] for p in per.values()),
-            "imbalance": (max(counts) / min(counts)) if counts and min(counts) else None,
-            "exited": dict(self._exited),
-        }
         listeners = [self._shared] if self._shared is not None else (
             self._reuse.listeners() if self._reuse is not None else [])
-        queued = 0
-        for listener in listeners:
-            try:
-                queued += listener.queue()[0]
-            except OSError:
-                pass
-        out["queued"] = queued
-        return out
-
-    def _log_counters(self) -> None:
-        c = self.counters()
-        per = " ".join(f"{pid}:{p['accepted']}" for pid, p in sorted(c["workers"].items()))
-        imbalance = "-" if c["imbalance"] is None else f"{c['imbalance']:.2f}"
-        _log.info("counters: workers=%d accepted=%d handlers_running=%d queued=%d "
-                  "max/min=%s per-worker accepted {%s}", len(c["workers"]), c["accepted"],
-                  c["handlers_running"], c["queued"], imbalance, per)
+        return self._counters.summary(self._workers.values(), self.worker_count,
+                                      self._generation, listeners)
 
     # -- the worker process ------------------------------------------------------
 

@@ -314,8 +314,8 @@ MUTATIONS = [
              "        __import__('struct').pack_into('=dQQQ', self._shm, 0, heartbeat, accepted,"
              " running, peak)\n",
              ("tests/test_workers.py",), BOTH),
-    Mutation("a worker's heartbeat not marked periodic", "src/fastlisten/_worker_process.py",
-             "service_actions.fl_periodic = True", "service_actions.fl_periodic = False",
+    Mutation("a worker's heartbeat not marked periodic", "src/fastlisten/_server_hooks.py",
+             "    fl_periodic = True\n", "    fl_periodic = False\n",
              ("tests/test_workers.py",), BOTH),
     # -- the accept filter (issue 19) -----------------------------------------
     Mutation("filter: waiting set level-triggered, spins on peeked bytes (C)", "csrc/fl_filter.c",

@@ -210,7 +210,7 @@ def _run_workers(args: argparse.Namespace, cls: Type[Any], handler: Any) -> int:
                           max_requests=args.max_requests,
                           max_requests_jitter=args.max_requests_jitter,
                           pid_file=args.pid_file)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         print(f"fastlisten serve: error: {exc}", file=sys.stderr)
         return 2
     try:
