@@ -32,6 +32,7 @@ INVALID = [
     (dict(port="80"), TypeError, "'80'"),
     (dict(port=80.0), TypeError, "80.0"),
     (dict(port=True), TypeError, "True"),
+    (dict(proxy_protocol="v2", proxy_max_v2=True), TypeError, "True"),
     (dict(port=None), TypeError, "None"),
     (dict(port=-1), OverflowError, "-1"),
     (dict(port=65536), OverflowError, "65536"),

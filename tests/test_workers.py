@@ -650,6 +650,9 @@ def test_workers_checks_its_arguments():
     with pytest.raises(TypeError, match="workers must be an integer"):
         Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
                 workers=1.5)
+    with pytest.raises(TypeError, match="workers must be an integer"):
+        Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
+                workers=True)       # a bool is no count
     with pytest.raises(ValueError, match="max_requests_jitter must be at least 0"):
         Workers(fastlisten.TCPServer, ("127.0.0.1", 0), fastlisten.StreamRequestHandler,
                 max_requests_jitter=-1)

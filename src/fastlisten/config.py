@@ -77,6 +77,8 @@ def check_int(name: str, value: Any, low: int, high: int = _C_INT_MAX,
     as ``--threads``); ``what`` follows the bound (`` (connections)``)."""
     if isinstance(value, bool) or not isinstance(value, int):
         try:
+            if isinstance(value, bool):     # True is no count of anything
+                raise AttributeError
             value = value.__index__()
         except AttributeError:
             raise TypeError(
@@ -95,6 +97,8 @@ def check_backlog(backlog: Any) -> int:
     """A listen() backlog checked as ``socket.listen`` checks it: an integer
     (else TypeError) that fits a C int (else OverflowError); a negative one
     is clamped to 0."""
+    if isinstance(backlog, bool):
+        backlog = int(backlog)      # socket.listen(True) is listen(1)
     return max(check_int("backlog", backlog, -_C_INT_MAX - 1), 0)
 
 
