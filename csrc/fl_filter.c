@@ -640,13 +640,17 @@ fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int sig_fd, int timeout_ms
     }
 }
 
-void
+int
 fl_filter_clear(fl_filter *f, int why)
 {
+    int n = 0;
     pthread_mutex_lock(&f->lock);
-    while (f->head >= 0)
+    while (f->head >= 0) {
         fl_drop(f, f->head, why);
+        n++;
+    }
     pthread_mutex_unlock(&f->lock);
+    return n;
 }
 
 void

@@ -360,6 +360,62 @@ def test_close_closes_every_waiting_connection(make):
         assert closed_by_server(c)
 
 
+def test_close_waiting_closes_the_waiting_connections_and_keeps_listening(make):
+    lst = make("line", timeout=1000)
+    clients = [make.client(lst, b"no end of line yet") for _ in range(3)]
+    wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 3,
+             timeout=10)
+    assert lst.close_waiting() == 3
+    assert dropped(lst, "shutdown") == 3 and lst.stats()["waiting"] == 0
+    for c in clients:
+        assert closed_by_server(c)
+    assert lst.close_waiting() == 0
+    # the listener and its rule are as they were
+    assert not lst.closed
+    silent = make.client(lst)
+    make.client(lst, b"hello\n")
+    with take(lst) as conn:
+        assert read_exactly(conn, 6) == b"hello\n"
+    assert lst.stats()["waiting"] == 1
+    lst.close()
+    assert dropped(lst, "shutdown") == 4
+    assert closed_by_server(silent)
+
+
+def test_close_waiting_while_another_thread_waits_in_accept_many(make):
+    """The waiting thread keeps waiting through it, on the same filter,
+    and takes the next ready connection."""
+    lst = make("data", timeout=1000)
+    clients = [make.client(lst) for _ in range(4)]
+    got = []
+    t = threading.Thread(target=lambda: got.append(lst.accept_many(timeout=30)))
+    t.start()
+    try:
+        wait_for(lambda: lst.stats()["waiting"] == 4, timeout=10)
+        assert lst.close_waiting() == 4
+        for c in clients:
+            assert closed_by_server(c)
+        assert t.is_alive()             # nothing was handed to it
+        make.client(lst, b"x")
+        t.join(10)
+    finally:
+        lst.wakeup()
+        t.join(10)
+    assert not t.is_alive() and len(got) == 1 and len(got[0]) == 1
+    conn, _ = got[0][0]
+    with conn:
+        assert read_exactly(conn, 1) == b"x"
+    assert lst.stats()["dropped"] == {"shutdown": 4}
+
+
+def test_close_waiting_without_a_filter_or_once_closed_is_zero():
+    lst = fastlisten.listen(LOOPBACK)
+    assert lst.close_waiting() == 0
+    lst.set_accept_filter("data")
+    lst.close()
+    assert lst.close_waiting() == 0
+
+
 def test_the_filter_cannot_change_while_connections_wait(make):
     lst = make("data", timeout=1000)
     make.client(lst)
