@@ -112,6 +112,11 @@ fl_ready_judge(const unsigned char *buf, size_t n, int eof, const fl_ready_rule 
         if (p == 0)
             return eof ? FL_JUDGE_CLOSED : FL_JUDGE_WAIT;
         off = (size_t)p;
+        /* A LOCAL header (a balancer's health check) is ready only with
+         * something after it, whatever the rule: a check that closes or
+         * resets next is dropped here, never handed to a handler. */
+        if (h.command == FL_PROXY_LOCAL && n == off)
+            return eof ? FL_JUDGE_CLOSED : FL_JUDGE_WAIT;
     }
     m = n - off;
     switch (r->rule) {

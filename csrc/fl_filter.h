@@ -17,6 +17,11 @@
  *
  * With a PROXY protocol version set, a complete, valid PROXY header
  * (fl_proxy_parse) must come first, and the rule applies to what follows it.
+ * A LOCAL header (v2; what a balancer's health check sends before it closes
+ * or resets) needs at least one byte after it whatever the rule, NONE
+ * included: a health check is dropped as closed or reset, counted, never
+ * handed over; a LOCAL connection that goes on to send data follows the
+ * rule as any other.
  *
  * Every waiting connection has one deadline, `timeout_ms` after its accept;
  * all share the timeout, so accept order is deadline order and the waiting

@@ -25,6 +25,8 @@ from fastlisten.proxy import V1, V2
 LOOPBACK = ("127.0.0.1", 0)
 HEAD = b"GET /index.html HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n"
 PROXY_V1 = b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\r\n"
+LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"     # v2 LOCAL, no addresses
+LINGER_0 = b"\x01\x00\x00\x00\x00\x00\x00\x00"        # SO_LINGER on, 0 s: close() resets
 
 
 def _core_params():
@@ -223,7 +225,7 @@ def test_a_reset_before_ready_is_dropped_and_never_handed_over(make):
     lst = make("http")
     c = make.client(lst, b"GET / HT")
     assert none_ready(lst, rounds=1)
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
     c.close()                       # RST
     wait_for(lambda: not lst.accept_many(timeout=0.02)
              and dropped(lst, "reset") + dropped(lst, "closed") == 1, timeout=10)
@@ -264,13 +266,51 @@ def test_a_malformed_proxy_header_is_dropped(make, data):
     assert closed_by_server(c)
 
 
-def test_a_health_check_local_header_then_close_is_dropped_as_closed(make):
-    local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"     # v2 LOCAL, no addresses
-    lst = make("data", proxy=V2)
-    c = make.client(lst, local)
+@pytest.mark.parametrize("rule", ["none", "data", "line", "http"])
+def test_a_health_check_local_header_then_close_is_dropped_as_closed(make, rule):
+    lst = make(rule, proxy=V2)
+    c = make.client(lst, LOCAL)
     c.close()
     wait_dropped(lst, "closed")
-    assert lst.stats()["made_ready"] == 0
+    assert lst.stats()["made_ready"] == 0 and lst.stats()["waiting"] == 0
+
+
+@pytest.mark.parametrize("rule", ["none", "data", "line", "http"])
+def test_a_health_check_local_header_then_reset_is_dropped_as_reset(make, rule):
+    """HAProxy's checks with send-proxy-v2: a LOCAL header, then a reset."""
+    lst = make(rule, proxy=V1 | V2)
+    c = make.client(lst, LOCAL)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+    c.close()
+    wait_dropped(lst, "reset")
+    assert lst.stats()["made_ready"] == 0 and lst.stats()["waiting"] == 0
+    assert "closed" not in lst.stats()["dropped"]
+
+
+@pytest.mark.parametrize("rule, data", [("none", b"x"), ("data", b"x"), ("line", b"a line\n"),
+                                        ("http", HEAD)])
+def test_a_local_connection_that_sends_data_follows_the_rule(make, rule, data):
+    lst = make(rule, proxy=V2)
+    c = make.client(lst, LOCAL)
+    assert none_ready(lst)
+    c.sendall(data[:-1])
+    if len(data) > 1:
+        assert none_ready(lst, rounds=1)
+    c.sendall(data[-1:])
+    with take(lst) as conn:
+        assert fastlisten.proxy_read(conn, V2).command == "LOCAL"
+        assert read_exactly(conn, len(data)) == data
+
+
+def test_a_proxy_command_header_alone_is_enough_for_rule_none(make):
+    """Only LOCAL waits for more: a relayed connection's header is enough,
+    as before (a server that speaks first)."""
+    header = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+              b"\xc0\x00\x02\x01\xc6\x33\x64\x07\xdb\xf4\x01\xbb")
+    lst = make("none", proxy=V2)
+    make.client(lst, header)
+    with take(lst) as conn:
+        assert fastlisten.proxy_read(conn, V2).source == ("192.0.2.1", 56308)
 
 
 # -- TLS ----------------------------------------------------------------------

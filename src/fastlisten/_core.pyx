@@ -598,7 +598,10 @@ cdef class RawListener:
         complete first TLS record holding a ClientHello).  ``proxy``: 0, or
         the PROXY protocol versions (fastlisten.proxy.V1 | V2) of a header
         that must come first, complete and valid (at most ``proxy_max_v2``
-        bytes for v2); the rule then applies to what follows it.
+        bytes for v2); the rule then applies to what follows it.  After a
+        LOCAL header (a balancer's health check) at least one byte must
+        follow, whatever the rule ('none' too): a health check that closes
+        or resets is dropped ('closed', 'reset'), never returned.
 
         Connections not ready at accept wait in an epoll set the core holds
         (no thread, no GIL, no Python object each), judged with MSG_PEEK so

@@ -879,6 +879,8 @@ def _judge(buf: bytes, eof: bool, rule: int, max_bytes: int, proxy: int, max_v2:
                 return _MALFORMED
             return _CLOSED if eof else _WAIT
         buf = buf[parsed.length:]
+        if parsed.command == "LOCAL" and not buf:
+            return _CLOSED if eof else _WAIT    # a health check: something must follow
     if rule == _RULE_DATA:
         return _READY if buf else (_CLOSED if eof else _WAIT)
     if rule == _RULE_LINE:

@@ -366,7 +366,10 @@ class Listener:
         'none' (every connection at once, as without a filter).  With
         ``proxy`` (fastlisten.proxy.V1, V2 or V1 | V2) a complete, valid
         PROXY header must come first; it stays in the connection, for
-        ``fastlisten.proxy_read``.
+        ``fastlisten.proxy_read``.  After a LOCAL header (a balancer's
+        health check) at least one byte must follow, whatever the rule:
+        a health check that closes or resets is dropped and counted
+        ('closed', 'reset'), never handed over.
 
         The others wait in the core (an epoll set: no thread, no GIL, no
         Python object each) for at most ``timeout`` seconds from their
