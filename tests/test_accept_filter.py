@@ -8,6 +8,7 @@ returned, whatever the timing), one that must come back with bounded ones.
 """
 
 import errno
+import logging
 import os
 import signal
 import socket
@@ -662,3 +663,96 @@ def test_a_default_socket_timeout_neither_stalls_the_filter_nor_is_lost(make):
     with got[0] as conn:
         assert conn.gettimeout() == 30
         assert read_exactly(conn, 6) == b"ready\n"
+
+
+# -- drops logged once per run ------------------------------------------------
+
+def filter_warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "fastlisten" and r.levelno >= logging.WARNING
+            and "accept filter" in r.getMessage()]
+
+
+def test_a_run_of_drops_is_logged_once_with_its_reason_and_its_size_when_it_ends(
+        make, caplog):
+    lst = make("data", timeout=0.05)
+    with caplog.at_level(logging.DEBUG, logger="fastlisten"):
+        for _ in range(3):
+            make.client(lst)                    # silent: they expire
+        wait_dropped(lst, "expired", 3)
+        warned = filter_warnings(caplog)
+        assert len(warned) == 1, warned
+        assert "expired" in warned[0] and "until a connection is made ready" in warned[0]
+        make.client(lst, b"x")
+        take(lst).close()
+        warned = filter_warnings(caplog)
+        assert len(warned) == 2, warned
+        assert "3 connections were dropped in a row" in warned[1]
+        # the next run is logged again (once the interval since the last
+        # warning has passed: none here)
+        lst.drop_log_interval = 0.0
+        make.client(lst)
+        wait_dropped(lst, "expired", 4)
+        warned = filter_warnings(caplog)
+        assert len(warned) == 3 and "expired" in warned[2], warned
+
+
+def test_a_malformed_head_begins_a_run_logged_with_its_reason(make, caplog):
+    lst = make("tls")
+    with caplog.at_level(logging.WARNING, logger="fastlisten"):
+        for _ in range(2):
+            make.client(lst, b"GET / HTTP/1.1\r\n\r\n")
+        wait_dropped(lst, "malformed", 2)
+    warned = filter_warnings(caplog)
+    assert len(warned) == 1 and "malformed" in warned[0], warned
+
+
+def test_health_checks_and_scanners_are_counted_not_logged(make, caplog):
+    lst = make("none", proxy=V2)
+    with caplog.at_level(logging.DEBUG, logger="fastlisten"):
+        make.client(lst, LOCAL).close()
+        wait_dropped(lst, "closed")
+        c = make.client(lst, LOCAL)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+        c.close()
+        wait_dropped(lst, "reset")
+        lst.close_waiting()
+    assert filter_warnings(caplog) == []
+    assert lst.stats()["dropped"] == {"closed": 1, "reset": 1}
+
+
+def test_runs_closer_together_than_the_interval_are_counted_and_named_in_the_next_warning(
+        make, caplog):
+    lst = make("data", timeout=0.05)
+    with caplog.at_level(logging.WARNING, logger="fastlisten"):
+        for run in range(3):
+            make.client(lst)
+            wait_dropped(lst, "expired", run + 1)
+            make.client(lst, b"x")
+            take(lst).close()               # ends the run
+        assert len(filter_warnings(caplog)) == 1    # within drop_log_interval (60 s)
+        lst.drop_log_interval = 0.0
+        make.client(lst)
+        wait_dropped(lst, "expired", 4)
+    warned = filter_warnings(caplog)
+    assert len(warned) == 2, warned
+    assert "2 more runs of drops since the last warning" in warned[1]
+
+
+def test_a_leader_follower_accept_function_logs_drops_itself(make, caplog):
+    """accept_one_with()'s function (ThreadingMixIn's workers call only it
+    while connections keep coming) checks the filter's drops."""
+    lst = make("data", timeout=0.05)
+    w = lst.waiter()
+    try:
+        accept = lst.accept_one_with(w, 0.02)
+        with caplog.at_level(logging.WARNING, logger="fastlisten"):
+            make.client(lst)
+
+            def expired():
+                assert accept() == []
+                return dropped(lst, "expired") == 1
+            wait_for(expired, timeout=10)
+        assert len(filter_warnings(caplog)) == 1
+    finally:
+        w.close()

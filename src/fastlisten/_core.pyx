@@ -42,7 +42,7 @@ from fastlisten.includes.fl_net cimport (
 )
 from fastlisten.includes.fl_filter cimport (
     fl_filter, fl_filter_init, fl_filter_configure, fl_filter_clear, fl_filter_shut,
-    fl_filter_destroy, FL_DROP_SHUTDOWN,
+    fl_filter_destroy, fl_filter_drop_runs, FL_DROP_SHUTDOWN,
     fl_filter_wait_accept, fl_filter_wait_accept_ep, fl_filter_watch, fl_ready_rule,
     FL_RULE_NONE,
 )
@@ -887,6 +887,23 @@ cdef class RawListener:
         cdef fl_stats now
         fl_stats_read(&self._st, &now)
         return now.last_capacity_errno
+
+    @property
+    def drop_episodes(self):
+        """How many runs of drops the accept filter has begun: a run begins
+        with a connection dropped as malformed, oversize, expired, evicted
+        or error, and ends when a connection is made ready ('closed',
+        'reset' and 'shutdown' neither begin nor end one).  Cheap enough
+        to read after every accept_many, as capacity_episodes is."""
+        if self._filter == NULL:
+            return 0
+        return fl_filter_drop_runs(self._filter)
+
+    def last_drop_episode(self):
+        """The latest run of drops: (drop_episodes, the reason of its first
+        drop, True while it goes on, how many it dropped so far);
+        (0, None, False, 0) before any."""
+        return _filter_drop_episode(self._filter)
 
     def stats(self):
         """Counters: accepted, batches, max_batch, capacity_episodes, errors
