@@ -346,6 +346,90 @@ def test_tls_drops_what_is_not_a_client_hello(make):
     assert closed_by_server(c)
 
 
+# -- split, oversized and malformed heads, each rule, with and without PROXY --
+
+def heads_by_rule():
+    """(rule, a complete head of it) for every rule that waits."""
+    return [("data", b"x"), ("line", b"a line of text\r\n"), ("http", HEAD),
+            ("tls", client_hello())]
+
+
+@pytest.mark.parametrize("prefix", [b"", PROXY_V1, LOCAL], ids=["bare", "proxy-v1", "local"])
+@pytest.mark.parametrize("index", range(4), ids=["data", "line", "http", "tls"])
+def test_a_head_split_over_many_writes_comes_whole_for_each_rule(make, index, prefix):
+    """The PROXY header and the head cut into a few writes at odd places,
+    each one judged: handed over once the last byte arrived, every byte
+    there for the reader."""
+    rule, head = heads_by_rule()[index]
+    whole = prefix + head
+    lst = make(rule, proxy=V1 | V2 if prefix else 0)
+    c = make.client(lst)
+    cuts = sorted({1, len(prefix) // 2, len(prefix) + 1, len(whole) // 2, len(whole) - 1}
+                  - {0, len(whole)})
+    at = 0
+    for cut in cuts:
+        c.sendall(whole[at:cut])
+        at = cut
+        assert none_ready(lst, rounds=1), whole[:cut]
+    c.sendall(whole[at:])
+    with take(lst) as conn:
+        assert read_exactly(conn, len(whole)) == whole
+    assert lst.stats()["dropped"] == {}
+
+
+@pytest.mark.parametrize("prefix", [b"", PROXY_V1], ids=["bare", "proxy-v1"])
+@pytest.mark.parametrize("rule", ["line", "http"])
+def test_an_oversized_head_split_over_writes_is_dropped_after_a_proxy_header_too(
+        make, rule, prefix):
+    """max_bytes counts from the end of the PROXY header."""
+    lst = make(rule, max_bytes=40, proxy=V1 if prefix else 0)
+    c = make.client(lst, prefix + b"GET /" + b"a" * 20)
+    assert none_ready(lst, rounds=1)
+    c.sendall(b"a" * 20)                    # 45 bytes after the header, no line end
+    wait_dropped(lst, "oversize")
+    assert closed_by_server(c)
+    # 40 bytes after the header, the line end included: within the cap
+    head = (b"GET / HTTP/1.0\r\nX: " + b"a" * 17 + b"\r\n\r\n" if rule == "http"
+            else b"b" * 38 + b"\r\n")
+    assert len(head) == 40
+    make.client(lst, prefix + head)
+    with take(lst) as conn:
+        assert read_exactly(conn, len(prefix + head)) == prefix + head
+
+
+MALFORMED_PROXY = [
+    b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 99999\r\n",     # a bad port
+    b"\r\n\r\n\x00\r\nQUIT\n\x22\x00\x00\x00",                # v2 command 2
+    b"GET / HTTP/1.1\r\n\r\n",                                # no header at all
+]
+
+
+@pytest.mark.parametrize("bad", range(len(MALFORMED_PROXY)), ids=["port", "command", "none"])
+@pytest.mark.parametrize("rule", ["none", "data", "line", "http", "tls"])
+def test_a_malformed_proxy_header_is_dropped_whatever_the_rule(make, rule, bad):
+    lst = make(rule, proxy=V1 | V2)
+    data = MALFORMED_PROXY[bad]
+    if data.startswith((b"PROXY", b"\r\n")):
+        c = make.client(lst, data[:7])      # a valid start, judged once
+        assert none_ready(lst, rounds=1)
+        c.sendall(data[7:])
+    else:
+        c = make.client(lst, data)
+    wait_dropped(lst, "malformed")
+    assert closed_by_server(c)
+    assert lst.stats()["made_ready"] == 0
+
+
+@pytest.mark.parametrize("data", [HEAD, b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",
+                                  b"\x16\x03\x01\x40\x01", b"\x16\x02"],
+                         ids=["http", "server-hello", "over-2^14", "version"])
+def test_tls_drops_a_malformed_record_after_a_proxy_header_too(make, data):
+    lst = make("tls", proxy=V1)
+    c = make.client(lst, PROXY_V1 + data)
+    wait_dropped(lst, "malformed")
+    assert closed_by_server(c)
+
+
 # -- deadlines, the cap, close --------------------------------------------------
 
 def test_a_connection_past_its_deadline_is_closed_as_expired(make):
