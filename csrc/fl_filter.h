@@ -32,7 +32,8 @@
  *
  * A connection that expires, is malformed, exceeds max_bytes, is closed or
  * reset before it is ready, or is evicted, is closed and counted by reason,
- * never returned.  One exception, for the data, line and http rules: a
+ * never returned; runs of drops are counted too, so that the caller can log
+ * one line per run (fl_filter_drop_runs).  One exception, for the data, line and http rules: a
  * peer that sent some bytes (after a complete PROXY header, if one is
  * required) and then shut its side (FIN) without completing the rule is
  * handed over: everything it will say has arrived, so its handler cannot
@@ -76,7 +77,8 @@ enum {
     FL_DROP_EVICTED = 6,      /* the oldest, closed to make room at the cap */
     FL_DROP_SHUTDOWN = 7,     /* still waiting when the listener was closed */
     FL_DROP_ERROR = 8,        /* the core could not watch it (epoll_ctl failed) */
-    FL_DROP_SLOTS = 9
+    FL_DROP_SLOW = 9,         /* below the minimum rate (fl_filter_set_min_rate) */
+    FL_DROP_SLOTS = 10
 };
 
 /* What the judge needs to know; plain values, no descriptor. */
@@ -101,6 +103,15 @@ typedef struct {
     unsigned long long entered;     /* connections that had to wait */
     unsigned long long ready;       /* connections handed over (waited or not) */
     unsigned long long dropped[FL_DROP_SLOTS];   /* by FL_DROP_* (slot 0 unused) */
+    /* Runs of drops, for a log line per run: a run begins with a drop for
+     * MALFORMED, OVERSIZE, EXPIRED, EVICTED or ERROR while none is on, and
+     * ends when a round hands a connection over (CLOSED and RESET are
+     * what health checks and port scanners do, SHUTDOWN is asked for:
+     * they neither begin nor end one). */
+    unsigned long long drop_runs;   /* runs begun */
+    unsigned long long run_drops;   /* drops of the latest run so far */
+    unsigned long long run_reason;  /* the FL_DROP_* that began it */
+    unsigned long long run_open;    /* 1 while it is on */
 } fl_filter_stats;
 
 typedef struct {
@@ -114,12 +125,14 @@ typedef struct {
     int epfd;                 /* the waiting connections; data.u32 = slot */
     fl_ready_rule rule;
     long long timeout_ms;     /* accept -> ready */
+    unsigned long long min_rate;  /* bytes per second, 0: none (fl_filter_set_min_rate) */
     int cap;                  /* most connections waiting at once (>= 1) */
     fl_waiting *slots;        /* grown on demand up to cap */
     int nslots;
     int head, tail;           /* oldest, newest waiting; -1: none */
     int free;                 /* free slots' list; -1: none */
     int count;
+    int dropping;             /* a run of drops is on (st.run_open, under lock) */
     unsigned char *peek;      /* fl_ready_peek_size bytes, used under lock */
     size_t peek_size;
     fl_filter_stats st;
@@ -135,12 +148,22 @@ int fl_filter_configure(fl_filter *f, const fl_ready_rule *r, long long timeout_
  * fl_filter_wait_accept (it takes f->lock).  Close every waiting
  * connection, counted with reason `why`; returns how many. */
 int fl_filter_clear(fl_filter *f, int why);
+/* Contract: as fl_filter_configure.  A minimum rate, in bytes per second
+ * (0: none, the default): a connection that has waited at least a second
+ * and has sent fewer than rate * seconds waited bytes so far is dropped
+ * (FL_DROP_SLOW) when it sends more without becoming ready.  Judged as it
+ * sends, so a client that dribbles is closed long before its deadline; one
+ * that stops sending is left to the deadline. */
+void fl_filter_set_min_rate(fl_filter *f, unsigned long long rate);
 /* fl_filter_clear(SHUTDOWN) and the epoll descriptor closed (the
  * counters stay readable).  No thread may be inside the filter. */
 void fl_filter_shut(fl_filter *f);
 /* fl_filter_shut, and memory freed.  No thread may be inside the filter. */
 void fl_filter_destroy(fl_filter *f);
 void fl_filter_stats_read(const fl_filter *f, fl_filter_stats *out);
+/* Contract: any thread, lock-free.  st.drop_runs alone: what a caller
+ * checks after every accept, as fl_stats' capacity_episodes. */
+unsigned long long fl_filter_drop_runs(const fl_filter *f);
 
 /* Contract: called WITHOUT the GIL; touches no Python object.  As
  * fl_wait_accept (fl_net.h), for a listener with this filter: waits until

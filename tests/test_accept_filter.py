@@ -8,6 +8,7 @@ returned, whatever the timing), one that must come back with bounded ones.
 """
 
 import errno
+import logging
 import os
 import signal
 import socket
@@ -345,6 +346,90 @@ def test_tls_drops_what_is_not_a_client_hello(make):
     assert closed_by_server(c)
 
 
+# -- split, oversized and malformed heads, each rule, with and without PROXY --
+
+def heads_by_rule():
+    """(rule, a complete head of it) for every rule that waits."""
+    return [("data", b"x"), ("line", b"a line of text\r\n"), ("http", HEAD),
+            ("tls", client_hello())]
+
+
+@pytest.mark.parametrize("prefix", [b"", PROXY_V1, LOCAL], ids=["bare", "proxy-v1", "local"])
+@pytest.mark.parametrize("index", range(4), ids=["data", "line", "http", "tls"])
+def test_a_head_split_over_many_writes_comes_whole_for_each_rule(make, index, prefix):
+    """The PROXY header and the head cut into a few writes at odd places,
+    each one judged: handed over once the last byte arrived, every byte
+    there for the reader."""
+    rule, head = heads_by_rule()[index]
+    whole = prefix + head
+    lst = make(rule, proxy=V1 | V2 if prefix else 0)
+    c = make.client(lst)
+    cuts = sorted({1, len(prefix) // 2, len(prefix) + 1, len(whole) // 2, len(whole) - 1}
+                  - {0, len(whole)})
+    at = 0
+    for cut in cuts:
+        c.sendall(whole[at:cut])
+        at = cut
+        assert none_ready(lst, rounds=1), whole[:cut]
+    c.sendall(whole[at:])
+    with take(lst) as conn:
+        assert read_exactly(conn, len(whole)) == whole
+    assert lst.stats()["dropped"] == {}
+
+
+@pytest.mark.parametrize("prefix", [b"", PROXY_V1], ids=["bare", "proxy-v1"])
+@pytest.mark.parametrize("rule", ["line", "http"])
+def test_an_oversized_head_split_over_writes_is_dropped_after_a_proxy_header_too(
+        make, rule, prefix):
+    """max_bytes counts from the end of the PROXY header."""
+    lst = make(rule, max_bytes=40, proxy=V1 if prefix else 0)
+    c = make.client(lst, prefix + b"GET /" + b"a" * 20)
+    assert none_ready(lst, rounds=1)
+    c.sendall(b"a" * 20)                    # 45 bytes after the header, no line end
+    wait_dropped(lst, "oversize")
+    assert closed_by_server(c)
+    # 40 bytes after the header, the line end included: within the cap
+    head = (b"GET / HTTP/1.0\r\nX: " + b"a" * 17 + b"\r\n\r\n" if rule == "http"
+            else b"b" * 38 + b"\r\n")
+    assert len(head) == 40
+    make.client(lst, prefix + head)
+    with take(lst) as conn:
+        assert read_exactly(conn, len(prefix + head)) == prefix + head
+
+
+MALFORMED_PROXY = [
+    b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 99999\r\n",     # a bad port
+    b"\r\n\r\n\x00\r\nQUIT\n\x22\x00\x00\x00",                # v2 command 2
+    b"GET / HTTP/1.1\r\n\r\n",                                # no header at all
+]
+
+
+@pytest.mark.parametrize("bad", range(len(MALFORMED_PROXY)), ids=["port", "command", "none"])
+@pytest.mark.parametrize("rule", ["none", "data", "line", "http", "tls"])
+def test_a_malformed_proxy_header_is_dropped_whatever_the_rule(make, rule, bad):
+    lst = make(rule, proxy=V1 | V2)
+    data = MALFORMED_PROXY[bad]
+    if data.startswith((b"PROXY", b"\r\n")):
+        c = make.client(lst, data[:7])      # a valid start, judged once
+        assert none_ready(lst, rounds=1)
+        c.sendall(data[7:])
+    else:
+        c = make.client(lst, data)
+    wait_dropped(lst, "malformed")
+    assert closed_by_server(c)
+    assert lst.stats()["made_ready"] == 0
+
+
+@pytest.mark.parametrize("data", [HEAD, b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",
+                                  b"\x16\x03\x01\x40\x01", b"\x16\x02"],
+                         ids=["http", "server-hello", "over-2^14", "version"])
+def test_tls_drops_a_malformed_record_after_a_proxy_header_too(make, data):
+    lst = make("tls", proxy=V1)
+    c = make.client(lst, PROXY_V1 + data)
+    wait_dropped(lst, "malformed")
+    assert closed_by_server(c)
+
+
 # -- deadlines, the cap, close --------------------------------------------------
 
 def test_a_connection_past_its_deadline_is_closed_as_expired(make):
@@ -353,6 +438,68 @@ def test_a_connection_past_its_deadline_is_closed_as_expired(make):
     wait_dropped(lst, "expired")
     assert closed_by_server(c)
     assert lst.stats()["waiting"] == 0
+
+
+def test_a_client_below_the_minimum_rate_is_dropped_long_before_its_deadline(make, caplog):
+    """A head dribbled at about ten bytes a second, against a minimum of a
+    thousand: closed ('slow') at the first byte after its first second,
+    whatever the machine's speed (a slower machine only dribbles slower)."""
+    lst = make("http", timeout=1000, min_rate=1000)
+    c = make.client(lst)
+    head = HEAD * 10
+    sent = 0
+
+    def dribble():
+        nonlocal sent
+        try:
+            c.sendall(head[sent:sent + 1])
+            sent += 1
+        except OSError:
+            pass                        # closed by the server meanwhile
+        assert not lst.accept_many(timeout=0.1)
+        return dropped(lst, "slow") == 1
+    with caplog.at_level(logging.WARNING, logger="fastlisten"):
+        wait_for(dribble, timeout=30)
+    assert closed_by_server(c)
+    assert sent < len(HEAD)             # it never got near a whole head
+    assert lst.stats()["dropped"] == {"slow": 1}
+    warned = filter_warnings(caplog)
+    assert len(warned) == 1 and "slow" in warned[0], warned
+
+
+def test_the_first_second_is_free_of_the_minimum_rate(make):
+    """A byte just after the accept is far below a thousand bytes a second
+    of the few milliseconds waited, but the rate counts only from the
+    first second on: judged then, nothing is dropped."""
+    lst = make("line", timeout=1000, min_rate=1000)
+    start = time.monotonic()
+    c = make.client(lst)
+    wait_for(lambda: not lst.accept_many(timeout=0.01) and lst.stats()["waiting"] == 1,
+             timeout=10)
+    c.sendall(b"a")
+    assert none_ready(lst, rounds=1)
+    if time.monotonic() - start >= 1.0:
+        pytest.skip("the machine took a second to get here: the rate would apply")
+    assert lst.stats()["dropped"] == {}
+    c.sendall(b"\n")
+    with take(lst) as conn:
+        assert read_exactly(conn, 2) == b"a\n"
+
+
+def test_a_client_above_the_minimum_rate_waits_for_its_head_as_usual(make):
+    """200 bytes at once, then more after a second and more: far above one
+    byte a second, so nothing is dropped, and the head comes whole."""
+    lst = make("line", timeout=1000, min_rate=1)
+    c = make.client(lst, b"a" * 200)
+    start = time.monotonic()
+    wait_for(lambda: not lst.accept_many(timeout=0.05)
+             and time.monotonic() - start > 1.2, timeout=30)
+    c.sendall(b"b")                     # judged again, past its first second
+    assert none_ready(lst, rounds=2)
+    c.sendall(b"\n")
+    with take(lst) as conn:
+        assert read_exactly(conn, 202) == b"a" * 200 + b"b\n"
+    assert lst.stats()["dropped"] == {}
 
 
 def test_an_empty_wait_ends_at_its_own_timeout_while_connections_wait(make):
@@ -577,6 +724,23 @@ def test_a_listener_from_config_applies_the_filter():
                 assert read_exactly(conn, len(HEAD)) == HEAD
 
 
+def test_a_listener_from_config_applies_the_minimum_rate():
+    cfg = ListenConfig(port=0, ready_rule="http", ready_min_rate=1000, ready_timeout=1000)
+    assert cfg.ready().min_rate == 1000
+    with Listener.from_config(cfg) as lst:
+        c = socket.create_connection(lst.address, timeout=5)
+        with c:
+            def dribble():              # a byte a round: far below 1000 a second
+                try:
+                    c.sendall(b"G")
+                except OSError:
+                    pass                # closed by the server meanwhile
+                assert not lst.accept_many(timeout=0.1)
+                return dropped(lst, "slow") == 1
+            wait_for(dribble, timeout=30)
+    assert ListenConfig(port=0, ready_rule="http").ready().min_rate == 0
+
+
 def test_a_listener_takes_proxy_protocol_only_with_a_ready_rule():
     with pytest.raises(ValueError, match="ready_rule"):
         Listener.from_config(ListenConfig(port=0, proxy_protocol="v1"))
@@ -608,6 +772,9 @@ def test_the_default_cap_is_a_share_of_the_descriptor_headroom(monkeypatch):
     (dict(rule="data", max_waiting=0), ValueError),
     (dict(rule="data", proxy=4), ValueError),
     (dict(rule="data", proxy=V2, proxy_max_v2=10), ValueError),
+    (dict(rule="data", min_rate=-1), ValueError),
+    (dict(rule="data", min_rate=1.5), TypeError),
+    (dict(rule="data", min_rate=True), TypeError),
 ])
 def test_bad_filter_arguments_raise_on_both_cores(core, options, exc):
     raw = core.RawListener(socket.AF_INET)
@@ -662,3 +829,96 @@ def test_a_default_socket_timeout_neither_stalls_the_filter_nor_is_lost(make):
     with got[0] as conn:
         assert conn.gettimeout() == 30
         assert read_exactly(conn, 6) == b"ready\n"
+
+
+# -- drops logged once per run ------------------------------------------------
+
+def filter_warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "fastlisten" and r.levelno >= logging.WARNING
+            and "accept filter" in r.getMessage()]
+
+
+def test_a_run_of_drops_is_logged_once_with_its_reason_and_its_size_when_it_ends(
+        make, caplog):
+    lst = make("data", timeout=0.05)
+    with caplog.at_level(logging.DEBUG, logger="fastlisten"):
+        for _ in range(3):
+            make.client(lst)                    # silent: they expire
+        wait_dropped(lst, "expired", 3)
+        warned = filter_warnings(caplog)
+        assert len(warned) == 1, warned
+        assert "expired" in warned[0] and "until a connection is made ready" in warned[0]
+        make.client(lst, b"x")
+        take(lst).close()
+        warned = filter_warnings(caplog)
+        assert len(warned) == 2, warned
+        assert "3 connections were dropped in a row" in warned[1]
+        # the next run is logged again (once the interval since the last
+        # warning has passed: none here)
+        lst.drop_log_interval = 0.0
+        make.client(lst)
+        wait_dropped(lst, "expired", 4)
+        warned = filter_warnings(caplog)
+        assert len(warned) == 3 and "expired" in warned[2], warned
+
+
+def test_a_malformed_head_begins_a_run_logged_with_its_reason(make, caplog):
+    lst = make("tls")
+    with caplog.at_level(logging.WARNING, logger="fastlisten"):
+        for _ in range(2):
+            make.client(lst, b"GET / HTTP/1.1\r\n\r\n")
+        wait_dropped(lst, "malformed", 2)
+    warned = filter_warnings(caplog)
+    assert len(warned) == 1 and "malformed" in warned[0], warned
+
+
+def test_health_checks_and_scanners_are_counted_not_logged(make, caplog):
+    lst = make("none", proxy=V2)
+    with caplog.at_level(logging.DEBUG, logger="fastlisten"):
+        make.client(lst, LOCAL).close()
+        wait_dropped(lst, "closed")
+        c = make.client(lst, LOCAL)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+        c.close()
+        wait_dropped(lst, "reset")
+        lst.close_waiting()
+    assert filter_warnings(caplog) == []
+    assert lst.stats()["dropped"] == {"closed": 1, "reset": 1}
+
+
+def test_runs_closer_together_than_the_interval_are_counted_and_named_in_the_next_warning(
+        make, caplog):
+    lst = make("data", timeout=0.05)
+    with caplog.at_level(logging.WARNING, logger="fastlisten"):
+        for run in range(3):
+            make.client(lst)
+            wait_dropped(lst, "expired", run + 1)
+            make.client(lst, b"x")
+            take(lst).close()               # ends the run
+        assert len(filter_warnings(caplog)) == 1    # within drop_log_interval (60 s)
+        lst.drop_log_interval = 0.0
+        make.client(lst)
+        wait_dropped(lst, "expired", 4)
+    warned = filter_warnings(caplog)
+    assert len(warned) == 2, warned
+    assert "2 more runs of drops since the last warning" in warned[1]
+
+
+def test_a_leader_follower_accept_function_logs_drops_itself(make, caplog):
+    """accept_one_with()'s function (ThreadingMixIn's workers call only it
+    while connections keep coming) checks the filter's drops."""
+    lst = make("data", timeout=0.05)
+    w = lst.waiter()
+    try:
+        accept = lst.accept_one_with(w, 0.02)
+        with caplog.at_level(logging.WARNING, logger="fastlisten"):
+            make.client(lst)
+
+            def expired():
+                assert accept() == []
+                return dropped(lst, "expired") == 1
+            wait_for(expired, timeout=10)
+        assert len(filter_warnings(caplog)) == 1
+    finally:
+        w.close()

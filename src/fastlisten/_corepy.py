@@ -38,6 +38,7 @@ from fastlisten._coreshared import (
     c_int,
     check_filter,
     check_max,
+    check_min_rate,
     closed_error,
     remaining,
     timeout_ms,
@@ -477,13 +478,14 @@ class RawListener:
     def set_accept_filter(self, rule: str, timeout: float = DEFAULT_READY_TIMEOUT,
                           max_bytes: int = DEFAULT_READY_MAX_BYTES,
                           max_waiting: int = DEFAULT_MAX_WAITING, proxy: int = 0,
-                          proxy_max_v2: int = _proxy.DEFAULT_MAX_V2) -> None:
+                          proxy_max_v2: int = _proxy.DEFAULT_MAX_V2, min_rate: int = 0) -> None:
         """Make accept_many return only connections that are *ready* (see
         the compiled core's docstring: the same contract).  This twin keeps
         a socket object per waiting connection; the compiled core keeps
         none.  Leader/follower waiters must be made after it."""
         code, ms, mb, cap, versions, max_v2 = check_filter(
             rule, timeout, max_bytes, max_waiting, proxy, proxy_max_v2)
+        rate = check_min_rate(min_rate)
         self._open_sock()
         if self._busy:
             raise OSError(errno.EBUSY, "cannot change the accept filter while accept_many "
@@ -491,6 +493,8 @@ class RawListener:
         if self._filter is None:
             self._filter = _Filter()
         self._filter.configure(code, ms, mb, cap, versions, max_v2)
+        with self._filter.lock:
+            self._filter.min_rate = rate
         self._filtering = code != 0 or versions != 0
 
     def close_waiting(self) -> int:
@@ -680,15 +684,15 @@ class RawListener:
         with filt.lock:
             now = monotonic()
             if filt_ready:
-                filt.events(out, max)
+                filt.events(out, max, now)
             if listener_ready and len(out) < max and (gate is None or gate._enter()):
                 try:
                     err = self._drain(sock, max, out, filt, now)
                 finally:
                     if gate is not None:
                         gate._leave()
+            filt.made_ready(len(out))   # (before expiries: they begin the next run)
             filt.expire(now)
-            filt.ready += len(out)
         self._count_batch(len(out), err)
         return err
 
@@ -803,6 +807,22 @@ class RawListener:
         """The errno of the latest capacity error, 0 if none."""
         return self._last_capacity_errno
 
+    @property
+    def drop_episodes(self) -> int:
+        """How many runs of drops the accept filter has begun (see the
+        compiled core)."""
+        filt = self._filter
+        return 0 if filt is None else filt.drop_runs
+
+    def last_drop_episode(self) -> Tuple[int, Optional[str], bool, int]:
+        """The latest run of drops: (drop_episodes, reason, ongoing, drops)
+        (see the compiled core)."""
+        filt = self._filter
+        if filt is None or not filt.drop_runs:
+            return (0, None, False, 0)
+        return (filt.drop_runs, DROP_REASONS[filt.run_reason - 1], filt.dropping,
+                filt.run_drops)
+
     def stats(self) -> Dict[str, Any]:
         """Counters: accepted, batches, max_batch, capacity_episodes, errors
         {errno: n}; and the accept filter's (see the compiled core)."""
@@ -826,6 +846,8 @@ class RawListener:
 _RULE_NONE, _RULE_DATA, _RULE_LINE, _RULE_HTTP, _RULE_TLS = range(5)
 _READY, _WAIT, _MALFORMED, _OVERSIZE, _CLOSED = 1, 0, -1, -2, -3
 _DROP = {name: i for i, name in enumerate(DROP_REASONS, 1)}
+#: Drops that neither begin nor end a run (health checks, scanners, asked for).
+_NO_RUN = frozenset((_DROP["closed"], _DROP["reset"], _DROP["shutdown"]))
 
 
 def _judge_line(p: bytes, eof: bool, max_bytes: int) -> int:
@@ -929,8 +951,16 @@ class _Filter:
         self.proxy = 0
         self.max_v2 = _proxy.DEFAULT_MAX_V2
         self.peek = 1
+        self.min_rate = 0               # bytes per second, 0: none
+        self.seen = 0                   # what judge()'s peek showed last
         self.peak = self.entered = self.ready = 0
         self.dropped = [0] * (len(DROP_REASONS) + 1)
+        # runs of drops (fl_filter_stats' drop_runs ...): begun, the latest's
+        # first reason, whether it goes on, its drops so far
+        self.drop_runs = 0
+        self.run_reason = 0
+        self.dropping = False
+        self.run_drops = 0
 
     def fileno(self) -> int:
         return -1 if self.ep is None else self.ep.fileno()
@@ -955,6 +985,7 @@ class _Filter:
         """(verdict, reset) from what MSG_PEEK shows of conn."""
         # With a timeout (socket.setdefaulttimeout), the socket module waits
         # before recv() even with MSG_DONTWAIT: non-blocking meanwhile.
+        self.seen = 0
         timeout = conn.gettimeout()
         if timeout:
             conn.settimeout(0.0)
@@ -969,11 +1000,29 @@ class _Filter:
                 conn.settimeout(timeout)
         if not data:
             return _CLOSED, False
+        self.seen = len(data)
         return _judge(data, eof, self.rule, self.max_bytes, self.proxy, self.max_v2), False
 
     def drop(self, conn: _socket.socket, why: int) -> None:
+        """Close conn, counted as ``why``, and the run of drops it begins
+        or extends (fl_count_drop)."""
         conn.close()
         self.dropped[why] += 1
+        if why in _NO_RUN:
+            return
+        if not self.dropping:
+            self.dropping = True
+            self.run_reason = why
+            self.run_drops = 0
+            self.drop_runs += 1
+        self.run_drops += 1
+
+    def made_ready(self, n: int) -> None:
+        """n >= 0 connections handed over by one round: a connection made
+        ready ends a run of drops."""
+        if n:
+            self.ready += n
+            self.dropping = False
 
     def admit(self, conn: _socket.socket, addr: Any, now: float) -> bool:
         """A connection just accepted: True if it is ready (the caller hands
@@ -999,7 +1048,14 @@ class _Filter:
             self.peak = len(self.waiting)
         return False
 
-    def events(self, out: List[Tuple[_socket.socket, Any]], max: int) -> None:
+    def too_slow(self, deadline: float, now: float) -> bool:
+        """Below the minimum rate (fl_too_slow): a connection not ready,
+        whose peek showed self.seen bytes, has waited a second or more and
+        sent fewer than min_rate bytes a second."""
+        waited = now - (deadline - self.timeout)
+        return bool(self.min_rate) and waited >= 1.0 and self.seen < self.min_rate * waited
+
+    def events(self, out: List[Tuple[_socket.socket, Any]], max: int, now: float) -> None:
         """Judge what epoll reports; ready connections go to out (up to max)."""
         while max > len(out):
             want = min(max - len(out), 64)
@@ -1008,7 +1064,7 @@ class _Filter:
                 item = self.waiting.get(fd)
                 if item is None:
                     continue
-                conn, addr, _ = item
+                conn, addr, deadline = item
                 if mask & select.EPOLLERR:
                     del self.waiting[fd]
                     self.drop(conn, _DROP["reset"])
@@ -1016,6 +1072,9 @@ class _Filter:
                 verdict, reset = self.judge(conn, bool(mask & (select.EPOLLRDHUP
                                                                | select.EPOLLHUP)))
                 if verdict == _WAIT:
+                    if self.too_slow(deadline, now):
+                        del self.waiting[fd]
+                        self.drop(conn, _DROP["slow"])
                     continue
                 del self.waiting[fd]
                 if verdict < 0:

@@ -72,43 +72,6 @@ class _Episode:
             self.failed = 0
 
 
-class FilterDrops:
-    """Log the accept filter's drops once per episode, as FrontDoor logs
-    its own: the core drops without telling Python, so the serving loop
-    calls :meth:`check` with the listener's stats() now and then (after
-    each batch, every poll_interval).  New drops start an episode (a
-    WARNING naming the reasons); the first check that sees connections
-    handed over and no new drop ends it (a WARNING with its size, when
-    more than one).  Drops at shutdown ('shutdown') are the server's doing:
-    counted, never logged."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.total = 0          # drops seen so far (shutdown aside)
-        self.ready = 0          # made_ready seen so far
-        self.run = 0            # drops in the current episode
-
-    def check(self, stats: Dict[str, Any]) -> None:
-        dropped = {reason: n for reason, n in stats.get("dropped", {}).items()
-                   if reason != "shutdown"}
-        total, ready = sum(dropped.values()), stats.get("made_ready", 0)
-        new, served = total - self.total, ready > self.ready
-        self.total, self.ready = total, ready
-        if new > 0:
-            if self.run == 0:
-                _log.warning("accept filter on %s: %d connection(s) dropped before they were "
-                             "ready (so far: %s); further drops are counted "
-                             "(counters()['dropped']), not logged, until connections are "
-                             "served again", self.where, new,
-                             ", ".join(f"{r}={n}" for r, n in sorted(dropped.items())))
-            self.run += new
-        elif served and self.run:
-            if self.run > 1:
-                _log.warning("accept filter on %s: %d connections were dropped in a row "
-                             "before connections were served again", self.where, self.run)
-            self.run = 0
-
-
 class FrontDoor:
     """The PROXY header and TLS handshake for one server.
 

@@ -70,7 +70,7 @@ from fastlisten import address as _address
 from fastlisten import sysinfo
 from fastlisten._backend import SocketReader, SocketWriter
 from fastlisten._coreshared import DEFAULT_BATCH
-from fastlisten._frontdoor import FilterDrops, FrontDoor
+from fastlisten._frontdoor import FrontDoor
 from fastlisten._queued import hand_over, serve_queued
 from fastlisten._threadpool import LeaderPool
 from fastlisten._wakeup import Waker
@@ -337,7 +337,6 @@ class _FastLoop(_StdServer):
     #: The accept filter set on _fl_listener (None: none); its ``proxy``: the
     #: PROXY header is complete in the kernel when a connection is handed over.
     _fl_filter: Optional[ReadySettings] = None
-    _fl_drop_log: Optional[FilterDrops] = None  # its drops, logged once per episode
     _fl_config: Optional[ListenConfig] = None  # listen_config at server_address
     _fl_adopted = False         # self.socket came from listen_config.fd, listening
     _fl_unix_file: Optional[UnixSocketFile] = None
@@ -695,13 +694,6 @@ class _FastLoop(_StdServer):
                 self.shutdown_request(conn)
         return None
 
-    def _fl_check_drops(self, listener: Listener) -> None:
-        """Log the accept filter's drops once per episode (FilterDrops)."""
-        log = self._fl_drop_log
-        if log is None:
-            log = self._fl_drop_log = FilterDrops(listener._describe())
-        log.check(listener.stats())
-
     def _fl_front(self, request: socket.socket, client_address: Any) -> Any:
         """What comes before verify_request for a connection the loop (or
         serve_queued()) took from the server's Listener: the PROXY header,
@@ -916,7 +908,7 @@ class _FastLoop(_StdServer):
                                 owned=False)
             listener.config = self._fl_config
             self._fl_listener = listener
-            self._fl_filter = self._fl_drop_log = None
+            self._fl_filter = None
         else:
             os.set_blocking(sock.fileno(), False)   # the core relies on EAGAIN
         config = self._fl_current_config()
@@ -926,7 +918,8 @@ class _FastLoop(_StdServer):
                 listener.set_accept_filter("none")      # off: every connection at once
             else:
                 listener.set_accept_filter(ready.rule, ready.timeout, ready.max_bytes,
-                                           ready.max_waiting, ready.proxy, ready.proxy_max_v2)
+                                           ready.max_waiting, ready.proxy, ready.proxy_max_v2,
+                                           ready.min_rate)
             self._fl_filter = ready
         return listener
 
@@ -960,7 +953,6 @@ class _FastLoop(_StdServer):
                 # left to wait for a loop that may never run again
                 if self._fl_filter is not None:
                     listener.close_waiting()
-                    self._fl_check_drops(listener)
                 if sock.fileno() >= 0:
                     try:
                         sock.settimeout(sock.gettimeout())
@@ -988,8 +980,6 @@ class _FastLoop(_StdServer):
                 if batch:
                     self._fl_handle_batch(batch, handle_one)
                 self.service_actions()
-                if self._fl_filter is not None:
-                    self._fl_check_drops(listener)
         finally:
             self._fl_unpublish()
         return True
@@ -1370,8 +1360,6 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
                 if (_stop_asked(self) or source.error is not None
                         or pool.closed or stop.fenced):
                     break
-                if self._fl_filter is not None:
-                    self._fl_check_drops(listener)
                 self.service_actions()
         finally:
             # Once fence() returns, no worker touches the listening
