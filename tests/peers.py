@@ -1,6 +1,7 @@
 """Real peers for the load-balancer tests: an nginx ``stream`` proxy (the
-Debian package, run from a directory of its own) and a slow-client attack
-(silent and dribbling connections held open against a server).
+Debian package, run from a directory of its own with the guide's
+configuration) and a slow-client attack (silent and dribbling connections
+held open against a server).
 
 ``find_nginx()`` is None where nginx or its stream module is missing; the
 tests skip then, unless FASTLISTEN_REQUIRE_NGINX=1 (.ci/run sets it, and
@@ -18,6 +19,8 @@ import time
 
 from test_socketserver_diff import LIMIT
 
+#: The guide whose configurations the tests run.
+GUIDE = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "guide", "balancers.md")
 #: Where Debian's nginx keeps its dynamic modules.
 MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules")
 
@@ -46,12 +49,12 @@ def find_nginx():
 
 
 class NginxStream:
-    """nginx in the foreground (``daemon off;``, one process) proxying TCP
-    from a free loopback port to ``backend_port``, sending a PROXY v1 header
-    first (``proxy_protocol on;``); its configuration, pid and error log
-    live in ``directory``.  Use as a context manager, or call close()."""
+    """nginx in the foreground (``daemon off;``, one process) with
+    ``stream``, the text of a ``stream { ... }`` block (the guide's, its
+    ports moved), listening on ``port``; its configuration, pid and error
+    log live in ``directory``.  Use as a context manager, or call close()."""
 
-    def __init__(self, found, directory, port, backend_port):
+    def __init__(self, found, directory, port, stream):
         exe, load = found
         self.port = port
         self.directory = str(directory)
@@ -66,16 +69,7 @@ master_process off;
 pid {self.pid_file};
 error_log {self.error_log} notice;
 events {{ worker_connections 1024; }}
-stream {{
-    upstream fastlisten {{ server 127.0.0.1:{backend_port}; }}
-    server {{
-        listen 127.0.0.1:{port};
-        proxy_pass fastlisten;
-        proxy_protocol on;
-        proxy_connect_timeout 5s;
-        proxy_timeout 30s;
-    }}
-}}
+{stream}
 """)
         check = subprocess.run([exe, "-t", "-p", self.directory, "-e", self.error_log,
                                 "-c", self.config], capture_output=True, text=True, timeout=30)
@@ -244,3 +238,18 @@ def p99(times):
     """The 99th percentile of ``times`` (the largest below 100 samples)."""
     ordered = sorted(times)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def guide_block(marker):
+    """The code block after ``<!-- marker -->`` in docs/guide/balancers.md."""
+    with open(GUIDE, encoding="utf-8") as f:
+        text = f.read()
+    block = text.split(f"<!-- {marker} -->", 1)[1]
+    return block.split("```", 2)[1].partition("\n")[2]
+
+
+def move_ports(config, ports):
+    """``config`` with each ``127.0.0.1:PORT`` that ``ports`` maps (the
+    guide's 8000-8002) moved to the port it maps to."""
+    return re.sub(r"127\.0\.0\.1:(\d+)\b",
+                  lambda m: f"127.0.0.1:{ports.get(m.group(1), m.group(1))}", config)

@@ -358,9 +358,11 @@ def test_the_accept_filter_settings_resolve_with_their_defaults():
     assert ready == ("line", 2.0, 64, 5, 3, 4096)
 
 
-def test_the_accept_filter_has_no_command_line_flags_until_servers_apply_it():
-    from fastlisten.config import option_fields
-
-    names = {f.name for f in option_fields()}
-    assert "proxy_protocol" in names
-    assert not names & {"ready_rule", "ready_timeout", "ready_max_bytes", "max_waiting"}
+def test_the_accept_filter_has_command_line_flags():
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = from_args(parser.parse_args(["--ready-rule", "line", "--ready-timeout", "2.5",
+                                       "--ready-max-bytes", "64", "--max-waiting", "5"]))
+    assert cfg.ready() == ("line", 2.5, 64, 5, 0, 2048)
+    assert from_args(parser.parse_args([])).ready() is None

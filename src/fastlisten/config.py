@@ -352,22 +352,22 @@ class ListenConfig:
         type="float")
     proxy_max_v2: Optional[int] = _option(
         None, "largest PROXY v2 header accepted (default 2048)", metavar="BYTES")
-    # The accept filter (issue 19).  cli=False: no command-line flags until
-    # the server classes apply it (Listener.from_config does).
+    # The accept filter (issue 19); ``fastlisten serve`` chooses a rule for
+    # its handler when --ready-rule is not given.
     ready_rule: Optional[str] = _option(
         None, "hand over a connection only once it is ready: 'data' (a byte), 'line', "
               "'http' (a request head) or 'tls' (a ClientHello); meanwhile it waits in "
-              "the core, holding no thread", choices=READY_RULES, cli=False)
+              "the core, holding no thread", choices=READY_RULES)
     ready_timeout: Optional[float] = _option(
         None, "seconds from accept to ready (default 10); later, the connection is "
-              "closed", metavar="SECONDS", type="float", cli=False)
+              "closed", metavar="SECONDS", type="float")
     ready_max_bytes: Optional[int] = _option(
         None, "longest line or request head the 'line'/'http' rule waits for (default "
-              "16384); a longer one is closed", metavar="BYTES", cli=False)
+              "16384); a longer one is closed", metavar="BYTES")
     max_waiting: Optional[int] = _option(
         None, "most connections waiting to be ready at once (default: half the "
               "descriptors the process may still open); one more closes the oldest",
-        metavar="N", cli=False)
+        metavar="N")
 
     ssl_context: Optional[ssl.SSLContext] = None
     handshake_timeout: Optional[float] = None
@@ -808,7 +808,6 @@ def option_fields() -> List["dataclasses.Field[Any]"]:
     """The fields of ListenConfig that are listener options (each with its
     ``help`` and command-line spelling in ``metadata``), in order; the
     command line generates its flags from them.  Options marked
-    ``cli=False`` (the accept filter's, until ``fastlisten serve`` applies
-    them) are left out."""
+    ``cli=False`` are left out."""
     return [f for f in dataclasses.fields(ListenConfig)
             if "help" in f.metadata and f.metadata.get("cli", True)]

@@ -163,8 +163,10 @@ def _paced(events: int, duration: float, event: Callable[[int], Any]) -> int:
 
 
 def _supervised(mode: str, workers: int, *extra: str) -> _Served:
+    # (Reply speaks first: the accept filter's default rule for a handler
+    # of one's own, 'data', would wait for the client)
     args = ["--bind", "127.0.0.1:0", "--workers", str(workers), "--graceful-timeout", "5",
-            *extra]
+            "--ready-rule", "none", *extra]
     if mode == "reuse-port":
         args.append("--reuse-port")
     served = _Served(args)
