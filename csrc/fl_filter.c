@@ -112,6 +112,11 @@ fl_ready_judge(const unsigned char *buf, size_t n, int eof, const fl_ready_rule 
         if (p == 0)
             return eof ? FL_JUDGE_CLOSED : FL_JUDGE_WAIT;
         off = (size_t)p;
+        /* A LOCAL header (a balancer's health check) is ready only with
+         * something after it, whatever the rule: a check that closes or
+         * resets next is dropped here, never handed to a handler. */
+        if (h.command == FL_PROXY_LOCAL && n == off)
+            return eof ? FL_JUDGE_CLOSED : FL_JUDGE_WAIT;
     }
     m = n - off;
     switch (r->rule) {
@@ -226,6 +231,27 @@ fl_unlink(fl_filter *f, int i)
     __atomic_store_n(&f->st.waiting, (unsigned long long)f->count, __ATOMIC_RELAXED);
 }
 
+/* Count a drop for `why`, and the run of drops it begins or extends
+ * (lock held; see fl_filter_stats). */
+static void
+fl_count_drop(fl_filter *f, int why)
+{
+    fl_count(&f->st.dropped[why], 1);
+    if (why == FL_DROP_CLOSED || why == FL_DROP_RESET || why == FL_DROP_SHUTDOWN)
+        return;
+    if (!f->dropping) {
+        f->dropping = 1;
+        __atomic_store_n(&f->st.run_drops, 0ULL, __ATOMIC_RELAXED);
+        __atomic_store_n(&f->st.run_reason, (unsigned long long)why, __ATOMIC_RELAXED);
+        __atomic_store_n(&f->st.run_open, 1ULL, __ATOMIC_RELAXED);
+        /* last, released: a reader that sees the new run sees its reason */
+        __atomic_store_n(&f->st.drop_runs,
+                         __atomic_load_n(&f->st.drop_runs, __ATOMIC_RELAXED) + 1,
+                         __ATOMIC_RELEASE);
+    }
+    fl_count(&f->st.run_drops, 1);
+}
+
 /* Close waiting slot i, counted as `why` (lock held).  Closing removes the
  * descriptor from the epoll set: nothing else holds it. */
 static void
@@ -234,14 +260,14 @@ fl_drop(fl_filter *f, int i, int why)
     int fd = f->slots[i].c.fd;
     fl_unlink(f, i);
     close(fd);
-    fl_count(&f->st.dropped[why], 1);
+    fl_count_drop(f, why);
 }
 
 static void
 fl_drop_fd(fl_filter *f, int fd, int why)
 {
     close(fd);
-    fl_count(&f->st.dropped[why], 1);
+    fl_count_drop(f, why);
 }
 
 /* A free slot (lock held; count < cap): -1 if memory ran out. */
@@ -470,9 +496,16 @@ fl_filter_round(fl_filter *f, int filt_ready, int lfd, int listener_ready, fl_ga
                 fl_gate_leave(gate);
         }
     }
-    fl_expire(f, now);
-    if (n > 0)
+    if (n > 0) {
         fl_count(&f->st.ready, (unsigned long long)n);
+        if (f->dropping) {
+            /* a connection made ready ends a run of drops (before this
+             * round's expiries, which begin the next one) */
+            f->dropping = 0;
+            __atomic_store_n(&f->st.run_open, 0ULL, __ATOMIC_RELAXED);
+        }
+    }
+    fl_expire(f, now);
     pthread_mutex_unlock(&f->lock);
     if (n > 0)
         fl_stats_count_batch(st, n, *err);
@@ -640,13 +673,17 @@ fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int sig_fd, int timeout_ms
     }
 }
 
-void
+int
 fl_filter_clear(fl_filter *f, int why)
 {
+    int n = 0;
     pthread_mutex_lock(&f->lock);
-    while (f->head >= 0)
+    while (f->head >= 0) {
         fl_drop(f, f->head, why);
+        n++;
+    }
     pthread_mutex_unlock(&f->lock);
+    return n;
 }
 
 void
@@ -681,4 +718,14 @@ fl_filter_stats_read(const fl_filter *f, fl_filter_stats *out)
     out->ready = __atomic_load_n(&f->st.ready, __ATOMIC_RELAXED);
     for (i = 0; i < FL_DROP_SLOTS; i++)
         out->dropped[i] = __atomic_load_n(&f->st.dropped[i], __ATOMIC_RELAXED);
+    out->drop_runs = __atomic_load_n(&f->st.drop_runs, __ATOMIC_ACQUIRE);
+    out->run_drops = __atomic_load_n(&f->st.run_drops, __ATOMIC_RELAXED);
+    out->run_reason = __atomic_load_n(&f->st.run_reason, __ATOMIC_RELAXED);
+    out->run_open = __atomic_load_n(&f->st.run_open, __ATOMIC_RELAXED);
+}
+
+unsigned long long
+fl_filter_drop_runs(const fl_filter *f)
+{
+    return __atomic_load_n(&f->st.drop_runs, __ATOMIC_ACQUIRE);
 }

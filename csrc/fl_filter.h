@@ -17,6 +17,11 @@
  *
  * With a PROXY protocol version set, a complete, valid PROXY header
  * (fl_proxy_parse) must come first, and the rule applies to what follows it.
+ * A LOCAL header (v2; what a balancer's health check sends before it closes
+ * or resets) needs at least one byte after it whatever the rule, NONE
+ * included: a health check is dropped as closed or reset, counted, never
+ * handed over; a LOCAL connection that goes on to send data follows the
+ * rule as any other.
  *
  * Every waiting connection has one deadline, `timeout_ms` after its accept;
  * all share the timeout, so accept order is deadline order and the waiting
@@ -27,7 +32,8 @@
  *
  * A connection that expires, is malformed, exceeds max_bytes, is closed or
  * reset before it is ready, or is evicted, is closed and counted by reason,
- * never returned.  One exception, for the data, line and http rules: a
+ * never returned; runs of drops are counted too, so that the caller can log
+ * one line per run (fl_filter_drop_runs).  One exception, for the data, line and http rules: a
  * peer that sent some bytes (after a complete PROXY header, if one is
  * required) and then shut its side (FIN) without completing the rule is
  * handed over: everything it will say has arrived, so its handler cannot
@@ -96,6 +102,15 @@ typedef struct {
     unsigned long long entered;     /* connections that had to wait */
     unsigned long long ready;       /* connections handed over (waited or not) */
     unsigned long long dropped[FL_DROP_SLOTS];   /* by FL_DROP_* (slot 0 unused) */
+    /* Runs of drops, for a log line per run: a run begins with a drop for
+     * MALFORMED, OVERSIZE, EXPIRED, EVICTED or ERROR while none is on, and
+     * ends when a round hands a connection over (CLOSED and RESET are
+     * what health checks and port scanners do, SHUTDOWN is asked for:
+     * they neither begin nor end one). */
+    unsigned long long drop_runs;   /* runs begun */
+    unsigned long long run_drops;   /* drops of the latest run so far */
+    unsigned long long run_reason;  /* the FL_DROP_* that began it */
+    unsigned long long run_open;    /* 1 while it is on */
 } fl_filter_stats;
 
 typedef struct {
@@ -115,6 +130,7 @@ typedef struct {
     int head, tail;           /* oldest, newest waiting; -1: none */
     int free;                 /* free slots' list; -1: none */
     int count;
+    int dropping;             /* a run of drops is on (st.run_open, under lock) */
     unsigned char *peek;      /* fl_ready_peek_size bytes, used under lock */
     size_t peek_size;
     fl_filter_stats st;
@@ -126,14 +142,19 @@ int fl_filter_init(fl_filter *f);
 /* Contract: as init; nothing may be waiting (else EBUSY) and no thread be
  * inside fl_filter_wait_accept.  The counters are kept.  0 or an errno. */
 int fl_filter_configure(fl_filter *f, const fl_ready_rule *r, long long timeout_ms, int cap);
-/* Close every waiting connection, counted with reason `why`. */
-void fl_filter_clear(fl_filter *f, int why);
+/* Contract: any thread, GIL or not, even while others are inside
+ * fl_filter_wait_accept (it takes f->lock).  Close every waiting
+ * connection, counted with reason `why`; returns how many. */
+int fl_filter_clear(fl_filter *f, int why);
 /* fl_filter_clear(SHUTDOWN) and the epoll descriptor closed (the
  * counters stay readable).  No thread may be inside the filter. */
 void fl_filter_shut(fl_filter *f);
 /* fl_filter_shut, and memory freed.  No thread may be inside the filter. */
 void fl_filter_destroy(fl_filter *f);
 void fl_filter_stats_read(const fl_filter *f, fl_filter_stats *out);
+/* Contract: any thread, lock-free.  st.drop_runs alone: what a caller
+ * checks after every accept, as fl_stats' capacity_episodes. */
+unsigned long long fl_filter_drop_runs(const fl_filter *f);
 
 /* Contract: called WITHOUT the GIL; touches no Python object.  As
  * fl_wait_accept (fl_net.h), for a listener with this filter: waits until

@@ -8,6 +8,7 @@ returned, whatever the timing), one that must come back with bounded ones.
 """
 
 import errno
+import logging
 import os
 import signal
 import socket
@@ -25,6 +26,8 @@ from fastlisten.proxy import V1, V2
 LOOPBACK = ("127.0.0.1", 0)
 HEAD = b"GET /index.html HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n"
 PROXY_V1 = b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\r\n"
+LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"     # v2 LOCAL, no addresses
+LINGER_0 = b"\x01\x00\x00\x00\x00\x00\x00\x00"        # SO_LINGER on, 0 s: close() resets
 
 
 def _core_params():
@@ -223,7 +226,7 @@ def test_a_reset_before_ready_is_dropped_and_never_handed_over(make):
     lst = make("http")
     c = make.client(lst, b"GET / HT")
     assert none_ready(lst, rounds=1)
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
     c.close()                       # RST
     wait_for(lambda: not lst.accept_many(timeout=0.02)
              and dropped(lst, "reset") + dropped(lst, "closed") == 1, timeout=10)
@@ -264,13 +267,51 @@ def test_a_malformed_proxy_header_is_dropped(make, data):
     assert closed_by_server(c)
 
 
-def test_a_health_check_local_header_then_close_is_dropped_as_closed(make):
-    local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"     # v2 LOCAL, no addresses
-    lst = make("data", proxy=V2)
-    c = make.client(lst, local)
+@pytest.mark.parametrize("rule", ["none", "data", "line", "http"])
+def test_a_health_check_local_header_then_close_is_dropped_as_closed(make, rule):
+    lst = make(rule, proxy=V2)
+    c = make.client(lst, LOCAL)
     c.close()
     wait_dropped(lst, "closed")
-    assert lst.stats()["made_ready"] == 0
+    assert lst.stats()["made_ready"] == 0 and lst.stats()["waiting"] == 0
+
+
+@pytest.mark.parametrize("rule", ["none", "data", "line", "http"])
+def test_a_health_check_local_header_then_reset_is_dropped_as_reset(make, rule):
+    """HAProxy's checks with send-proxy-v2: a LOCAL header, then a reset."""
+    lst = make(rule, proxy=V1 | V2)
+    c = make.client(lst, LOCAL)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+    c.close()
+    wait_dropped(lst, "reset")
+    assert lst.stats()["made_ready"] == 0 and lst.stats()["waiting"] == 0
+    assert "closed" not in lst.stats()["dropped"]
+
+
+@pytest.mark.parametrize("rule, data", [("none", b"x"), ("data", b"x"), ("line", b"a line\n"),
+                                        ("http", HEAD)])
+def test_a_local_connection_that_sends_data_follows_the_rule(make, rule, data):
+    lst = make(rule, proxy=V2)
+    c = make.client(lst, LOCAL)
+    assert none_ready(lst)
+    c.sendall(data[:-1])
+    if len(data) > 1:
+        assert none_ready(lst, rounds=1)
+    c.sendall(data[-1:])
+    with take(lst) as conn:
+        assert fastlisten.proxy_read(conn, V2).command == "LOCAL"
+        assert read_exactly(conn, len(data)) == data
+
+
+def test_a_proxy_command_header_alone_is_enough_for_rule_none(make):
+    """Only LOCAL waits for more: a relayed connection's header is enough,
+    as before (a server that speaks first)."""
+    header = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+              b"\xc0\x00\x02\x01\xc6\x33\x64\x07\xdb\xf4\x01\xbb")
+    lst = make("none", proxy=V2)
+    make.client(lst, header)
+    with take(lst) as conn:
+        assert fastlisten.proxy_read(conn, V2).source == ("192.0.2.1", 56308)
 
 
 # -- TLS ----------------------------------------------------------------------
@@ -301,6 +342,90 @@ def test_tls_waits_for_the_whole_client_hello_record(make):
 def test_tls_drops_what_is_not_a_client_hello(make):
     lst = make("tls")
     c = make.client(lst, HEAD)
+    wait_dropped(lst, "malformed")
+    assert closed_by_server(c)
+
+
+# -- split, oversized and malformed heads, each rule, with and without PROXY --
+
+def heads_by_rule():
+    """(rule, a complete head of it) for every rule that waits."""
+    return [("data", b"x"), ("line", b"a line of text\r\n"), ("http", HEAD),
+            ("tls", client_hello())]
+
+
+@pytest.mark.parametrize("prefix", [b"", PROXY_V1, LOCAL], ids=["bare", "proxy-v1", "local"])
+@pytest.mark.parametrize("index", range(4), ids=["data", "line", "http", "tls"])
+def test_a_head_split_over_many_writes_comes_whole_for_each_rule(make, index, prefix):
+    """The PROXY header and the head cut into a few writes at odd places,
+    each one judged: handed over once the last byte arrived, every byte
+    there for the reader."""
+    rule, head = heads_by_rule()[index]
+    whole = prefix + head
+    lst = make(rule, proxy=V1 | V2 if prefix else 0)
+    c = make.client(lst)
+    cuts = sorted({1, len(prefix) // 2, len(prefix) + 1, len(whole) // 2, len(whole) - 1}
+                  - {0, len(whole)})
+    at = 0
+    for cut in cuts:
+        c.sendall(whole[at:cut])
+        at = cut
+        assert none_ready(lst, rounds=1), whole[:cut]
+    c.sendall(whole[at:])
+    with take(lst) as conn:
+        assert read_exactly(conn, len(whole)) == whole
+    assert lst.stats()["dropped"] == {}
+
+
+@pytest.mark.parametrize("prefix", [b"", PROXY_V1], ids=["bare", "proxy-v1"])
+@pytest.mark.parametrize("rule", ["line", "http"])
+def test_an_oversized_head_split_over_writes_is_dropped_after_a_proxy_header_too(
+        make, rule, prefix):
+    """max_bytes counts from the end of the PROXY header."""
+    lst = make(rule, max_bytes=40, proxy=V1 if prefix else 0)
+    c = make.client(lst, prefix + b"GET /" + b"a" * 20)
+    assert none_ready(lst, rounds=1)
+    c.sendall(b"a" * 20)                    # 45 bytes after the header, no line end
+    wait_dropped(lst, "oversize")
+    assert closed_by_server(c)
+    # 40 bytes after the header, the line end included: within the cap
+    head = (b"GET / HTTP/1.0\r\nX: " + b"a" * 17 + b"\r\n\r\n" if rule == "http"
+            else b"b" * 38 + b"\r\n")
+    assert len(head) == 40
+    make.client(lst, prefix + head)
+    with take(lst) as conn:
+        assert read_exactly(conn, len(prefix + head)) == prefix + head
+
+
+MALFORMED_PROXY = [
+    b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 99999\r\n",     # a bad port
+    b"\r\n\r\n\x00\r\nQUIT\n\x22\x00\x00\x00",                # v2 command 2
+    b"GET / HTTP/1.1\r\n\r\n",                                # no header at all
+]
+
+
+@pytest.mark.parametrize("bad", range(len(MALFORMED_PROXY)), ids=["port", "command", "none"])
+@pytest.mark.parametrize("rule", ["none", "data", "line", "http", "tls"])
+def test_a_malformed_proxy_header_is_dropped_whatever_the_rule(make, rule, bad):
+    lst = make(rule, proxy=V1 | V2)
+    data = MALFORMED_PROXY[bad]
+    if data.startswith((b"PROXY", b"\r\n")):
+        c = make.client(lst, data[:7])      # a valid start, judged once
+        assert none_ready(lst, rounds=1)
+        c.sendall(data[7:])
+    else:
+        c = make.client(lst, data)
+    wait_dropped(lst, "malformed")
+    assert closed_by_server(c)
+    assert lst.stats()["made_ready"] == 0
+
+
+@pytest.mark.parametrize("data", [HEAD, b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",
+                                  b"\x16\x03\x01\x40\x01", b"\x16\x02"],
+                         ids=["http", "server-hello", "over-2^14", "version"])
+def test_tls_drops_a_malformed_record_after_a_proxy_header_too(make, data):
+    lst = make("tls", proxy=V1)
+    c = make.client(lst, PROXY_V1 + data)
     wait_dropped(lst, "malformed")
     assert closed_by_server(c)
 
@@ -358,6 +483,62 @@ def test_close_closes_every_waiting_connection(make):
     assert dropped(lst, "shutdown") == 3 and lst.stats()["waiting"] == 0
     for c in clients:
         assert closed_by_server(c)
+
+
+def test_close_waiting_closes_the_waiting_connections_and_keeps_listening(make):
+    lst = make("line", timeout=1000)
+    clients = [make.client(lst, b"no end of line yet") for _ in range(3)]
+    wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 3,
+             timeout=10)
+    assert lst.close_waiting() == 3
+    assert dropped(lst, "shutdown") == 3 and lst.stats()["waiting"] == 0
+    for c in clients:
+        assert closed_by_server(c)
+    assert lst.close_waiting() == 0
+    # the listener and its rule are as they were
+    assert not lst.closed
+    silent = make.client(lst)
+    make.client(lst, b"hello\n")
+    with take(lst) as conn:
+        assert read_exactly(conn, 6) == b"hello\n"
+    assert lst.stats()["waiting"] == 1
+    lst.close()
+    assert dropped(lst, "shutdown") == 4
+    assert closed_by_server(silent)
+
+
+def test_close_waiting_while_another_thread_waits_in_accept_many(make):
+    """The waiting thread keeps waiting through it, on the same filter,
+    and takes the next ready connection."""
+    lst = make("data", timeout=1000)
+    clients = [make.client(lst) for _ in range(4)]
+    got = []
+    t = threading.Thread(target=lambda: got.append(lst.accept_many(timeout=30)))
+    t.start()
+    try:
+        wait_for(lambda: lst.stats()["waiting"] == 4, timeout=10)
+        assert lst.close_waiting() == 4
+        for c in clients:
+            assert closed_by_server(c)
+        assert t.is_alive()             # nothing was handed to it
+        make.client(lst, b"x")
+        t.join(10)
+    finally:
+        lst.wakeup()
+        t.join(10)
+    assert not t.is_alive() and len(got) == 1 and len(got[0]) == 1
+    conn, _ = got[0][0]
+    with conn:
+        assert read_exactly(conn, 1) == b"x"
+    assert lst.stats()["dropped"] == {"shutdown": 4}
+
+
+def test_close_waiting_without_a_filter_or_once_closed_is_zero():
+    lst = fastlisten.listen(LOOPBACK)
+    assert lst.close_waiting() == 0
+    lst.set_accept_filter("data")
+    lst.close()
+    assert lst.close_waiting() == 0
 
 
 def test_the_filter_cannot_change_while_connections_wait(make):
@@ -566,3 +747,96 @@ def test_a_default_socket_timeout_neither_stalls_the_filter_nor_is_lost(make):
     with got[0] as conn:
         assert conn.gettimeout() == 30
         assert read_exactly(conn, 6) == b"ready\n"
+
+
+# -- drops logged once per run ------------------------------------------------
+
+def filter_warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "fastlisten" and r.levelno >= logging.WARNING
+            and "accept filter" in r.getMessage()]
+
+
+def test_a_run_of_drops_is_logged_once_with_its_reason_and_its_size_when_it_ends(
+        make, caplog):
+    lst = make("data", timeout=0.05)
+    with caplog.at_level(logging.DEBUG, logger="fastlisten"):
+        for _ in range(3):
+            make.client(lst)                    # silent: they expire
+        wait_dropped(lst, "expired", 3)
+        warned = filter_warnings(caplog)
+        assert len(warned) == 1, warned
+        assert "expired" in warned[0] and "until a connection is made ready" in warned[0]
+        make.client(lst, b"x")
+        take(lst).close()
+        warned = filter_warnings(caplog)
+        assert len(warned) == 2, warned
+        assert "3 connections were dropped in a row" in warned[1]
+        # the next run is logged again (once the interval since the last
+        # warning has passed: none here)
+        lst.drop_log_interval = 0.0
+        make.client(lst)
+        wait_dropped(lst, "expired", 4)
+        warned = filter_warnings(caplog)
+        assert len(warned) == 3 and "expired" in warned[2], warned
+
+
+def test_a_malformed_head_begins_a_run_logged_with_its_reason(make, caplog):
+    lst = make("tls")
+    with caplog.at_level(logging.WARNING, logger="fastlisten"):
+        for _ in range(2):
+            make.client(lst, b"GET / HTTP/1.1\r\n\r\n")
+        wait_dropped(lst, "malformed", 2)
+    warned = filter_warnings(caplog)
+    assert len(warned) == 1 and "malformed" in warned[0], warned
+
+
+def test_health_checks_and_scanners_are_counted_not_logged(make, caplog):
+    lst = make("none", proxy=V2)
+    with caplog.at_level(logging.DEBUG, logger="fastlisten"):
+        make.client(lst, LOCAL).close()
+        wait_dropped(lst, "closed")
+        c = make.client(lst, LOCAL)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+        c.close()
+        wait_dropped(lst, "reset")
+        lst.close_waiting()
+    assert filter_warnings(caplog) == []
+    assert lst.stats()["dropped"] == {"closed": 1, "reset": 1}
+
+
+def test_runs_closer_together_than_the_interval_are_counted_and_named_in_the_next_warning(
+        make, caplog):
+    lst = make("data", timeout=0.05)
+    with caplog.at_level(logging.WARNING, logger="fastlisten"):
+        for run in range(3):
+            make.client(lst)
+            wait_dropped(lst, "expired", run + 1)
+            make.client(lst, b"x")
+            take(lst).close()               # ends the run
+        assert len(filter_warnings(caplog)) == 1    # within drop_log_interval (60 s)
+        lst.drop_log_interval = 0.0
+        make.client(lst)
+        wait_dropped(lst, "expired", 4)
+    warned = filter_warnings(caplog)
+    assert len(warned) == 2, warned
+    assert "2 more runs of drops since the last warning" in warned[1]
+
+
+def test_a_leader_follower_accept_function_logs_drops_itself(make, caplog):
+    """accept_one_with()'s function (ThreadingMixIn's workers call only it
+    while connections keep coming) checks the filter's drops."""
+    lst = make("data", timeout=0.05)
+    w = lst.waiter()
+    try:
+        accept = lst.accept_one_with(w, 0.02)
+        with caplog.at_level(logging.WARNING, logger="fastlisten"):
+            make.client(lst)
+
+            def expired():
+                assert accept() == []
+                return dropped(lst, "expired") == 1
+            wait_for(expired, timeout=10)
+        assert len(filter_warnings(caplog)) == 1
+    finally:
+        w.close()

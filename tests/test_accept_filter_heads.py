@@ -2,8 +2,11 @@
 heads: the compiled core (csrc/fl_filter.c) and its pure twin give the same
 verdict on everything, and the verdicts mean what the rules say: every cut
 of a head short of its end waits, the whole head is ready, a head longer
-than the cap is oversize, and a PROXY header in front changes nothing but
-its own validity."""
+than the cap is oversize, a PROXY header in front changes nothing but its
+own validity (a LOCAL one needs something after it), a decision on a
+prefix is the decision on the whole (so a head split over many writes is
+judged as if it came at once), and what the filter peeks at is always
+enough for a decision."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +25,11 @@ RULES = ["none", "data", "line", "http", "tls"]
 PROXY_V1 = b"PROXY TCP6 2001:db8::1 2001:db8::2 1 65535\r\n"
 PROXY_V2 = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
             b"\xc0\x00\x02\x01\xc6\x33\x64\x07\xdb\xf4\x01\xbb")
+# LOCAL headers, as a balancer's health check sends them: no address block,
+# and one with an (ignored) IPv4 block
+LOCAL_V2 = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+LOCAL_V2_INET = (b"\r\n\r\n\x00\r\nQUIT\n\x20\x11\x00\x0c"
+                 b"\x7f\x00\x00\x01\x7f\x00\x00\x01\x00\x50\x00\x50")
 
 token = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-",
                 min_size=1, max_size=12)
@@ -116,6 +124,111 @@ def test_a_tls_record_is_ready_when_whole(body):
     (b"\x16\x03\x01\x40\x01", "tls", {}, "malformed"),          # over 2^14
     (b"\x16\x03\x01\x00\x03", "tls", {}, "malformed"),          # too short to be a hello
     (b"\x16\x03\x01\x00\x10\x01", "tls", {"eof": True}, "closed"),
+    # a LOCAL header (a health check) needs something after it, whatever the rule
+    (LOCAL_V2, "none", {"proxy": V2}, "wait"),
+    (LOCAL_V2, "none", {"proxy": V2, "eof": True}, "closed"),
+    (LOCAL_V2_INET, "none", {"proxy": V1 | V2}, "wait"),
+    (LOCAL_V2_INET, "none", {"proxy": V1 | V2, "eof": True}, "closed"),
+    (LOCAL_V2 + b"x", "none", {"proxy": V2}, "ready"),
+    (LOCAL_V2 + b"x", "data", {"proxy": V2}, "ready"),
+    (LOCAL_V2 + b"x", "line", {"proxy": V2}, "wait"),
+    (LOCAL_V2 + b"x", "line", {"proxy": V2, "eof": True}, "ready"),
+    (LOCAL_V2 + b"x\n", "line", {"proxy": V2}, "ready"),
+    (LOCAL_V2, "tls", {"proxy": V2, "eof": True}, "closed"),
+    (PROXY_V2, "none", {"proxy": V2}, "ready"),                # PROXY: the header is enough
+    (PROXY_V1, "none", {"proxy": V1}, "ready"),
 ])
 def test_verdicts(data, rule, options, verdict):
     assert both(data, rule, **options) == verdict
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([LOCAL_V2, LOCAL_V2_INET]), st.binary(max_size=120),
+       st.sampled_from(RULES), st.integers(1, 200), st.booleans())
+def test_after_a_local_header_the_rule_judges_what_follows_never_the_header_alone(
+        local, data, rule, max_bytes, eof):
+    verdict = both(local + data, rule, max_bytes=max_bytes, proxy=V1 | V2, eof=eof)
+    if data:
+        assert verdict == both(data, rule, max_bytes=max_bytes, eof=eof)
+    else:
+        assert verdict == ("closed" if eof else "wait")
+
+
+# -- split over many writes: what a prefix decides, the whole agrees with ----
+#
+# The filter judges a connection again each time more of it arrives, on
+# everything that has arrived so far.  That is the same as judging the
+# whole head at once only if the judge never takes back a decision: once a
+# prefix is ready, malformed or oversize, every longer input that starts
+# with it gets the same verdict (a prefix judged ready is never a head that
+# would have been malformed), and a prefix that waits can become anything.
+
+FINAL = ("ready", "malformed", "oversize")
+
+
+@st.composite
+def inputs(draw):
+    """(data, rule, options): a PROXY header or not, then a head of the
+    rule's kind, a near miss or noise; possibly cut anywhere."""
+    rule = draw(st.sampled_from(RULES))
+    prefix = draw(st.sampled_from([b"", PROXY_V1, PROXY_V2, LOCAL_V2, LOCAL_V2_INET,
+                                   PROXY_V2[:20], b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n"]))
+    body = draw(st.one_of(
+        http_heads(),
+        st.binary(max_size=120),
+        st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"") + b"\n"),
+        st.binary(min_size=4, max_size=200).map(
+            lambda b: b"\x16\x03\x01" + len(b).to_bytes(2, "big") + b"\x01" + b[1:]),
+    ))
+    options = {"max_bytes": draw(st.integers(1, 300)),
+               "proxy": draw(st.sampled_from([0, V1, V2, V1 | V2]) if not prefix
+                             else st.sampled_from([V1 | V2, V2, V1]))}
+    return prefix + body, rule, options
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inputs(), st.data())
+def test_a_decision_on_a_prefix_is_the_decision_on_the_whole(case, data):
+    whole, rule, options = case
+    verdict = both(whole, rule, **options)
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(whole)), max_size=6)))
+    for cut in cuts:
+        early = both(whole[:cut], rule, **options)
+        if early in FINAL:
+            assert verdict == early, (whole[:cut], early, verdict)
+        # and the peer shutting its side there ends the wait either way
+        assert both(whole[:cut], rule, eof=True, **options) != "wait"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inputs(), st.lists(st.integers(1, 40), min_size=1, max_size=20))
+def test_judging_write_by_write_ends_where_judging_the_whole_does(case, sizes):
+    """What the filter does with a head split over many writes: judge
+    after each, stop at the first decision; it is the whole head's."""
+    whole, rule, options = case
+    seen, verdict, at = b"", "wait", 0
+    while verdict == "wait" and at < len(whole):
+        step = sizes[len(seen) % len(sizes)]
+        seen, at = whole[:at + step], at + step
+        verdict = both(seen, rule, **options)
+    assert verdict == both(whole, rule, **options)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(RULES), st.integers(1, 300),
+       st.sampled_from([b"", PROXY_V1, PROXY_V2, LOCAL_V2]), st.binary(max_size=40),
+       st.integers(0, 20000))
+def test_what_the_filter_peeks_is_always_enough_for_a_decision(rule, max_bytes, prefix,
+                                                              start, tls_length):
+    """The filter peeks at most _peek_size bytes: a connection that sent that
+    much gets a decision on them, never 'wait' (it would wait for bytes the
+    filter cannot see until its deadline)."""
+    proxy = V1 | V2 if prefix else 0
+    code = {"none": 0, "data": 1, "line": 2, "http": 3, "tls": 4}[rule]
+    size = _corepy._peek_size(code, max_bytes, proxy, 2048)
+    if rule == "tls":
+        start = b"\x16\x03\x01" + min(tls_length, 0xFFFF).to_bytes(2, "big") + b"\x01"
+    else:
+        start = start.replace(b"\n", b"")
+    data = (prefix + start).ljust(size + 10, b"a")
+    assert both(data[:size], rule, max_bytes=max_bytes, proxy=proxy) != "wait"

@@ -493,6 +493,13 @@ class RawListener:
         self._filter.configure(code, ms, mb, cap, versions, max_v2)
         self._filtering = code != 0 or versions != 0
 
+    def close_waiting(self) -> int:
+        """Close every connection waiting in the accept filter ('shutdown')
+        and return how many; the listener stays open (see the compiled
+        core: the same contract)."""
+        filt = self._filter
+        return 0 if filt is None else filt.clear(_DROP["shutdown"])
+
     def new_stop(self) -> Stop:
         """A :class:`Stop` for this listener's waiters (of this core)."""
         return Stop()
@@ -680,8 +687,8 @@ class RawListener:
                 finally:
                     if gate is not None:
                         gate._leave()
+            filt.made_ready(len(out))   # (before expiries: they begin the next run)
             filt.expire(now)
-            filt.ready += len(out)
         self._count_batch(len(out), err)
         return err
 
@@ -796,6 +803,22 @@ class RawListener:
         """The errno of the latest capacity error, 0 if none."""
         return self._last_capacity_errno
 
+    @property
+    def drop_episodes(self) -> int:
+        """How many runs of drops the accept filter has begun (see the
+        compiled core)."""
+        filt = self._filter
+        return 0 if filt is None else filt.drop_runs
+
+    def last_drop_episode(self) -> Tuple[int, Optional[str], bool, int]:
+        """The latest run of drops: (drop_episodes, reason, ongoing, drops)
+        (see the compiled core)."""
+        filt = self._filter
+        if filt is None or not filt.drop_runs:
+            return (0, None, False, 0)
+        return (filt.drop_runs, DROP_REASONS[filt.run_reason - 1], filt.dropping,
+                filt.run_drops)
+
     def stats(self) -> Dict[str, Any]:
         """Counters: accepted, batches, max_batch, capacity_episodes, errors
         {errno: n}; and the accept filter's (see the compiled core)."""
@@ -819,6 +842,8 @@ class RawListener:
 _RULE_NONE, _RULE_DATA, _RULE_LINE, _RULE_HTTP, _RULE_TLS = range(5)
 _READY, _WAIT, _MALFORMED, _OVERSIZE, _CLOSED = 1, 0, -1, -2, -3
 _DROP = {name: i for i, name in enumerate(DROP_REASONS, 1)}
+#: Drops that neither begin nor end a run (health checks, scanners, asked for).
+_NO_RUN = frozenset((_DROP["closed"], _DROP["reset"], _DROP["shutdown"]))
 
 
 def _judge_line(p: bytes, eof: bool, max_bytes: int) -> int:
@@ -872,6 +897,8 @@ def _judge(buf: bytes, eof: bool, rule: int, max_bytes: int, proxy: int, max_v2:
                 return _MALFORMED
             return _CLOSED if eof else _WAIT
         buf = buf[parsed.length:]
+        if parsed.command == "LOCAL" and not buf:
+            return _CLOSED if eof else _WAIT    # a health check: something must follow
     if rule == _RULE_DATA:
         return _READY if buf else (_CLOSED if eof else _WAIT)
     if rule == _RULE_LINE:
@@ -922,6 +949,12 @@ class _Filter:
         self.peek = 1
         self.peak = self.entered = self.ready = 0
         self.dropped = [0] * (len(DROP_REASONS) + 1)
+        # runs of drops (fl_filter_stats' drop_runs ...): begun, the latest's
+        # first reason, whether it goes on, its drops so far
+        self.drop_runs = 0
+        self.run_reason = 0
+        self.dropping = False
+        self.run_drops = 0
 
     def fileno(self) -> int:
         return -1 if self.ep is None else self.ep.fileno()
@@ -963,8 +996,25 @@ class _Filter:
         return _judge(data, eof, self.rule, self.max_bytes, self.proxy, self.max_v2), False
 
     def drop(self, conn: _socket.socket, why: int) -> None:
+        """Close conn, counted as ``why``, and the run of drops it begins
+        or extends (fl_count_drop)."""
         conn.close()
         self.dropped[why] += 1
+        if why in _NO_RUN:
+            return
+        if not self.dropping:
+            self.dropping = True
+            self.run_reason = why
+            self.run_drops = 0
+            self.drop_runs += 1
+        self.run_drops += 1
+
+    def made_ready(self, n: int) -> None:
+        """n >= 0 connections handed over by one round: a connection made
+        ready ends a run of drops."""
+        if n:
+            self.ready += n
+            self.dropping = False
 
     def admit(self, conn: _socket.socket, addr: Any, now: float) -> bool:
         """A connection just accepted: True if it is ready (the caller hands
@@ -1026,11 +1076,15 @@ class _Filter:
             del self.waiting[fd]
             self.drop(conn, _DROP["expired"])
 
-    def clear(self, why: int) -> None:
+    def clear(self, why: int) -> int:
+        """Close every waiting connection, counted as ``why``; how many."""
+        n = 0
         with self.lock:
             while self.waiting:
                 _, (conn, _, _) = self.waiting.popitem(last=False)
                 self.drop(conn, why)
+                n += 1
+        return n
 
     def shut(self) -> None:
         """Close every waiting connection ('shutdown') and the epoll set."""

@@ -48,3 +48,15 @@ cdef dict _filter_counters(fl_filter *f):
         'dropped': {_DROP_REASONS[i - 1]: now.dropped[i]
                     for i in range(1, FL_DROP_SLOTS) if now.dropped[i]},
     }
+
+
+cdef tuple _filter_drop_episode(fl_filter *f):
+    """RawListener.last_drop_episode(): (episodes, reason, ongoing, drops)."""
+    cdef fl_filter_stats now
+    if f == NULL:
+        return (0, None, False, 0)
+    fl_filter_stats_read(f, &now)
+    if now.drop_runs == 0:
+        return (0, None, False, 0)
+    return (now.drop_runs, _DROP_REASONS[now.run_reason - 1], now.run_open != 0,
+            now.run_drops)

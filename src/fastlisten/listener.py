@@ -51,6 +51,15 @@ __all__ = ["Listener", "listen", "default_backlog", "default_max_waiting", "adop
 
 _log = logging.getLogger("fastlisten")
 
+#: What a run of the accept filter's drops began with, for its log line.
+_DROP_MEANING = {
+    "malformed": "malformed: a bad PROXY header, or not a TLS ClientHello",
+    "oversize": "oversize: no complete line or request head within max_bytes",
+    "expired": "expired: not ready within the filter's timeout",
+    "evicted": "evicted: the oldest waiting, closed to make room at max_waiting",
+    "error": "error: the core could not watch it",
+}
+
 
 def default_backlog() -> int:
     """The kernel's ``net.core.somaxconn``, read now (the largest backlog
@@ -184,6 +193,13 @@ class Listener:
             except OSError:
                 pass        # not a socket: what the caller does next says so
         self._logged_episodes = 0
+        self._filtered = False          # set_accept_filter gave a rule that waits
+        # the accept filter's runs of drops, as logged (see _log_drops)
+        self._drop_lock = threading.Lock()
+        self._drop_seen = 0             # drop_episodes when last looked at
+        self._drop_open = False         # the run last logged goes on
+        self._drop_quiet = 0            # runs since the last warning, not logged
+        self._drop_logged_at: Optional[float] = None
         #: The ListenConfig this listener was built from (None when built by hand).
         self.config: Optional[ListenConfig] = None
         self._unix_file: Optional[UnixSocketFile] = None
@@ -366,7 +382,10 @@ class Listener:
         'none' (every connection at once, as without a filter).  With
         ``proxy`` (fastlisten.proxy.V1, V2 or V1 | V2) a complete, valid
         PROXY header must come first; it stays in the connection, for
-        ``fastlisten.proxy_read``.
+        ``fastlisten.proxy_read``.  After a LOCAL header (a balancer's
+        health check) at least one byte must follow, whatever the rule:
+        a health check that closes or resets is dropped and counted
+        ('closed', 'reset'), never handed over.
 
         The others wait in the core (an epoll set: no thread, no GIL, no
         Python object each) for at most ``timeout`` seconds from their
@@ -376,17 +395,29 @@ class Listener:
         more closes the oldest.  Expired, malformed, oversize, closed,
         reset and evicted connections are closed and counted
         (``counters()['dropped']`` by reason, with ``waiting``,
-        ``waiting_peak``, ``waited`` and ``made_ready``); close() closes
-        those still waiting ('shutdown').  Waits stay interruptible:
-        wakeup() and signals end them as before.  Not with a ``waiter``
-        (leader/follower) yet.  Call it while no connection waits (before
-        the first accept, or to change the rule)."""
+        ``waiting_peak``, ``waited`` and ``made_ready``); close() and
+        close_waiting() close those still waiting ('shutdown').  Waits
+        stay interruptible: wakeup() and signals end them as before.
+        Leader/follower waiters (``waiter()``) must be made after it.  Call
+        it while no connection waits (before the first accept, or to
+        change the rule)."""
         from fastlisten import proxy as _proxy
 
         self._raw.set_accept_filter(
             rule, timeout, max_bytes, default_max_waiting() if max_waiting is None
             else max_waiting, proxy, _proxy.DEFAULT_MAX_V2 if proxy_max_v2 is None
             else proxy_max_v2)
+        self._filtered = rule != "none" or proxy != 0
+
+    def close_waiting(self) -> int:
+        """Close every connection waiting in the accept filter, counted in
+        ``counters()['dropped']['shutdown']``, and return how many.  The
+        listener stays open and keeps its filter: a server's shutdown()
+        calls this, so that no client is left waiting for a reply that
+        will not come.  Safe while other threads are inside accept_many()
+        (each waiting connection is either handed over or closed here,
+        never both); 0 without a filter or once the listener is closed."""
+        return self._raw.close_waiting()
 
     def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None,
                     waiter: Any = None) -> List[Tuple[socket.socket, Any]]:
@@ -428,16 +459,64 @@ class Listener:
         for a thread that calls it once per connection: the core's own
         when there is nothing to do per connection in Python (no
         accepted-connection options); its caller then calls
-        check_capacity() after an empty batch."""
+        check_capacity() after an empty batch.  With an accept filter, this
+        listener's accept_many(), which checks the filter's drops after
+        every batch (a run of them is logged while connections keep
+        coming)."""
         config = self.config
-        if config is not None and config.accepted_options:
+        if self._filtered or (config is not None and config.accepted_options):
             return functools.partial(self.accept_many, 1, timeout, waiter)
         return functools.partial(self._raw.accept_many, 1, timeout, waiter)
 
     def check_capacity(self) -> None:
-        """Log a warning for a new run of capacity errors (EMFILE ...)."""
+        """Log a warning for a new run of capacity errors (EMFILE ...), and
+        for a new run of the accept filter's drops (see _log_drops).
+        accept_many() calls it after every batch: two integer reads when
+        nothing happened."""
         if self._raw.capacity_episodes != self._logged_episodes:
             self._log_capacity()
+        if self._drop_open or self._raw.drop_episodes != self._drop_seen:
+            self._log_drops()
+
+    #: At most one warning per this many seconds for a new run of the accept
+    #: filter's drops; the runs in between are counted, and the next warning
+    #: says how many (under a steady attack, one line a minute, not one per
+    #: client).
+    drop_log_interval = 60.0
+
+    def _log_drops(self) -> None:
+        """The accept filter's drops, logged once per run, as the server
+        classes log PROXY and TLS failures: the first drop of a run at
+        WARNING with its reason, the rest only counted
+        (``counters()['dropped']``) until a connection is made ready again,
+        which logs how many there were.  Connections closed or reset
+        before they were ready (health checks, port scanners) and those
+        closed on purpose ('shutdown') are only counted."""
+        with self._drop_lock:
+            episodes, reason, ongoing, drops = self._raw.last_drop_episode()
+            if episodes != self._drop_seen:
+                runs = episodes - self._drop_seen
+                self._drop_seen = episodes
+                now = monotonic()
+                if (self._drop_logged_at is not None
+                        and now - self._drop_logged_at < self.drop_log_interval):
+                    self._drop_quiet += runs
+                    self._drop_open = False
+                    return
+                quiet, self._drop_quiet = self._drop_quiet + runs - 1, 0
+                self._drop_logged_at = now
+                self._drop_open = ongoing
+                _log.warning(
+                    "accept filter on %s: dropped a connection (%s); further drops are "
+                    "counted (counters()['dropped']), not logged, until a connection is "
+                    "made ready%s", self._describe(), _DROP_MEANING.get(reason or "", reason),
+                    f" ({quiet} more runs of drops since the last warning were counted, "
+                    "not logged)" if quiet else "")
+            elif self._drop_open and not ongoing:
+                self._drop_open = False
+                if drops > 1:
+                    _log.warning("accept filter on %s: %d connections were dropped in a "
+                                 "row before one was made ready", self._describe(), drops)
 
     def _log_capacity(self) -> None:
         self._logged_episodes = self._raw.capacity_episodes

@@ -2,7 +2,8 @@
  * a listener may (and leader/follower waiters will), while clients connect,
  * some silent, some speaking at once, some after a pause: every speaking
  * connection comes out of exactly one thread, no silent one ever does, and
- * the counters add up.  Built and run by tests/test_core_c.py, under
+ * the counters add up; fl_filter_clear (close_waiting) closes the silent
+ * ones while the threads still wait.  Built and run by tests/test_core_c.py, under
  * ThreadSanitizer where the compiler has it.  Exit status 0: all as said. */
 #define _GNU_SOURCE
 #include "fl_filter.h"
@@ -62,7 +63,7 @@ main(void)
     socklen_t len = sizeof sin;
     fl_ready_rule rule = {FL_RULE_DATA, 0, 0, 0};
     pthread_t t[THREADS];
-    int silent[SILENT], i, k, bad = 0, got;
+    int silent[SILENT], i, k, bad = 0, got, cleared;
     fl_filter_stats fs;
 
     lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
@@ -102,6 +103,16 @@ main(void)
         poll(NULL, 0, 1);
     }
     poll(NULL, 0, 50);              /* a silent one handed over would show now */
+    fl_filter_stats_read(&filt, &fs);
+    if (fs.waiting != SILENT) {
+        fprintf(stderr, "waiting %llu, not %d\n", fs.waiting, SILENT);
+        bad = 1;
+    }
+    cleared = fl_filter_clear(&filt, FL_DROP_SHUTDOWN);     /* the threads still wait */
+    if (cleared != SILENT) {
+        fprintf(stderr, "fl_filter_clear closed %d, not %d\n", cleared, SILENT);
+        bad = 1;
+    }
     fl_wakeup_signal(wake_w);
     for (k = 0; k < THREADS; k++)
         pthread_join(t[k], NULL);
@@ -114,7 +125,7 @@ main(void)
         fprintf(stderr, "a connection's byte was consumed\n");
         bad = 1;
     }
-    if (fs.ready != SPEAKING || st.accepted != SPEAKING || fs.waiting != SILENT) {
+    if (fs.ready != SPEAKING || st.accepted != SPEAKING || fs.waiting != 0) {
         fprintf(stderr, "counters: ready %llu accepted %llu waiting %llu\n",
                 fs.ready, st.accepted, fs.waiting);
         bad = 1;
@@ -123,6 +134,10 @@ main(void)
     fl_filter_stats_read(&filt, &fs);
     if (fs.dropped[FL_DROP_SHUTDOWN] != SILENT) {
         fprintf(stderr, "shutdown closed %llu, not %d\n", fs.dropped[FL_DROP_SHUTDOWN], SILENT);
+        bad = 1;
+    }
+    if (fs.drop_runs != 0 || fl_filter_drop_runs(&filt) != 0) {
+        fprintf(stderr, "a shutdown began a run of drops\n");
         bad = 1;
     }
     for (i = 0; i < SILENT; i++) {
