@@ -310,6 +310,14 @@ class ListenConfig:
     (seconds, default 10) bounds its handshake.  :meth:`tls` gives them
     resolved.  Neither is a command-line flag: ``fastlisten serve`` has
     ``--tls-cert``/``--tls-key``/``--handshake-timeout``.
+
+    The handler deadline (applied by the socketserver classes; off by
+    default): ``handler_timeout`` (seconds) shuts a connection down
+    (``SHUT_RDWR``) once its handler has run that long, so that a handler
+    blocked on a client that sends its request a byte at a time reads end
+    of file and returns; counted in ``counters()['handler_timeouts']``.  It
+    starts when the handler is built, after the PROXY header and the TLS
+    handshake, which have their own deadlines.
     """
 
     host: Optional[str] = _option(None, "IP address or host name to bind ('' for every "
@@ -371,6 +379,9 @@ class ListenConfig:
 
     ssl_context: Optional[ssl.SSLContext] = None
     handshake_timeout: Optional[float] = None
+    handler_timeout: Optional[float] = _option(
+        None, "shut a connection down (its reads see end of file) once its handler has run "
+              "this long (default: never)", metavar="SECONDS", type="float")
 
     _listener_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
     _proxy: Optional[ProxySettings] = field(init=False, repr=False, compare=False, default=None)
@@ -488,6 +499,8 @@ class ListenConfig:
         self._check_proxy(put)
         self._check_tls(put)
         self._check_ready(put)
+        if self.handler_timeout is not None:
+            put("handler_timeout", check_seconds("handler_timeout", self.handler_timeout))
 
     def _check_ready(self, put: Any) -> None:
         from fastlisten._coreshared import (
@@ -600,10 +613,11 @@ class ListenConfig:
 
     def socket_only(self) -> "ListenConfig":
         """This config without what acts on each connection (the PROXY
-        protocol and TLS options): the listening socket's own options, as
-        a :class:`Listener` takes them."""
+        protocol and TLS options, the handler deadline): the listening
+        socket's own options, as a :class:`Listener` takes them."""
         return self.replace(proxy_protocol=None, trusted_proxies=None, proxy_timeout=None,
-                            proxy_max_v2=None, ssl_context=None, handshake_timeout=None)
+                            proxy_max_v2=None, ssl_context=None, handshake_timeout=None,
+                            handler_timeout=None)
 
     def proxy(self) -> Optional[ProxySettings]:
         """The PROXY protocol settings with their defaults filled in, or
