@@ -177,6 +177,8 @@ class Attack:
                 poller.register(s, select.POLLIN)
             readable = {fd for fd, _ in poller.poll(0)}
             for i, s in enumerate(group):
+                if self._stop.is_set():
+                    return
                 if s is None or (s.fileno() in readable and self._closed_by_peer(s)):
                     if s is not None:
                         s.close()
@@ -201,7 +203,8 @@ class Attack:
     def stop(self):
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(LIMIT)
+            self._thread.join(2 * LIMIT)    # (at most one connect() under way)
+            assert not self._thread.is_alive(), "the attack did not stop"
         for group in (self.silent, self.dribbling):
             for i, s in enumerate(group):
                 if s is not None:

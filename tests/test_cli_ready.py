@@ -9,6 +9,7 @@ import http.server
 import signal
 import socket
 import socketserver
+import struct
 import textwrap
 
 import pytest
@@ -219,3 +220,22 @@ def test_each_worker_applies_the_default_rule():
         rc, err = server.stop(signal.SIGTERM)
     assert rc == 0, err
     assert "ready rule 'data' (--ready-rule none if the server speaks first)" in err
+
+
+@pytest.mark.parametrize("handler", ["echo", "discard"])
+def test_a_client_that_resets_is_no_handler_failure(handler):
+    server = Served(handler, "--threads", "1")
+    try:
+        c = connect(server.address)
+        try:
+            c.sendall(b"x" * 100000)        # more than echo's replies the client reads
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            c.close()                       # a reset
+        with connect(server.address) as c:  # the thread is free again
+            c.sendall(b"ping")
+            c.shutdown(socket.SHUT_WR)
+            assert read_all(c) == (b"ping" if handler == "echo" else b"")
+    finally:
+        err = stop(server)                  # (no traceback)
+    assert "ConnectionResetError" not in err
