@@ -214,6 +214,28 @@ def test_a_handler_that_finishes_in_time_is_left_alone(name, caplog):
         server.server_close()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.forks_beside_test_threads
+def test_a_forking_server_without_serve_forever_counts_its_children_too():
+    # handle_request(), no loop: the report pipe is made before the first
+    # fork all the same, so the child's expiry reaches the server process.
+    cls = type("Forking", (fastlisten.ForkingTCPServer,),
+               {"listen_config": fastlisten.ListenConfig(handler_timeout=SHORT)})
+    server = cls(("127.0.0.1", 0), Reader)
+    try:
+        with socket.create_connection(server.server_address, timeout=LIMIT) as c:
+            c.sendall(b"x")
+            server.handle_request()         # forks the child that handles c
+            c.settimeout(LIMIT)
+            try:
+                assert c.recv(100) == b""
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: server.counters()["handler_timeouts"] == 1, LIMIT)
+    finally:
+        server.server_close()
+
+
 def test_without_the_option_nothing_is_armed_and_no_thread_starts():
     server = _sync()(("127.0.0.1", 0), Reader)
     t = serve_in_thread(server, 0.05)
