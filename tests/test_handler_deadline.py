@@ -567,3 +567,7 @@ def test_fastlisten_serve_applies_the_flag(mode):
         rc, err = server.stop()
     assert rc == 0, err
     assert "handler deadline" in err
+    if mode[:1] != ["--workers"]:
+        # the counters line at the end (a forked child's report included:
+        # the child wrote it before it exited, and the stop reaps it first)
+        assert "handler_timeouts=1" in err.rpartition("stopped; counters:")[2], err
