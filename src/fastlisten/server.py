@@ -29,7 +29,9 @@ client's and ``self.server.proxy_header`` the parsed header.  A
 ``listen_config`` with ``ssl_context`` runs each TLS handshake there too,
 under its ``handshake_timeout``, after the PROXY header: the accept loop
 hands over raw connections and never waits for a client.  A connection
-that is an ``ssl.SSLSocket`` already is never wrapped again.
+that is an ``ssl.SSLSocket`` already is never wrapped again.  A
+``listen_config`` with ``handler_timeout`` shuts a connection down once its
+handler has run that long, wherever the handler runs (fastlisten._deadline).
 
 The names these classes add to the stdlib's are fastlisten's only where no
 subclass can mean something else by them (see the README's table): the
@@ -321,7 +323,9 @@ class _FastLoop(_StdServer):
     #: wraps each connection and runs its handshake in the handler's thread
     #: (or process), never in the accept loop; a failed handshake is logged
     #: (once per run of failures), counted (``counters()['tls_failures']``)
-    #: and the connection closed.  A value that is not a ListenConfig is a
+    #: and the connection closed.  ``ListenConfig(handler_timeout=N)``
+    #: shuts a connection down once its handler has run N seconds (see
+    #: fastlisten._deadline).  A value that is not a ListenConfig is a
     #: subclass's own: it is left alone.
     listen_config: Optional[ListenConfig] = None
 
