@@ -75,6 +75,8 @@ events {{ worker_connections 1024; }}
                                 "-c", self.config], capture_output=True, text=True, timeout=30)
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t refused {self.config}: {check.stderr}")
+        if os.path.exists(self.pid_file):
+            os.unlink(self.pid_file)    # (nginx -t writes one too)
         self.proc = subprocess.Popen([exe, "-p", self.directory, "-e", self.error_log,
                                       "-c", self.config], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
@@ -85,16 +87,23 @@ events {{ worker_connections 1024; }}
             raise
 
     def _wait_listening(self):
-        """Bounded wait for nginx to write its pid file (it has bound its
-        port by then)."""
+        """Bounded wait for nginx to write its pid file, its own pid in it
+        (it listens by then)."""
         deadline = time.monotonic() + LIMIT
-        while not os.path.exists(self.pid_file):
+        while not self._pid_written():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx exited ({self.proc.returncode}): "
                                    f"{self.log()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nginx did not start within {LIMIT} s: {self.log()}")
             time.sleep(0.01)
+
+    def _pid_written(self):
+        try:
+            with open(self.pid_file, encoding="ascii") as f:
+                return f.read().strip() == str(self.proc.pid)
+        except FileNotFoundError:
+            return False
 
     def log(self):
         """nginx's error log so far."""

@@ -3,6 +3,8 @@
 ports and stats socket moved to free ones) in front of two fastlisten
 instances configured as the guide's example configures them."""
 
+import csv
+import io
 import json
 import os
 import re
@@ -98,6 +100,22 @@ def test_the_readme_haproxy_config_works_as_shown(tmp_path):
             s.server_close()
 
 
+def show_stat(path):
+    """The servers' rows of HAProxy's ``show stat`` on the runtime API at ``path``."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(LIMIT)
+        s.connect(str(path))
+        s.sendall(b"show stat\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
+    return [row for row in rows if row["svname"] not in ("FRONTEND", "BACKEND")]
+
+
 def test_the_readme_setup_serves_everyone_under_attack(tmp_path):
     """The guide's HAProxy configuration in front of two ``fastlisten serve
     --proxy-protocol v2`` instances with serve's defaults (a pool of 16),
@@ -132,10 +150,14 @@ def test_the_readme_setup_serves_everyone_under_attack(tmp_path):
                 attacks = [Attack(s.address, 50, 50, v2_header()).start() for s in servers]
                 try:
                     normal_clients(ports["8000"])
+                    # the health checks went on meanwhile, and pass
+                    stat = show_stat(tmp_path / "stats.sock")
                 finally:
                     for attack in attacks:
                         attack.stop()
                 assert all(a.failed == 0 for a in attacks)
+                assert {(r["svname"], r["status"], r["check_status"]) for r in stat} == {
+                    ("s1", "UP", "L4OK"), ("s2", "UP", "L4OK")}, stat
             finally:
                 proc.terminate()
                 proc.wait(LIMIT)
