@@ -232,6 +232,10 @@ def format_counters(c: Dict[str, Any]) -> str:
     parts += [(name, c.get(name)) for name in (
         "proxy_accepted", "proxy_local", "proxy_rejected", "tls_handshakes", "tls_failures",
         "handler_timeouts")]
+    if c.get("made_ready") or c.get("waiting") or c.get("dropped"):     # an accept filter
+        parts += [(name, c.get(name)) for name in ("waiting", "waiting_peak", "made_ready")]
+        parts.append(("dropped", "{" + ", ".join(
+            f"{reason}={n}" for reason, n in c.get("dropped", {}).items()) + "}"))
     if c.get("proxy_errors"):
         parts.append(("proxy_errors", "{" + ", ".join(
             f"{reason}={n}" for reason, n in c["proxy_errors"].items()) + "}"))
