@@ -214,6 +214,8 @@ def test_each_worker_applies_the_default_rule():
         with connect(server.address) as silent, connect(server.address) as c:
             c.sendall(b"ping")
             assert c.recv(4) == b"ping"     # the worker's only thread was free for it
+            c.shutdown(socket.SHUT_WR)
+            assert read_all(c) == b""
             silent.sendall(b"late")
             assert silent.recv(4) == b"late"
     finally:
