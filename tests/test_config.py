@@ -128,6 +128,11 @@ INVALID = [
      ValueError, "handshake_timeout=0"),
     (dict(ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), handshake_timeout="10"),
      TypeError, "'10'"),
+    # the handler deadline
+    (dict(handler_timeout=0), ValueError, "handler_timeout=0"),
+    (dict(handler_timeout=-1.5), ValueError, "handler_timeout=-1.5"),
+    (dict(handler_timeout=float("nan")), ValueError, "nan"),
+    (dict(handler_timeout="30"), TypeError, "'30'"),
 ] + [
     (dict({name: value}), TypeError, name)
     for name in ("reuse_address", "reuse_port", "nodelay", "keepalive", "unlink_stale")

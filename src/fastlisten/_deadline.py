@@ -81,21 +81,12 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-class _Entry:
-    """One armed connection: a heap item ordered by (deadline, seq)."""
-
-    __slots__ = ("deadline", "seq", "sock", "epoch")
-
-    def __init__(self, deadline: float, seq: int, sock: Any, epoch: object) -> None:
-        self.deadline = deadline
-        self.seq = seq
-        #: None once disarmed or expired.
-        self.sock: Any = sock
-        #: The watchdog state it belongs to (a forked child's is new).
-        self.epoch = epoch
-
-    def __lt__(self, other: "_Entry") -> bool:
-        return (self.deadline, self.seq) < (other.deadline, other.seq)
+#: One armed connection, a heap item: [deadline, seq, sock, epoch], a list
+#: so that the heap compares them in C (by deadline, then by the unique
+#: seq: never by socket).  ``sock`` is None once disarmed or expired;
+#: ``epoch`` is the watchdog state it belongs to (a forked child's is new).
+Entry = List[Any]
+_DEADLINE, _SOCK, _EPOCH = 0, 2, 3
 
 
 class Watchdog:
@@ -120,8 +111,9 @@ class Watchdog:
         _watchdogs.add(self)
 
     def _reset_state(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._heap: List[_Entry] = []
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._heap: List[Entry] = []
         self._seq = itertools.count()
         self._live = 0
         self._dead = 0              # disarmed entries still in the heap
@@ -150,7 +142,7 @@ class Watchdog:
 
     # -- per connection ---------------------------------------------------
 
-    def arm(self, sock: Any) -> Optional[_Entry]:
+    def arm(self, sock: Any) -> Optional[Entry]:
         """Start ``sock``'s deadline; give what this returns to
         :meth:`disarm` when its handler is done, before the socket is closed.
         Only a ``socket.socket`` (an ``ssl.SSLSocket`` too) is armed: for
@@ -158,36 +150,35 @@ class Watchdog:
         likes) this returns None."""
         if not isinstance(sock, socket.socket):
             return None
-        cond = self._cond
-        with cond:
+        with self._lock:
             if self._thread is None:
                 self._start()
             deadline = time.monotonic() + self.seconds
-            entry = _Entry(deadline, next(self._seq), sock, self._epoch)
+            entry = [deadline, next(self._seq), sock, self._epoch]
             heapq.heappush(self._heap, entry)
             self._live += 1
             self._arms += 1
             if deadline < self._wake_at:
-                cond.notify()
+                self._cond.notify()
         return entry
 
-    def disarm(self, entry: Optional[_Entry]) -> None:
+    def disarm(self, entry: Optional[Entry]) -> None:
         """The handler is done: from now on the watchdog leaves the socket
         alone (it may be closed).  Nothing to do if it expired already."""
         if entry is None:
             return
         report = 0
-        with self._cond:
-            if entry.sock is None or entry.epoch is not self._epoch:
+        with self._lock:
+            if entry[_SOCK] is None or entry[_EPOCH] is not self._epoch:
                 return      # expired, or armed by the parent of this forked process
-            entry.sock = None
+            entry[_SOCK] = None
             self._live -= 1
             self._dead += 1
             heap = self._heap
             if heap[0] is entry:
                 self._drop_dead()
             elif self._dead > _SLACK and self._dead > self._live:
-                self._heap = [e for e in heap if e.sock is not None]
+                self._heap = [e for e in heap if e[_SOCK] is not None]
                 heapq.heapify(self._heap)
                 self._dead = 0
             if self._failed:
@@ -199,7 +190,7 @@ class Watchdog:
 
     def _drop_dead(self) -> None:
         heap = self._heap
-        while heap and heap[0].sock is None:
+        while heap and heap[0][_SOCK] is None:
             heapq.heappop(heap)
             self._dead -= 1
 
@@ -239,12 +230,13 @@ class Watchdog:
                         cond.wait(self.seconds)
                     continue
                 top = heap[0]
-                if top.deadline > now:
-                    self._wake_at = top.deadline
-                    cond.wait(min(top.deadline - now, threading.TIMEOUT_MAX))
+                deadline = top[_DEADLINE]
+                if deadline > now:
+                    self._wake_at = deadline
+                    cond.wait(min(deadline - now, threading.TIMEOUT_MAX))
                     continue
                 heapq.heappop(heap)
-                sock, top.sock = top.sock, None
+                sock, top[_SOCK] = top[_SOCK], None
                 self._live -= 1
                 first = self._failed == 0
                 peer = _peer(sock) if first else ""     # (before the descriptor may go)

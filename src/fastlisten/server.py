@@ -660,7 +660,8 @@ class _FastLoop(_StdServer):
         listening socket (accepted, batches, accept errors, queue depth,
         ListenOverflows ...) while the fast loop serves it, and
         ``handlers_running``/``handlers_peak`` (handlers running now / at
-        most at once)."""
+        most at once); with ``listen_config.handler_timeout``,
+        ``handler_timeouts`` (connections the handler deadline shut down)."""
         listener = self._fl_listener
         out: Dict[str, Any] = listener.counters() if listener is not None else {}
         out["handlers_running"], out["handlers_peak"] = self._fl_handlers()
