@@ -298,12 +298,14 @@ fl_slot(fl_filter *f)
     return i;
 }
 
-/* Peek at fd and judge it (lock held).  eof: the peer's FIN was seen. */
+/* Peek at fd and judge it (lock held).  eof: the peer's FIN was seen;
+ * *seen: how many bytes the peek showed. */
 static int
-fl_judge_fd(fl_filter *f, int fd, int eof, int *sock_err)
+fl_judge_fd(fl_filter *f, int fd, int eof, int *sock_err, size_t *seen)
 {
     ssize_t n;
     *sock_err = 0;
+    *seen = 0;
     do {
         n = recv(fd, f->peek, f->peek_size, MSG_PEEK | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
@@ -315,6 +317,7 @@ fl_judge_fd(fl_filter *f, int fd, int eof, int *sock_err)
     }
     if (n == 0)
         return FL_JUDGE_CLOSED;
+    *seen = (size_t)n;
     return fl_ready_judge(f->peek, (size_t)n, eof, &f->rule);
 }
 
@@ -374,10 +377,22 @@ fl_enter(fl_filter *f, const fl_conn *c, long long now)
 #endif
 }
 
+/* Below the minimum rate: slot i, which has sent `seen` bytes and is not
+ * ready, has waited a second or more and sent fewer than min_rate bytes a
+ * second (lock held). */
+static int
+fl_too_slow(const fl_filter *f, int i, size_t seen, long long now)
+{
+    long long waited = now - (f->slots[i].deadline - f->timeout_ms);
+    if (f->min_rate == 0 || waited < 1000)
+        return 0;
+    return (unsigned long long)seen * 1000ULL < f->min_rate * (unsigned long long)waited;
+}
+
 /* Judge the waiting connections epoll reports; ready ones go to out[n...]
  * (lock held).  Returns the new n. */
 static int
-fl_filter_events(fl_filter *f, fl_conn *out, int n, int max)
+fl_filter_events(fl_filter *f, fl_conn *out, int n, int max, long long now)
 {
 #ifdef __linux__
     struct epoll_event ev[FL_EVENTS];
@@ -389,6 +404,7 @@ fl_filter_events(fl_filter *f, fl_conn *out, int n, int max)
         for (k = 0; k < r; k++) {
             int i = (int)ev[k].data.u32, verdict, sock_err = 0;
             int fd;
+            size_t seen;
             if (i < 0 || i >= f->nslots || f->slots[i].c.fd < 0)
                 continue;   /* dropped earlier in this round */
             fd = f->slots[i].c.fd;
@@ -397,9 +413,12 @@ fl_filter_events(fl_filter *f, fl_conn *out, int n, int max)
                 continue;
             }
             verdict = fl_judge_fd(f, fd, (ev[k].events & (EPOLLRDHUP | EPOLLHUP)) != 0,
-                                  &sock_err);
-            if (verdict == FL_JUDGE_WAIT)
+                                  &sock_err, &seen);
+            if (verdict == FL_JUDGE_WAIT) {
+                if (fl_too_slow(f, i, seen, now))
+                    fl_drop(f, i, FL_DROP_SLOW);
                 continue;
+            }
             if (verdict < 0) {
                 fl_drop(f, i, fl_drop_reason(verdict, sock_err));
                 continue;
@@ -412,7 +431,7 @@ fl_filter_events(fl_filter *f, fl_conn *out, int n, int max)
             break;
     }
 #else
-    (void)f; (void)out; (void)max;
+    (void)f; (void)out; (void)max; (void)now;
 #endif
     return n;
 }
@@ -435,6 +454,7 @@ fl_filter_accept(fl_filter *f, int lfd, fl_conn *out, int n, int max, fl_stats *
     fl_conn c;
     while (n < max) {
         int fd, verdict, sock_err;
+        size_t seen;
         c.addrlen = sizeof c.addr;
         fd = fl_accept4(lfd, (struct sockaddr *)&c.addr, &c.addrlen);
         if (fd < 0) {
@@ -450,7 +470,7 @@ fl_filter_accept(fl_filter *f, int lfd, fl_conn *out, int n, int max, fl_stats *
             break;
         }
         c.fd = fd;
-        verdict = fl_judge_fd(f, fd, 0, &sock_err);
+        verdict = fl_judge_fd(f, fd, 0, &sock_err, &seen);
         if (verdict == FL_JUDGE_READY)
             out[n++] = c;
         else if (verdict == FL_JUDGE_WAIT)
@@ -488,7 +508,7 @@ fl_filter_round(fl_filter *f, int filt_ready, int lfd, int listener_ready, fl_ga
     int n = 0;
     pthread_mutex_lock(&f->lock);
     if (filt_ready)
-        n = fl_filter_events(f, out, n, max);
+        n = fl_filter_events(f, out, n, max, now);
     if (listener_ready && n < max) {
         if (gate == NULL || fl_gate_enter(gate)) {
             n = fl_filter_accept(f, lfd, out, n, max, st, err, now);
@@ -684,6 +704,14 @@ fl_filter_clear(fl_filter *f, int why)
     }
     pthread_mutex_unlock(&f->lock);
     return n;
+}
+
+void
+fl_filter_set_min_rate(fl_filter *f, unsigned long long rate)
+{
+    pthread_mutex_lock(&f->lock);
+    f->min_rate = rate;
+    pthread_mutex_unlock(&f->lock);
 }
 
 void

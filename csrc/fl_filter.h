@@ -77,7 +77,8 @@ enum {
     FL_DROP_EVICTED = 6,      /* the oldest, closed to make room at the cap */
     FL_DROP_SHUTDOWN = 7,     /* still waiting when the listener was closed */
     FL_DROP_ERROR = 8,        /* the core could not watch it (epoll_ctl failed) */
-    FL_DROP_SLOTS = 9
+    FL_DROP_SLOW = 9,         /* below the minimum rate (fl_filter_set_min_rate) */
+    FL_DROP_SLOTS = 10
 };
 
 /* What the judge needs to know; plain values, no descriptor. */
@@ -124,6 +125,7 @@ typedef struct {
     int epfd;                 /* the waiting connections; data.u32 = slot */
     fl_ready_rule rule;
     long long timeout_ms;     /* accept -> ready */
+    unsigned long long min_rate;  /* bytes per second, 0: none (fl_filter_set_min_rate) */
     int cap;                  /* most connections waiting at once (>= 1) */
     fl_waiting *slots;        /* grown on demand up to cap */
     int nslots;
@@ -146,6 +148,13 @@ int fl_filter_configure(fl_filter *f, const fl_ready_rule *r, long long timeout_
  * fl_filter_wait_accept (it takes f->lock).  Close every waiting
  * connection, counted with reason `why`; returns how many. */
 int fl_filter_clear(fl_filter *f, int why);
+/* Contract: as fl_filter_configure.  A minimum rate, in bytes per second
+ * (0: none, the default): a connection that has waited at least a second
+ * and has sent fewer than rate * seconds waited bytes so far is dropped
+ * (FL_DROP_SLOW) when it sends more without becoming ready.  Judged as it
+ * sends, so a client that dribbles is closed long before its deadline; one
+ * that stops sending is left to the deadline. */
+void fl_filter_set_min_rate(fl_filter *f, unsigned long long rate);
 /* fl_filter_clear(SHUTDOWN) and the epoll descriptor closed (the
  * counters stay readable).  No thread may be inside the filter. */
 void fl_filter_shut(fl_filter *f);

@@ -440,6 +440,49 @@ def test_a_connection_past_its_deadline_is_closed_as_expired(make):
     assert lst.stats()["waiting"] == 0
 
 
+def test_a_client_below_the_minimum_rate_is_dropped_long_before_its_deadline(make, caplog):
+    """A head dribbled at about ten bytes a second, against a minimum of a
+    thousand: closed ('slow') at the first byte after its first second,
+    whatever the machine's speed (a slower machine only dribbles slower)."""
+    lst = make("http", timeout=1000, min_rate=1000)
+    c = make.client(lst)
+    head = HEAD * 10
+    sent = 0
+
+    def dribble():
+        nonlocal sent
+        try:
+            c.sendall(head[sent:sent + 1])
+            sent += 1
+        except OSError:
+            pass                        # closed by the server meanwhile
+        assert not lst.accept_many(timeout=0.1)
+        return dropped(lst, "slow") == 1
+    with caplog.at_level(logging.WARNING, logger="fastlisten"):
+        wait_for(dribble, timeout=30)
+    assert closed_by_server(c)
+    assert sent < len(HEAD)             # it never got near a whole head
+    assert lst.stats()["dropped"] == {"slow": 1}
+    warned = filter_warnings(caplog)
+    assert len(warned) == 1 and "slow" in warned[0], warned
+
+
+def test_a_client_above_the_minimum_rate_waits_for_its_head_as_usual(make):
+    """200 bytes at once, then more after a second and more: far above one
+    byte a second, so nothing is dropped, and the head comes whole."""
+    lst = make("line", timeout=1000, min_rate=1)
+    c = make.client(lst, b"a" * 200)
+    start = time.monotonic()
+    wait_for(lambda: not lst.accept_many(timeout=0.05)
+             and time.monotonic() - start > 1.2, timeout=30)
+    c.sendall(b"b")                     # judged again, past its first second
+    assert none_ready(lst, rounds=2)
+    c.sendall(b"\n")
+    with take(lst) as conn:
+        assert read_exactly(conn, 202) == b"a" * 200 + b"b\n"
+    assert lst.stats()["dropped"] == {}
+
+
 def test_an_empty_wait_ends_at_its_own_timeout_while_connections_wait(make):
     lst = make("data", timeout=1000)
     make.client(lst)
@@ -662,6 +705,23 @@ def test_a_listener_from_config_applies_the_filter():
                 assert read_exactly(conn, len(HEAD)) == HEAD
 
 
+def test_a_listener_from_config_applies_the_minimum_rate():
+    cfg = ListenConfig(port=0, ready_rule="http", ready_min_rate=1000, ready_timeout=1000)
+    assert cfg.ready().min_rate == 1000
+    with Listener.from_config(cfg) as lst:
+        c = socket.create_connection(lst.address, timeout=5)
+        with c:
+            def dribble():              # a byte a round: far below 1000 a second
+                try:
+                    c.sendall(b"G")
+                except OSError:
+                    pass                # closed by the server meanwhile
+                assert not lst.accept_many(timeout=0.1)
+                return dropped(lst, "slow") == 1
+            wait_for(dribble, timeout=30)
+    assert ListenConfig(port=0, ready_rule="http").ready().min_rate == 0
+
+
 def test_a_listener_takes_proxy_protocol_only_with_a_ready_rule():
     with pytest.raises(ValueError, match="ready_rule"):
         Listener.from_config(ListenConfig(port=0, proxy_protocol="v1"))
@@ -693,6 +753,9 @@ def test_the_default_cap_is_a_share_of_the_descriptor_headroom(monkeypatch):
     (dict(rule="data", max_waiting=0), ValueError),
     (dict(rule="data", proxy=4), ValueError),
     (dict(rule="data", proxy=V2, proxy_max_v2=10), ValueError),
+    (dict(rule="data", min_rate=-1), ValueError),
+    (dict(rule="data", min_rate=1.5), TypeError),
+    (dict(rule="data", min_rate=True), TypeError),
 ])
 def test_bad_filter_arguments_raise_on_both_cores(core, options, exc):
     raw = core.RawListener(socket.AF_INET)

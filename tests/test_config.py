@@ -115,6 +115,9 @@ INVALID = [
     (dict(ready_max_bytes=100), ValueError, "without ready_rule"),
     (dict(ready_rule="line", ready_max_bytes=0), ValueError, "ready_max_bytes=0"),
     (dict(ready_rule="line", ready_max_bytes=2**21), OverflowError, str(2**21)),
+    (dict(ready_min_rate=100), ValueError, "without ready_rule"),
+    (dict(ready_rule="line", ready_min_rate=-1), ValueError, "ready_min_rate=-1"),
+    (dict(ready_rule="line", ready_min_rate="5"), TypeError, "'5'"),
     (dict(ready_rule="line", ready_max_bytes=1.5), TypeError, "1.5"),
     (dict(max_waiting=10), ValueError, "without ready_rule"),
     (dict(ready_rule="data", max_waiting=0), ValueError, "max_waiting=0"),
@@ -357,10 +360,10 @@ def test_proxy_and_tls_flags_are_generated():
 def test_the_accept_filter_settings_resolve_with_their_defaults():
     assert ListenConfig().ready() is None
     ready = ListenConfig(ready_rule="http").ready()
-    assert ready == ("http", 10.0, 16384, None, 0, 2048)
+    assert ready == ("http", 10.0, 16384, None, 0, 2048, 0)
     ready = ListenConfig(ready_rule="line", ready_timeout=2, ready_max_bytes=64, max_waiting=5,
-                         proxy_protocol="v1+v2", proxy_max_v2=4096).ready()
-    assert ready == ("line", 2.0, 64, 5, 3, 4096)
+                         proxy_protocol="v1+v2", proxy_max_v2=4096, ready_min_rate=500).ready()
+    assert ready == ("line", 2.0, 64, 5, 3, 4096, 500)
 
 
 def test_the_accept_filter_has_command_line_flags():

@@ -42,7 +42,7 @@ from fastlisten.includes.fl_net cimport (
 )
 from fastlisten.includes.fl_filter cimport (
     fl_filter, fl_filter_init, fl_filter_configure, fl_filter_clear, fl_filter_shut,
-    fl_filter_destroy, fl_filter_drop_runs, FL_DROP_SHUTDOWN,
+    fl_filter_destroy, fl_filter_drop_runs, fl_filter_set_min_rate, FL_DROP_SHUTDOWN,
     fl_filter_wait_accept, fl_filter_wait_accept_ep, fl_filter_watch, fl_ready_rule,
     FL_RULE_NONE,
 )
@@ -60,6 +60,7 @@ from fastlisten._coreshared import (
 from fastlisten._coreshared import (
     DEFAULT_READY_TIMEOUT, DEFAULT_READY_MAX_BYTES, DEFAULT_MAX_WAITING,
     check_filter as _check_filter,
+    check_min_rate as _check_min_rate,
 )
 from fastlisten.proxy import DEFAULT_MAX_V2 as _PROXY_DEFAULT_MAX_V2
 
@@ -589,7 +590,7 @@ cdef class RawListener:
 
     def set_accept_filter(self, rule, timeout=DEFAULT_READY_TIMEOUT,
                           max_bytes=DEFAULT_READY_MAX_BYTES, max_waiting=DEFAULT_MAX_WAITING,
-                          proxy=0, proxy_max_v2=_PROXY_DEFAULT_MAX_V2):
+                          proxy=0, proxy_max_v2=_PROXY_DEFAULT_MAX_V2, min_rate=0):
         """Make accept_many return only connections that are *ready*.
 
         ``rule``: 'none' (every connection at once: no filter), 'data' (at
@@ -606,8 +607,12 @@ cdef class RawListener:
         Connections not ready at accept wait in an epoll set the core holds
         (no thread, no GIL, no Python object each), judged with MSG_PEEK so
         that every byte stays for the handler, for at most ``timeout``
-        seconds from their accept.  At most ``max_waiting`` wait at once:
-        one more closes the oldest ('evicted').  Expired, malformed,
+        seconds from their accept.  With ``min_rate`` (bytes per second,
+        0: none), one that has waited a second or more and sent fewer than
+        ``min_rate`` bytes for every second it waited is closed ('slow')
+        when it sends more without becoming ready: a client that dribbles
+        goes long before its deadline.  At most ``max_waiting`` wait at
+        once: one more closes the oldest ('evicted').  Expired, malformed,
         oversize, closed, reset and evicted connections are closed and
         counted by reason (``stats()['dropped']``), never returned; one that
         sent something and then shut its side is handed over as it is.
@@ -623,6 +628,7 @@ cdef class RawListener:
         cdef int e
         code, ms, mb, cap, versions, max_v2 = _check_filter(
             rule, timeout, max_bytes, max_waiting, proxy, proxy_max_v2)
+        rate = _check_min_rate(min_rate)
         self._check_open()
         if self._busy:
             raise_errno(EBUSY, "cannot change the accept filter while accept_many is waiting")
@@ -643,6 +649,7 @@ cdef class RawListener:
         if e != 0:
             raise_errno(e, "cannot change the accept filter while connections wait in it"
                         if e == EBUSY else None)
+        fl_filter_set_min_rate(self._filter, rate)
         self._filtering = code != FL_RULE_NONE or versions != 0
 
     def close_waiting(self):

@@ -38,6 +38,7 @@ from fastlisten._coreshared import (
     c_int,
     check_filter,
     check_max,
+    check_min_rate,
     closed_error,
     remaining,
     timeout_ms,
@@ -477,13 +478,14 @@ class RawListener:
     def set_accept_filter(self, rule: str, timeout: float = DEFAULT_READY_TIMEOUT,
                           max_bytes: int = DEFAULT_READY_MAX_BYTES,
                           max_waiting: int = DEFAULT_MAX_WAITING, proxy: int = 0,
-                          proxy_max_v2: int = _proxy.DEFAULT_MAX_V2) -> None:
+                          proxy_max_v2: int = _proxy.DEFAULT_MAX_V2, min_rate: int = 0) -> None:
         """Make accept_many return only connections that are *ready* (see
         the compiled core's docstring: the same contract).  This twin keeps
         a socket object per waiting connection; the compiled core keeps
         none.  Leader/follower waiters must be made after it."""
         code, ms, mb, cap, versions, max_v2 = check_filter(
             rule, timeout, max_bytes, max_waiting, proxy, proxy_max_v2)
+        rate = check_min_rate(min_rate)
         self._open_sock()
         if self._busy:
             raise OSError(errno.EBUSY, "cannot change the accept filter while accept_many "
@@ -491,6 +493,8 @@ class RawListener:
         if self._filter is None:
             self._filter = _Filter()
         self._filter.configure(code, ms, mb, cap, versions, max_v2)
+        with self._filter.lock:
+            self._filter.min_rate = rate
         self._filtering = code != 0 or versions != 0
 
     def close_waiting(self) -> int:
@@ -680,7 +684,7 @@ class RawListener:
         with filt.lock:
             now = monotonic()
             if filt_ready:
-                filt.events(out, max)
+                filt.events(out, max, now)
             if listener_ready and len(out) < max and (gate is None or gate._enter()):
                 try:
                     err = self._drain(sock, max, out, filt, now)
@@ -947,6 +951,8 @@ class _Filter:
         self.proxy = 0
         self.max_v2 = _proxy.DEFAULT_MAX_V2
         self.peek = 1
+        self.min_rate = 0               # bytes per second, 0: none
+        self.seen = 0                   # what judge()'s peek showed last
         self.peak = self.entered = self.ready = 0
         self.dropped = [0] * (len(DROP_REASONS) + 1)
         # runs of drops (fl_filter_stats' drop_runs ...): begun, the latest's
@@ -979,6 +985,7 @@ class _Filter:
         """(verdict, reset) from what MSG_PEEK shows of conn."""
         # With a timeout (socket.setdefaulttimeout), the socket module waits
         # before recv() even with MSG_DONTWAIT: non-blocking meanwhile.
+        self.seen = 0
         timeout = conn.gettimeout()
         if timeout:
             conn.settimeout(0.0)
@@ -993,6 +1000,7 @@ class _Filter:
                 conn.settimeout(timeout)
         if not data:
             return _CLOSED, False
+        self.seen = len(data)
         return _judge(data, eof, self.rule, self.max_bytes, self.proxy, self.max_v2), False
 
     def drop(self, conn: _socket.socket, why: int) -> None:
@@ -1040,7 +1048,14 @@ class _Filter:
             self.peak = len(self.waiting)
         return False
 
-    def events(self, out: List[Tuple[_socket.socket, Any]], max: int) -> None:
+    def too_slow(self, deadline: float, now: float) -> bool:
+        """Below the minimum rate (fl_too_slow): a connection not ready,
+        whose peek showed self.seen bytes, has waited a second or more and
+        sent fewer than min_rate bytes a second."""
+        waited = now - (deadline - self.timeout)
+        return bool(self.min_rate) and waited >= 1.0 and self.seen < self.min_rate * waited
+
+    def events(self, out: List[Tuple[_socket.socket, Any]], max: int, now: float) -> None:
         """Judge what epoll reports; ready connections go to out (up to max)."""
         while max > len(out):
             want = min(max - len(out), 64)
@@ -1049,7 +1064,7 @@ class _Filter:
                 item = self.waiting.get(fd)
                 if item is None:
                     continue
-                conn, addr, _ = item
+                conn, addr, deadline = item
                 if mask & select.EPOLLERR:
                     del self.waiting[fd]
                     self.drop(conn, _DROP["reset"])
@@ -1057,6 +1072,9 @@ class _Filter:
                 verdict, reset = self.judge(conn, bool(mask & (select.EPOLLRDHUP
                                                                | select.EPOLLHUP)))
                 if verdict == _WAIT:
+                    if self.too_slow(deadline, now):
+                        del self.waiting[fd]
+                        self.drop(conn, _DROP["slow"])
                     continue
                 del self.waiting[fd]
                 if verdict < 0:

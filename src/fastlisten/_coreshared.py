@@ -114,7 +114,7 @@ VERDICTS = {1: "ready", 0: "wait", -1: "malformed", -2: "oversize", -3: "closed"
 #: Why a waiting connection was closed: the keys of stats()["dropped"], in
 #: the order of csrc/fl_filter.h's FL_DROP_* (from 1).
 DROP_REASONS = ("malformed", "oversize", "closed", "reset", "expired", "evicted",
-                "shutdown", "error")
+                "shutdown", "error", "slow")
 #: Defaults of set_accept_filter: the total deadline from accept to ready,
 #: the longest line or request head, the most connections waiting at once.
 DEFAULT_READY_TIMEOUT = 10.0
@@ -156,3 +156,14 @@ def check_filter(rule: Any, timeout: Any, max_bytes: Any, max_waiting: Any, prox
         proxy_max_v2 = c_int(proxy_max_v2, "proxy_max_v2")
     return (RULES[rule], max(1, math.ceil(timeout * 1000)), max_bytes, max_waiting, proxy,
             proxy_max_v2)
+
+
+def check_min_rate(min_rate: Any) -> int:
+    """set_accept_filter's ``min_rate``, checked: bytes per second, 0 for none."""
+    if isinstance(min_rate, bool) or not isinstance(min_rate, int):
+        raise TypeError(f"min_rate must be an int (bytes per second), not "
+                        f"{type(min_rate).__name__}")
+    if not 0 <= min_rate <= MAX_READY_MAX_BYTES:
+        raise ValueError(f"min_rate must be between 0 (none) and {MAX_READY_MAX_BYTES} bytes "
+                         f"per second, not {min_rate}")
+    return min_rate

@@ -186,6 +186,7 @@ class ReadySettings(NamedTuple):
     max_waiting: Optional[int]      #: cap on waiting connections (None: from headroom)
     proxy: int                      #: PROXY versions required first (0: none)
     proxy_max_v2: int               #: largest PROXY v2 header accepted, bytes
+    min_rate: int = 0               #: bytes per second below which a waiting one is closed
 
 
 #: Seconds a TLS handshake may take in all unless ``handshake_timeout`` says otherwise.
@@ -301,7 +302,9 @@ class ListenConfig:
     one deadline covers the PROXY header and the rule) ,
     ``ready_max_bytes`` (longest line or request head, default 16384) and
     ``max_waiting`` (cap on waiting connections; default half the
-    descriptors the process may still open) bound it; a connection that
+    descriptors the process may still open) bound it, and optionally
+    ``ready_min_rate`` (bytes per second a waiting connection must keep up
+    once it has waited a second; default 0, none); a connection that
     misses them is closed and counted.  :meth:`ready` gives them resolved;
     :meth:`server_ready` what the server classes apply (without
     ``ready_rule``: the PROXY header and the TLS ClientHello by default).
@@ -381,6 +384,10 @@ class ListenConfig:
         None, "most connections waiting to be ready at once (default: half the "
               "descriptors the process may still open); one more closes the oldest",
         metavar="N")
+    ready_min_rate: Optional[int] = _option(
+        None, "bytes per second a waiting connection must keep up once it has waited a "
+              "second (default 0: none); a slower one is closed as it sends",
+        metavar="BYTES", cli=False)     # (no flag until the server classes apply it)
 
     ssl_context: Optional[ssl.SSLContext] = None
     handshake_timeout: Optional[float] = None
@@ -518,7 +525,7 @@ class ListenConfig:
         rule = self.ready_rule
         if rule is None:
             given = [f"{name}={getattr(self, name)!r}" for name in
-                     ("ready_timeout", "ready_max_bytes", "max_waiting")
+                     ("ready_timeout", "ready_max_bytes", "max_waiting", "ready_min_rate")
                      if getattr(self, name) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} without ready_rule: set ready_rule="
@@ -551,13 +558,18 @@ class ListenConfig:
         if self.max_waiting is not None:
             cap = check_int("max_waiting", self.max_waiting, 1, what=" (connections)")
             put("max_waiting", cap)
+        min_rate = 0
+        if self.ready_min_rate is not None:
+            min_rate = check_int("ready_min_rate", self.ready_min_rate, 0, MAX_READY_MAX_BYTES,
+                                 what=" (bytes per second)")
+            put("ready_min_rate", min_rate)
         proxy, max_v2 = 0, 0
         if self._proxy is not None:
             proxy, max_v2 = self._proxy.versions, self._proxy.max_v2
         else:
             from fastlisten.proxy import DEFAULT_MAX_V2
             max_v2 = DEFAULT_MAX_V2
-        put("_ready", ReadySettings(rule, timeout, max_bytes, cap, proxy, max_v2))
+        put("_ready", ReadySettings(rule, timeout, max_bytes, cap, proxy, max_v2, min_rate))
 
     def ready(self) -> Optional[ReadySettings]:
         """The accept filter's settings with their defaults filled in, or

@@ -58,6 +58,7 @@ _DROP_MEANING = {
     "expired": "expired: not ready within the filter's timeout",
     "evicted": "evicted: the oldest waiting, closed to make room at max_waiting",
     "error": "error: the core could not watch it",
+    "slow": "slow: sent its head more slowly than the filter's min_rate",
 }
 
 
@@ -259,7 +260,8 @@ class Listener:
         ready = config.ready()
         if ready is not None:
             self.set_accept_filter(ready.rule, ready.timeout, ready.max_bytes,
-                                   ready.max_waiting, ready.proxy, ready.proxy_max_v2)
+                                   ready.max_waiting, ready.proxy, ready.proxy_max_v2,
+                                   ready.min_rate)
 
     @classmethod
     def _adopt(cls, config: ListenConfig) -> "Listener":
@@ -378,7 +380,7 @@ class Listener:
     def set_accept_filter(self, rule: str, timeout: float = DEFAULT_READY_TIMEOUT,
                           max_bytes: int = DEFAULT_READY_MAX_BYTES,
                           max_waiting: Optional[int] = None, proxy: int = 0,
-                          proxy_max_v2: Optional[int] = None) -> None:
+                          proxy_max_v2: Optional[int] = None, min_rate: int = 0) -> None:
         """From now on, accept() and accept_many() return only connections
         that are *ready* by ``rule``: 'data' (the client sent a byte),
         'line' (a complete line), 'http' (a complete request head, up to
@@ -396,8 +398,12 @@ class Listener:
         accept; bytes are only peeked at, so the handler reads them all.
         ``max_bytes`` bounds a line or head; ``max_waiting`` (default
         :func:`default_max_waiting`) the connections waiting at once: one
-        more closes the oldest.  Expired, malformed, oversize, closed,
-        reset and evicted connections are closed and counted
+        more closes the oldest.  ``min_rate`` (bytes per second, 0: none):
+        one that has waited a second or more and sent fewer than that many
+        bytes for each second is closed ('slow') as soon as it sends more
+        without becoming ready (a client that dribbles its head goes long
+        before its deadline).  Expired, malformed, oversize, closed, reset,
+        evicted and slow connections are closed and counted
         (``counters()['dropped']`` by reason, with ``waiting``,
         ``waiting_peak``, ``waited`` and ``made_ready``); close() and
         close_waiting() close those still waiting ('shutdown').  Waits
@@ -410,7 +416,7 @@ class Listener:
         self._raw.set_accept_filter(
             rule, timeout, max_bytes, default_max_waiting() if max_waiting is None
             else max_waiting, proxy, _proxy.DEFAULT_MAX_V2 if proxy_max_v2 is None
-            else proxy_max_v2)
+            else proxy_max_v2, min_rate)
         self._filtered = rule != "none" or proxy != 0
 
     def close_waiting(self) -> int:
@@ -598,7 +604,7 @@ class Listener:
         ``waiting_peak``, ``waited`` (connections that had to wait),
         ``made_ready`` (handed over by the filter) and ``dropped``
         ({reason: count}: malformed, oversize, closed, reset, expired,
-        evicted, shutdown, error); ``accepted`` counts only connections
+        evicted, shutdown, error, slow); ``accepted`` counts only connections
         handed over.
         """
         out: Dict[str, Any] = dict(self._raw.stats())

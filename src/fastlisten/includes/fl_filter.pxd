@@ -37,6 +37,7 @@ cdef extern from "fl_filter.h" nogil:
     int fl_filter_init(fl_filter *f)
     int fl_filter_configure(fl_filter *f, const fl_ready_rule *r, long long timeout_ms, int cap)
     int fl_filter_clear(fl_filter *f, int why)
+    void fl_filter_set_min_rate(fl_filter *f, unsigned long long rate)
     void fl_filter_shut(fl_filter *f)
     void fl_filter_destroy(fl_filter *f)
     void fl_filter_stats_read(const fl_filter *f, fl_filter_stats *out)
