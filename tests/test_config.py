@@ -372,5 +372,5 @@ def test_the_accept_filter_has_command_line_flags():
     add_arguments(parser)
     cfg = from_args(parser.parse_args(["--ready-rule", "line", "--ready-timeout", "2.5",
                                        "--ready-max-bytes", "64", "--max-waiting", "5"]))
-    assert cfg.ready() == ("line", 2.5, 64, 5, 0, 2048)
+    assert cfg.ready()[:6] == ("line", 2.5, 64, 5, 0, 2048)
     assert from_args(parser.parse_args([])).ready() is None
