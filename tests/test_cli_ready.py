@@ -15,6 +15,7 @@ import textwrap
 import pytest
 from test_cli_info_serve import DAYTIME, Served, run
 from test_socketserver_diff import LIMIT
+from tlsutil import client_context, make_cert
 
 from fastlisten.commands.serve import default_ready_rule
 from fastlisten.services import DaytimeHandler, DiscardHandler, EchoHandler
@@ -241,3 +242,28 @@ def test_a_client_that_resets_is_no_handler_failure(handler):
     finally:
         err = stop(server)                  # (no traceback)
     assert "ConnectionResetError" not in err
+
+
+@pytest.mark.parametrize("rule", ["line", "http"])
+def test_a_rule_that_cannot_see_through_tls_is_explained(tmp_path, rule):
+    cert, key = make_cert(tmp_path)
+    out = run("serve", "echo", "--ready-rule", rule, "--tls-cert", cert, "--tls-key", key)
+    assert out.returncode == 2
+    assert f"--ready-rule {rule} cannot be seen through TLS" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_tls_defaults_to_the_whole_client_hello(tmp_path):
+    cert, key = make_cert(tmp_path)
+    server = Served("echo", "--threads", "1", "--tls-cert", cert, "--tls-key", key)
+    try:
+        with connect(server.address) as silent:
+            raw = connect(server.address)
+            with client_context(cert).wrap_socket(raw, server_hostname="localhost") as c:
+                c.sendall(b"ping")          # the only thread was free for its handshake
+                assert c.recv(4) == b"ping"
+            assert silent.fileno() >= 0
+    finally:
+        err = stop(server)
+    assert "ready rule 'tls' (TLS clients speak first)" in err
+    assert "a whole TLS ClientHello" in err

@@ -222,10 +222,14 @@ def run(args: argparse.Namespace) -> int:
         check_seconds("--grace", args.grace, zero=True)
         check_seconds("--handshake-timeout", args.handshake_timeout)
         context = tls_context(args.tls_cert, args.tls_key)
+        if context is not None and args.ready_rule in ("line", "http"):
+            raise ValueError(f"--ready-rule {args.ready_rule} cannot be seen through TLS (the "
+                             "client's bytes are encrypted after its ClientHello): use "
+                             "--ready-rule tls, the default with --tls-cert, or data")
+        cls = server_class(cfg, args.threads, args.processes, context, args.handshake_timeout)
     except (ValueError, TypeError, OverflowError, OSError) as exc:
         print(f"fastlisten serve: error: {exc}", file=sys.stderr)
         return 2
-    cls = server_class(cfg, args.threads, args.processes, context, args.handshake_timeout)
     if args.workers is not None:
         return _run_workers(args, cls, handler, describe_ready(cls.listen_config, why))
     try:
