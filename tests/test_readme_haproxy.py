@@ -77,8 +77,12 @@ def test_the_readme_haproxy_config_works_as_shown(tmp_path):
     proc = subprocess.Popen([HAPROXY, "-db", "-f", str(path)], stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        # both instances pass their health checks (a LOCAL header, then a
-        # close, which the accept filter drops before any handler)
+        # both instances see their health checks (a LOCAL header, then a
+        # close or a reset: the accept filter drops each, no handler sees one)
+        wait_for(lambda: all(sum(s.counters().get("dropped", {}).get(why, 0)
+                                 for why in ("closed", "reset")) >= 1
+                             for s in servers), LIMIT)
+        # and HAProxy saw them pass
         wait_for(lambda: passed_checks(stats), LIMIT)
         seen = set()
         for i in range(2, 8):
