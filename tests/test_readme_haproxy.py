@@ -184,3 +184,6 @@ def test_the_readme_setup_serves_everyone_under_attack(tmp_path):
     for server in servers:
         err = stopped_cleanly(server)
         assert "ConnectionResetError" not in err, err
+        # the drops are logged once per run, not once per health check or
+        # attacker (before the accept filter: a traceback per check)
+        assert err.count("\n") <= 30, err

@@ -270,7 +270,7 @@ def describe_ready(config: ListenConfig, why: str) -> str:
         what.append(_READY_WORDS[ready.rule])
     cap = ready.max_waiting if ready.max_waiting is not None else default_max_waiting()
     return (f"ready rule {ready.rule!r} ({why}): a connection waits in the core, holding "
-            f"no thread, for {', then '.join(what)}, at most {ready.timeout:g} s from "
+            f"no thread or process, for {', then '.join(what)}, at most {ready.timeout:g} s from "
             f"accept, at most {cap} at once")
 
 
