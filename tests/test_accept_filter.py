@@ -467,6 +467,25 @@ def test_a_client_below_the_minimum_rate_is_dropped_long_before_its_deadline(mak
     assert len(warned) == 1 and "slow" in warned[0], warned
 
 
+def test_the_first_second_is_free_of_the_minimum_rate(make):
+    """A byte just after the accept is far below a thousand bytes a second
+    of the few milliseconds waited, but the rate counts only from the
+    first second on: judged then, nothing is dropped."""
+    lst = make("line", timeout=1000, min_rate=1000)
+    start = time.monotonic()
+    c = make.client(lst)
+    wait_for(lambda: not lst.accept_many(timeout=0.01) and lst.stats()["waiting"] == 1,
+             timeout=10)
+    c.sendall(b"a")
+    assert none_ready(lst, rounds=1)
+    if time.monotonic() - start >= 1.0:
+        pytest.skip("the machine took a second to get here: the rate would apply")
+    assert lst.stats()["dropped"] == {}
+    c.sendall(b"\n")
+    with take(lst) as conn:
+        assert read_exactly(conn, 2) == b"a\n"
+
+
 def test_a_client_above_the_minimum_rate_waits_for_its_head_as_usual(make):
     """200 bytes at once, then more after a second and more: far above one
     byte a second, so nothing is dropped, and the head comes whole."""
