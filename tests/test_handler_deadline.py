@@ -157,6 +157,19 @@ def _server(name, timeout, tls=None):
     return server
 
 
+def _os_threads():
+    with open("/proc/self/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[17])   # field 20: num_threads
+
+
+def _settle_threads(request):
+    """Before a test forks: wait until the threads of earlier tests, which
+    Python has seen end, have left the kernel's count too (the fork check of
+    forks_beside_test_threads counts the process's threads there)."""
+    watchdog = 1 if float(request.config.getini("faulthandler_timeout") or 0) > 0 else 0
+    wait_for(lambda: _os_threads() <= len(threading.enumerate()) + watchdog, LIMIT)
+
+
 def _warnings(caplog):
     return [r for r in caplog.records if "handler deadline" in r.getMessage()]
 
@@ -168,7 +181,9 @@ def _forking(name):
 # (auto: only the forking variant forks, beside the test's serving thread)
 @pytest.mark.forks_beside_test_threads(auto=True)
 @pytest.mark.parametrize("name", VARIANTS)
-def test_a_handler_blocked_on_a_dribbling_client_reads_eof_and_returns(name, caplog):
+def test_a_handler_blocked_on_a_dribbling_client_reads_eof_and_returns(name, caplog, request):
+    if _forking(name):
+        _settle_threads(request)
     server = _server(name, SHORT)
     t = serve_in_thread(server, 0.05)
     try:
@@ -190,11 +205,13 @@ def test_a_handler_blocked_on_a_dribbling_client_reads_eof_and_returns(name, cap
 
 @pytest.mark.forks_beside_test_threads(auto=True)
 @pytest.mark.parametrize("name", VARIANTS)
-def test_a_handler_that_finishes_in_time_is_left_alone(name, caplog):
+def test_a_handler_that_finishes_in_time_is_left_alone(name, caplog, request):
     # A quick handler, then a dribbling one with the same deadline: when
     # the second has been shut down, the first's deadline is past too, so
     # a first handler that the watchdog had not let go would be counted
     # (its connection closed by then: the shutdown must never reach it).
+    if _forking(name):
+        _settle_threads(request)
     server = _server(name, IN_TIME)
     t = serve_in_thread(server, 0.05)
     try:
@@ -216,9 +233,10 @@ def test_a_handler_that_finishes_in_time_is_left_alone(name, caplog):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.forks_beside_test_threads
-def test_a_forking_server_without_serve_forever_counts_its_children_too():
+def test_a_forking_server_without_serve_forever_counts_its_children_too(request):
     # handle_request(), no loop: the report pipe is made before the first
     # fork all the same, so the child's expiry reaches the server process.
+    _settle_threads(request)
     cls = type("Forking", (fastlisten.ForkingTCPServer,),
                {"listen_config": fastlisten.ListenConfig(handler_timeout=SHORT)})
     server = cls(("127.0.0.1", 0), Reader)
@@ -285,7 +303,8 @@ def test_with_tls_the_deadline_starts_after_the_handshake(name, tls):
         finally:
             c.close()
         wait_for(lambda: len(server.returned) == 1, LIMIT)
-        assert server.counters()["handler_timeouts"] == 1
+        # (counted by the watchdog's thread just after the shutdown the handler saw)
+        wait_for(lambda: server.counters()["handler_timeouts"] == 1, LIMIT)
         assert server.counters()["tls_handshakes"] == 1
     finally:
         shutdown_within(server, t)
@@ -349,7 +368,7 @@ def test_unix_stream_servers_have_it_too(tmp_path):
     try:
         assert _dribble(path, socket.AF_UNIX) == b""
         wait_for(lambda: len(server.returned) == 1, LIMIT)
-        assert server.counters()["handler_timeouts"] == 1
+        wait_for(lambda: server.counters()["handler_timeouts"] == 1, LIMIT)
     finally:
         shutdown_within(server, t)
         server.server_close()

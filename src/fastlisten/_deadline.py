@@ -257,12 +257,12 @@ class Watchdog:
             _raw_shutdown(sock, socket.SHUT_RDWR)
         except OSError:
             pass    # the peer is gone already (ENOTCONN), or the handler closed it
-        if self._on_expire is not None:
-            self._on_expire(sock)
         if os.getpid() != self._pid:
             self._report(_EXPIRED)
         else:
             self._expired += 1
+        if self._on_expire is not None:
+            self._on_expire(sock)
 
     def _log_first(self, peer: str) -> None:
         if os.getpid() != self._pid:

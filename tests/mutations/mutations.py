@@ -558,7 +558,7 @@ MUTATIONS = [
              "            self._report(_EXPIRED)", "            pass",
              DEADLINE, BOTH),
     Mutation("deadline: expiry not counted", "src/fastlisten/_deadline.py",
-             "            self._expired += 1\n\n    def _log_first", "            pass\n\n    def _log_first",
+             "            self._expired += 1\n        if self._on_expire", "            pass\n        if self._on_expire",
              DEADLINE, BOTH),
     Mutation("deadline: the inline path not armed", "src/fastlisten/server.py",
              "                    entry = dog.arm(request)\n                    try:\n"
