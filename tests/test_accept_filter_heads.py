@@ -9,7 +9,7 @@ judged as if it came at once), and what the filter peeks at is always
 enough for a decision."""
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fastlisten import _corepy
@@ -202,15 +202,17 @@ def test_a_decision_on_a_prefix_is_the_decision_on_the_whole(case, data):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(inputs(), st.lists(st.integers(1, 40), min_size=1, max_size=20))
+@example((b"", "none", {"max_bytes": 1, "proxy": 0}), [1])     # ready before any byte
 def test_judging_write_by_write_ends_where_judging_the_whole_does(case, sizes):
     """What the filter does with a head split over many writes: judge
     after each, stop at the first decision; it is the whole head's."""
     whole, rule, options = case
-    seen, verdict, at = b"", "wait", 0
+    at, writes = 0, 0
+    verdict = both(b"", rule, **options)    # judged at accept, before any byte
     while verdict == "wait" and at < len(whole):
-        step = sizes[len(seen) % len(sizes)]
-        seen, at = whole[:at + step], at + step
-        verdict = both(seen, rule, **options)
+        at += sizes[writes % len(sizes)]
+        writes += 1
+        verdict = both(whole[:at], rule, **options)
     assert verdict == both(whole, rule, **options)
 
 
