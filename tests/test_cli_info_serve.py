@@ -327,7 +327,8 @@ def test_a_second_signal_ends_handlers_at_once(tmp_path):
 
 def test_a_module_handler_sees_a_real_socketserver_server(tmp_path):
     (tmp_path / "who.py").write_text(STUCK)
-    server = Served("who:Who", "--bind", "127.0.0.1:0", cwd=tmp_path)
+    # (Who speaks first: serve's default rule, 'data', would wait for the client)
+    server = Served("who:Who", "--bind", "127.0.0.1:0", "--ready-rule", "none", cwd=tmp_path)
     try:
         with socket.create_connection(server.address, timeout=10) as c:
             assert c.makefile("rb").readline() == b"fastlisten.server True True None True\n"

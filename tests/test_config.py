@@ -132,6 +132,11 @@ INVALID = [
      ValueError, "handshake_timeout=0"),
     (dict(ssl_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), handshake_timeout="10"),
      TypeError, "'10'"),
+    # the handler deadline
+    (dict(handler_timeout=0), ValueError, "handler_timeout=0"),
+    (dict(handler_timeout=-1.5), ValueError, "handler_timeout=-1.5"),
+    (dict(handler_timeout=float("nan")), ValueError, "nan"),
+    (dict(handler_timeout="30"), TypeError, "'30'"),
 ] + [
     (dict({name: value}), TypeError, name)
     for name in ("reuse_address", "reuse_port", "nodelay", "keepalive", "unlink_stale")
@@ -362,10 +367,11 @@ def test_the_accept_filter_settings_resolve_with_their_defaults():
     assert ready == ("line", 2.0, 64, 5, 3, 4096, 500)
 
 
-def test_the_accept_filter_has_no_command_line_flags_until_servers_apply_it():
-    from fastlisten.config import option_fields
-
-    names = {f.name for f in option_fields()}
-    assert "proxy_protocol" in names
-    assert not names & {"ready_rule", "ready_timeout", "ready_max_bytes", "max_waiting",
-                        "ready_min_rate"}
+def test_the_accept_filter_has_command_line_flags():
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = from_args(parser.parse_args(["--ready-rule", "line", "--ready-timeout", "2.5",
+                                       "--ready-max-bytes", "64", "--max-waiting", "5"]))
+    assert cfg.ready()[:6] == ("line", 2.5, 64, 5, 0, 2048)
+    assert from_args(parser.parse_args([])).ready() is None

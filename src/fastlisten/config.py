@@ -322,6 +322,14 @@ class ListenConfig:
     (seconds, default 10) bounds its handshake.  :meth:`tls` gives them
     resolved.  Neither is a command-line flag: ``fastlisten serve`` has
     ``--tls-cert``/``--tls-key``/``--handshake-timeout``.
+
+    The handler deadline (applied by the socketserver classes; off by
+    default): ``handler_timeout`` (seconds) shuts a connection down
+    (``SHUT_RDWR``) once its handler has run that long, so that a handler
+    blocked on a client that sends its request a byte at a time reads end
+    of file and returns; counted in ``counters()['handler_timeouts']``.  It
+    starts when the handler is built, after the PROXY header and the TLS
+    handshake, which have their own deadlines.
     """
 
     host: Optional[str] = _option(None, "IP address or host name to bind ('' for every "
@@ -364,29 +372,32 @@ class ListenConfig:
         type="float")
     proxy_max_v2: Optional[int] = _option(
         None, "largest PROXY v2 header accepted (default 2048)", metavar="BYTES")
-    # The accept filter (issue 19).  cli=False: no command-line flags until
-    # the server classes apply it (Listener.from_config does).
+    # The accept filter (issue 19); ``fastlisten serve`` chooses a rule for
+    # its handler when --ready-rule is not given.
     ready_rule: Optional[str] = _option(
         None, "hand over a connection only once it is ready: 'data' (a byte), 'line', "
               "'http' (a request head) or 'tls' (a ClientHello); meanwhile it waits in "
-              "the core, holding no thread", choices=READY_RULES, cli=False)
+              "the core, holding no thread", choices=READY_RULES)
     ready_timeout: Optional[float] = _option(
         None, "seconds from accept to ready (default 10); later, the connection is "
-              "closed", metavar="SECONDS", type="float", cli=False)
+              "closed", metavar="SECONDS", type="float")
     ready_max_bytes: Optional[int] = _option(
         None, "longest line or request head the 'line'/'http' rule waits for (default "
-              "16384); a longer one is closed", metavar="BYTES", cli=False)
+              "16384); a longer one is closed", metavar="BYTES")
     max_waiting: Optional[int] = _option(
         None, "most connections waiting to be ready at once (default: half the "
               "descriptors the process may still open); one more closes the oldest",
-        metavar="N", cli=False)
+        metavar="N")
     ready_min_rate: Optional[int] = _option(
         None, "bytes per second a waiting connection must keep up once it has waited a "
               "second (default 0: none); a slower one is closed as it sends",
-        metavar="BYTES", cli=False)
+        metavar="BYTES", cli=False)     # (no flag until the server classes apply it)
 
     ssl_context: Optional[ssl.SSLContext] = None
     handshake_timeout: Optional[float] = None
+    handler_timeout: Optional[float] = _option(
+        None, "shut a connection down (its reads see end of file) once its handler has run "
+              "this long (default: never)", metavar="SECONDS", type="float")
 
     _listener_opts: Tuple[Opt, ...] = field(init=False, repr=False, compare=False, default=())
     _proxy: Optional[ProxySettings] = field(init=False, repr=False, compare=False, default=None)
@@ -504,6 +515,8 @@ class ListenConfig:
         self._check_proxy(put)
         self._check_tls(put)
         self._check_ready(put)
+        if self.handler_timeout is not None:
+            put("handler_timeout", check_seconds("handler_timeout", self.handler_timeout))
 
     def _check_ready(self, put: Any) -> None:
         from fastlisten._coreshared import (
@@ -651,13 +664,15 @@ class ListenConfig:
 
     def socket_only(self) -> "ListenConfig":
         """This config without what acts on each connection (the PROXY
-        protocol, TLS and accept-filter options): the listening socket's
-        own options, as a :class:`Listener` takes them (fastlisten.Workers'
-        parent: the servers in the workers apply the rest)."""
+        protocol, TLS and accept-filter options, the handler deadline): the
+        listening socket's own options, as a :class:`Listener` takes them
+        (fastlisten.Workers' parent: the servers in the workers apply the
+        rest)."""
         return self.replace(proxy_protocol=None, trusted_proxies=None, proxy_timeout=None,
                             proxy_max_v2=None, ssl_context=None, handshake_timeout=None,
                             ready_rule=None, ready_timeout=None, ready_max_bytes=None,
-                            max_waiting=None, ready_min_rate=None)
+                            max_waiting=None, ready_min_rate=None,
+                            handler_timeout=None)
 
     def proxy(self) -> Optional[ProxySettings]:
         """The PROXY protocol settings with their defaults filled in, or
@@ -862,7 +877,6 @@ def option_fields() -> List["dataclasses.Field[Any]"]:
     """The fields of ListenConfig that are listener options (each with its
     ``help`` and command-line spelling in ``metadata``), in order; the
     command line generates its flags from them.  Options marked
-    ``cli=False`` (the accept filter's, until ``fastlisten serve`` applies
-    them) are left out."""
+    ``cli=False`` are left out."""
     return [f for f in dataclasses.fields(ListenConfig)
             if "help" in f.metadata and f.metadata.get("cli", True)]

@@ -233,6 +233,10 @@ class Listener:
                 "ssl_context: a Listener hands over raw connections; the TLS handshake is "
                 "run by the server classes (listen_config=...) in their workers, or by "
                 "ssl_context.wrap_socket(conn, server_side=True) in yours")
+        if config.handler_timeout is not None:
+            raise ValueError(
+                "handler_timeout: a Listener runs no handlers; the server classes "
+                "(listen_config=...) apply it")
         if config.fd is not None:
             return cls._adopt(config)
         if config.family == socket.AF_UNIX and config.path is None:

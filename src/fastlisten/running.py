@@ -243,7 +243,8 @@ def format_counters(c: Dict[str, Any]) -> str:
         parts += [("machine_ListenOverflows", _plus(c.get("listen_overflows_since_open"))),
                   ("machine_ListenDrops", _plus(c.get("listen_drops_since_open")))]
     parts += [(name, c.get(name)) for name in (
-        "proxy_accepted", "proxy_local", "proxy_rejected", "tls_handshakes", "tls_failures")]
+        "proxy_accepted", "proxy_local", "proxy_rejected", "tls_handshakes", "tls_failures",
+        "handler_timeouts")]
     if c.get("made_ready") or c.get("waiting") or c.get("dropped"):     # an accept filter
         parts += [(name, c.get(name)) for name in ("waiting", "waiting_peak", "made_ready")]
         parts.append(("dropped", "{" + ", ".join(

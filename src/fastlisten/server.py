@@ -32,6 +32,8 @@ that runs the handler, under its ``handshake_timeout``, after the PROXY
 header: the accept loop never waits for a client.  ``ready_rule`` makes
 the filter wait for the request too (see docs/guide/dropin.md).  A connection
 that is an ``ssl.SSLSocket`` already is never wrapped again.
+A ``listen_config`` with ``handler_timeout`` shuts a connection down once
+its handler has run that long, wherever the handler runs (fastlisten._deadline).
 
 The names these classes add to the stdlib's are fastlisten's only where no
 subclass can mean something else by them (see the README's table): the
@@ -70,6 +72,7 @@ from fastlisten import address as _address
 from fastlisten import sysinfo
 from fastlisten._backend import SocketReader, SocketWriter
 from fastlisten._coreshared import DEFAULT_BATCH
+from fastlisten._deadline import Watchdog
 from fastlisten._frontdoor import FrontDoor
 from fastlisten._queued import hand_over, serve_queued
 from fastlisten._threadpool import LeaderPool
@@ -322,7 +325,9 @@ class _FastLoop(_StdServer):
     #: wraps each connection and runs its handshake in the handler's thread
     #: (or process), never in the accept loop; a failed handshake is logged
     #: (once per run of failures), counted (``counters()['tls_failures']``)
-    #: and the connection closed.  A value that is not a ListenConfig is a
+    #: and the connection closed.  ``ListenConfig(handler_timeout=N)``
+    #: shuts a connection down once its handler has run N seconds (see
+    #: fastlisten._deadline).  A value that is not a ListenConfig is a
     #: subclass's own: it is left alone.
     listen_config: Optional[ListenConfig] = None
 
@@ -344,6 +349,8 @@ class _FastLoop(_StdServer):
     _fl_handled = False
     _fl_ended: Any = ()         # connections end_handlers() shut down (weakly held)
     _fl_door: Optional[FrontDoor] = None    # PROXY header / TLS handshake, when configured
+    #: listen_config.handler_timeout's watchdog (see _fl_watchdog), when configured
+    _fl_dog: Optional[Watchdog] = None
     #: Connections whose PROXY header _fl_read_proxy() read before
     #: verify_request, to (header,) for finish_request (weakly held: a
     #: connection closed unhandled is forgotten).
@@ -524,6 +531,10 @@ class _FastLoop(_StdServer):
             door, self._fl_door = self._fl_door, None
             if door is not None:
                 door.close()
+            if self._fl_dog is not None:
+                # its thread leaves once the handlers still armed are done
+                # (or expire); counters() keeps its count
+                self._fl_dog.close()
             unix, self._fl_unix_file = self._fl_unix_file, None
             if unix is not None:
                 unix.remove()
@@ -544,6 +555,7 @@ class _FastLoop(_StdServer):
         _shut_down_event(self).clear()
         try:
             self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
+            self._fl_watchdog()         # (_fl_handle_inline reads _fl_dog)
             choice = self._fl_choose_loop()
             if choice.loop is Loop.SELECTOR:
                 self._fl_refuse_ready_rule(self._fl_current_config(), choice.why)
@@ -649,13 +661,17 @@ class _FastLoop(_StdServer):
         listening socket (accepted, batches, accept errors, queue depth,
         ListenOverflows ...) while the fast loop serves it, and
         ``handlers_running``/``handlers_peak`` (handlers running now / at
-        most at once)."""
+        most at once); with ``listen_config.handler_timeout``,
+        ``handler_timeouts`` (connections the handler deadline shut down)."""
         listener = self._fl_listener
         out: Dict[str, Any] = listener.counters() if listener is not None else {}
         out["handlers_running"], out["handlers_peak"] = self._fl_handlers()
         door = self._fl_frontdoor()
         if door is not None:
             out.update(door.counters())
+        dog = self._fl_watchdog()
+        if dog is not None:
+            out["handler_timeouts"] = dog.expired
         return out
 
     proxy_header = _ProxyHeaderAttr()
@@ -666,10 +682,19 @@ class _FastLoop(_StdServer):
         ``listen_config.ssl_context``, first read the PROXY header and run the TLS
         handshake, here, in the handler's thread or process.  A connection
         that fails them never reaches the handler (it is counted, logged
-        once per episode, and closed by the caller)."""
+        once per episode, and closed by the caller).  With
+        ``listen_config.handler_timeout``, the handler runs under its
+        deadline (see fastlisten._deadline), from the moment it is built."""
+        dog = self._fl_watchdog()
         door = self._fl_frontdoor()
         if door is None:
-            return super().finish_request(request, client_address)
+            if dog is None:
+                return super().finish_request(request, client_address)
+            entry = dog.arm(request)
+            try:
+                return super().finish_request(request, client_address)
+            finally:
+                dog.disarm(entry)   # before the caller closes the request
         proxied = (self._fl_proxied.pop(request, None) if self._fl_proxied is not None
                    else None)
         prepared = door.prepare(request, client_address, proxied)
@@ -683,7 +708,12 @@ class _FastLoop(_StdServer):
         if conn is not request:
             self._fl_swapped[request] = conn
         try:
-            super().finish_request(conn, address)
+            entry = None if dog is None else dog.arm(conn)
+            try:
+                super().finish_request(conn, address)
+            finally:
+                if dog is not None:
+                    dog.disarm(entry)
         except Exception:
             # reported with the real client's address and connection
             self.handle_error(conn, address)
@@ -772,10 +802,33 @@ class _FastLoop(_StdServer):
                 self._fl_door = FrontDoor(proxy, context, timeout, forking=self._fl_forking)
             return self._fl_door
 
+    def _fl_watchdog(self) -> Optional[Watchdog]:
+        """The Watchdog for ``listen_config.handler_timeout`` (built on first
+        use, rebuilt if the timeout changed), or None when it is not set;
+        kept in ``_fl_dog``, which _fl_handle_inline reads as it is (this
+        runs when serve_forever() starts).  A connection it shuts down is
+        marked as end_handlers() marks one (see handle_error)."""
+        config = self._fl_config if self._fl_config is not None else self._fl_listen_config()
+        seconds = config.handler_timeout if config is not None else None
+        dog = self._fl_dog
+        if (dog.seconds if dog is not None else None) == seconds:
+            return dog
+        if seconds is not None:
+            self._fl_check_stream("listen_config", config)     # (set after start-up)
+        with _wake_lock:
+            dog = self._fl_dog
+            if dog is not None and dog.seconds != seconds:
+                dog.close()     # (its thread ends with its last armed handler)
+                dog = self._fl_dog = None
+            if dog is None and seconds is not None:
+                dog = self._fl_dog = Watchdog(seconds, _ender(self), forking=self._fl_forking)
+            return dog
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Report a handler's exception (the stdlib prints the traceback to
-        stderr).  A failure caused by end_handlers() shutting the connection
-        down is logged at DEBUG level instead: it is the server's doing."""
+        stderr).  A failure caused by end_handlers() (or the handler
+        deadline) shutting the connection down is logged at DEBUG level
+        instead: it is the server's doing."""
         if request in self._fl_ended:
             _log.debug("handler for %s ended by the server", _address.format_address(
                 client_address))
@@ -1049,9 +1102,17 @@ class _FastLoop(_StdServer):
         -> shutdown_request -> close_request: the handler, handle_error for
         an Exception, then SHUT_WR and close (also when handle_error or the
         handler raises something else)."""
+        dog = self._fl_dog
         try:
             try:
-                self.RequestHandlerClass(request, client_address, self)
+                if dog is None:
+                    self.RequestHandlerClass(request, client_address, self)
+                else:
+                    entry = dog.arm(request)
+                    try:
+                        self.RequestHandlerClass(request, client_address, self)
+                    finally:
+                        dog.disarm(entry)   # before the close below
             except Exception:
                 self.handle_error(request, client_address)
         finally:
@@ -1155,6 +1216,20 @@ if hasattr(socket, "AF_UNIX"):
 
     class UnixDatagramServer(UDPServer, _std.UnixDatagramServer):
         """socketserver.UnixDatagramServer with an immediate shutdown()."""
+
+
+def _ender(server: _FastLoop) -> Callable[[Any], None]:
+    """The handler deadline's on_expire for ``server`` (held weakly): the
+    connection it shut down is one the server ended (see handle_error)."""
+    ref = weakref.ref(server)
+
+    def ended(sock: Any) -> None:
+        server = ref()
+        if server is not None:
+            if not isinstance(server._fl_ended, weakref.WeakSet):
+                server._fl_ended = weakref.WeakSet()
+            server._fl_ended.add(sock)
+    return ended
 
 
 def _wait_for_children(pids: Any, timeout: Optional[float], wake_fd: int = -1) -> None:
@@ -1473,6 +1548,7 @@ if hasattr(os, "fork"):
                     self._fl_keep(request, client_address, True)    # for serve_queued()
                 return
             self._fl_frontdoor()    # its report pipe exists before the fork
+            self._fl_watchdog()     # (and the deadline's)
             super().process_request(request, client_address)
             if self.active_children and len(self.active_children) > self._fl_peak:
                 self._fl_peak = len(self.active_children)
@@ -1508,6 +1584,8 @@ if hasattr(os, "fork"):
                 self._fl_reap()
             if self._fl_door is not None:
                 self._fl_door.collect()     # what children reported
+            if self._fl_dog is not None:
+                self._fl_dog.collect()
 
         def _fl_interrupt(self) -> None:
             if self._fl_room is not None:

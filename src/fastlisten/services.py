@@ -35,30 +35,43 @@ def daytime(now: float) -> str:
 
 class DaytimeHandler(socketserver.BaseRequestHandler):
     """Daytime (RFC 867): send the current date and time as one line of
-    ASCII text and close, ignoring anything the client sends."""
+    ASCII text and close, ignoring anything the client sends.  A client
+    that has gone (reset, broken pipe) ends the conversation quietly, as
+    for the other built-ins: it is no failure of the handler's."""
 
     def handle(self) -> None:
-        self.request.sendall((daytime(time.time()) + "\r\n").encode("ascii"))
+        try:
+            self.request.sendall((daytime(time.time()) + "\r\n").encode("ascii"))
+        except (ConnectionResetError, BrokenPipeError):
+            pass
 
 
 class EchoHandler(socketserver.BaseRequestHandler):
-    """Echo (RFC 862): send back whatever arrives until the client closes."""
+    """Echo (RFC 862): send back whatever arrives until the client closes
+    (or resets the connection)."""
 
     def handle(self) -> None:
         recv, sendall = self.request.recv, self.request.sendall
-        while True:
-            data = recv(65536)
-            if not data:
-                return
-            sendall(data)
+        try:
+            while True:
+                data = recv(65536)
+                if not data:
+                    return
+                sendall(data)
+        except (ConnectionResetError, BrokenPipeError):
+            pass
 
 
 class DiscardHandler(socketserver.BaseRequestHandler):
-    """Discard (RFC 863): read and throw away everything until the client closes."""
+    """Discard (RFC 863): read and throw away everything until the client
+    closes (or resets the connection)."""
 
     def handle(self) -> None:
         recv = self.request.recv
-        while recv(65536):
+        try:
+            while recv(65536):
+                pass
+        except ConnectionResetError:
             pass
 
 

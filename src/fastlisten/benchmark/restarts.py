@@ -57,8 +57,10 @@ class _Served:
     """``fastlisten serve`` in a child process, its stderr read by a thread."""
 
     def __init__(self, args: List[str]) -> None:
+        # (Reply speaks first: serve's default rule for a handler of one's
+        # own, 'data', would wait for the client)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastlisten", "serve", HANDLER, *args],
+            [sys.executable, "-m", "fastlisten", "serve", HANDLER, "--ready-rule", "none", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -11,7 +11,7 @@ flags back into a ListenConfig, which validates them.  Where to listen is
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from fastlisten.config import ListenConfig, option_fields
 
@@ -31,9 +31,12 @@ def _octal(text: str) -> int:
 _TYPES = {"octal": _octal, "float": float, "str": str}
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_bind: str = "127.0.0.1:0") -> None:
+def add_arguments(parser: argparse.ArgumentParser, default_bind: str = "127.0.0.1:0",
+                  helps: Optional[Mapping[str, str]] = None) -> None:
     """Add ``--bind`` and a flag for every listener option to ``parser``;
-    :func:`from_args` turns the parsed arguments into a ListenConfig."""
+    :func:`from_args` turns the parsed arguments into a ListenConfig.
+    ``helps`` replaces the help text of some options (by field name), for
+    a command whose defaults differ from the library's."""
     g = parser.add_argument_group("listener")
     g.add_argument("--bind", metavar="ADDR", default=None,
                    help=f"HOST:PORT, [IPv6]:PORT, :PORT or 0.0.0.0:PORT (every interface), "
@@ -45,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser, default_bind: str = "127.0.0.
             continue
         meta = f.metadata
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        kwargs: Dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+        kwargs: Dict[str, Any] = {"dest": f.name,
+                                  "help": (helps or {}).get(f.name, meta["help"])}
         if f.default is False:
             kwargs["action"] = "store_true"
         elif f.default is True:

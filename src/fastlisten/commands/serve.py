@@ -22,6 +22,19 @@ only from --trusted-proxy networks (default: loopback); handlers see the
 real client.  --tls-cert/--tls-key serve TLS; handshakes run in the
 handler's thread or process, never in the accept loop.
 
+A connection reaches a thread (or process) only once it is ready by
+--ready-rule; until then it waits in the core, holding no thread, for at
+most --ready-timeout seconds (default 10), at most --max-waiting of them at
+once.  Without --ready-rule: 'tls' (a whole ClientHello) with --tls-cert;
+else 'none' (at once) for daytime, where the server speaks first; 'http'
+(a whole request head) for an http.server.BaseHTTPRequestHandler
+subclass; 'data' (a first byte) for echo, discard and any other handler:
+give --ready-rule none to a handler whose protocol has the server speak
+first (a greeting, as SMTP and FTP have), or its clients wait
+--ready-timeout and are closed.  With --proxy-protocol the PROXY header
+must be complete first, within --proxy-timeout, whatever the rule.  The
+startup log line says the rule in effect.
+
 The first line on stdout is "listening on ADDRESS" (with the port the kernel
 chose for port 0).  SIGUSR1 logs the counters (so does --stats-interval).
 SIGINT or SIGTERM stop accepting, serve the connections the kernel had
@@ -45,24 +58,50 @@ an idle server gives sequential clients mostly to one worker).
 from __future__ import annotations
 
 import argparse
+import http.server
 import logging
 import socket
 import ssl
 import sys
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 from fastlisten import server as _server
 from fastlisten._backend import compiled
 from fastlisten.address import format_address
 from fastlisten.commands import options
 from fastlisten.config import ListenConfig, check_int, check_seconds
+from fastlisten.listener import default_max_waiting
 from fastlisten.running import format_counters, serve_until_signalled  # noqa: F401 (its home was here)
-from fastlisten.services import load_handler
+from fastlisten.services import DaytimeHandler, load_handler
 
 _log = logging.getLogger("fastlisten.serve")
 
 #: Threads in the pool unless --threads says otherwise.
 DEFAULT_THREADS = 16
+
+#: --ready-rule's help: serve's defaults differ from the library's (none).
+READY_RULE_HELP = (
+    "hand a connection to a thread only once it is ready: 'none' (at once), 'data' (a "
+    "first byte), 'line' (a whole line), 'http' (a whole request head) or 'tls' (a whole "
+    "ClientHello); meanwhile it waits in the core, holding no thread.  Default: 'tls' "
+    "with --tls-cert; else 'none' for daytime, 'http' for an "
+    "http.server.BaseHTTPRequestHandler subclass, 'data' for echo, discard and any "
+    "other handler (give 'none' where the server speaks first, as in SMTP)")
+
+
+def default_ready_rule(handler: Any, tls: bool) -> Tuple[str, str]:
+    """The accept-filter rule ``fastlisten serve`` applies to ``handler``
+    when --ready-rule is not given, and why, in a few words for the log:
+    one that keeps a silent client from holding a thread while every
+    client of the handler's protocol still reaches it."""
+    if tls:
+        return "tls", "TLS clients speak first"
+    if isinstance(handler, type):
+        if issubclass(handler, DaytimeHandler):
+            return "none", "the server speaks first"
+        if issubclass(handler, http.server.BaseHTTPRequestHandler):
+            return "http", "an HTTP handler"
+    return "data", "--ready-rule none if the server speaks first"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -74,7 +113,13 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("handler", metavar="HANDLER",
                    help="daytime, echo, discard, or module:Class (a request handler)")
-    options.add_arguments(p)
+    options.add_arguments(p, helps={
+        "ready_rule": READY_RULE_HELP,
+        "ready_timeout": "seconds from accept until a connection is ready, its PROXY "
+                         "header included (default 10; with rule 'none' or 'tls' by "
+                         "default, --proxy-timeout or --handshake-timeout); later, it is "
+                         "closed unread",
+    })
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--threads", type=int, default=None, metavar="N",
                       help=f"handle connections in a pool of at most N threads "
@@ -158,6 +203,16 @@ def run(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM; 0 on a clean shutdown."""
     try:
         handler = load_handler(args.handler)
+        why = "--ready-rule"
+        if args.ready_rule is None:
+            rule, why = default_ready_rule(handler, args.tls_cert is not None)
+            # 'none' and 'tls' are the server classes' own default (the
+            # PROXY header within --proxy-timeout, the ClientHello within
+            # --handshake-timeout) unless another --ready-* flag is given
+            if rule not in ("none", "tls") or any(
+                    getattr(args, name) is not None
+                    for name in ("ready_timeout", "ready_max_bytes", "max_waiting")):
+                args.ready_rule = rule
         cfg = options.from_args(args)
         for name in ("threads", "processes", "workers"):
             if getattr(args, name) is not None:
@@ -167,12 +222,16 @@ def run(args: argparse.Namespace) -> int:
         check_seconds("--grace", args.grace, zero=True)
         check_seconds("--handshake-timeout", args.handshake_timeout)
         context = tls_context(args.tls_cert, args.tls_key)
+        if context is not None and args.ready_rule in ("line", "http"):
+            raise ValueError(f"--ready-rule {args.ready_rule} cannot be seen through TLS (the "
+                             "client's bytes are encrypted after its ClientHello): use "
+                             "--ready-rule tls, the default with --tls-cert, or data")
+        cls = server_class(cfg, args.threads, args.processes, context, args.handshake_timeout)
     except (ValueError, TypeError, OverflowError, OSError) as exc:
         print(f"fastlisten serve: error: {exc}", file=sys.stderr)
         return 2
-    cls = server_class(cfg, args.threads, args.processes, context, args.handshake_timeout)
     if args.workers is not None:
-        return _run_workers(args, cls, handler)
+        return _run_workers(args, cls, handler, describe_ready(cls.listen_config, why))
     try:
         server = cls(cfg.address, handler)
     except OSError as exc:
@@ -185,9 +244,9 @@ def run(args: argparse.Namespace) -> int:
         # Only now, with the signals handled, tell the world we are up.
         address = format_address(server.socket.getsockname())
         print(f"listening on {address}", flush=True)
-        _log.info("serving %s on %s (%s, %s core); SIGUSR1 logs counters, "
+        _log.info("serving %s on %s (%s, %s core); %s; SIGUSR1 logs counters, "
                   "SIGINT/SIGTERM stop", args.handler, address, mode,
-                  "compiled" if compiled else "pure-Python")
+                  "compiled" if compiled else "pure-Python", describe_ready(cls.listen_config, why))
 
     try:
         serve_until_signalled(server, grace=args.grace, on_ready=ready, log_stats=True,
@@ -197,8 +256,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_workers(args: argparse.Namespace, cls: Type[Any], handler: Any) -> int:
-    """``--workers N``: the same server class in N processes under fastlisten.Workers."""
+def describe_ready(config: ListenConfig, why: str) -> str:
+    """The accept filter in effect, for the startup log line: the rule (and
+    ``why``: where it came from), its deadline and its cap."""
+    ready = config.server_ready()
+    if ready is None or (ready.rule == "none" and not ready.proxy):
+        rule = ready.rule if ready is not None else "none"
+        return f"ready rule {rule!r} ({why}): connections go to a thread at once"
+    what = []
+    if ready.proxy:
+        what.append("a complete PROXY header")
+    if ready.rule != "none":
+        what.append(_READY_WORDS[ready.rule])
+    cap = ready.max_waiting if ready.max_waiting is not None else default_max_waiting()
+    return (f"ready rule {ready.rule!r} ({why}): a connection waits in the core, holding "
+            f"no thread or process, for {', then '.join(what)}, at most {ready.timeout:g} s from "
+            f"accept, at most {cap} at once")
+
+
+#: What each rule waits for, in the startup log line.
+_READY_WORDS = {"data": "a first byte", "line": "a whole line",
+                "http": "a whole request head", "tls": "a whole TLS ClientHello"}
+
+
+def _run_workers(args: argparse.Namespace, cls: Type[Any], handler: Any, ready: str) -> int:
+    """``--workers N``: the same server class in N processes under
+    fastlisten.Workers; ``ready`` describes the accept filter for the log."""
     from fastlisten.workers import Workers
 
     try:
@@ -219,4 +302,5 @@ def _run_workers(args: argparse.Namespace, cls: Type[Any], handler: Any) -> int:
         print(f"fastlisten serve: {exc}", file=sys.stderr)
         return 1
     print(f"listening on {format_address(workers.address)}", flush=True)
+    _log.info("%s (in each worker)", ready)
     return workers.run()
