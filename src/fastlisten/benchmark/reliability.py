@@ -564,7 +564,7 @@ def _fmt(key: str, value: Any) -> str:
         return f"{value * 100:.1f} %"
     if isinstance(value, float):
         return f"{value:,.1f}"
-    return f"{value:+,}" if key.endswith(("added", "added_kb", "_held")) else f"{value:,}"
+    return f"{value:+,}" if key.endswith(("added", "added_kb", "fds_held")) else f"{value:,}"
 
 
 def markdown(results: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
