@@ -112,6 +112,11 @@ fl_ready_judge(const unsigned char *buf, size_t n, int eof, const fl_ready_rule 
         if (p == 0)
             return eof ? FL_JUDGE_CLOSED : FL_JUDGE_WAIT;
         off = (size_t)p;
+        /* A LOCAL header (a balancer's health check) is ready only with
+         * something after it, whatever the rule: a check that closes or
+         * resets next is dropped here, never handed to a handler. */
+        if (h.command == FL_PROXY_LOCAL && n == off)
+            return eof ? FL_JUDGE_CLOSED : FL_JUDGE_WAIT;
     }
     m = n - off;
     switch (r->rule) {
@@ -640,13 +645,17 @@ fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int sig_fd, int timeout_ms
     }
 }
 
-void
+int
 fl_filter_clear(fl_filter *f, int why)
 {
+    int n = 0;
     pthread_mutex_lock(&f->lock);
-    while (f->head >= 0)
+    while (f->head >= 0) {
         fl_drop(f, f->head, why);
+        n++;
+    }
     pthread_mutex_unlock(&f->lock);
+    return n;
 }
 
 void

@@ -17,6 +17,11 @@
  *
  * With a PROXY protocol version set, a complete, valid PROXY header
  * (fl_proxy_parse) must come first, and the rule applies to what follows it.
+ * A LOCAL header (v2; what a balancer's health check sends before it closes
+ * or resets) needs at least one byte after it whatever the rule, NONE
+ * included: a health check is dropped as closed or reset, counted, never
+ * handed over; a LOCAL connection that goes on to send data follows the
+ * rule as any other.
  *
  * Every waiting connection has one deadline, `timeout_ms` after its accept;
  * all share the timeout, so accept order is deadline order and the waiting
@@ -126,8 +131,10 @@ int fl_filter_init(fl_filter *f);
 /* Contract: as init; nothing may be waiting (else EBUSY) and no thread be
  * inside fl_filter_wait_accept.  The counters are kept.  0 or an errno. */
 int fl_filter_configure(fl_filter *f, const fl_ready_rule *r, long long timeout_ms, int cap);
-/* Close every waiting connection, counted with reason `why`. */
-void fl_filter_clear(fl_filter *f, int why);
+/* Contract: any thread, GIL or not, even while others are inside
+ * fl_filter_wait_accept (it takes f->lock).  Close every waiting
+ * connection, counted with reason `why`; returns how many. */
+int fl_filter_clear(fl_filter *f, int why);
 /* fl_filter_clear(SHUTDOWN) and the epoll descriptor closed (the
  * counters stay readable).  No thread may be inside the filter. */
 void fl_filter_shut(fl_filter *f);

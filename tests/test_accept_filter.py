@@ -25,6 +25,8 @@ from fastlisten.proxy import V1, V2
 LOOPBACK = ("127.0.0.1", 0)
 HEAD = b"GET /index.html HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n"
 PROXY_V1 = b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\r\n"
+LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"     # v2 LOCAL, no addresses
+LINGER_0 = b"\x01\x00\x00\x00\x00\x00\x00\x00"        # SO_LINGER on, 0 s: close() resets
 
 
 def _core_params():
@@ -223,7 +225,7 @@ def test_a_reset_before_ready_is_dropped_and_never_handed_over(make):
     lst = make("http")
     c = make.client(lst, b"GET / HT")
     assert none_ready(lst, rounds=1)
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
     c.close()                       # RST
     wait_for(lambda: not lst.accept_many(timeout=0.02)
              and dropped(lst, "reset") + dropped(lst, "closed") == 1, timeout=10)
@@ -264,13 +266,51 @@ def test_a_malformed_proxy_header_is_dropped(make, data):
     assert closed_by_server(c)
 
 
-def test_a_health_check_local_header_then_close_is_dropped_as_closed(make):
-    local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"     # v2 LOCAL, no addresses
-    lst = make("data", proxy=V2)
-    c = make.client(lst, local)
+@pytest.mark.parametrize("rule", ["none", "data", "line", "http"])
+def test_a_health_check_local_header_then_close_is_dropped_as_closed(make, rule):
+    lst = make(rule, proxy=V2)
+    c = make.client(lst, LOCAL)
     c.close()
     wait_dropped(lst, "closed")
-    assert lst.stats()["made_ready"] == 0
+    assert lst.stats()["made_ready"] == 0 and lst.stats()["waiting"] == 0
+
+
+@pytest.mark.parametrize("rule", ["none", "data", "line", "http"])
+def test_a_health_check_local_header_then_reset_is_dropped_as_reset(make, rule):
+    """HAProxy's checks with send-proxy-v2: a LOCAL header, then a reset."""
+    lst = make(rule, proxy=V1 | V2)
+    c = make.client(lst, LOCAL)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+    c.close()
+    wait_dropped(lst, "reset")
+    assert lst.stats()["made_ready"] == 0 and lst.stats()["waiting"] == 0
+    assert "closed" not in lst.stats()["dropped"]
+
+
+@pytest.mark.parametrize("rule, data", [("none", b"x"), ("data", b"x"), ("line", b"a line\n"),
+                                        ("http", HEAD)])
+def test_a_local_connection_that_sends_data_follows_the_rule(make, rule, data):
+    lst = make(rule, proxy=V2)
+    c = make.client(lst, LOCAL)
+    assert none_ready(lst)
+    c.sendall(data[:-1])
+    if len(data) > 1:
+        assert none_ready(lst, rounds=1)
+    c.sendall(data[-1:])
+    with take(lst) as conn:
+        assert fastlisten.proxy_read(conn, V2).command == "LOCAL"
+        assert read_exactly(conn, len(data)) == data
+
+
+def test_a_proxy_command_header_alone_is_enough_for_rule_none(make):
+    """Only LOCAL waits for more: a relayed connection's header is enough,
+    as before (a server that speaks first)."""
+    header = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+              b"\xc0\x00\x02\x01\xc6\x33\x64\x07\xdb\xf4\x01\xbb")
+    lst = make("none", proxy=V2)
+    make.client(lst, header)
+    with take(lst) as conn:
+        assert fastlisten.proxy_read(conn, V2).source == ("192.0.2.1", 56308)
 
 
 # -- TLS ----------------------------------------------------------------------
@@ -358,6 +398,62 @@ def test_close_closes_every_waiting_connection(make):
     assert dropped(lst, "shutdown") == 3 and lst.stats()["waiting"] == 0
     for c in clients:
         assert closed_by_server(c)
+
+
+def test_close_waiting_closes_the_waiting_connections_and_keeps_listening(make):
+    lst = make("line", timeout=1000)
+    clients = [make.client(lst, b"no end of line yet") for _ in range(3)]
+    wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 3,
+             timeout=10)
+    assert lst.close_waiting() == 3
+    assert dropped(lst, "shutdown") == 3 and lst.stats()["waiting"] == 0
+    for c in clients:
+        assert closed_by_server(c)
+    assert lst.close_waiting() == 0
+    # the listener and its rule are as they were
+    assert not lst.closed
+    silent = make.client(lst)
+    make.client(lst, b"hello\n")
+    with take(lst) as conn:
+        assert read_exactly(conn, 6) == b"hello\n"
+    assert lst.stats()["waiting"] == 1
+    lst.close()
+    assert dropped(lst, "shutdown") == 4
+    assert closed_by_server(silent)
+
+
+def test_close_waiting_while_another_thread_waits_in_accept_many(make):
+    """The waiting thread keeps waiting through it, on the same filter,
+    and takes the next ready connection."""
+    lst = make("data", timeout=1000)
+    clients = [make.client(lst) for _ in range(4)]
+    got = []
+    t = threading.Thread(target=lambda: got.append(lst.accept_many(timeout=30)))
+    t.start()
+    try:
+        wait_for(lambda: lst.stats()["waiting"] == 4, timeout=10)
+        assert lst.close_waiting() == 4
+        for c in clients:
+            assert closed_by_server(c)
+        assert t.is_alive()             # nothing was handed to it
+        make.client(lst, b"x")
+        t.join(10)
+    finally:
+        lst.wakeup()
+        t.join(10)
+    assert not t.is_alive() and len(got) == 1 and len(got[0]) == 1
+    conn, _ = got[0][0]
+    with conn:
+        assert read_exactly(conn, 1) == b"x"
+    assert lst.stats()["dropped"] == {"shutdown": 4}
+
+
+def test_close_waiting_without_a_filter_or_once_closed_is_zero():
+    lst = fastlisten.listen(LOOPBACK)
+    assert lst.close_waiting() == 0
+    lst.set_accept_filter("data")
+    lst.close()
+    assert lst.close_waiting() == 0
 
 
 def test_the_filter_cannot_change_while_connections_wait(make):

@@ -22,6 +22,11 @@ RULES = ["none", "data", "line", "http", "tls"]
 PROXY_V1 = b"PROXY TCP6 2001:db8::1 2001:db8::2 1 65535\r\n"
 PROXY_V2 = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
             b"\xc0\x00\x02\x01\xc6\x33\x64\x07\xdb\xf4\x01\xbb")
+# LOCAL headers, as a balancer's health check sends them: no address block,
+# and one with an (ignored) IPv4 block
+LOCAL_V2 = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+LOCAL_V2_INET = (b"\r\n\r\n\x00\r\nQUIT\n\x20\x11\x00\x0c"
+                 b"\x7f\x00\x00\x01\x7f\x00\x00\x01\x00\x50\x00\x50")
 
 token = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-",
                 min_size=1, max_size=12)
@@ -116,6 +121,31 @@ def test_a_tls_record_is_ready_when_whole(body):
     (b"\x16\x03\x01\x40\x01", "tls", {}, "malformed"),          # over 2^14
     (b"\x16\x03\x01\x00\x03", "tls", {}, "malformed"),          # too short to be a hello
     (b"\x16\x03\x01\x00\x10\x01", "tls", {"eof": True}, "closed"),
+    # a LOCAL header (a health check) needs something after it, whatever the rule
+    (LOCAL_V2, "none", {"proxy": V2}, "wait"),
+    (LOCAL_V2, "none", {"proxy": V2, "eof": True}, "closed"),
+    (LOCAL_V2_INET, "none", {"proxy": V1 | V2}, "wait"),
+    (LOCAL_V2_INET, "none", {"proxy": V1 | V2, "eof": True}, "closed"),
+    (LOCAL_V2 + b"x", "none", {"proxy": V2}, "ready"),
+    (LOCAL_V2 + b"x", "data", {"proxy": V2}, "ready"),
+    (LOCAL_V2 + b"x", "line", {"proxy": V2}, "wait"),
+    (LOCAL_V2 + b"x", "line", {"proxy": V2, "eof": True}, "ready"),
+    (LOCAL_V2 + b"x\n", "line", {"proxy": V2}, "ready"),
+    (LOCAL_V2, "tls", {"proxy": V2, "eof": True}, "closed"),
+    (PROXY_V2, "none", {"proxy": V2}, "ready"),                # PROXY: the header is enough
+    (PROXY_V1, "none", {"proxy": V1}, "ready"),
 ])
 def test_verdicts(data, rule, options, verdict):
     assert both(data, rule, **options) == verdict
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([LOCAL_V2, LOCAL_V2_INET]), st.binary(max_size=120),
+       st.sampled_from(RULES), st.integers(1, 200), st.booleans())
+def test_after_a_local_header_the_rule_judges_what_follows_never_the_header_alone(
+        local, data, rule, max_bytes, eof):
+    verdict = both(local + data, rule, max_bytes=max_bytes, proxy=V1 | V2, eof=eof)
+    if data:
+        assert verdict == both(data, rule, max_bytes=max_bytes, eof=eof)
+    else:
+        assert verdict == ("closed" if eof else "wait")

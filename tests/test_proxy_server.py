@@ -1,7 +1,9 @@
-"""Server classes behind a load balancer and with TLS: the PROXY header and
-the TLS handshake run in the handler's thread or process, bad or late
-headers and failed handshakes are dropped and counted, the server keeps
-serving, and silent clients never stop it."""
+"""Server classes behind a load balancer and with TLS: the accept filter
+waits for the complete PROXY header (and the TLS ClientHello) in the core,
+the header is read before verify_request and the TLS handshake runs in the
+handler's thread or process; bad or late headers and failed handshakes are
+dropped and counted, the server keeps serving, and silent clients never
+stop it."""
 
 import contextlib
 import errno
@@ -10,6 +12,7 @@ import io
 import json
 import logging
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -124,6 +127,12 @@ def counted(server, name, n):
     return server.counters()[name]
 
 
+def dropped(server, reason, n):
+    """Wait until the accept filter has dropped n connections for reason."""
+    wait_for(lambda: server.counters().get("dropped", {}).get(reason, 0) >= n)
+    return server.counters()["dropped"][reason]
+
+
 # -- the real client in client_address ------------------------------------
 
 @pytest.mark.parametrize("base", STREAM_CLASSES)
@@ -161,9 +170,10 @@ def test_bad_missing_late_headers_never_reach_the_handler(base, tmp_path):
         assert talk(server, SIG + b"\x21\x11", close_write=True) == b""       # truncated
         assert talk(server, SIG[:5]) == b""                                  # late
         assert reply(server, v2(body=inet4()) + b"ok\n")["client"] == ["192.0.2.1", 56324]
-        assert counted(server, "proxy_rejected", 5) == 5
-        assert server.counters()["proxy_errors"] == {
-            "signature": 1, "not_accepted": 1, "crc32c": 1, "eof": 1, "timeout": 1}
+        # the accept filter judged them all: none reached the server's own reading
+        assert dropped(server, "expired", 1) == 1
+        assert server.counters()["dropped"] == {"malformed": 3, "closed": 1, "expired": 1}
+        assert server.counters()["proxy_rejected"] == 0
 
 
 @pytest.mark.parametrize("base", [fastlisten.ThreadingTCPServer, fastlisten.ForkingTCPServer])
@@ -189,20 +199,29 @@ def test_trusted_source_addresses(tmp_path):
         assert counted(server, "proxy_untrusted", 1) == 1
 
 
-def test_drops_are_logged_once_per_episode(tmp_path, caplog):
-    server = make_server(fastlisten.ThreadingTCPServer, tmp_path, proxy_protocol="v1")
+@pytest.mark.parametrize("base", [fastlisten.ThreadingTCPServer, fastlisten.TCPServer])
+def test_drops_are_logged_once_per_episode(base, tmp_path, caplog):
+    """The accept filter's drops (bad headers never leave the core) are
+    logged as the server's own were: the first of a run, then its size."""
+    server = make_server(base, tmp_path, proxy_protocol="v1")
+
+    def messages():
+        return [r.getMessage() for r in caplog.records if r.name == "fastlisten"]
     with caplog.at_level(logging.WARNING, logger="fastlisten"):
         with serving(server, 0.05):
             for _ in range(5):
                 assert talk(server, b"nonsense\r\n") == b""
-            counted(server, "proxy_rejected", 5)
+            dropped(server, "malformed", 5)
+            wait_for(lambda: len(messages()) == 1)
             assert reply(server, b"PROXY UNKNOWN\r\nq\n")["line"] == "q\n"
+            wait_for(lambda: len(messages()) == 2)
             assert talk(server, b"nonsense again\r\n") == b""
-            counted(server, "proxy_rejected", 6)
-    messages = [r.getMessage() for r in caplog.records if r.name == "fastlisten"]
-    assert len(messages) == 3, messages
-    assert "signature" in messages[0] and "further failures are counted" in messages[0]
-    assert "5 connections were dropped in a row" in messages[1]
+            dropped(server, "malformed", 6)
+            wait_for(lambda: len(messages()) == 3)
+    got = messages()
+    assert len(got) == 3, got
+    assert "malformed=" in got[0] and "further drops are counted" in got[0]
+    assert "5 connections were dropped in a row" in got[1]
 
 
 def test_http_server_logs_the_real_client(tmp_path):
@@ -285,8 +304,10 @@ def test_malformed_headers_through_a_socket(corpus_server, data, pieces):
         wait_for(lambda: server.counters()["proxy_accepted"] + server.counters()["proxy_local"]
                  == before["proxy_accepted"] + before["proxy_local"] + 1)
     else:
-        assert got == b""       # never reached the handler
-        wait_for(lambda: server.counters()["proxy_rejected"] == before["proxy_rejected"] + 1)
+        assert got == b""       # never reached the handler: the accept filter dropped it
+        wait_for(lambda: sum(server.counters().get("dropped", {}).values())
+                 == sum(before.get("dropped", {}).values()) + 1)
+        assert server.counters()["proxy_rejected"] == before["proxy_rejected"]
     # and it keeps serving
     assert reply(server, b"PROXY UNKNOWN\r\nalive\n", close_write=True)["line"] == "alive\n"
 
@@ -298,6 +319,16 @@ def cert(tmp_path_factory):
     return make_cert(tmp_path_factory.mktemp("tls"))
 
 
+def tls_client_hello(ctx):
+    """The first TLS record a client sends (its ClientHello), from a
+    memory BIO: no server needed."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
 @pytest.mark.parametrize("base", STREAM_CLASSES)
 def test_tls_handshake_in_the_worker_then_proxy_first(base, tmp_path, cert, caplog):
     server = make_server(base, tmp_path, proxy_protocol="v1+v2",
@@ -307,11 +338,17 @@ def test_tls_handshake_in_the_worker_then_proxy_first(base, tmp_path, cert, capl
         got = reply(server, v2(body=inet4()), b"secret\n", ctx=client)
         assert got["client"] == ["192.0.2.1", 56324]
         assert got["tls"].startswith("TLS") and got["line"] == "secret\n"
-        # a plain-text client after the header: the handshake fails, logged
+        # a plain-text client after the header: not a ClientHello, the
+        # accept filter drops it; a silent one after the header: its deadline
         assert talk(server, v2(body=inet4()) + b"GET / HTTP/1.0\r\n\r\n") == b""
-        # a silent one after the header: handshake_timeout
         assert talk(server, v2(body=inet4())) == b""
-        assert counted(server, "tls_failures", 2) == 2
+        assert dropped(server, "expired", 1) == 1
+        assert server.counters()["dropped"] == {"malformed": 1, "expired": 1}
+        # a ClientHello, then nothing: the handshake fails in the handler's thread
+        hello = tls_client_hello(client)
+        got = talk(server, v2(body=inet4()), hello)
+        assert got[:1] in (b"", b"\x16") and b"client" not in got     # TLS records only
+        assert counted(server, "tls_failures", 1) == 1
         assert reply(server, b"PROXY UNKNOWN\r\n", b"again\n", ctx=client)["line"] == "again\n"
         assert counted(server, "tls_handshakes", 2) == 2
 
@@ -404,7 +441,7 @@ def silent_clients(server, n):
 @pytest.mark.parametrize("base", CONCURRENT)
 def test_silent_clients_do_not_delay_a_normal_one(base, mode, tmp_path, cert):
     """200 clients connect and say nothing; a normal client is served while
-    they all still wait for their (long) deadline."""
+    they all still wait for their (long) deadline, in the accept filter."""
     server = make_server(base, tmp_path, **(
         dict(proxy_protocol="v1+v2", proxy_timeout=60) if mode == "proxy"
         else dict(ssl_context=server_context(*cert), handshake_timeout=60)))
@@ -412,32 +449,45 @@ def test_silent_clients_do_not_delay_a_normal_one(base, mode, tmp_path, cert):
     header = b"PROXY UNKNOWN\r\n" if mode == "proxy" else b""
     with serving(server, 0.05):
         with silent_clients(server, SILENT):
-            wait_for(lambda: server.counters().get("accepted", 0) >= SILENT)
+            wait_for(lambda: server.counters().get("waiting", 0) >= SILENT)
             started = time.monotonic()
             got = reply(server, header, b"normal\n", ctx=client)
             took = time.monotonic() - started
             assert got["line"] == "normal\n"
             assert took < 30     # far inside the silent clients' 60 s deadline
-        if mode == "proxy":
-            counted(server, "proxy_rejected", SILENT)
-            assert server.counters()["proxy_errors"] == {"eof": SILENT}
-        else:
-            counted(server, "tls_failures", SILENT)
+            assert server.counters()["handlers_peak"] <= 2      # none held a handler
+        assert dropped(server, "closed", SILENT) == SILENT
+        assert server.counters()["waiting"] == 0
+        assert server.counters().get("proxy_rejected", 0) == 0
+        assert server.counters().get("tls_failures", 0) == 0
 
 
 @pytest.mark.parametrize("base", [fastlisten.TCPServer, fastlisten.UnixStreamServer])
-def test_synchronous_server_waits_at_most_the_deadline(base, tmp_path):
-    """The synchronous servers read the header inline: a silent client
-    holds the next one back for at most proxy_timeout."""
-    server = make_server(base, tmp_path, proxy_protocol="v1", proxy_timeout=0.5)
+def test_synchronous_server_is_not_held_by_a_silent_client(base, tmp_path):
+    """The synchronous servers read the header inline, once the accept
+    filter has it complete: a silent client waits in the filter, holds the
+    next one back not at all, and is dropped at proxy_timeout."""
+    server = make_server(base, tmp_path, proxy_protocol="v1", proxy_timeout=60)
     with serving(server, 0.05):
         s = socket.socket(server.address_family)
         try:
             s.settimeout(LIMIT)
             s.connect(server.server_address)
-            wait_for(lambda: server.counters().get("accepted", 0) >= 1)
+            wait_for(lambda: server.counters().get("waiting", 0) >= 1)
             got = reply(server, b"PROXY UNKNOWN\r\nnext\n")
             assert got["line"] == "next\n"
-            assert server.counters()["proxy_errors"] == {"timeout": 1}
+            assert server.counters()["waiting"] == 1        # still waiting, 60 s to go
+            assert server.counters()["proxy_errors"] == {}
+        finally:
+            s.close()
+    # (the first server is closed: its Unix socket file is gone)
+    server_expiry = make_server(base, tmp_path, proxy_protocol="v1", proxy_timeout=0.3)
+    with serving(server_expiry, 0.05):
+        s = socket.socket(server_expiry.address_family)
+        try:
+            s.settimeout(LIMIT)
+            s.connect(server_expiry.server_address)
+            assert dropped(server_expiry, "expired", 1) == 1
+            assert s.recv(1) == b""         # closed by the server at its deadline
         finally:
             s.close()

@@ -49,22 +49,6 @@ def test_without_listen_config_the_stdlib_attributes_rule():
         assert _backlog_of(server.socket) == kernel_somaxconn()
 
 
-@pytest.mark.parametrize("rule", ["none", "data", "line", "http", "tls"])
-def test_a_ready_rule_is_refused_until_the_servers_apply_it(tmp_path, rule):
-    # not silently ignored: the server would hand over every connection at once
-    classes = [fastlisten.TCPServer, fastlisten.ThreadingTCPServer, fastlisten.ForkingTCPServer]
-    for cls in classes + [fastlisten.UnixStreamServer]:
-        unix = cls is fastlisten.UnixStreamServer
-        where = str(tmp_path / "s.sock") if unix else ("127.0.0.1", 0)
-        config = ListenConfig(family="unix") if unix else ListenConfig()
-        Server = type("Server", (cls,), {"listen_config": config.replace(ready_rule=rule)})
-        with pytest.raises(ValueError, match=r"ready_rule=.* not applied by the server "
-                                             r"classes yet.*Listener\.from_config"):
-            Server(where, EchoLine)
-        if unix:
-            assert not os.path.exists(where)
-
-
 def test_listen_config_is_validated_with_the_address_like_listen(tmp_path):
     class Unix(fastlisten.UnixStreamServer):
         listen_config = ListenConfig(nodelay=True)

@@ -41,7 +41,8 @@ from fastlisten.includes.fl_net cimport (
     FL_WAIT_EINTR, FL_WAIT_WOKEN, FL_WAIT_TIMEOUT,
 )
 from fastlisten.includes.fl_filter cimport (
-    fl_filter, fl_filter_init, fl_filter_configure, fl_filter_shut, fl_filter_destroy,
+    fl_filter, fl_filter_init, fl_filter_configure, fl_filter_clear, fl_filter_shut,
+    fl_filter_destroy, FL_DROP_SHUTDOWN,
     fl_filter_wait_accept, fl_filter_wait_accept_ep, fl_filter_watch, fl_ready_rule,
     FL_RULE_NONE,
 )
@@ -597,7 +598,10 @@ cdef class RawListener:
         complete first TLS record holding a ClientHello).  ``proxy``: 0, or
         the PROXY protocol versions (fastlisten.proxy.V1 | V2) of a header
         that must come first, complete and valid (at most ``proxy_max_v2``
-        bytes for v2); the rule then applies to what follows it.
+        bytes for v2); the rule then applies to what follows it.  After a
+        LOCAL header (a balancer's health check) at least one byte must
+        follow, whatever the rule ('none' too): a health check that closes
+        or resets is dropped ('closed', 'reset'), never returned.
 
         Connections not ready at accept wait in an epoll set the core holds
         (no thread, no GIL, no Python object each), judged with MSG_PEEK so
@@ -640,6 +644,21 @@ cdef class RawListener:
             raise_errno(e, "cannot change the accept filter while connections wait in it"
                         if e == EBUSY else None)
         self._filtering = code != FL_RULE_NONE or versions != 0
+
+    def close_waiting(self):
+        """Close every connection waiting in the accept filter, counted as
+        dropped for 'shutdown', and return how many; the listener stays
+        open and the filter set.  Safe while other threads are inside
+        accept_many (the filter's lock: a connection is either handed over
+        or closed here, never both).  0 without a filter, or once closed
+        (close() closed them)."""
+        cdef fl_filter *f = self._filter
+        cdef int n
+        if f == NULL:
+            return 0
+        with nogil:
+            n = fl_filter_clear(f, FL_DROP_SHUTDOWN)
+        return n
 
     def new_stop(self):
         """A :class:`Stop` for this listener's waiters (of this core)."""

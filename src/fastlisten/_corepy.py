@@ -493,6 +493,13 @@ class RawListener:
         self._filter.configure(code, ms, mb, cap, versions, max_v2)
         self._filtering = code != 0 or versions != 0
 
+    def close_waiting(self) -> int:
+        """Close every connection waiting in the accept filter ('shutdown')
+        and return how many; the listener stays open (see the compiled
+        core: the same contract)."""
+        filt = self._filter
+        return 0 if filt is None else filt.clear(_DROP["shutdown"])
+
     def new_stop(self) -> Stop:
         """A :class:`Stop` for this listener's waiters (of this core)."""
         return Stop()
@@ -872,6 +879,8 @@ def _judge(buf: bytes, eof: bool, rule: int, max_bytes: int, proxy: int, max_v2:
                 return _MALFORMED
             return _CLOSED if eof else _WAIT
         buf = buf[parsed.length:]
+        if parsed.command == "LOCAL" and not buf:
+            return _CLOSED if eof else _WAIT    # a health check: something must follow
     if rule == _RULE_DATA:
         return _READY if buf else (_CLOSED if eof else _WAIT)
     if rule == _RULE_LINE:
@@ -1026,11 +1035,15 @@ class _Filter:
             del self.waiting[fd]
             self.drop(conn, _DROP["expired"])
 
-    def clear(self, why: int) -> None:
+    def clear(self, why: int) -> int:
+        """Close every waiting connection, counted as ``why``; how many."""
+        n = 0
         with self.lock:
             while self.waiting:
                 _, (conn, _, _) = self.waiting.popitem(last=False)
                 self.drop(conn, why)
+                n += 1
+        return n
 
     def shut(self) -> None:
         """Close every waiting connection ('shutdown') and the epoll set."""

@@ -5,6 +5,9 @@ server sits behind a load balancer or speaks TLS: the PROXY protocol header
 
 The server classes (``fastlisten.server``) call :meth:`FrontDoor.prepare`
 in the thread or process that runs the handler, never in the accept loop.
+When their accept filter has waited for the complete PROXY header, they
+read it first (:meth:`FrontDoor.read_proxy`, which then cannot block), in
+the thread that accepted the connection, before ``verify_request``.
 A connection that fails either step is dropped (the caller closes it),
 counted, and logged once per episode: the first failure of a run is logged
 at WARNING, the rest are only counted until a connection succeeds again,
@@ -69,6 +72,43 @@ class _Episode:
             self.failed = 0
 
 
+class FilterDrops:
+    """Log the accept filter's drops once per episode, as FrontDoor logs
+    its own: the core drops without telling Python, so the serving loop
+    calls :meth:`check` with the listener's stats() now and then (after
+    each batch, every poll_interval).  New drops start an episode (a
+    WARNING naming the reasons); the first check that sees connections
+    handed over and no new drop ends it (a WARNING with its size, when
+    more than one).  Drops at shutdown ('shutdown') are the server's doing:
+    counted, never logged."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.total = 0          # drops seen so far (shutdown aside)
+        self.ready = 0          # made_ready seen so far
+        self.run = 0            # drops in the current episode
+
+    def check(self, stats: Dict[str, Any]) -> None:
+        dropped = {reason: n for reason, n in stats.get("dropped", {}).items()
+                   if reason != "shutdown"}
+        total, ready = sum(dropped.values()), stats.get("made_ready", 0)
+        new, served = total - self.total, ready > self.ready
+        self.total, self.ready = total, ready
+        if new > 0:
+            if self.run == 0:
+                _log.warning("accept filter on %s: %d connection(s) dropped before they were "
+                             "ready (so far: %s); further drops are counted "
+                             "(counters()['dropped']), not logged, until connections are "
+                             "served again", self.where, new,
+                             ", ".join(f"{r}={n}" for r, n in sorted(dropped.items())))
+            self.run += new
+        elif served and self.run:
+            if self.run > 1:
+                _log.warning("accept filter on %s: %d connections were dropped in a row "
+                             "before connections were served again", self.where, self.run)
+            self.run = 0
+
+
 class FrontDoor:
     """The PROXY header and TLS handshake for one server.
 
@@ -107,7 +147,8 @@ class FrontDoor:
 
     # -- per connection (in the handler's thread or process) -------------
 
-    def prepare(self, request: socket.socket, client_address: Any
+    def prepare(self, request: socket.socket, client_address: Any,
+                proxied: Optional[Tuple[Optional[_proxy.ProxyHeader]]] = None
                 ) -> Optional[Tuple[socket.socket, Any, Optional[_proxy.ProxyHeader]]]:
         """Read the PROXY header, then run the TLS handshake, as configured.
         Returns (connection, client address, header): the connection is
@@ -116,31 +157,18 @@ class FrontDoor:
         its descriptor;
         the address is the real client's.  Returns None when the connection
         is to be dropped (already counted and logged; the caller closes
-        ``request``).  Never raises for anything the peer did."""
+        ``request``).  Never raises for anything the peer did.
+        ``proxied``: ``(header,)`` when read_proxy() read the header already
+        (``client_address`` is then the real client's)."""
         header = None
         address = client_address
-        proxy = self.proxy
-        if proxy is not None:
-            if not self._trusts(proxy, client_address):
-                self._record("proxy_untrusted", f"a connection from "
-                             f"{_peer(client_address)}, which is not in "
-                             f"trusted_proxies, was dropped unread")
+        if proxied is not None:
+            header = proxied[0]
+        elif self.proxy is not None:
+            read = self.read_proxy(request, client_address)
+            if read is None:
                 return None
-            try:
-                header = core.proxy_read(request, proxy.versions, proxy.timeout, proxy.max_v2)
-            except _proxy.ProxyProtocolError as exc:
-                self._record(f"proxy_error:{exc.reason}", f"dropped the connection from "
-                             f"{_peer(client_address)}: {exc}")
-                return None
-            except OSError as exc:
-                self._record("proxy_socket_error", f"reading the header from "
-                             f"{_peer(client_address)} failed: {exc}")
-                return None
-            if header.source is not None:
-                address = header.source
-                self._record("proxy_accepted")
-            else:
-                self._record("proxy_local")
+            address, header = read
         conn = request
         # A connection that is TLS already (accepted from a listening socket
         # the server wrapped itself, or wrapped by its own get_request) is
@@ -151,6 +179,35 @@ class FrontDoor:
                 return None
             conn = wrapped
         return conn, address, header
+
+    def read_proxy(self, request: socket.socket, client_address: Any
+                   ) -> Optional[Tuple[Any, Optional[_proxy.ProxyHeader]]]:
+        """The PROXY part of prepare(): from a trusted peer, read the
+        header; returns (the real client's address, header), or None when
+        the connection is to be dropped (counted, logged once per episode;
+        the caller closes it)."""
+        proxy = self.proxy
+        assert proxy is not None
+        if not self._trusts(proxy, client_address):
+            self._record("proxy_untrusted", f"a connection from "
+                         f"{_peer(client_address)}, which is not in "
+                         f"trusted_proxies, was dropped unread")
+            return None
+        try:
+            header = core.proxy_read(request, proxy.versions, proxy.timeout, proxy.max_v2)
+        except _proxy.ProxyProtocolError as exc:
+            self._record(f"proxy_error:{exc.reason}", f"dropped the connection from "
+                         f"{_peer(client_address)}: {exc}")
+            return None
+        except OSError as exc:
+            self._record("proxy_socket_error", f"reading the header from "
+                         f"{_peer(client_address)} failed: {exc}")
+            return None
+        if header.source is not None:
+            self._record("proxy_accepted")
+            return header.source, header
+        self._record("proxy_local")
+        return client_address, header
 
     def _trusts(self, proxy: ProxySettings, peer: Any) -> bool:
         """proxy.trusts(peer), remembered per peer IP (a balancer's few

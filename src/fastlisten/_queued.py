@@ -14,10 +14,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import os
 import select
 import socket
 import struct
-from typing import Any
+from typing import Any, Optional
 
 __all__ = ["close_door", "hand_over", "serve_queued"]
 
@@ -80,7 +81,11 @@ def serve_queued(server: Any, door: bool = True) -> int:
     (logged).
     Without ``door`` (new connections are kept away otherwise: a reuse-port
     socket steered around), at most as many as are queued now (TCP) are
-    taken."""
+    taken.
+    A fastlisten server with an accept filter takes them through its
+    Listener instead: those ready at once are served, the others are closed
+    (counted ``dropped['shutdown']``): nothing waits for a loop that has
+    stopped."""
     sock = server.socket
     if sock is None or sock.fileno() < 0:
         return 0
@@ -91,6 +96,10 @@ def serve_queued(server: Any, door: bool = True) -> int:
         limit = _queued_now(sock)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
+    filtering = getattr(server, "_fl_filtering", None)
+    listener = filtering() if filtering is not None else None
+    if listener is not None:
+        return _serve_filtered(server, listener, sock, poller, limit)
     taken = 0
     while (limit is None or taken < limit) and poller.poll(0):
         try:
@@ -105,6 +114,39 @@ def serve_queued(server: Any, door: bool = True) -> int:
             break
         taken += 1
         hand_over(server, request, client_address)
+    return taken
+
+
+def _serve_filtered(server: Any, listener: Any, sock: socket.socket, poller: Any,
+                    limit: Optional[int]) -> int:
+    """serve_queued() through the server's filtering Listener over
+    ``sock``: each round accepts what is queued (at least one connection:
+    the socket polled readable); the ready ones are handed over, the rest
+    wait in the filter, which is emptied ('shutdown') at the end."""
+    taken = rounds = 0
+    # the core relies on EAGAIN (the socket is blocking again once the
+    # serving loop returned); its mode is restored at the end
+    os.set_blocking(sock.fileno(), False)
+    try:
+        while (limit is None or rounds < limit) and poller.poll(0):
+            rounds += 1
+            try:
+                batch = listener.accept_many(64, 0)
+            except OSError as exc:
+                _log.warning("emptying the accept queue of %s stopped: %s",
+                             listener.address, exc)
+                break
+            for i, (request, client_address) in enumerate(batch):
+                try:
+                    hand_over(server, request, client_address)
+                except BaseException:
+                    for rest, _ in batch[i + 1:]:
+                        rest.close()
+                    raise
+            taken += len(batch)
+    finally:
+        listener.close_waiting()
+        sock.settimeout(sock.gettimeout())
     return taken
 
 
@@ -133,7 +175,17 @@ def hand_over(server: Any, request: Any, client_address: Any, verified: bool = F
     instead."""
     if getattr(server, "_fl_abandoned", False):
         server.shutdown_request(request)
-    elif verified or server.verify_request(request, client_address):
+        return
+    if not verified:
+        # (a fastlisten server: the PROXY header its accept filter waited
+        # for is read first, so that verify_request sees the real client)
+        front = getattr(server, "_fl_front", None)
+        if front is not None:
+            client_address = front(request, client_address)
+            if client_address is None:
+                server.shutdown_request(request)
+                return
+    if verified or server.verify_request(request, client_address):
         try:
             server.process_request(request, client_address)
         except Exception:

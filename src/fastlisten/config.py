@@ -292,16 +292,21 @@ class ListenConfig:
     bounds the wait for it; ``proxy_max_v2`` caps a v2 header's size in
     bytes (default 2048).  :meth:`proxy` gives them resolved.
 
-    The accept filter (applied by :meth:`Listener.from_config`; the server
-    classes do not apply it yet): ``ready_rule`` ('none', 'data', 'line',
-    'http' or 'tls') makes the listener hand over a connection only once it
-    is ready by that rule, after a complete PROXY header when
-    ``proxy_protocol`` is set; meanwhile it waits in the core, holding no
-    thread.  ``ready_timeout`` (seconds from accept, default 10),
+    The accept filter (applied by :meth:`Listener.from_config` and by the
+    socketserver classes whose loop accepts in the core): ``ready_rule``
+    ('none', 'data', 'line', 'http' or 'tls') makes the listener hand over
+    a connection only once it is ready by that rule, after a complete PROXY
+    header when ``proxy_protocol`` is set; meanwhile it waits in the core,
+    holding no thread.  ``ready_timeout`` (seconds from accept, default 10;
+    one deadline covers the PROXY header and the rule) ,
     ``ready_max_bytes`` (longest line or request head, default 16384) and
     ``max_waiting`` (cap on waiting connections; default half the
     descriptors the process may still open) bound it; a connection that
-    misses them is closed and counted.  :meth:`ready` gives them resolved.
+    misses them is closed and counted.  :meth:`ready` gives them resolved;
+    :meth:`server_ready` what the server classes apply (without
+    ``ready_rule``: the PROXY header and the TLS ClientHello by default).
+    With ``ssl_context``, 'line' and 'http' are refused: the filter cannot
+    read through TLS.
 
     TLS (applied by the socketserver classes, after the PROXY header, in
     the thread or process that runs the handler; a bare :class:`Listener`
@@ -511,6 +516,12 @@ class ListenConfig:
                             f"{type(rule).__name__}: {rule!r}")
         if rule not in READY_RULES:
             raise ValueError(f"ready_rule={rule!r}: use one of {', '.join(READY_RULES)}")
+        if self._tls is not None and rule in ("line", "http"):
+            raise ValueError(
+                f"ready_rule={rule!r} with ssl_context: the accept filter reads what the "
+                "client sent before the TLS handshake, which is encrypted after the "
+                "ClientHello; no line or request head can be seen there. Use 'tls' (the "
+                "default with ssl_context: a complete ClientHello) or 'data'")
         timeout = DEFAULT_READY_TIMEOUT
         if self.ready_timeout is not None:
             timeout = check_seconds("ready_timeout", self.ready_timeout)
@@ -539,6 +550,30 @@ class ListenConfig:
         """The accept filter's settings with their defaults filled in, or
         None when ``ready_rule`` is not set."""
         return self._ready
+
+    def server_ready(self) -> Optional[ReadySettings]:
+        """The accept filter the socketserver classes apply: :meth:`ready`
+        when ``ready_rule`` is set; else, by default, rule 'none' with the
+        PROXY header required (``proxy_protocol`` on: the complete, valid
+        header, within ``proxy_timeout``) and rule 'tls' with
+        ``ssl_context`` (a complete ClientHello, within
+        ``handshake_timeout``; with both, the header first and the longer
+        of the two deadlines, since the filter has one per connection);
+        None with neither."""
+        if self._ready is not None:
+            return self._ready
+        proxy, tls = self._proxy, self._tls
+        if proxy is None and tls is None:
+            return None
+        from fastlisten._coreshared import DEFAULT_READY_MAX_BYTES
+        from fastlisten.proxy import DEFAULT_MAX_V2
+
+        timeouts = [s.timeout for s in (proxy,) if s is not None]
+        timeouts += [s.handshake_timeout for s in (tls,) if s is not None]
+        return ReadySettings("tls" if tls is not None else "none", max(timeouts),
+                             DEFAULT_READY_MAX_BYTES, None,
+                             proxy.versions if proxy is not None else 0,
+                             proxy.max_v2 if proxy is not None else DEFAULT_MAX_V2)
 
     def _check_proxy(self, put: Any) -> None:
         mode = self.proxy_protocol
@@ -600,10 +635,13 @@ class ListenConfig:
 
     def socket_only(self) -> "ListenConfig":
         """This config without what acts on each connection (the PROXY
-        protocol and TLS options): the listening socket's own options, as
-        a :class:`Listener` takes them."""
+        protocol, TLS and accept-filter options): the listening socket's
+        own options, as a :class:`Listener` takes them (fastlisten.Workers'
+        parent: the servers in the workers apply the rest)."""
         return self.replace(proxy_protocol=None, trusted_proxies=None, proxy_timeout=None,
-                            proxy_max_v2=None, ssl_context=None, handshake_timeout=None)
+                            proxy_max_v2=None, ssl_context=None, handshake_timeout=None,
+                            ready_rule=None, ready_timeout=None, ready_max_bytes=None,
+                            max_waiting=None)
 
     def proxy(self) -> Optional[ProxySettings]:
         """The PROXY protocol settings with their defaults filled in, or

@@ -366,7 +366,10 @@ class Listener:
         'none' (every connection at once, as without a filter).  With
         ``proxy`` (fastlisten.proxy.V1, V2 or V1 | V2) a complete, valid
         PROXY header must come first; it stays in the connection, for
-        ``fastlisten.proxy_read``.
+        ``fastlisten.proxy_read``.  After a LOCAL header (a balancer's
+        health check) at least one byte must follow, whatever the rule:
+        a health check that closes or resets is dropped and counted
+        ('closed', 'reset'), never handed over.
 
         The others wait in the core (an epoll set: no thread, no GIL, no
         Python object each) for at most ``timeout`` seconds from their
@@ -376,17 +379,28 @@ class Listener:
         more closes the oldest.  Expired, malformed, oversize, closed,
         reset and evicted connections are closed and counted
         (``counters()['dropped']`` by reason, with ``waiting``,
-        ``waiting_peak``, ``waited`` and ``made_ready``); close() closes
-        those still waiting ('shutdown').  Waits stay interruptible:
-        wakeup() and signals end them as before.  Not with a ``waiter``
-        (leader/follower) yet.  Call it while no connection waits (before
-        the first accept, or to change the rule)."""
+        ``waiting_peak``, ``waited`` and ``made_ready``); close() and
+        close_waiting() close those still waiting ('shutdown').  Waits
+        stay interruptible: wakeup() and signals end them as before.
+        Leader/follower waiters (``waiter()``) must be made after it.  Call
+        it while no connection waits (before the first accept, or to
+        change the rule)."""
         from fastlisten import proxy as _proxy
 
         self._raw.set_accept_filter(
             rule, timeout, max_bytes, default_max_waiting() if max_waiting is None
             else max_waiting, proxy, _proxy.DEFAULT_MAX_V2 if proxy_max_v2 is None
             else proxy_max_v2)
+
+    def close_waiting(self) -> int:
+        """Close every connection waiting in the accept filter, counted in
+        ``counters()['dropped']['shutdown']``, and return how many.  The
+        listener stays open and keeps its filter: a server's shutdown()
+        calls this, so that no client is left waiting for a reply that
+        will not come.  Safe while other threads are inside accept_many()
+        (each waiting connection is either handed over or closed here,
+        never both); 0 without a filter or once the listener is closed."""
+        return self._raw.close_waiting()
 
     def accept_many(self, max: int = DEFAULT_BATCH, timeout: Optional[float] = None,
                     waiter: Any = None) -> List[Tuple[socket.socket, Any]]:

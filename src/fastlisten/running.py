@@ -231,6 +231,10 @@ def format_counters(c: Dict[str, Any]) -> str:
                   ("machine_ListenDrops", _plus(c.get("listen_drops_since_open")))]
     parts += [(name, c.get(name)) for name in (
         "proxy_accepted", "proxy_local", "proxy_rejected", "tls_handshakes", "tls_failures")]
+    if c.get("made_ready") or c.get("waiting") or c.get("dropped"):     # an accept filter
+        parts += [(name, c.get(name)) for name in ("waiting", "waiting_peak", "made_ready")]
+        parts.append(("dropped", "{" + ", ".join(
+            f"{reason}={n}" for reason, n in c.get("dropped", {}).items()) + "}"))
     if c.get("proxy_errors"):
         parts.append(("proxy_errors", "{" + ", ".join(
             f"{reason}={n}" for reason, n in c["proxy_errors"].items()) + "}"))

@@ -68,11 +68,11 @@ from fastlisten import address as _address
 from fastlisten import sysinfo
 from fastlisten._backend import SocketReader, SocketWriter
 from fastlisten._coreshared import DEFAULT_BATCH
-from fastlisten._frontdoor import FrontDoor
+from fastlisten._frontdoor import FilterDrops, FrontDoor
 from fastlisten._queued import hand_over, serve_queued
 from fastlisten._threadpool import LeaderPool
 from fastlisten._wakeup import Waker
-from fastlisten.config import ListenConfig, server_side_context
+from fastlisten.config import ListenConfig, ReadySettings, server_side_context
 from fastlisten.errors import (
     SERVER_REUSE_HINT,
     effective_backlog,
@@ -332,6 +332,10 @@ class _FastLoop(_StdServer):
     _fl_loop: Optional[str] = None
     _fl_defer = False           # a base class below brings its own loop: use it
     _fl_listener: Optional[Listener] = None    # over self.socket, for the server's life
+    #: The accept filter set on _fl_listener (None: none); its ``proxy``: the
+    #: PROXY header is complete in the kernel when a connection is handed over.
+    _fl_filter: Optional[ReadySettings] = None
+    _fl_drop_log: Optional[FilterDrops] = None  # its drops, logged once per episode
     _fl_config: Optional[ListenConfig] = None  # listen_config at server_address
     _fl_adopted = False         # self.socket came from listen_config.fd, listening
     _fl_unix_file: Optional[UnixSocketFile] = None
@@ -339,6 +343,10 @@ class _FastLoop(_StdServer):
     _fl_handled = False
     _fl_ended: Any = ()         # connections end_handlers() shut down (weakly held)
     _fl_door: Optional[FrontDoor] = None    # PROXY header / TLS handshake, when configured
+    #: Connections whose PROXY header _fl_read_proxy() read before
+    #: verify_request, to (header,) for finish_request (weakly held: a
+    #: connection closed unhandled is forgotten).
+    _fl_proxied: Any = None
     _fl_local: Optional[threading.local] = None
     _fl_forking = False         # handlers run in forked children
     #: Connections accepted but kept from their handler by shutdown()
@@ -378,7 +386,8 @@ class _FastLoop(_StdServer):
         config = self._fl_listen_config()
         if config is not None:
             self._fl_check_stream("listen_config", config)
-            self._fl_check_ready_rule(config)
+            if self._fl_defer:
+                self._fl_refuse_ready_rule(config, "its class brings its own serve_forever()")
             config = self._fl_config = config.for_address(
                 self.server_address, self.address_family)
             if config.fd is not None:
@@ -441,23 +450,31 @@ class _FastLoop(_StdServer):
              "server answers plain TCP. For fastlisten's TLS, set listen_config = "
              "fastlisten.ListenConfig(ssl_context=..., handshake_timeout=...)")
 
+    def _fl_current_config(self) -> Optional[ListenConfig]:
+        """listen_config as server_bind() resolved it, else as it is now."""
+        return self._fl_config if self._fl_config is not None else self._fl_listen_config()
+
     def _fl_listen_config(self) -> Optional[ListenConfig]:
         """``listen_config`` when it is a ListenConfig; None for anything
         else, which is a subclass's own attribute of that name."""
         config = getattr(self, "listen_config", None)
         return config if isinstance(config, ListenConfig) else None
 
-    def _fl_check_ready_rule(self, config: ListenConfig) -> None:
-        """A ValueError for ``listen_config.ready_rule``: the server classes
-        do not apply the accept filter yet (see _fl_get_listener, where it
-        will be), and serving every connection at once while the program
-        asked for a filter would leave it unprotected without a word."""
-        if config.ready_rule is not None:
+    def _fl_refuse_ready_rule(self, config: Optional[ListenConfig], why: str) -> None:
+        """A ValueError for an explicit ``listen_config.ready_rule`` on a
+        server whose loop cannot apply the accept filter (Loop.BASE,
+        Loop.SELECTOR: ``why``): serving every connection at once while the
+        program asked for a filter would leave it unprotected without a
+        word.  (Without ready_rule, the PROXY header and the TLS handshake
+        are then waited for in the handler's thread, as before.)"""
+        if config is not None and config.ready_rule is not None:
             raise ValueError(
-                f"{type(self).__name__}: listen_config.ready_rule={config.ready_rule!r} is "
-                "not applied by the server classes yet; for an accept filter now, serve "
-                "from a fastlisten.Listener (Listener.from_config(config), then "
-                "accept_many()), which applies it, or leave ready_rule unset")
+                f"{type(self).__name__}: listen_config.ready_rule={config.ready_rule!r} "
+                f"cannot be applied: {why}, so connections are not accepted in "
+                "fastlisten's core, where the accept filter waits. Keep the stock "
+                "get_request(), fileno() and _handle_request_noblock() and a plain "
+                "listening socket (wrap connections with listen_config.ssl_context, not "
+                "the listening socket), or leave ready_rule unset")
 
     def _fl_check_stream(self, name: str, value: Any) -> None:
         """A ValueError when ``name`` is set (not None) on a server that is
@@ -519,12 +536,16 @@ class _FastLoop(_StdServer):
         shutdown() does not wait for it.
         """
         if self._fl_defer:     # Loop.BASE (shutdown() asks the same, without choosing)
+            self._fl_refuse_ready_rule(self._fl_current_config(), "its class brings its "
+                                       "own serve_forever()")
             return super().serve_forever(poll_interval)
         self._fl_abandoned = False
         _shut_down_event(self).clear()
         try:
             self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
             choice = self._fl_choose_loop()
+            if choice.loop is Loop.SELECTOR:
+                self._fl_refuse_ready_rule(self._fl_current_config(), choice.why)
             if choice.loop is Loop.SELECTOR or not self._fl_serve_fast(choice, poll_interval):
                 # (the fast loops return False on an error the stdlib's loop
                 # would ignore: it takes over and keeps the stdlib's behaviour)
@@ -648,7 +669,9 @@ class _FastLoop(_StdServer):
         door = self._fl_frontdoor()
         if door is None:
             return super().finish_request(request, client_address)
-        prepared = door.prepare(request, client_address)
+        proxied = (self._fl_proxied.pop(request, None) if self._fl_proxied is not None
+                   else None)
+        prepared = door.prepare(request, client_address, proxied)
         if prepared is None:
             return None
         conn, address, header = prepared
@@ -669,6 +692,55 @@ class _FastLoop(_StdServer):
                 self._fl_swapped.pop(request, None)
                 self.shutdown_request(conn)
         return None
+
+    def _fl_check_drops(self, listener: Listener) -> None:
+        """Log the accept filter's drops once per episode (FilterDrops)."""
+        log = self._fl_drop_log
+        if log is None:
+            log = self._fl_drop_log = FilterDrops(listener._describe())
+        log.check(listener.stats())
+
+    def _fl_front(self, request: socket.socket, client_address: Any) -> Any:
+        """What comes before verify_request for a connection the loop (or
+        serve_queued()) took from the server's Listener: the PROXY header,
+        when the accept filter waited for it (_fl_read_proxy); returns the
+        address verify_request gets, or None to drop the connection."""
+        ready = self._fl_filter
+        if ready is not None and ready.proxy:
+            return self._fl_read_proxy(request, client_address)
+        return client_address
+
+    def _fl_filtering(self) -> Optional[Listener]:
+        """The server's Listener while it holds an accept filter over the
+        open ``self.socket`` (serve_queued() then accepts through it), else
+        None."""
+        listener, sock = self._fl_listener, getattr(self, "socket", None)
+        if (listener is None or self._fl_filter is None or listener.closed or sock is None
+                or listener.fileno() != sock.fileno()):
+            return None
+        return listener
+
+    def _fl_read_proxy(self, request: socket.socket, client_address: Any) -> Any:
+        """For a connection the accept filter handed over with its PROXY
+        header complete: read the header now (it cannot block), in the
+        thread that accepted the connection, so that verify_request and
+        process_request see the real client.  Returns the address they
+        get, or None when the connection is to be dropped (counted and
+        logged by the FrontDoor; the caller closes it).  finish_request()
+        then uses the header read here instead of reading one."""
+        door = self._fl_frontdoor()
+        if door is None or door.proxy is None:
+            return client_address       # (listen_config replaced under a running loop)
+        read = door.read_proxy(request, client_address)
+        if read is None:
+            return None
+        address, header = read
+        with _wake_lock:
+            proxied = self._fl_proxied
+            if proxied is None:
+                proxied = self._fl_proxied = weakref.WeakKeyDictionary()
+            proxied[request] = (header,)
+        return address
 
     @property
     def _fl_swapped(self) -> Dict[Any, Any]:
@@ -825,10 +897,10 @@ class _FastLoop(_StdServer):
         so that its counters span serve_forever() calls): the one place
         where the listener of a loop that accepts in the core (Loop.BATCHES,
         Loop.LEADER, and fastlisten.Workers' loop in each worker process)
-        is prepared.  The accept filter (``listen_config.ready()``, issue
-        19) is to be applied here, with Listener.set_accept_filter(), when
-        the Listener is made; until then server_bind() refuses a
-        listen_config with ``ready_rule``."""
+        is prepared.  The accept filter is applied here
+        (``listen_config.server_ready()``: ``ready_rule``, or by default the
+        PROXY header and the TLS ClientHello), and again whenever
+        listen_config asks for another one."""
         listener = self._fl_listener
         if listener is None or listener.closed or listener.fileno() != sock.fileno():
             if listener is not None:
@@ -837,8 +909,18 @@ class _FastLoop(_StdServer):
                                 owned=False)
             listener.config = self._fl_config
             self._fl_listener = listener
+            self._fl_filter = self._fl_drop_log = None
         else:
             os.set_blocking(sock.fileno(), False)   # the core relies on EAGAIN
+        config = self._fl_current_config()
+        ready = config.server_ready() if config is not None else None
+        if ready != self._fl_filter:
+            if ready is None:
+                listener.set_accept_filter("none")      # off: every connection at once
+            else:
+                listener.set_accept_filter(ready.rule, ready.timeout, ready.max_bytes,
+                                           ready.max_waiting, ready.proxy, ready.proxy_max_v2)
+            self._fl_filter = ready
         return listener
 
     def _fl_serve_fast(self, choice: LoopChoice, poll_interval: Optional[float]) -> bool:
@@ -866,6 +948,12 @@ class _FastLoop(_StdServer):
             return self._fl_serve_accepted(listener, timeout, run)
         finally:
             try:
+                # shutdown() stays immediate: a connection still waiting in
+                # the accept filter is closed now (counted 'shutdown'), not
+                # left to wait for a loop that may never run again
+                if self._fl_filter is not None:
+                    listener.close_waiting()
+                    self._fl_check_drops(listener)
                 if sock.fileno() >= 0:
                     try:
                         sock.settimeout(sock.gettimeout())
@@ -892,6 +980,8 @@ class _FastLoop(_StdServer):
                     return False
                 if batch:
                     self._fl_handle_batch(batch, handle_one)
+                if self._fl_filter is not None:
+                    self._fl_check_drops(listener)
                 self.service_actions()
         finally:
             self._fl_unpublish()
@@ -983,7 +1073,12 @@ class _FastLoop(_StdServer):
                 request.close()
 
     def _fl_handle_accepted(self, request: socket.socket, client_address: Any) -> None:
-        """The stdlib's _handle_request_noblock, after its get_request()."""
+        """The stdlib's _handle_request_noblock, after its get_request();
+        first the PROXY header, when the accept filter waited for it."""
+        client_address = self._fl_front(request, client_address)
+        if client_address is None:
+            self.shutdown_request(request)
+            return
         if self.verify_request(request, client_address):
             try:
                 self.process_request(request, client_address)
@@ -1268,6 +1363,8 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
                 if (_stop_asked(self) or source.error is not None
                         or pool.closed or stop.fenced):
                     break
+                if self._fl_filter is not None:
+                    self._fl_check_drops(listener)
                 self.service_actions()
         finally:
             # Once fence() returns, no worker touches the listening

@@ -10,6 +10,7 @@ cdef extern from "fl_filter.h" nogil:
         FL_RULE_LINE
         FL_RULE_HTTP
         FL_RULE_TLS
+        FL_DROP_SHUTDOWN
         FL_DROP_SLOTS
 
     ctypedef struct fl_ready_rule:
@@ -31,6 +32,7 @@ cdef extern from "fl_filter.h" nogil:
     int fl_ready_judge(const unsigned char *buf, size_t n, int eof, const fl_ready_rule *r)
     int fl_filter_init(fl_filter *f)
     int fl_filter_configure(fl_filter *f, const fl_ready_rule *r, long long timeout_ms, int cap)
+    int fl_filter_clear(fl_filter *f, int why)
     void fl_filter_shut(fl_filter *f)
     void fl_filter_destroy(fl_filter *f)
     void fl_filter_stats_read(const fl_filter *f, fl_filter_stats *out)
