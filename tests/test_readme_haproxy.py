@@ -75,8 +75,11 @@ def test_the_readme_haproxy_config_works_as_shown(tmp_path):
     proc = subprocess.Popen([HAPROXY, "-db", "-f", str(path)], stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        # both instances pass their health checks (LOCAL headers)
-        wait_for(lambda: all(s.counters()["proxy_local"] >= 1 for s in servers), LIMIT)
+        # both instances see their health checks (a LOCAL header, then a
+        # close or a reset: the accept filter drops each, no handler sees one)
+        wait_for(lambda: all(sum(s.counters().get("dropped", {}).get(why, 0)
+                                 for why in ("closed", "reset")) >= 1
+                             for s in servers), LIMIT)
         seen = set()
         for i in range(2, 8):
             with socket.socket() as c:

@@ -6,6 +6,7 @@ block the synchronous loop.  Real sockets on loopback; bounded waits."""
 
 import contextlib
 import json
+import re
 import socket
 import socketserver
 import subprocess
@@ -288,21 +289,22 @@ def test_shutdown_closes_the_connections_still_waiting(base, tmp_path):
 
 def test_serve_queued_serves_the_ready_and_closes_the_waiting(tmp_path):
     server = make(fastlisten.ThreadingTCPServer, tmp_path, ready_rule="line", ready_timeout=60)
+    clients = []
     try:
         with serving(server, 0.05, close=False):
             assert ask(server, b"first\n")["line"] == "first\n"
         # the loop stopped: these wait in the kernel's queue
-        quiet = [connect(server) for _ in range(2)]
-        ready = connect(server)
+        clients = [connect(server) for _ in range(3)]
+        *quiet, ready = clients
         ready.sendall(b"queued\n")
         assert server.serve_queued() == 1
         assert closed_by_server(quiet[0]) and closed_by_server(quiet[1])
         assert json.loads(ready.recv(4096))["line"] == "queued\n"
         assert server.drain(LIMIT) == 0
         assert server.counters()["dropped"] == {"shutdown": 2}
-        for c in quiet + [ready]:
-            c.close()
     finally:
+        for c in clients:
+            c.close()
         server.server_close()
 
 
@@ -314,12 +316,24 @@ def test_an_explicit_rule_on_a_loop_that_cannot_filter_is_an_error(tmp_path):
             return super().get_request()
 
     server = make(OwnAccept, tmp_path, ready_rule="line")
-    try:
-        with pytest.raises(ValueError, match="ready_rule='line' cannot be applied: .*"
-                                             "get_request"):
+    raised = []
+
+    def serve():
+        try:
             server.serve_forever(0.05)
+        except ValueError as exc:
+            raised.append(exc)
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        t.join(LIMIT)
     finally:
+        if t.is_alive():        # it serves, unfiltered: stop it, then fail
+            server.shutdown()
+            t.join(LIMIT)
         server.server_close()
+    assert len(raised) == 1
+    assert re.search("ready_rule='line' cannot be applied: .*get_request", str(raised[0]))
     # without a ready_rule, the PROXY header is read in the handler's thread, as before
     server = make(OwnAccept, tmp_path, proxy_protocol="v1")
     with serving(server, 0.05):

@@ -22,13 +22,15 @@ library working.  Each class here subclasses its standard-library namesake
 
 Behind a load balancer and with TLS (fastlisten's additions): a
 ``listen_config`` with ``proxy_protocol`` makes every connection start with
-a PROXY protocol header, read in the thread or process that runs the
-handler (the synchronous servers read it inline, under
-``proxy_timeout``); the handler's ``client_address`` is then the real
-client's and ``self.server.proxy_header`` the parsed header.  A
-``listen_config`` with ``ssl_context`` runs each TLS handshake there too,
-under its ``handshake_timeout``, after the PROXY header: the accept loop
-hands over raw connections and never waits for a client.  A connection
+a PROXY protocol header; the accept filter holds the connection in the core
+until the header is complete (``proxy_timeout``), then it is read before
+``verify_request``, so that verify_request and the handler see the real
+client in ``client_address``; ``self.server.proxy_header`` is the parsed
+header.  A ``listen_config`` with ``ssl_context`` waits for the complete
+ClientHello there and runs each TLS handshake in the thread or process
+that runs the handler, under its ``handshake_timeout``, after the PROXY
+header: the accept loop never waits for a client.  ``ready_rule`` makes
+the filter wait for the request too (see docs/guide/dropin.md).  A connection
 that is an ``ssl.SSLSocket`` already is never wrapped again.
 
 The names these classes add to the stdlib's are fastlisten's only where no
@@ -868,10 +870,15 @@ class _FastLoop(_StdServer):
         ==================================  ========  ======================  ======================
 
         BATCHES and LEADER take connections from the server's Listener,
-        prepared in _fl_get_listener(): the accept filter (issue 19) goes
-        there, and applies to both (Listener.set_accept_filter() does not
-        serve a leader's waiters yet: LEADER must then give way to BATCHES
-        until the core does).
+        prepared in _fl_get_listener() with the accept filter
+        (``listen_config.server_ready()``): both see only ready connections
+        (LEADER's waiters through the filter too); with the PROXY header
+        waited for there, BATCHES' _fl_handle_accepted reads it before
+        verify_request, and LEADER's thread in finish_request (its
+        verify_request is stock).  BASE and SELECTOR have no filter: an
+        explicit ``ready_rule`` is a ValueError there
+        (_fl_refuse_ready_rule), while the PROXY/TLS defaults fall back to
+        the handler's thread.
         """
         if self._fl_defer:
             return LoopChoice(Loop.BASE, None, "a base class's own serve_forever/shutdown")
@@ -980,9 +987,9 @@ class _FastLoop(_StdServer):
                     return False
                 if batch:
                     self._fl_handle_batch(batch, handle_one)
+                self.service_actions()
                 if self._fl_filter is not None:
                     self._fl_check_drops(listener)
-                self.service_actions()
         finally:
             self._fl_unpublish()
         return True
