@@ -57,8 +57,8 @@ def test_bench_quick_end_to_end(tmp_path):
             where = f"{scenario}/{name}"
             assert row["repeats"] == 1 and len(row["runs"]) == 1, where
             assert row["completed"] > 0 and row["errors"] == 0 and row["timeouts"] == 0, where
-            for key in ("rate", "cpu_us", "cpu_user_us", "cpu_sys_us", "p50_ms", "p99_ms",
-                        "max_ms", "listener_drops", "listen_overflows", "listen_drops"):
+            for key in ("rate", "cpu_us", "cpu_user_us", "cpu_sys_us", "switches", "p50_ms",
+                        "p99_ms", "max_ms", "listener_drops", "listen_overflows", "listen_drops"):
                 assert isinstance(row[key], (int, float)), (where, key)
             assert "rate_x" in row and "cpu_us_x" in row, where
     # each ratio is the server's figure over its stdlib baseline's, from the same run
@@ -102,10 +102,12 @@ def test_bench_quick_end_to_end(tmp_path):
     assert "the performance bar fastlisten holds itself to" in proc.stdout
     text = readme.read_text()
     assert "with `fastlisten bench --quick --wide --bars`" in text
-    assert "| server | conn/s | x std | CPU us/conn | x std | user us | x std | sys us |" in text
+    assert ("| server | conn/s | x std | CPU us/conn | x std | user us | x std | sys us | "
+            "cs/conn |") in text
     verdicts = [line for line in text.splitlines() if line.startswith("| ") and
                 (" | met | " in line or " | NOT met | " in line or " | n/a | " in line)]
-    assert len(verdicts) == 11 + 2 * len(bars.OTHER_SCENARIOS)     # all scenarios ran
+    # all scenarios ran, with the accept filter's servers: their own bars too
+    assert len(verdicts) == 11 + 2 * len(bars.OTHER_SCENARIOS) + 6 * len(bars.OTHER_SCENARIOS) + 2
 
 
 def test_bench_rejects_unknown_server():
@@ -219,7 +221,7 @@ def test_bench_help_explains_every_column():
     text = " ".join(proc.stdout.split())
     for column in ("conn/s:", "CPU us/conn:", "x std:", "p99 ms:", "drops:", "failed:",
                    "--wide", "user us", "p50/p99/max ms:", "queue drops:", "overflows*:",
-                   "errors:", "timeouts:", "--bars"):
+                   "errors:", "timeouts:", "--bars", "cs/conn:", "+filter:"):
         assert column in text, column
 
 
@@ -249,7 +251,7 @@ def _full_report(scenarios=("daytime", "burst")):
     from fastlisten.benchmark.servers import SERVERS
 
     big = dict(rate=1_234_567.0, cpu_us=98_765.4, cpu_user_us=54_321.0, cpu_sys_us=44_444.4,
-               p50_ms=12_345.67, p99_ms=12_345.67, listener_drops=123_456,
+               switches=123.45, p50_ms=12_345.67, p99_ms=12_345.67, listener_drops=123_456,
                listen_overflows=123_456, listen_drops=123_456, other_cpus=0.0)
     results = {}
     for scenario in scenarios:
@@ -314,3 +316,69 @@ def test_the_chart_shows_every_scenario_with_a_legend(tmp_path):
     assert len(drawn["legends"]) == 1
     assert {"fastlisten", "standard library", "user CPU", "system CPU"} <= \
         set(drawn["legends"][0])
+
+
+def test_filtered_servers_serve_with_the_rule_that_fits_each_scenario():
+    """The ``+filter`` servers: their class's listen_config carries the
+    scenario's ready_rule (the request's shape; 'none' where the server
+    speaks first); the plain ones have no listen_config of their own."""
+    from fastlisten.benchmark import serve
+    from fastlisten.benchmark.servers import READY_RULES, by_name
+
+    assert READY_RULES == {"echo": "line", "http-close": "http", "daytime": "none",
+                           "burst": "none"}
+    for name, base in (("fastlisten-threading+filter", "ThreadingTCPServer"),
+                       ("fastlisten-tcp+filter", "TCPServer")):
+        spec = by_name(name)
+        assert spec.filtered and spec.baseline == by_name(name.split("+")[0]).baseline
+        for scenario, rule in READY_RULES.items():
+            module, cls = serve._server_class(spec, scenario)
+            assert issubclass(cls, getattr(module, base))
+            assert cls.listen_config.ready_rule == rule, (name, scenario)
+    for name in ("fastlisten-threading", "fastlisten-tcp", "stdlib-threading"):
+        _, cls = serve._server_class(by_name(name), "echo")
+        assert getattr(cls, "listen_config", None) is None
+
+
+def test_mark_counts_the_servers_context_switches():
+    """context_switches() grows when this process sleeps (a voluntary
+    switch each time), whichever thread sleeps; never shrinks."""
+    import threading
+    import time
+
+    from fastlisten.benchmark import serve
+
+    before = serve.context_switches()
+    t = threading.Thread(target=lambda: [time.sleep(0.001) for _ in range(5)])
+    t.start()
+    t.join()
+    assert serve.context_switches() >= before + 5
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_filter_bars_verdicts(good):
+    """The accept filter's bars (issue 19), each met with figures that
+    meet every target and missed with ones that miss every one."""
+    k = 1.0 if good else 3.0
+
+    def scenario():
+        return {"fastlisten-tcp": _row(cpu_us=20.0),
+                "fastlisten-tcp+filter": _row(cpu_us=20.5 * k),
+                "fastlisten-threading": _row(cpu_us=36.0, switches=3.0),
+                "fastlisten-threading+filter": _row(cpu_us=22.0 * k, switches=1.0 * k * k),
+                "stdlib-threading": _row(cpu_us=150.0),
+                "uvloop": _row(cpu_us=30.0), "gevent": _row(cpu_us=33.0)}
+    daytime = {"fastlisten-tcp": _row(cpu_us=10.0), "fastlisten-tcp+filter": _row(cpu_us=10 * k),
+               "fastlisten-threading": _row(cpu_us=12.0),
+               "fastlisten-threading+filter": _row(cpu_us=12.0 * k)}
+    report = _report({"daytime": daytime, "echo": scenario(), "http-close": scenario()}, {})
+    filter_bars = bars._filter_bars(report)
+    assert len(filter_bars) == 6 * 2 + 2
+    assert [b["met"] for b in filter_bars] == [good] * len(filter_bars)
+    named = {b["bar"]: b for b in filter_bars}
+    assert named["ThreadingTCPServer CPU per connection vs TCPServer (echo, filter on)"][
+        "figure"] == ("1.10x (22.0 vs 20.0 us)" if good else "3.30x (66.0 vs 20.0 us)")
+    # the filter's bars are part of the project's bars, and only when it ran
+    assert all(b in bars.evaluate(report) for b in filter_bars)
+    plain = {name: row for name, row in scenario().items() if "+" not in name}
+    assert bars._filter_bars(_report({"echo": plain}, {})) == []

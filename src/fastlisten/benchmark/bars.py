@@ -57,6 +57,54 @@ def _threading_cpu_bars(report: "Report", scenario: str) -> List[Dict[str, Any]]
     ]
 
 
+def _ratio_bar(name: str, target: str, limit: float, a: Optional[float],
+               b: Optional[float], unit: str = "us") -> Dict[str, Any]:
+    """A bar met when a / b <= limit."""
+    r = a / b if a is not None and b else None
+    return _bar(name, target, None if r is None else r <= limit,
+                f"{_x(r)} ({_fmt(a, '.1f')} vs {_fmt(b, '.1f')} {unit})")
+
+
+def _filter_bars(report: "Report") -> List[Dict[str, Any]]:
+    """The accept filter's bars (issue 19), for the scenarios run with the
+    ``+filter`` servers: with the rule that fits the request, the threaded
+    server close to the synchronous one and ahead of the peers, the
+    synchronous one hardly dearer, fewer context switches; where the server
+    speaks first (daytime, rule none) nothing changes."""
+    bars: List[Dict[str, Any]] = []
+    thf, tcpf = "fastlisten-threading+filter", "fastlisten-tcp+filter"
+    for scenario in OTHER_SCENARIOS:
+        g = lambda server, key: _get(report, scenario, server, key)  # noqa: E731
+        th = g(thf, "cpu_us")
+        if th is None and g(tcpf, "cpu_us") is None:
+            continue
+        what = f"({scenario}, filter on)"
+        bars.append(_ratio_bar(f"ThreadingTCPServer CPU per connection vs TCPServer {what}",
+                               "<= 1.2x", 1.2, th, g("fastlisten-tcp", "cpu_us")))
+        bars.append(_ratio_bar(f"ThreadingTCPServer CPU per connection {what}",
+                               "<= 0.2x stdlib", 0.2, th, g("stdlib-threading", "cpu_us")))
+        for peer in ("uvloop", "gevent"):
+            p = g(peer, "cpu_us")
+            bars.append(_bar(f"ThreadingTCPServer CPU per connection vs {peer} {what}", "less",
+                             None if th is None or p is None else th < p,
+                             f"{_fmt(th, '.1f')} vs {_fmt(p, '.1f')} us"))
+        bars.append(_ratio_bar(f"TCPServer CPU per connection, filter on vs off ({scenario})",
+                               "<= 1.05x", 1.05, g(tcpf, "cpu_us"), g("fastlisten-tcp", "cpu_us")))
+        on, off = g(thf, "switches"), g("fastlisten-threading", "switches")
+        bars.append(_bar(f"ThreadingTCPServer context switches per connection, filter on vs "
+                         f"off ({scenario})", "fewer",
+                         None if on is None or off is None else on < off,
+                         f"{_fmt(on, '.2f')} vs {_fmt(off, '.2f')}"))
+    for server, plain in ((thf, "fastlisten-threading"), (tcpf, "fastlisten-tcp")):
+        a = _get(report, "daytime", server, "cpu_us")
+        b = _get(report, "daytime", plain, "cpu_us")
+        if a is not None:
+            label = "ThreadingTCPServer" if server == thf else "TCPServer"
+            bars.append(_ratio_bar(f"{label} CPU per connection, filter (rule none) on vs off "
+                                   "(daytime)", "<= 1.05x", 1.05, a, b))
+    return bars
+
+
 def evaluate(report: "Report", scenario: str = "daytime") -> List[Dict[str, Any]]:
     """The bars, each as {bar, target, met (True/False/None), figure}."""
     bars: List[Dict[str, Any]] = []
@@ -128,4 +176,4 @@ def evaluate(report: "Report", scenario: str = "daytime") -> List[Dict[str, Any]
             bars.append(_bar(f"{label} CPU per connection vs {peer}", "less",
                              None if mine is None or p is None else mine < p,
                              f"{_fmt(mine, '.1f')} vs {_fmt(p, '.1f')} us"))
-    return bars
+    return bars + _filter_bars(report)

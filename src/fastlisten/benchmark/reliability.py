@@ -24,9 +24,12 @@ not wait.)
   had not stopped after 10 s: it is killed);
 - **slowloris**: silent clients and clients that send a byte a second
   hold on while normal clients make requests (each with a short timeout):
-  their success rate and p99, against an unbounded server, one with
-  ``max_threads=8`` and one that adds ``defer_accept`` (silent clients
-  stay in the kernel).
+  their success rate and p99 (beside their p99 before the slow clients
+  came), and the threads and descriptors the slow clients hold, against an
+  unbounded server, one with ``max_threads=8``, one that adds
+  ``defer_accept`` (silent clients stay in the kernel), and two that add
+  fastlisten's accept filter (``ready_rule`` 'line' or 'http': a
+  connection reaches a thread once its request has arrived).
 
 Figures are ratios and counts from one run on this machine; they are not
 asserted anywhere.
@@ -70,6 +73,9 @@ _CHILD = textwrap.dedent("""
             line = self.rfile.readline()
             if line == b"fault\\n":
                 raise RuntimeError("a handler fault")
+            if line.startswith(b"GET "):     # an HTTP head: read it all, echo its first line
+                while self.rfile.readline() not in (b"\\r\\n", b"\\n", b""):
+                    pass
             self.wfile.write(line)
 
     class Server(base):
@@ -83,9 +89,10 @@ _CHILD = textwrap.dedent("""
 
     if "max_threads" in options:
         Server.fl_max_threads = options["max_threads"]
-    if "defer_accept" in options:
+    listen = {k: v for k, v in options.items() if k in ("defer_accept", "ready_rule")}
+    if listen:
         import fastlisten
-        Server.listen_config = fastlisten.ListenConfig(defer_accept=options["defer_accept"])
+        Server.listen_config = fastlisten.ListenConfig(**listen)
 
     with Server(("127.0.0.1", 0), Handler) as server:
         print(server.server_address[1], flush=True)
@@ -129,11 +136,16 @@ class Sizes:
         raise AttributeError(name)
 
 
+#: The kernel functions a thread blocked reading a stream socket sleeps in
+#: (``/proc/<pid>/task/<tid>/wchan``; TCP and Unix sockets, old and new kernels).
+_RECV_WAITS = ("wait_woken", "sk_wait_data", "unix_stream_read_generic")
+
+
 class _Child:
     """A server in a child process."""
 
     def __init__(self, server: str, nofile: int = 0,
-                 options: Optional[Dict[str, int]] = None) -> None:
+                 options: Optional[Dict[str, Any]] = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _CHILD, SERVERS[server], str(nofile),
              json.dumps(options or {})],
@@ -157,6 +169,27 @@ class _Child:
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+
+    def threads_reading(self) -> Optional[int]:
+        """Threads asleep in a socket read (a handler waiting for its
+        client): the kernel function each sleeps in (``wchan``) is a
+        stream socket's receive wait.  None where /proc does not say (every
+        thread's wchan reads 0: the serving thread at least sleeps in a
+        poll, so a kernel that shows wchan at all names something)."""
+        try:
+            tids = os.listdir(f"/proc/{self.proc.pid}/task")
+        except OSError:
+            return None
+        waits = []
+        for tid in tids:
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{tid}/wchan") as f:
+                    waits.append(f.read().strip())
+            except OSError:
+                pass                        # the thread is gone
+        if all(w in ("", "0") for w in waits):
+            return None
+        return sum(w in _RECV_WAITS for w in waits)
 
     def rss_kb(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -379,12 +412,27 @@ def sigint_stop(server: str, sizes: Sizes) -> Dict[str, Any]:
 
 
 #: Slow-client defences measured, and the options of the server they need
-#: (the stdlib has neither max_threads nor defer_accept: unbounded only).
-SLOW_DEFENCES = {
+#: (the stdlib has neither max_threads, defer_accept nor an accept filter:
+#: unbounded only).  The accept filter's rows ("+line", "+http") hand a
+#: connection to a thread only once its request line, or its whole HTTP
+#: request head, has arrived; their normal clients speak what the rule waits
+#: for (a line; an HTTP/1.0 request head), the slow ones never finish it.
+SLOW_DEFENCES: Dict[str, Dict[str, Any]] = {
     "unbounded": {},
     "max_threads=8": {"max_threads": 8},
     "max_threads=8+defer_accept": {"max_threads": 8, "defer_accept": 30},
+    "max_threads=8+line": {"max_threads": 8, "ready_rule": "line"},
+    "max_threads=8+http": {"max_threads": 8, "ready_rule": "http"},
 }
+
+#: What a normal client sends (and reads back: the server echoes the first
+#: line), by the defence's ready_rule.
+_NORMAL_REQUEST = {None: b"ping\n", "line": b"ping\n",
+                   "http": b"GET /ping HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"}
+
+#: The figures slowloris gives per defence (the filter's rows only where the
+#: server has the defence: fastlisten's).
+SLOW_FIGURES = ("normal_served", "p99_ms", "p99_idle_ms", "threads_held", "fds_held")
 
 
 def _slow_clients(address: Tuple[str, int], sizes: Sizes, stop: threading.Event
@@ -410,31 +458,62 @@ def _slow_clients(address: Tuple[str, int], sizes: Sizes, stop: threading.Event
     return silent + dribble, t
 
 
+def _p99(latencies: List[float]) -> Optional[float]:
+    """The 99th percentile in ms, None without a value."""
+    if not latencies:
+        return None
+    latencies = sorted(latencies)
+    return latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
+
+
+def _normal_clients(address: Tuple[str, int], sizes: Sizes, request: bytes
+                    ) -> Tuple[float, Optional[float]]:
+    """sizes.slow_normal requests over 4 client threads, each within
+    slow_normal_timeout: (share answered, p99 ms of those answered)."""
+    latencies: List[float] = []
+    lock = threading.Lock()
+    expect = request.split(b"\n", 1)[0] + b"\n"
+
+    def normal() -> bool:
+        start = time.perf_counter()
+        ok = _ask(address, request, timeout=sizes.slow_normal_timeout) == expect
+        if ok:
+            with lock:
+                latencies.append(time.perf_counter() - start)
+        return ok
+
+    served = _in_threads(sizes.slow_normal, 4, normal)
+    return served / sizes.slow_normal, _p99(latencies)
+
+
 def slowloris(server: str, sizes: Sizes) -> Dict[str, Any]:
     """Normal clients' success rate and p99 while slow clients hold on,
-    with each defence the server offers."""
+    with each defence the server offers; beside them the p99 of the same
+    normal clients before the slow ones came (``p99_idle_ms``), and the
+    threads and descriptors the server holds once the slow clients are
+    connected (``threads_held``: threads asleep reading a client, see
+    _Child.threads_reading; ``fds_held``: descriptors beyond what it held
+    before; both read from /proc before the normal clients start, once they
+    stopped changing)."""
     out: Dict[str, Any] = {}
     for defence, options in SLOW_DEFENCES.items():
         if options and server != "fastlisten":
             continue
+        request = _NORMAL_REQUEST[options.get("ready_rule")]
         child = _Child(server, options=options)
         stop = threading.Event()
         slow: List[socket.socket] = []
         dripper = None
         try:
+            _, p99_idle = _normal_clients(child.address, sizes, request)
+            fds0 = child.settled(child.fds)
             slow, dripper = _slow_clients(child.address, sizes, stop)
-            latencies: List[float] = []
-            lock = threading.Lock()
-
-            def normal() -> bool:
-                start = time.perf_counter()
-                ok = _ask(child.address, timeout=sizes.slow_normal_timeout) == b"ping\n"
-                if ok:
-                    with lock:
-                        latencies.append(time.perf_counter() - start)
-                return ok
-
-            served = _in_threads(sizes.slow_normal, 4, normal)
+            child.settled(child.threads)
+            threads_held = child.threads_reading()
+            if threads_held is not None:            # ... once all got to their read
+                threads_held = child.settled(lambda: child.threads_reading() or 0)
+            fds_held = child.settled(child.fds) - fds0
+            served, p99 = _normal_clients(child.address, sizes, request)
         finally:
             stop.set()
             if dripper is not None:
@@ -442,10 +521,11 @@ def slowloris(server: str, sizes: Sizes) -> Dict[str, Any]:
             for c in slow:
                 c.close()
             child.close()
-        latencies.sort()
-        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None
-        out[f"{defence}: normal_served"] = served / sizes.slow_normal
-        out[f"{defence}: p99_ms"] = None if p99 is None else p99 * 1000
+        out[f"{defence}: normal_served"] = served
+        out[f"{defence}: p99_ms"] = p99
+        out[f"{defence}: p99_idle_ms"] = p99_idle
+        out[f"{defence}: threads_held"] = threads_held
+        out[f"{defence}: fds_held"] = fds_held
     return out
 
 
@@ -477,12 +557,14 @@ def run(scenarios: Optional[List[str]] = None, quick: bool = False,
 
 def _fmt(key: str, value: Any) -> str:
     if value is None:
-        return "no reply" if key.endswith("p99_ms") else "never"
+        if key.endswith("_held"):
+            return "n/a"                # /proc did not say
+        return "no reply" if "p99" in key else "never"
     if key.endswith(("share", "served")):
         return f"{value * 100:.1f} %"
     if isinstance(value, float):
         return f"{value:,.1f}"
-    return f"{value:+,}" if key.endswith("added") or key.endswith("added_kb") else f"{value:,}"
+    return f"{value:+,}" if key.endswith(("added", "added_kb", "fds_held")) else f"{value:,}"
 
 
 def markdown(results: Dict[str, Dict[str, Dict[str, Any]]]) -> str:

@@ -23,7 +23,7 @@ HEADERS = ("server", "conn/s", "x std", "CPU us/conn", "x std", "p99 ms", "drops
 
 #: ``wide``: every figure.
 WIDE_HEADERS = ("server", "conn/s", "x std", "CPU us/conn", "x std", "user us", "x std",
-                "sys us", "p50 ms", "p99 ms", "max ms", "queue drops", "overflows*",
+                "sys us", "cs/conn", "p50 ms", "p99 ms", "max ms", "queue drops", "overflows*",
                 "errors", "timeouts")
 
 
@@ -68,6 +68,7 @@ def rows(report: Report, scenario: str, wide: bool = False) -> List[Tuple[str, .
             _num(row["cpu_user_us"], ".1f"),
             _ratio(row["cpu_user_us_x"]),
             _num(row["cpu_sys_us"], ".1f"),
+            _num(row.get("switches"), ".2f"),
             _num(row["p50_ms"], ".2f"),
             _num(row["p99_ms"], ".2f"),
             _num(row["max_ms"], ".1f"),
@@ -185,7 +186,9 @@ _COMMON_NOTES = (
     "included) over the run, divided by the connections it completed. "
     "x std: ratio to the standard-library server of the same kind in this run "
     "(peers and the C loop: to stdlib TCPServer). ±: half the spread of the repeats "
-    "around their median (shown only with 2 or more repeats). ")
+    "around their median (shown only with 2 or more repeats). "
+    "+filter: fastlisten's accept filter on (listen_config's ready_rule 'line' for echo, "
+    "'http' for http-close, 'none' where the server speaks first). ")
 _LEAN_NOTES = (
     "p99 ms: connect-to-reply latency, 99th percentile. "
     "drops: connections the server's own listening socket dropped because its accept "
@@ -195,6 +198,9 @@ _LEAN_NOTES = (
     "--wide shows every figure.")
 _WIDE_NOTES = (
     "user us and sys us: the CPU time's two parts. "
+    "cs/conn: the server process's context switches per connection (getrusage nvcsw + "
+    "nivcsw: every thread, children included; what perf stat -e context-switches "
+    "counts). "
     "p50/p99/max ms: connect-to-reply latency. "
     "queue drops: connections the server's own listening socket dropped "
     "because its accept queue was full (SO_MEMINFO sk_drops). overflows*: TcpExt "

@@ -160,9 +160,9 @@ def _pinned(cpu: Optional[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def _marked(child: _Child) -> Tuple[float, float, Optional[int]]:
-    u, s, d = child.expect("MARK", 30)
-    return float(u), float(s), None if d == "-" else int(d)
+def _marked(child: _Child) -> Tuple[float, float, Optional[int], int]:
+    u, s, d, cs = child.expect("MARK", 30)
+    return float(u), float(s), None if d == "-" else int(d), int(cs)
 
 
 def run_once(spec: ServerSpec, scenario: str, opts: Options,
@@ -173,7 +173,7 @@ def run_once(spec: ServerSpec, scenario: str, opts: Options,
     try:
         port = int(child.expect("READY", 60)[0])
         child.send("mark")
-        u0, s0, d0 = _marked(child)
+        u0, s0, d0, cs0 = _marked(child)
         before = listen_counters()
         burst = scenario == "burst"
         busy0, wall0, mine0 = busy_seconds(), time.monotonic(), time.thread_time()
@@ -186,7 +186,7 @@ def run_once(spec: ServerSpec, scenario: str, opts: Options,
         busy1, wall1, mine1 = busy_seconds(), time.monotonic(), time.thread_time()
         after = listen_counters()
         child.send("mark")
-        u1, s1, d1 = _marked(child)
+        u1, s1, d1, cs1 = _marked(child)
         child.send("stop")
         sd = child.expect("DONE", 60)[2]
         if child.proc.wait(timeout=60) != 0:
@@ -208,6 +208,9 @@ def run_once(spec: ServerSpec, scenario: str, opts: Options,
         cpu_user_us=user / n * 1e6 if n else None,
         cpu_sys_us=system / n * 1e6 if n else None,
         cpu_us=(user + system) / n * 1e6 if n else None,
+        # the server's context switches per connection (its own "mark"
+        # lines count one or two: nothing to subtract at these counts)
+        switches=(cs1 - cs0) / n if n else None,
         listener_drops=None if d0 is None or d1 is None else d1 - d0,
         listen_overflows=after["ListenOverflows"] - before["ListenOverflows"],
         listen_drops=after["ListenDrops"] - before["ListenDrops"],
@@ -218,12 +221,12 @@ def run_once(spec: ServerSpec, scenario: str, opts: Options,
 
 
 #: Figures summarised over repeats by their median (and spread).
-MEDIAN_KEYS = ("rate", "cpu_us", "cpu_user_us", "cpu_sys_us", "p50_ms", "p99_ms",
+MEDIAN_KEYS = ("rate", "cpu_us", "cpu_user_us", "cpu_sys_us", "switches", "p50_ms", "p99_ms",
                "listener_drops", "listen_overflows", "listen_drops", "other_cpus")
 #: Figures summed over repeats.
 SUM_KEYS = ("started", "completed", "errors", "timeouts", "aborted")
 #: Figures that get a ratio to the same-kind stdlib server.
-RATIO_KEYS = ("rate", "cpu_us", "cpu_user_us", "cpu_sys_us", "p50_ms", "p99_ms")
+RATIO_KEYS = ("rate", "cpu_us", "cpu_user_us", "cpu_sys_us", "switches", "p50_ms", "p99_ms")
 
 
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:

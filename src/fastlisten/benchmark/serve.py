@@ -5,9 +5,12 @@ NAME (see ``fastlisten.benchmark.servers``) on 127.0.0.1, port 0, with its
 default settings, prints ``READY <port>`` and serves until told to stop.
 Commands arrive one per line on stdin:
 
-``mark``   answer ``MARK <user_s> <sys_s> <drops or ->``: CPU time of this
-           process and its reaped children so far (getrusage), and the
-           connections its listener has dropped (SO_MEMINFO);
+``mark``   answer ``MARK <user_s> <sys_s> <drops or -> <switches>``: CPU
+           time of this process and its reaped children so far (getrusage),
+           the connections its listener has dropped (SO_MEMINFO), and the
+           context switches of this process's threads and its reaped
+           children, voluntary and not (getrusage's nvcsw + nivcsw: what
+           ``perf stat -e context-switches`` counts);
 ``stop``   stop the server (socketserver kinds: ``shutdown()``, timed from the
            call to ``serve_forever`` returning), close it (which reaps forked
            children), answer ``DONE <user_s> <sys_s> <shutdown_s or ->`` and exit.
@@ -32,7 +35,7 @@ import time
 from typing import Any, Callable, List, Optional, Tuple
 
 from fastlisten.benchmark.protocol import HTTP_RESPONSE, REPLY
-from fastlisten.benchmark.servers import ServerSpec, by_name
+from fastlisten.benchmark.servers import READY_RULES, ServerSpec, by_name
 from fastlisten.sysinfo import listener_drops
 
 HOST = "127.0.0.1"
@@ -71,10 +74,18 @@ class _Commands:
         return b"\n" in self.buf
 
 
+def context_switches() -> int:
+    """Context switches so far of this process (every thread, those gone
+    too) and its reaped children, voluntary and involuntary."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_nvcsw + me.ru_nivcsw + kids.ru_nvcsw + kids.ru_nivcsw
+
+
 def _mark(listener: Any) -> None:
     u, s = cpu_times()
     drops = listener_drops(listener)
-    _say(f"MARK {u:.6f} {s:.6f} {'-' if drops is None else drops}")
+    _say(f"MARK {u:.6f} {s:.6f} {'-' if drops is None else drops} {context_switches()}")
 
 
 def _done(shutdown_s: Optional[float]) -> None:
@@ -110,13 +121,19 @@ def handler_for(module: Any, scenario: str) -> type:
     return DaytimeHandler
 
 
-def _server_class(spec: ServerSpec) -> Tuple[Any, type]:
+def _server_class(spec: ServerSpec, scenario: str = "daytime") -> Tuple[Any, type]:
+    """The module and server class spec names; a ``filtered`` spec's with
+    its accept filter set to the scenario's rule (READY_RULES)."""
     module = importlib.import_module(spec.module or "socketserver")
-    return module, getattr(module, spec.cls or "")
+    cls = getattr(module, spec.cls or "")
+    if spec.filtered:
+        config = module.ListenConfig(ready_rule=READY_RULES[scenario])
+        cls = type(cls.__name__, (cls,), {"listen_config": config})
+    return module, cls
 
 
 def serve_socketserver(spec: ServerSpec, scenario: str) -> None:
-    module, cls = _server_class(spec)
+    module, cls = _server_class(spec, scenario)
     server = cls((HOST, 0), handler_for(module, scenario))
     returned: List[float] = []
     called: List[float] = []

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 from fastlisten.benchmark.loadgen import native_available
 
-__all__ = ["ServerSpec", "SERVERS", "by_name", "unavailable_reason"]
+__all__ = ["ServerSpec", "SERVERS", "READY_RULES", "by_name", "unavailable_reason"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class ServerSpec:
     baseline: str
     module: Optional[str] = None   # socketserver-style: the module holding `cls`
     cls: Optional[str] = None
+    #: fastlisten's accept filter: True serves with ``listen_config``'s
+    #: ``ready_rule`` set to what fits the scenario (READY_RULES)
+    filtered: bool = False
 
     @property
     def socketserver_api(self) -> bool:
@@ -42,10 +45,15 @@ SERVERS: List[ServerSpec] = [
     ServerSpec("native", "C loop (reference)", "native", "native", "stdlib-tcp"),
     ServerSpec("fastlisten-tcp", "fastlisten TCPServer", "fastlisten", "inline",
                "stdlib-tcp", "fastlisten", "TCPServer"),
+    ServerSpec("fastlisten-tcp+filter", "fastlisten TCPServer+filter", "fastlisten",
+               "inline", "stdlib-tcp", "fastlisten", "TCPServer", filtered=True),
     ServerSpec("stdlib-tcp", "stdlib TCPServer", "stdlib", "inline",
                "stdlib-tcp", "socketserver", "TCPServer"),
     ServerSpec("fastlisten-threading", "fastlisten ThreadingTCPServer", "fastlisten",
                "threading", "stdlib-threading", "fastlisten", "ThreadingTCPServer"),
+    ServerSpec("fastlisten-threading+filter", "fastlisten ThreadingTCP+filter",
+               "fastlisten", "threading", "stdlib-threading", "fastlisten",
+               "ThreadingTCPServer", filtered=True),
     ServerSpec("stdlib-threading", "stdlib ThreadingTCPServer", "stdlib", "threading",
                "stdlib-threading", "socketserver", "ThreadingTCPServer"),
     ServerSpec("fastlisten-forking", "fastlisten ForkingTCPServer", "fastlisten",
@@ -56,6 +64,13 @@ SERVERS: List[ServerSpec] = [
     ServerSpec("uvloop", "uvloop streams", "peer", "async", "stdlib-tcp"),
     ServerSpec("gevent", "gevent StreamServer", "peer", "async", "stdlib-tcp"),
 ]
+
+#: The accept filter's rule for each scenario (the ``filtered`` servers):
+#: what the scenario's client sends before it waits for a reply (echo: a
+#: line; http-close: a request head), and 'none' where the server speaks
+#: first (daytime, burst: the client sends nothing).
+READY_RULES: Dict[str, str] = {"echo": "line", "http-close": "http",
+                               "daytime": "none", "burst": "none"}
 
 _BY_NAME: Dict[str, ServerSpec] = {s.name: s for s in SERVERS}
 
