@@ -76,12 +76,6 @@ class _Load:
 
 
 def _start(*args):
-    if "--ready-rule" not in args:
-        # No accept filter (serve's default for echo is 'data'): a graceful
-        # stop closes the connections still waiting in the filter (counted
-        # 'shutdown'), so a client caught between its connect and its first
-        # byte is reset, which this test would count as lost.
-        args += ("--ready-rule", "none")
     proc = subprocess.Popen(FL + ["serve", "echo", "--bind", "127.0.0.1:0"] + list(args),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
@@ -116,6 +110,47 @@ def test_sigterm_under_load_resets_no_queued_client(mode):
     assert proc.returncode == 0, err
     assert counts["reset"] == 0 and counts["unanswered"] == 0, (counts, err)
     assert counts["refused"] == CLIENTS, counts
+
+
+@pytest.mark.parametrize("mode", [
+    ["--threads", "1"],
+    ["--workers", "1", "--threads", "1"],
+])
+def test_a_client_that_speaks_once_the_stop_began_is_served(mode):
+    # serve's default rule for echo ('data'): a client connected before the
+    # stop but silent until it began waits in the accept filter; the stop
+    # serves it once its request comes (within --grace) instead of
+    # resetting it.  The log line says the stop has begun and it waits.
+    proc, address = _start(*mode, "--grace", "30")
+    lines = []
+    accepting, seen = threading.Event(), threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "accepting" in line:
+                accepting.set()
+            if "waiting in the accept filter" in line:
+                seen.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if "--workers" in mode:     # (a stop before the worker is up ends it otherwise)
+            assert accepting.wait(30), "".join(lines)
+        with socket.create_connection(address, timeout=30) as c:
+            proc.send_signal(signal.SIGTERM)
+            assert seen.wait(30), "".join(lines)
+            c.sendall(b"late\n")
+            assert c.recv(64) == b"late\n"
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        reader.join(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == 0, "".join(lines)
 
 
 @pytest.mark.parametrize("max_threads", [None, 1])

@@ -308,6 +308,73 @@ def test_serve_queued_serves_the_ready_and_closes_the_waiting(tmp_path):
         server.server_close()
 
 
+def _stop_gracefully(server, grace, client):
+    """A client connects to ``server`` (serving in a thread) and waits in
+    its accept filter; then running.stop_serving (the graceful stop of
+    ``fastlisten serve``) runs in this (the main) thread, while
+    ``client(c, loop)`` runs in another (``c``: the client's socket;
+    ``loop``: the serving thread, ended once the stop has begun).  Returns
+    (handlers ended, the client's result, the server's counters once
+    stopped)."""
+    from helpers import serve_in_thread
+
+    from fastlisten.running import Signals, stop_serving
+
+    loop = serve_in_thread(server, 0.05)
+    result = []
+    c = None
+    try:
+        c = connect(server)
+        waiting(server, 1)
+        helper = threading.Thread(target=lambda: result.append(client(c, loop)), daemon=True)
+        with Signals() as signals:
+            helper.start()
+            ended = stop_serving(server, signals, grace)
+        helper.join(LIMIT)
+        assert not helper.is_alive()
+        loop.join(LIMIT)
+        assert not loop.is_alive()
+        counters = server.counters()
+    finally:
+        if c is not None:
+            c.close()
+        server.server_close()
+    assert result, "the client raised"
+    return ended, result[0], counters
+
+
+@pytest.mark.parametrize("base", [fastlisten.TCPServer, fastlisten.ThreadingTCPServer])
+def test_a_graceful_stop_serves_a_client_that_speaks_after_it_began(base, tmp_path):
+    # the client connects before the stop and sends its request only once
+    # the serving loop has returned: the filter keeps it for serve_queued(),
+    # which serves it within the grace (shutdown() alone would close it)
+    server = make(base, tmp_path, ready_rule="line", ready_timeout=60)
+
+    def client(c, loop):
+        loop.join(LIMIT)
+        assert not loop.is_alive()
+        c.sendall(b"late\n")
+        return json.loads(c.recv(4096))
+
+    ended, reply, counters = _stop_gracefully(server, LIMIT, client)
+    assert reply["line"] == "late\n"
+    assert ended == 0
+    assert counters["dropped"] == {}
+    assert counters["made_ready"] == 1 and counters["waiting"] == 0
+
+
+@pytest.mark.parametrize("base", [fastlisten.TCPServer, fastlisten.ThreadingTCPServer])
+def test_a_graceful_stop_closes_a_silent_client_at_its_grace(base, tmp_path):
+    server = make(base, tmp_path, ready_rule="line", ready_timeout=60)
+
+    def client(c, loop):
+        return closed_by_server(c)      # at the grace, not at its 60 s deadline
+
+    ended, closed, counters = _stop_gracefully(server, 0.2, client)
+    assert closed and ended == 0
+    assert counters["dropped"] == {"shutdown": 1} and counters["waiting"] == 0
+
+
 # -- loops that cannot filter ------------------------------------------------------
 
 def test_an_explicit_rule_on_a_loop_that_cannot_filter_is_an_error(tmp_path):

@@ -18,6 +18,7 @@ import os
 import select
 import socket
 import struct
+from time import monotonic
 from typing import Any, Optional
 
 __all__ = ["close_door", "hand_over", "serve_queued"]
@@ -70,7 +71,7 @@ def close_door(sock: socket.socket) -> bool:
     return True
 
 
-def serve_queued(server: Any, door: bool = True) -> int:
+def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None) -> int:
     """Hand every connection queued on ``server.socket`` to the server, as
     its serving loop would (``verify_request``, ``process_request``; their
     errors go to ``handle_error``), after :func:`close_door` (with
@@ -83,9 +84,12 @@ def serve_queued(server: Any, door: bool = True) -> int:
     socket steered around), at most as many as are queued now (TCP) are
     taken.
     A fastlisten server with an accept filter takes them through its
-    Listener instead: those ready at once are served, the others are closed
+    Listener instead: those ready at once are served; those still waiting
+    in the filter (a client between its connect and its request) are
+    served as they become ready within ``timeout`` seconds (a graceful
+    stop's grace: None or 0, not at all), then the rest are closed
     (counted ``dropped['shutdown']``): nothing waits for a loop that has
-    stopped."""
+    stopped.  The wait ends early once the server's end_handlers() ran."""
     sock = server.socket
     if sock is None or sock.fileno() < 0:
         return 0
@@ -99,7 +103,8 @@ def serve_queued(server: Any, door: bool = True) -> int:
     filtering = getattr(server, "_fl_filtering", None)
     listener = filtering() if filtering is not None else None
     if listener is not None:
-        return _serve_filtered(server, listener, sock, poller, limit)
+        deadline = monotonic() + (timeout or 0.0)
+        return _serve_filtered(server, listener, sock, poller, limit, deadline)
     taken = 0
     while (limit is None or taken < limit) and poller.poll(0):
         try:
@@ -118,11 +123,14 @@ def serve_queued(server: Any, door: bool = True) -> int:
 
 
 def _serve_filtered(server: Any, listener: Any, sock: socket.socket, poller: Any,
-                    limit: Optional[int]) -> int:
+                    limit: Optional[int], deadline: float) -> int:
     """serve_queued() through the server's filtering Listener over
     ``sock``: each round accepts what is queued (at least one connection:
     the socket polled readable); the ready ones are handed over, the rest
-    wait in the filter, which is emptied ('shutdown') at the end."""
+    wait in the filter.  Then, until the monotonic ``deadline``, the core
+    waits (accept_many's timeout: no thread spins) for those to become
+    ready and each is handed over as it does; the filter is emptied
+    ('shutdown') at the end."""
     taken = rounds = 0
     # the core relies on EAGAIN (the socket is blocking again once the
     # serving loop returned); its mode is restored at the end
@@ -136,18 +144,42 @@ def _serve_filtered(server: Any, listener: Any, sock: socket.socket, poller: Any
                 _log.warning("emptying the accept queue of %s stopped: %s",
                              listener.address, exc)
                 break
-            for i, (request, client_address) in enumerate(batch):
-                try:
-                    hand_over(server, request, client_address)
-                except BaseException:
-                    for rest, _ in batch[i + 1:]:
-                        rest.close()
-                    raise
-            taken += len(batch)
+            taken += _hand_batch(server, batch)
+        # the connections accepted before the stop but still waiting for
+        # their first bytes: served if they come within the grace
+        count = listener.stats()["waiting"]
+        if count and deadline > monotonic():
+            _log.info("stopping: %d connection(s) waiting in the accept filter of %s get up "
+                      "to %.3g s to become ready", count, listener.address,
+                      deadline - monotonic())
+        while listener.stats()["waiting"] and not getattr(server, "_fl_abandoned", False):
+            left = deadline - monotonic()
+            if left <= 0:
+                break
+            try:
+                batch = listener.accept_many(64, left)
+            except OSError as exc:
+                _log.warning("serving the connections waiting in the accept filter of %s "
+                             "stopped: %s", listener.address, exc)
+                break
+            taken += _hand_batch(server, batch)
     finally:
         listener.close_waiting()
         sock.settimeout(sock.gettimeout())
     return taken
+
+
+def _hand_batch(server: Any, batch: Any) -> int:
+    """hand_over() each connection of ``batch``; returns how many.  On an
+    exception the rest are closed."""
+    for i, (request, client_address) in enumerate(batch):
+        try:
+            hand_over(server, request, client_address)
+        except BaseException:
+            for rest, _ in batch[i + 1:]:
+                rest.close()
+            raise
+    return len(batch)
 
 
 def _queued_now(sock: socket.socket) -> int:

@@ -299,13 +299,16 @@ class _WorkerLoop:
             # to this worker's threads just before its loop stopped
             # (EPOLLEXCLUSIVE wakes one waiting thread) wakes nobody else,
             # and would otherwise wait for the next one to arrive.
-            self._empty_queue(final=self.stop == "final")
+            # (one deadline for the queue, the accept filter's waiting
+            # connections and the drain)
+            deadline = time.monotonic() + self.graceful_timeout
+            self._empty_queue(final=self.stop == "final", timeout=self.graceful_timeout)
             # Stop listening before the handlers drain: this copy of the socket
             # must not hold connections nobody will accept.
             server.socket.close()
             drain = _fastlisten_drain(server)
             if drain is not None:
-                ended = drain(self.graceful_timeout)
+                ended = drain(max(0.0, deadline - time.monotonic()))
                 if ended:
                     _log.info("worker %d: ended %d handler(s) after %.3g s", os.getpid(),
                               ended, self.graceful_timeout)
@@ -328,9 +331,20 @@ class _WorkerLoop:
                     _log.warning("worker %d: the supervisor is gone; stopping", os.getpid())
                     self.stop = "orphan"
             if self.stop is not None and not self.stopping.is_set():
+                self._stop_gracefully()
                 self.stopping.set()
                 if self.fast is not None:
                     self.fast._fl_wake()    # its loop runs service_actions at once
+
+    def _stop_gracefully(self) -> None:
+        """Before the loop stops: a fastlisten server leaves the
+        connections waiting in its accept filter to _empty_queue(), which
+        serves those that become ready within the grace."""
+        try:
+            graceful: Callable[[], None] = _own_method(self.server, "_fl_stop_gracefully")
+        except AttributeError:
+            return
+        graceful()
 
     def _serve_kept(self) -> None:
         """The connections a fastlisten loop had accepted when it stopped
@@ -342,24 +356,27 @@ class _WorkerLoop:
             return
         serve_kept()
 
-    def _empty_queue(self, final: bool) -> None:
+    def _empty_queue(self, final: bool, timeout: float) -> None:
         """Serve the connections still queued on this worker's socket: no
         reset for them when it closes.  ``final`` (a stop: it closes for
         good): first the kernel is made to complete no new connection on it;
         else (a reuseport slot that goes away, or a successor that shares
         the socket) what is queued now is served, and steering, the
-        kernel's migration or the successor sees to the rest."""
+        kernel's migration or the successor sees to the rest.  With an
+        accept filter, the connections waiting in it are this worker's
+        alone: those that become ready within ``timeout`` seconds (the
+        grace) are served, then the rest are closed."""
         # a fastlisten server's own call also serves what its loop kept
         # (fastlisten's implementation: a subclass's serve_queued is its own)
         try:
-            own: Optional[Callable[[], int]] = _own_method(self.server, "serve_queued")
+            own: Optional[Callable[..., int]] = _own_method(self.server, "serve_queued")
         except AttributeError:
             own = None
         try:
             if own is not None and final:
-                own()
+                own(timeout=timeout)
             else:
                 self._serve_kept()
-                serve_queued(self.server, door=final)
+                serve_queued(self.server, door=final, timeout=timeout)
         except OSError as exc:
             _log.warning("worker %d: cannot empty the accept queue: %s", os.getpid(), exc)

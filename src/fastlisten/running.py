@@ -306,12 +306,18 @@ def stop_serving(server: Any, signals: Signals, grace: float,
     ``signals`` are watched: one more stop signal than had arrived (or than
     ``first``), or the end of the grace, ends them (``end_handlers()``),
     which also closes what ``serve_queued()`` had not handed over yet (it
-    may be waiting for room in a full pool).  Returns how many handlers
-    were ended.  A server not built on fastlisten's classes gets the queue
-    served and no drain."""
+    may be waiting for room in a full pool).  With an accept filter, the
+    connections still waiting in it when the stop begins (a client between
+    its connect and its request) are served if they become ready within
+    the same grace, then the rest are closed (``dropped['shutdown']``).
+    Returns how many handlers were ended.  A server not built on
+    fastlisten's classes gets the queue served and no drain."""
     if first is None:
         first = signals.count(*STOP_SIGNALS)
     if shutdown:
+        graceful = _method(server, "_fl_stop_gracefully")
+        if graceful is not None:
+            graceful()      # its waiting connections are left to serve_queued()
         server.shutdown()
     deadline = monotonic() + grace
     own = _method(server, "serve_queued")
@@ -319,7 +325,7 @@ def stop_serving(server: Any, signals: Signals, grace: float,
     drain, end = _method(server, "drain"), _method(server, "end_handlers")
     counters = _method(server, "counters")
     if drain is None or end is None:
-        queued()
+        queued(timeout=max(0.0, deadline - monotonic()))
         return 0
     running = counters()["handlers_running"] if counters is not None else 0
     if running:
@@ -327,7 +333,7 @@ def stop_serving(server: Any, signals: Signals, grace: float,
                   "(a second signal ends them now)", running, grace)
 
     def finish() -> int:
-        queued()
+        queued(timeout=max(0.0, deadline - monotonic()))
         return int(drain(max(0.0, deadline - monotonic())))
 
     finished = Outcome(finish, "fastlisten-drain", signals.wakeup)
@@ -364,8 +370,10 @@ def serve_until_signalled(server: Any, *, grace: float = 5.0,
     ``serve_forever(poll_interval)`` runs in a thread named
     ``fastlisten-serve``.  The first stop signal makes the server stop
     accepting, serve what the kernel had queued (``serve_queued()``: no
-    reset for those clients) and wait up to ``grace`` seconds for running
-    handlers (``drain()``) before ending them; a second stop signal ends
+    reset for those clients; with an accept filter, also the connections
+    waiting in it that become ready within the grace) and wait up to
+    ``grace`` seconds in all for running handlers (``drain()``) before
+    ending them; a second stop signal ends
     them at once.  ``on_ready()`` is called once the signals are handled
     and the server runs (the moment to tell the world it is up);
     ``on_stats()`` on SIGUSR1 (handled only with ``on_stats``) and every

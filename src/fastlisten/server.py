@@ -366,6 +366,9 @@ class _FastLoop(_StdServer):
     #: pool (or for a child to exit) gives up, so a stop's grace and its
     #: second signal reach a serve_queued() that waits for a stuck handler.
     _fl_abandoned = False
+    #: A graceful stop is under way (_fl_stop_gracefully): the loop leaves
+    #: the connections waiting in the accept filter for serve_queued().
+    _fl_graceful = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -551,7 +554,7 @@ class _FastLoop(_StdServer):
             self._fl_refuse_ready_rule(self._fl_current_config(), "its class brings its "
                                        "own serve_forever()")
             return super().serve_forever(poll_interval)
-        self._fl_abandoned = False
+        self._fl_abandoned = self._fl_graceful = False
         _shut_down_event(self).clear()
         try:
             self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
@@ -581,7 +584,15 @@ class _FastLoop(_StdServer):
         self._fl_interrupt()
         _shut_down_event(self).wait()
 
-    def serve_queued(self) -> int:
+    def _fl_stop_gracefully(self) -> None:
+        """Tell the serving loop, before it is stopped (shutdown(), or a
+        Workers worker's service_actions), that serve_queued() follows: the
+        connections waiting in the accept filter stay there for it, instead
+        of being closed when the loop returns.  server_close() closes them
+        if serve_queued() never comes."""
+        self._fl_graceful = True
+
+    def serve_queued(self, timeout: Optional[float] = None) -> int:
         """After shutdown(), before server_close(): serve the connections
         the loop had accepted but shutdown() kept from their handler, and
         those the kernel has completed and queued on the listening socket;
@@ -596,12 +607,26 @@ class _FastLoop(_StdServer):
         graceful stop.  A socket taken over with ``listen_config.fd`` (say
         systemd's) outlives the server with its queue, for the next start:
         its queue is left alone.  Call it from one thread, with no other
-        loop accepting on a blocking socket."""
+        loop accepting on a blocking socket.
+
+        With an accept filter (``listen_config.ready_rule``), a graceful
+        stop (``fastlisten serve``'s, :func:`fastlisten.stop_serving`'s,
+        Workers') leaves the connections still waiting in the filter
+        (accepted, but their request has not arrived) to this call: those
+        that become ready within ``timeout`` seconds (the stop's grace) are
+        served, then the rest are closed (counted
+        ``dropped['shutdown']``).  The wait is in the core (no thread
+        spins) and ends early when end_handlers() runs.  ``timeout`` None
+        or 0, a bare shutdown() (which closes them at once) or a socket
+        taken over with ``fd``: none is waited for."""
         kept = self._fl_serve_kept()
         config = self._fl_config
         if config is not None and config.fd is not None:
+            listener = self._fl_filtering()
+            if listener is not None:
+                listener.close_waiting()    # (waiting would take from the queue)
             return kept
-        return kept + serve_queued(self)
+        return kept + serve_queued(self, timeout=timeout)
 
     def _fl_serve_kept(self) -> int:
         """serve_queued()'s first half, alone: hand the connections
@@ -655,6 +680,9 @@ class _FastLoop(_StdServer):
         """end_handlers() of a stop: see _fl_abandoned."""
         self._fl_abandoned = True
         self._fl_interrupt()
+        listener = self._fl_filtering()
+        if listener is not None:
+            listener.wakeup()       # serve_queued() waits no more for the filter
 
     def counters(self) -> Dict[str, Any]:
         """The server's counters: those of :meth:`Listener.counters` for the
@@ -1003,8 +1031,10 @@ class _FastLoop(_StdServer):
             try:
                 # shutdown() stays immediate: a connection still waiting in
                 # the accept filter is closed now (counted 'shutdown'), not
-                # left to wait for a loop that may never run again
-                if self._fl_filter is not None:
+                # left to wait for a loop that may never run again; a
+                # graceful stop leaves it to serve_queued(), which serves
+                # it if it becomes ready within the grace
+                if self._fl_filter is not None and not self._fl_graceful:
                     listener.close_waiting()
                 if sock.fileno() >= 0:
                     try:
