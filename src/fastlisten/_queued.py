@@ -27,6 +27,12 @@ _log = logging.getLogger("fastlisten")
 
 _SO_ATTACH_FILTER = 26
 
+#: Seconds a stop's wait for the connections waiting in the accept filter
+#: lasts at most in one accept_many call: the core returns when one becomes
+#: ready, not when one is dropped (closed by its client, expired), so the
+#: stop sees within this much that none waits any more.
+_WAITING_TICK = 0.1
+
 # A classic BPF socket filter (linux/filter.h) run on each segment that
 # reaches the listening socket (skb data starts at the TCP header): drop a
 # SYN without ACK (a new handshake: the client retries it, and once the
@@ -87,7 +93,8 @@ def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None
     Listener instead: those ready at once are served; those still waiting
     in the filter (a client between its connect and its request) are
     served as they become ready within ``timeout`` seconds (a graceful
-    stop's grace: None or 0, not at all), then the rest are closed
+    stop's grace: None or 0, or without ``door``, not at all), then the
+    rest are closed
     (counted ``dropped['shutdown']``): nothing waits for a loop that has
     stopped.  The wait ends early once the server's end_handlers() ran."""
     sock = server.socket
@@ -103,7 +110,9 @@ def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None
     filtering = getattr(server, "_fl_filtering", None)
     listener = filtering() if filtering is not None else None
     if listener is not None:
-        deadline = monotonic() + (timeout or 0.0)
+        # (without ``door`` new connections keep coming: waiting would
+        # take them from whoever else accepts on the socket)
+        deadline = monotonic() + ((timeout or 0.0) if door else 0.0)
         return _serve_filtered(server, listener, sock, poller, limit, deadline)
     taken = 0
     while (limit is None or taken < limit) and poller.poll(0):
@@ -129,7 +138,9 @@ def _serve_filtered(server: Any, listener: Any, sock: socket.socket, poller: Any
     the socket polled readable); the ready ones are handed over, the rest
     wait in the filter.  Then, until the monotonic ``deadline``, the core
     waits (accept_many's timeout: no thread spins) for those to become
-    ready and each is handed over as it does; the filter is emptied
+    ready and each is handed over as it does, until none waits (the core
+    returns only with a ready connection: one that its client closes
+    meanwhile is seen within _WAITING_TICK); the filter is emptied
     ('shutdown') at the end."""
     taken = rounds = 0
     # the core relies on EAGAIN (the socket is blocking again once the
@@ -157,7 +168,7 @@ def _serve_filtered(server: Any, listener: Any, sock: socket.socket, poller: Any
             if left <= 0:
                 break
             try:
-                batch = listener.accept_many(64, left)
+                batch = listener.accept_many(64, min(left, _WAITING_TICK))
             except OSError as exc:
                 _log.warning("serving the connections waiting in the accept filter of %s "
                              "stopped: %s", listener.address, exc)

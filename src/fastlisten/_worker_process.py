@@ -363,9 +363,11 @@ class _WorkerLoop:
         else (a reuseport slot that goes away, or a successor that shares
         the socket) what is queued now is served, and steering, the
         kernel's migration or the successor sees to the rest.  With an
-        accept filter, the connections waiting in it are this worker's
-        alone: those that become ready within ``timeout`` seconds (the
-        grace) are served, then the rest are closed."""
+        accept filter and ``final``, the connections waiting in it are
+        served as they become ready within ``timeout`` seconds (the grace),
+        then the rest are closed; without ``final`` they are closed at once
+        (waiting for them would take new connections from the successor's
+        queue)."""
         # a fastlisten server's own call also serves what its loop kept
         # (fastlisten's implementation: a subclass's serve_queued is its own)
         try:

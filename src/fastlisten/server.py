@@ -616,7 +616,7 @@ class _FastLoop(_StdServer):
         that become ready within ``timeout`` seconds (the stop's grace) are
         served, then the rest are closed (counted
         ``dropped['shutdown']``).  The wait is in the core (no thread
-        spins) and ends early when end_handlers() runs.  ``timeout`` None
+        spins); it ends once none waits, or when end_handlers() runs.  ``timeout`` None
         or 0, a bare shutdown() (which closes them at once) or a socket
         taken over with ``fd``: none is waited for."""
         kept = self._fl_serve_kept()
