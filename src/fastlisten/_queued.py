@@ -77,7 +77,8 @@ def close_door(sock: socket.socket) -> bool:
     return True
 
 
-def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None) -> int:
+def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None,
+                 wait: Optional[bool] = None) -> int:
     """Hand every connection queued on ``server.socket`` to the server, as
     its serving loop would (``verify_request``, ``process_request``; their
     errors go to ``handle_error``), after :func:`close_door` (with
@@ -93,10 +94,12 @@ def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None
     Listener instead: those ready at once are served; those still waiting
     in the filter (a client between its connect and its request) are
     served as they become ready within ``timeout`` seconds (a graceful
-    stop's grace: None or 0, or without ``door``, not at all), then the
-    rest are closed
+    stop's grace: None or 0, not at all), then the rest are closed
     (counted ``dropped['shutdown']``): nothing waits for a loop that has
-    stopped.  The wait ends early once the server's end_handlers() ran."""
+    stopped.  The wait ends early once the server's end_handlers() ran.
+    It takes the new connections that arrive meanwhile too: ``wait``
+    (default: ``door``) says that none will (the door is closed, or the
+    socket is steered around), else none is waited for."""
     sock = server.socket
     if sock is None or sock.fileno() < 0:
         return 0
@@ -110,9 +113,10 @@ def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None
     filtering = getattr(server, "_fl_filtering", None)
     listener = filtering() if filtering is not None else None
     if listener is not None:
-        # (without ``door`` new connections keep coming: waiting would
-        # take them from whoever else accepts on the socket)
-        deadline = monotonic() + ((timeout or 0.0) if door else 0.0)
+        # (where new connections keep coming, waiting would take them from
+        # whoever else accepts on the socket, and never see none waiting)
+        deadline = monotonic() + ((timeout or 0.0) if (door if wait is None else wait)
+                                  else 0.0)
         return _serve_filtered(server, listener, sock, poller, limit, deadline)
     taken = 0
     while (limit is None or taken < limit) and poller.poll(0):

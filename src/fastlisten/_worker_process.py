@@ -302,7 +302,12 @@ class _WorkerLoop:
             # (one deadline for the queue, the accept filter's waiting
             # connections and the drain)
             deadline = time.monotonic() + self.graceful_timeout
-            self._empty_queue(final=self.stop == "final", timeout=self.graceful_timeout)
+            # (the accept filter's waiting connections are waited for where
+            # no new connection comes: the door is closed, or the reuse-port
+            # slot is steered around; not on a socket a successor shares)
+            self._empty_queue(final=self.stop == "final",
+                              timeout=self.graceful_timeout
+                              if self.stop in ("final", "empty") else 0.0)
             # Stop listening before the handlers drain: this copy of the socket
             # must not hold connections nobody will accept.
             server.socket.close()
@@ -363,11 +368,9 @@ class _WorkerLoop:
         else (a reuseport slot that goes away, or a successor that shares
         the socket) what is queued now is served, and steering, the
         kernel's migration or the successor sees to the rest.  With an
-        accept filter and ``final``, the connections waiting in it are
-        served as they become ready within ``timeout`` seconds (the grace),
-        then the rest are closed; without ``final`` they are closed at once
-        (waiting for them would take new connections from the successor's
-        queue)."""
+        accept filter, the connections waiting in it are served as they
+        become ready within ``timeout`` seconds (0: not waited for), then
+        the rest are closed."""
         # a fastlisten server's own call also serves what its loop kept
         # (fastlisten's implementation: a subclass's serve_queued is its own)
         try:
@@ -379,6 +382,6 @@ class _WorkerLoop:
                 own(timeout=timeout)
             else:
                 self._serve_kept()
-                serve_queued(self.server, door=final, timeout=timeout)
+                serve_queued(self.server, door=final, timeout=timeout, wait=True)
         except OSError as exc:
             _log.warning("worker %d: cannot empty the accept queue: %s", os.getpid(), exc)
