@@ -8,7 +8,6 @@ server can too::
 
 from __future__ import annotations
 
-import http.server
 import importlib
 import inspect
 import os
@@ -142,10 +141,12 @@ def _import_failed(spec: str, module_name: str, exc: BaseException) -> str:
 
 
 def default_ready_rule(handler: Any, tls: bool) -> Tuple[str, str]:
-    """The accept-filter rule (``ListenConfig.ready_rule``) that suits to ``handler``
-    when --ready-rule is not given, and why, in a few words for the log:
-    one that keeps a silent client from holding a thread while every
-    client of the handler's protocol still reaches it."""
+    """The accept-filter rule (``ListenConfig.ready_rule``) that suits
+    ``handler``'s protocol, and why, in a few words for a log line: one
+    that keeps a silent client from holding a thread while every client
+    of the protocol still reaches it (``fastlisten serve``'s default)."""
+    import http.server  # here: `import fastlisten` must not import the stdlib's socketserver users
+
     if tls:
         return "tls", "TLS clients speak first"
     if isinstance(handler, type):
