@@ -252,13 +252,19 @@ fl_count_drop(fl_filter *f, int why)
     fl_count(&f->st.run_drops, 1);
 }
 
-/* Close waiting slot i, counted as `why` (lock held).  Closing removes the
- * descriptor from the epoll set: nothing else holds it. */
+/* Close waiting slot i, counted as `why` (lock held).  Out of the epoll set
+ * first: close() alone would leave the registration in place while another
+ * descriptor of the same file lives on (a process forked meanwhile, until
+ * fl_filter_forget runs in it), and its later events (the peer's FIN) would
+ * come under slot i, which a new connection may hold by then. */
 static void
 fl_drop(fl_filter *f, int i, int why)
 {
     int fd = f->slots[i].c.fd;
     fl_unlink(f, i);
+#ifdef __linux__
+    (void)epoll_ctl(f->epfd, EPOLL_CTL_DEL, fd, NULL);
+#endif
     close(fd);
     fl_count_drop(f, why);
 }
@@ -734,6 +740,37 @@ fl_filter_destroy(fl_filter *f)
     f->nslots = 0;
     f->peek_size = 0;
     pthread_mutex_destroy(&f->lock);
+}
+
+int
+fl_filter_forget(fl_filter *f)
+{
+    int i, n = 0;
+    for (i = 0; i < f->nslots; i++) {
+        if (f->slots[i].c.fd >= 0) {
+            close(f->slots[i].c.fd);
+            n++;
+        }
+        f->slots[i].c.fd = -1;
+        f->slots[i].next = i + 1 < f->nslots ? i + 1 : -1;
+    }
+    f->free = f->nslots > 0 ? 0 : -1;
+    f->head = f->tail = -1;
+    f->count = 0;
+    f->dropping = 0;
+    __atomic_store_n(&f->st.waiting, 0ULL, __ATOMIC_RELAXED);
+    __atomic_store_n(&f->st.run_open, 0ULL, __ATOMIC_RELAXED);
+    if (f->epfd >= 0) {
+        close(f->epfd);
+#ifdef __linux__
+        f->epfd = epoll_create1(EPOLL_CLOEXEC);
+#else
+        f->epfd = -1;
+#endif
+    }
+    /* the parent's thread that held it is not in this process */
+    (void)pthread_mutex_init(&f->lock, NULL);
+    return n;
 }
 
 void

@@ -160,6 +160,17 @@ void fl_filter_set_min_rate(fl_filter *f, unsigned long long rate);
 void fl_filter_shut(fl_filter *f);
 /* fl_filter_shut, and memory freed.  No thread may be inside the filter. */
 void fl_filter_destroy(fl_filter *f);
+/* Contract: in a process just forked (only the forking thread runs), GIL
+ * held.  The descriptors of the connections waiting in the parent's filter
+ * and of its epoll set are copies: close them with close() alone, never
+ * EPOLL_CTL_DEL (the epoll instance is the parent's too: a DEL here would
+ * take the parent's registration away), so that a connection the parent
+ * drops is closed for its peer at once, not when this process exits.  The
+ * filter is left empty, its lock new, with an epoll set of its own (epfd
+ * -1 if none could be made: a connection that must wait is then dropped
+ * as "error"); settings and counters stay.  Returns how many connections
+ * were let go (not counted as drops: the parent owns them). */
+int fl_filter_forget(fl_filter *f);
 void fl_filter_stats_read(const fl_filter *f, fl_filter_stats *out);
 /* Contract: any thread, lock-free.  st.drop_runs alone: what a caller
  * checks after every accept, as fl_stats' capacity_episodes. */

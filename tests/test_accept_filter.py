@@ -922,3 +922,92 @@ def test_a_leader_follower_accept_function_logs_drops_itself(make, caplog):
         assert len(filter_warnings(caplog)) == 1
     finally:
         w.close()
+
+
+# -- descriptors alive elsewhere (a forked process's copies) --------------------
+
+def _socket_inode(fd):
+    """The inode of the socket behind descriptor fd of this process."""
+    link = os.readlink(f"/proc/self/fd/{fd}")
+    assert link.startswith("socket:["), link
+    return int(link[len("socket:["):-1])
+
+
+def _server_side_fd(client):
+    """This process's descriptor of the server side of client's connection
+    (the one waiting in the filter): the socket whose peer is client."""
+    want = client.getsockname()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:["):
+                continue
+            peer = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue        # (the listing's own descriptor, gone)
+        try:
+            if peer.type == socket.SOCK_STREAM and peer.getpeername() == want:
+                return fd
+        except OSError:
+            pass
+        finally:
+            peer.close()
+    raise AssertionError(f"no descriptor here is the server side of {want}")
+
+
+def test_a_dropped_connection_leaves_the_epoll_set_though_a_copy_lives_on(make, core):
+    # A copy of a waiting connection's descriptor (what a process forked
+    # meanwhile holds; here a dup, in this process) keeps its file open
+    # after the filter drops it.  Closed without EPOLL_CTL_DEL, it would
+    # stay in the epoll set, and its peer's FIN would come under its old
+    # slot (its old descriptor number, in the pure core), which the next
+    # waiting connection holds by then: that connection would be judged
+    # "closed" and dropped without having said a word.
+    lst = make("line", timeout=1.0)
+    a = make.client(lst)
+    wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 1)
+    fd_a = _server_side_fd(a)
+    copy = os.dup(fd_a)
+    b = socket.socket()     # now: the accept is to get the number a's leaves
+    try:
+        wait_dropped(lst, "expired")
+        b.settimeout(5)
+        b.connect(lst.address)
+        wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 1)
+        if core is _corepy:
+            # the twin keys its epoll set by descriptor number: b has a's
+            assert _server_side_fd(b) == fd_a
+        a.close()                           # a FIN to the copy's file
+        assert none_ready(lst)
+        assert lst.stats()["waiting"] == 1 and "closed" not in lst.stats()["dropped"]
+        b.sendall(b"spoke\n")
+        conn = take(lst)
+        try:
+            assert read_exactly(conn, 6) == b"spoke\n"
+        finally:
+            conn.close()
+    finally:
+        b.close()
+        os.close(copy)
+
+
+def test_forget_filter_after_fork_closes_the_waiting_and_keeps_the_filter(make):
+    # What the child side of a fork does (the os.register_at_fork hook),
+    # called here in the only process that holds the descriptors: they are
+    # closed (the peer sees EOF), not counted as drops (the parent's), and
+    # the filter works on, with an epoll set of its own.
+    lst = make("line", timeout=60)
+    a = make.client(lst)
+    wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 1)
+    assert lst._raw.forget_filter_after_fork() == 1
+    assert closed_by_server(a)
+    assert lst.stats()["waiting"] == 0 and lst.stats()["dropped"] == {}
+    b = make.client(lst)
+    wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 1)
+    b.sendall(b"after\n")
+    conn = take(lst)
+    try:
+        assert read_exactly(conn, 6) == b"after\n"
+    finally:
+        conn.close()
+    assert lst._raw.forget_filter_after_fork() == 0

@@ -17,8 +17,7 @@ from test_cli_info_serve import DAYTIME, Served, run
 from test_socketserver_diff import LIMIT
 from tlsutil import client_context, make_cert
 
-from fastlisten.commands.serve import default_ready_rule
-from fastlisten.services import DaytimeHandler, DiscardHandler, EchoHandler
+from fastlisten.services import DaytimeHandler, DiscardHandler, EchoHandler, default_ready_rule
 
 HANDLERS = textwrap.dedent("""
     import http.server
@@ -249,7 +248,7 @@ def test_a_rule_that_cannot_see_through_tls_is_explained(tmp_path, rule):
     cert, key = make_cert(tmp_path)
     out = run("serve", "echo", "--ready-rule", rule, "--tls-cert", cert, "--tls-key", key)
     assert out.returncode == 2
-    assert f"--ready-rule {rule} cannot be seen through TLS" in out.stderr
+    assert f"ready rule '{rule}' cannot be seen through TLS" in out.stderr
     assert "Traceback" not in out.stderr
 
 

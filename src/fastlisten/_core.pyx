@@ -44,6 +44,7 @@ from fastlisten.includes.fl_filter cimport (
     fl_filter, fl_filter_init, fl_filter_configure, fl_filter_clear, fl_filter_shut,
     fl_filter_destroy, fl_filter_drop_runs, fl_filter_set_min_rate, FL_DROP_SHUTDOWN,
     fl_filter_wait_accept, fl_filter_wait_accept_ep, fl_filter_watch, fl_ready_rule,
+    fl_filter_forget,
     FL_RULE_NONE,
 )
 
@@ -51,6 +52,7 @@ import os as _os
 import signal as _signal
 import socket as _socket
 import threading as _threading
+import weakref as _weakref
 
 from fastlisten._coreshared import (
     BACKOFF_FIRST_MS, BACKOFF_MAX_MS, DEFAULT_BATCH, ERRNO_SLOTS, MAX_BATCH, MAX_WAIT_MS,
@@ -364,6 +366,7 @@ cdef class RawListener:
     cdef int _backoff_ms
     cdef fl_filter *_filter     # the accept filter (NULL: none yet)
     cdef bint _filtering        # set_accept_filter gave a rule that waits
+    cdef object __weakref__     # _FILTERED (after a fork: forget_filter_after_fork)
 
     def __cinit__(self):
         self._fd = -1
@@ -652,6 +655,7 @@ cdef class RawListener:
                 free(self._filter)
                 self._filter = NULL
                 raise_errno(e)
+            _FILTERED.add(self)
         r.rule = code
         r.max_bytes = mb
         r.proxy = versions
@@ -677,6 +681,21 @@ cdef class RawListener:
         with nogil:
             n = fl_filter_clear(f, FL_DROP_SHUTDOWN)
         return n
+
+    def forget_filter_after_fork(self):
+        """In a process just forked: let go of the connections waiting in
+        the parent's accept filter and of its epoll set, and return how
+        many connections were let go.  Their descriptors here are copies:
+        closed with close() alone (the epoll set is the parent's too, and
+        must keep the parent's registrations), so that a connection the
+        parent drops is closed for its peer at once, not when this process
+        exits.  The filter stays set, empty, with an epoll set of its own;
+        its counters stay.  Runs by itself after every os.fork() (an
+        os.register_at_fork hook, for every listener with a filter); call
+        it only in a child forked some other way.  0 without a filter."""
+        if self._filter == NULL:
+            return 0
+        return fl_filter_forget(self._filter)
 
     def new_stop(self):
         """A :class:`Stop` for this listener's waiters (of this core)."""
@@ -977,3 +996,19 @@ cdef class RawListener:
 include "_proxy.pxi"
 include "_streams.pxi"
 include "_filter.pxi"
+
+
+#: The listeners that have an accept filter: a forked child lets go of what
+#: waits in them (RawListener.forget_filter_after_fork).
+_FILTERED = _weakref.WeakSet()
+
+
+def _forget_filters_after_fork():
+    """os.register_at_fork's after_in_child: every fork, whoever makes it
+    (ForkingMixIn, os.fork in a handler, multiprocessing), leaves the
+    parent's waiting connections to the parent."""
+    for listener in list(_FILTERED):
+        listener.forget_filter_after_fork()
+
+
+_os.register_at_fork(after_in_child=_forget_filters_after_fork)

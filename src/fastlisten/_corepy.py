@@ -15,6 +15,7 @@ import signal
 import socket as _socket
 import struct
 import threading
+import weakref
 from time import monotonic
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -507,6 +508,7 @@ class RawListener:
                                        "is waiting")
         if self._filter is None:
             self._filter = _Filter()
+            _FILTERED.add(self)
         self._filter.configure(code, ms, mb, cap, versions, max_v2)
         with self._filter.lock:
             self._filter.min_rate = rate
@@ -518,6 +520,14 @@ class RawListener:
         core: the same contract)."""
         filt = self._filter
         return 0 if filt is None else filt.clear(_DROP["shutdown"])
+
+    def forget_filter_after_fork(self) -> int:
+        """In a process just forked: let go of the connections waiting in
+        the parent's accept filter and of its epoll set, closed without
+        unregistering (see the compiled core: the same contract; runs by
+        itself after every os.fork)."""
+        filt = self._filter
+        return 0 if filt is None else filt.forget()
 
     def new_stop(self) -> Stop:
         """A :class:`Stop` for this listener's waiters (of this core)."""
@@ -1032,6 +1042,39 @@ class _Filter:
             self.drop_runs += 1
         self.run_drops += 1
 
+    def drop_waiting(self, fd: int, conn: _socket.socket, why: int) -> None:
+        """drop() a connection that waited (already out of self.waiting):
+        out of the epoll set first, as fl_drop (csrc/fl_filter.c) says why:
+        a descriptor of it alive elsewhere (a process forked meanwhile)
+        would keep the registration, whose events would come under fd, the
+        number of whichever connection gets it next."""
+        if self.ep is not None:
+            try:
+                self.ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        self.drop(conn, why)
+
+    def forget(self) -> int:
+        """In a process just forked (fl_filter_forget): close the waiting
+        connections' copies and the epoll set's, never unregistering (the
+        epoll set is the parent's too); empty, with a new lock and epoll
+        set.  How many were let go."""
+        n = 0
+        for conn, _, _ in self.waiting.values():
+            conn.close()
+            n += 1
+        self.waiting = collections.OrderedDict()
+        self.dropping = False
+        self.lock = threading.Lock()    # the parent's holder is not here
+        if self.ep is not None:
+            self.ep.close()
+            try:
+                self.ep = select.epoll()
+            except OSError:
+                self.ep = None      # a connection that must wait: dropped ('error')
+        return n
+
     def made_ready(self, n: int) -> None:
         """n >= 0 connections handed over by one round: a connection made
         ready ends a run of drops."""
@@ -1049,12 +1092,12 @@ class _Filter:
             self.drop(conn, _DROP["reset"] if reset else -verdict)
             return False
         if len(self.waiting) >= self.cap:
-            _, (old, _, _) = self.waiting.popitem(last=False)
-            self.drop(old, _DROP["evicted"])
+            old_fd, (old, _, _) = self.waiting.popitem(last=False)
+            self.drop_waiting(old_fd, old, _DROP["evicted"])
         try:
             self.ep.register(conn.fileno(),   # type: ignore[union-attr]
                              select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
-        except OSError:
+        except (OSError, AttributeError):     # (AttributeError: no epoll set, forget())
             self.drop(conn, _DROP["error"])
             return False
         self.waiting[conn.fileno()] = (conn, addr, now + self.timeout)
@@ -1082,18 +1125,18 @@ class _Filter:
                 conn, addr, deadline = item
                 if mask & select.EPOLLERR:
                     del self.waiting[fd]
-                    self.drop(conn, _DROP["reset"])
+                    self.drop_waiting(fd, conn, _DROP["reset"])
                     continue
                 verdict, reset = self.judge(conn, bool(mask & (select.EPOLLRDHUP
                                                                | select.EPOLLHUP)))
                 if verdict == _WAIT:
                     if self.too_slow(deadline, now):
                         del self.waiting[fd]
-                        self.drop(conn, _DROP["slow"])
+                        self.drop_waiting(fd, conn, _DROP["slow"])
                     continue
                 del self.waiting[fd]
                 if verdict < 0:
-                    self.drop(conn, _DROP["reset"] if reset else -verdict)
+                    self.drop_waiting(fd, conn, _DROP["reset"] if reset else -verdict)
                     continue
                 self.ep.unregister(fd)  # type: ignore[union-attr]
                 out.append((conn, addr))
@@ -1107,15 +1150,15 @@ class _Filter:
             if deadline > now:
                 return
             del self.waiting[fd]
-            self.drop(conn, _DROP["expired"])
+            self.drop_waiting(fd, conn, _DROP["expired"])
 
     def clear(self, why: int) -> int:
         """Close every waiting connection, counted as ``why``; how many."""
         n = 0
         with self.lock:
             while self.waiting:
-                _, (conn, _, _) = self.waiting.popitem(last=False)
-                self.drop(conn, why)
+                fd, (conn, _, _) = self.waiting.popitem(last=False)
+                self.drop_waiting(fd, conn, why)
                 n += 1
         return n
 
@@ -1141,3 +1184,19 @@ class _Filter:
             "dropped": {name: dropped[i] for i, name in enumerate(DROP_REASONS, 1)
                         if dropped[i]},
         }
+
+
+#: The listeners that have an accept filter: a forked child lets go of what
+#: waits in them (RawListener.forget_filter_after_fork).
+_FILTERED: "weakref.WeakSet[RawListener]" = weakref.WeakSet()
+
+
+def _forget_filters_after_fork() -> None:
+    """os.register_at_fork's after_in_child: every fork, whoever makes it
+    (ForkingMixIn, os.fork in a handler, multiprocessing), leaves the
+    parent's waiting connections to the parent."""
+    for listener in list(_FILTERED):
+        listener.forget_filter_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_filters_after_fork)

@@ -38,7 +38,7 @@ from fastlisten._coreshared import (
     remaining,
 )
 from fastlisten.address import Address
-from fastlisten.config import ListenConfig, check_backlog
+from fastlisten.config import ListenConfig, ReadySettings, check_backlog
 from fastlisten.errors import (
     effective_backlog,
     explain_bind_error,
@@ -46,8 +46,8 @@ from fastlisten.errors import (
     warn_if_ephemeral,
 )
 
-__all__ = ["Listener", "listen", "default_backlog", "default_max_waiting", "adoptable",
-           "Address", "UnixSocketFile"]
+__all__ = ["Listener", "listen", "default_backlog", "default_max_waiting", "describe_ready",
+           "adoptable", "Address", "UnixSocketFile"]
 
 _log = logging.getLogger("fastlisten")
 
@@ -674,3 +674,26 @@ def listen(address: Optional[Address] = None, **options: Any) -> Listener:
     before the error propagates.
     """
     return Listener.from_config(ListenConfig.from_address(address, **options))
+
+
+def describe_ready(ready: Optional[ReadySettings], why: str) -> str:
+    """The accept filter ``ready`` (ListenConfig.server_ready(); None: none)
+    in a sentence, for a log line: the rule (and ``why``: where it came
+    from), what a connection waits for, its deadline and the cap."""
+    if ready is None or (ready.rule == "none" and not ready.proxy):
+        rule = ready.rule if ready is not None else "none"
+        return f"ready rule {rule!r} ({why}): connections go to a thread at once"
+    what = []
+    if ready.proxy:
+        what.append("a complete PROXY header")
+    if ready.rule != "none":
+        what.append(_READY_WORDS[ready.rule])
+    cap = ready.max_waiting if ready.max_waiting is not None else default_max_waiting()
+    return (f"ready rule {ready.rule!r} ({why}): a connection waits in the core, holding "
+            f"no thread or process, for {', then '.join(what)}, at most {ready.timeout:g} s from "
+            f"accept, at most {cap} at once")
+
+
+#: What each rule waits for, in the startup log line.
+_READY_WORDS = {"data": "a first byte", "line": "a whole line",
+                "http": "a whole request head", "tls": "a whole TLS ClientHello"}

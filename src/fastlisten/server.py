@@ -231,6 +231,33 @@ if TYPE_CHECKING:
 else:
     _StdServer = object
 
+# What the parts of _FastLoop (_Binding, _FrontDoorHooks, _GracefulStop,
+# _Counters, and _FastLoop's own loop) use of one another: their state and
+# methods, declared for the type checker; at run time each part derives
+# from object, and _FastLoop joins them.
+if TYPE_CHECKING:
+    class _FastLoopParts(_StdServer):
+        _fl_defer: bool
+        _fl_config: Optional[ListenConfig]
+        _fl_listener: Optional[Listener]
+        _fl_filter: Optional[ReadySettings]
+        _fl_in_batch: bool
+        _fl_handled: bool
+        _fl_door: Optional[FrontDoor]
+        _fl_dog: Optional[Watchdog]
+        _fl_ended: Any
+        _fl_unserved: Optional[List[Tuple[Any, Any, bool]]]
+
+        def _fl_listen_config(self) -> Optional[ListenConfig]: ...
+        def _fl_check_stream(self, name: str, value: Any) -> None: ...
+        def _fl_stock(self, names: Tuple[str, ...], owner: type = ...) -> bool: ...
+        def _fl_frontdoor(self) -> Optional[FrontDoor]: ...
+        def _fl_watchdog(self) -> Optional[Watchdog]: ...
+        def _fl_interrupt(self) -> None: ...
+        def _fl_filtering(self) -> Optional[Listener]: ...
+else:
+    _FastLoopParts = object
+
 
 # -- the stdlib BaseServer's private state ------------------------------------
 # serve_forever() and shutdown() keep their state where the stdlib's
@@ -296,22 +323,12 @@ class LoopChoice(NamedTuple):
 HEADROOM_SHARE = 4
 
 
-class _FastLoop(_StdServer):
-    """The serve loop, shutdown, drain and counters shared by every server
-    and mixin here, and the listener options of ``listen_config``.
-
-    It keeps its state in the stdlib BaseServer's own private attributes
-    (``__shutdown_request``, ``__is_shut_down``), set by its ``__init__``, so
-    that it works over any stdlib server class, whoever's ``__init__`` ran.
-    """
-
-    #: Connections taken from the core per wake-up (the GIL is taken once per
-    #: batch).  The connections of a batch wait, open, for their turn: a batch
-    #: is therefore cut to a quarter (HEADROOM_SHARE) of the descriptors the
-    #: process may still open when serve_forever() starts, so that handlers
-    #: keep the rest, and with ThreadingMixIn's fl_max_threads to the room in
-    #: its queue.
-    fl_accept_batch_size = DEFAULT_BATCH
+class _Binding(_FastLoopParts):
+    """The listening socket's life: ``listen_config``'s listener options
+    applied in server_bind() (or the socket it hands over adopted),
+    listen() with its backlog, the checks of what a server's class allows,
+    and server_close(), which releases what the other parts hold and
+    removes the Unix socket file the server bound."""
 
     #: Listener options (a :class:`fastlisten.ListenConfig` without an
     #: address; the server's ``server_address`` says where) applied with the
@@ -330,65 +347,9 @@ class _FastLoop(_StdServer):
     #: fastlisten._deadline).  A value that is not a ListenConfig is a
     #: subclass's own: it is left alone.
     listen_config: Optional[ListenConfig] = None
-
-    _fl_waker: Any = None       # the running loop's wake-up source, if any
-    #: Which loop serve_forever runs now, a Loop's value: "batches" (the
-    #: serving thread takes batches from the core), "leader" (worker threads
-    #: accept: ThreadingMixIn's leader/follower), "selector" (the stdlib's
-    #: loop); None when not serving (and under a base class's own loop).
-    _fl_loop: Optional[str] = None
-    _fl_defer = False           # a base class below brings its own loop: use it
-    _fl_listener: Optional[Listener] = None    # over self.socket, for the server's life
-    #: The accept filter set on _fl_listener (None: none); its ``proxy``: the
-    #: PROXY header is complete in the kernel when a connection is handed over.
-    _fl_filter: Optional[ReadySettings] = None
     _fl_config: Optional[ListenConfig] = None  # listen_config at server_address
     _fl_adopted = False         # self.socket came from listen_config.fd, listening
     _fl_unix_file: Optional[UnixSocketFile] = None
-    _fl_in_batch = False        # the serving thread is handling connections
-    _fl_handled = False
-    _fl_ended: Any = ()         # connections end_handlers() shut down (weakly held)
-    _fl_door: Optional[FrontDoor] = None    # PROXY header / TLS handshake, when configured
-    #: listen_config.handler_timeout's watchdog (see _fl_watchdog), when configured
-    _fl_dog: Optional[Watchdog] = None
-    #: Connections whose PROXY header _fl_read_proxy() read before
-    #: verify_request, to (header,) for finish_request (weakly held: a
-    #: connection closed unhandled is forgotten).
-    _fl_proxied: Any = None
-    _fl_local: Optional[threading.local] = None
-    _fl_forking = False         # handlers run in forked children
-    #: Connections accepted but kept from their handler by shutdown()
-    #: ((request, client_address, verified)): serve_queued() serves them,
-    #: server_close() closes them.
-    _fl_unserved: Optional[List[Tuple[Any, Any, bool]]] = None
-    #: end_handlers() ran during a stop: serve_queued() hands no more
-    #: connections to handlers (it closes them), and a wait for room in the
-    #: pool (or for a child to exit) gives up, so a stop's grace and its
-    #: second signal reach a serve_queued() that waits for a stuck handler.
-    _fl_abandoned = False
-    #: A graceful stop is under way (_fl_stop_gracefully): the loop leaves
-    #: the connections waiting in the accept filter for serve_queued().
-    _fl_graceful = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # class S(fastlisten.ThreadingMixIn, SomeServer): if SomeServer (or
-        # any class after this one in the MRO, short of the stdlib's
-        # BaseServer) has its own serve_forever or shutdown, keep its pair.
-        below = cls.__mro__[cls.__mro__.index(_FastLoop) + 1:]
-        cls._fl_defer = any(
-            name in vars(klass) for klass in below if klass is not _std.BaseServer
-            for name in ("serve_forever", "shutdown"))
-        # The stdlib's backlog of 5 overflows under a few dozen clients: use the
-        # kernel's somaxconn, unless some class between here and the stdlib's
-        # TCPServer chose its own value.
-        for klass in cls.__mro__:
-            if "request_queue_size" in vars(klass):
-                if klass is _std.TCPServer:
-                    cls.request_queue_size = default_backlog()
-                break
-
-    # -- binding (stream servers) ----------------------------------------
 
     def server_bind(self) -> None:
         """Bind the socket as the stdlib does, after applying
@@ -542,165 +503,23 @@ class _FastLoop(_StdServer):
             if unix is not None:
                 unix.remove()
 
-    # -- serving ---------------------------------------------------------
 
-    def serve_forever(self, poll_interval: Optional[float] = 0.5) -> None:
-        """Handle requests until shutdown() is called.
+class _FrontDoorHooks(_FastLoopParts):
+    """A connection's front door, in the thread or process that runs its
+    handler: the PROXY header and the TLS handshake before the handler
+    (finish_request(), through a FrontDoor), the header read early for
+    verify_request (_fl_front), the handler deadline's watchdog around the
+    handler, and handle_error() quiet for the connections the server ended."""
 
-        poll_interval is how often service_actions() runs while idle;
-        shutdown() does not wait for it.
-        """
-        if self._fl_defer:     # Loop.BASE (shutdown() asks the same, without choosing)
-            self._fl_refuse_ready_rule(self._fl_current_config(), "its class brings its "
-                                       "own serve_forever()")
-            return super().serve_forever(poll_interval)
-        self._fl_abandoned = self._fl_graceful = False
-        _shut_down_event(self).clear()
-        try:
-            self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
-            self._fl_watchdog()         # (_fl_handle_inline reads _fl_dog)
-            choice = self._fl_choose_loop()
-            if choice.loop is Loop.SELECTOR:
-                self._fl_refuse_ready_rule(self._fl_current_config(), choice.why)
-            if choice.loop is Loop.SELECTOR or not self._fl_serve_fast(choice, poll_interval):
-                # (the fast loops return False on an error the stdlib's loop
-                # would ignore: it takes over and keeps the stdlib's behaviour)
-                self._fl_serve_selector(poll_interval)
-        finally:
-            _ask_stop(self, False)
-            _shut_down_event(self).set()
-
-    def shutdown(self) -> None:
-        """Stop the serve_forever loop and wait until it has returned.
-
-        The loop wakes at once, whatever its poll_interval.  Called from the
-        thread that runs serve_forever, this deadlocks (as in the stdlib).
-        Handlers already running go on: drain() waits for them.
-        """
-        if self._fl_defer:     # Loop.BASE: the base class's pair
-            return super().shutdown()
-        _ask_stop(self, True)
-        self._fl_wake()
-        self._fl_interrupt()
-        _shut_down_event(self).wait()
-
-    def _fl_stop_gracefully(self) -> None:
-        """Tell the serving loop, before it is stopped (shutdown(), or a
-        Workers worker's service_actions), that serve_queued() follows: the
-        connections waiting in the accept filter stay there for it, instead
-        of being closed when the loop returns.  server_close() closes them
-        if serve_queued() never comes."""
-        self._fl_graceful = True
-
-    def serve_queued(self, timeout: Optional[float] = None) -> int:
-        """After shutdown(), before server_close(): serve the connections
-        the loop had accepted but shutdown() kept from their handler, and
-        those the kernel has completed and queued on the listening socket;
-        return how many.  server_close() alone (the stdlib's behaviour,
-        kept) closes them unserved, and the kernel resets the queued ones:
-        the client reads ECONNRESET.  First the kernel is made to complete no
-        new connection (TCP: a socket filter drops new SYNs, so a client
-        that connects from now on is refused once the socket closes); each
-        queued connection then goes to ``process_request()`` as the serving
-        loop would hand it; drain() then waits for their handlers too.
-        ``fastlisten serve`` and :class:`fastlisten.Workers` call it on every
-        graceful stop.  A socket taken over with ``listen_config.fd`` (say
-        systemd's) outlives the server with its queue, for the next start:
-        its queue is left alone.  Call it from one thread, with no other
-        loop accepting on a blocking socket.
-
-        With an accept filter (``listen_config.ready_rule``), a graceful
-        stop (``fastlisten serve``'s, :func:`fastlisten.stop_serving`'s,
-        Workers') leaves the connections still waiting in the filter
-        (accepted, but their request has not arrived) to this call: those
-        that become ready within ``timeout`` seconds (the stop's grace) are
-        served, then the rest are closed (counted
-        ``dropped['shutdown']``).  The wait is in the core (no thread
-        spins); it ends once none waits, or when end_handlers() runs.  ``timeout`` None
-        or 0, a bare shutdown() (which closes them at once) or a socket
-        taken over with ``fd``: none is waited for."""
-        kept = self._fl_serve_kept()
-        config = self._fl_config
-        if config is not None and config.fd is not None:
-            listener = self._fl_filtering()
-            if listener is not None:
-                listener.close_waiting()    # (waiting would take from the queue)
-            return kept
-        return kept + serve_queued(self, timeout=timeout)
-
-    def _fl_serve_kept(self) -> int:
-        """serve_queued()'s first half, alone: hand the connections
-        shutdown() kept from their handler to it, and return how many.  A
-        retiring worker whose socket stays open for its successor (a reload,
-        a recycle) calls it: the kernel's queue is the successor's."""
-        kept, self._fl_unserved = self._fl_unserved or [], None
-        for i, (request, client_address, verified) in enumerate(kept):
-            try:
-                hand_over(self, request, client_address, verified)
-            except BaseException:
-                for rest, _, _ in kept[i + 1:]:
-                    self.shutdown_request(rest)
-                raise
-        return len(kept)
-
-    def _fl_keep(self, request: Any, client_address: Any, verified: bool) -> None:
-        """A connection shutdown() kept from its handler (see serve_queued)."""
-        with _wake_lock:
-            if self._fl_unserved is None:
-                self._fl_unserved = []
-            self._fl_unserved.append((request, client_address, verified))
-
-    def drain(self, timeout: Optional[float] = None) -> int:
-        """After shutdown(): wait up to ``timeout`` seconds (None: for ever)
-        for the handlers still running, then end the rest (end_handlers()).
-        Returns how many handlers had to be ended (0: all finished).
-        Call it from any thread but a handler's."""
-        if self._fl_wait_handlers(timeout):
-            return 0
-        return _own_method(self, "end_handlers")()
-
-    def end_handlers(self) -> int:
-        """End the handlers running now, without waiting for them, and
-        return how many there were.  Threads: each connection is shut down
-        (SHUT_RDWR: reads see end of file, writes fail), so a handler that
-        talks to its client ends; a thread cannot be killed, so one that
-        waits on something else finishes on its own (with
-        ``daemon_threads`` the process can exit without it); requests
-        queued for a thread are closed unhandled.  Processes: SIGTERM, then
-        SIGKILL after ``fl_kill_timeout`` seconds.  What this does to a
-        connection is not reported to handle_error() as a handler's failure.
-        The synchronous server runs its handler in the serving thread: once
-        serve_forever() returned there is none to end.  Whatever the
-        server, serve_queued() hands no more connections to handlers from
-        then on: it closes them."""
-        self._fl_abandon()
-        return 0
-
-    def _fl_abandon(self) -> None:
-        """end_handlers() of a stop: see _fl_abandoned."""
-        self._fl_abandoned = True
-        self._fl_interrupt()
-        listener = self._fl_filtering()
-        if listener is not None:
-            listener.wakeup()       # serve_queued() waits no more for the filter
-
-    def counters(self) -> Dict[str, Any]:
-        """The server's counters: those of :meth:`Listener.counters` for the
-        listening socket (accepted, batches, accept errors, queue depth,
-        ListenOverflows ...) while the fast loop serves it, and
-        ``handlers_running``/``handlers_peak`` (handlers running now / at
-        most at once); with ``listen_config.handler_timeout``,
-        ``handler_timeouts`` (connections the handler deadline shut down)."""
-        listener = self._fl_listener
-        out: Dict[str, Any] = listener.counters() if listener is not None else {}
-        out["handlers_running"], out["handlers_peak"] = self._fl_handlers()
-        door = self._fl_frontdoor()
-        if door is not None:
-            out.update(door.counters())
-        dog = self._fl_watchdog()
-        if dog is not None:
-            out["handler_timeouts"] = dog.expired
-        return out
+    _fl_door: Optional[FrontDoor] = None    # PROXY header / TLS handshake, when configured
+    #: listen_config.handler_timeout's watchdog (see _fl_watchdog), when configured
+    _fl_dog: Optional[Watchdog] = None
+    #: Connections whose PROXY header _fl_read_proxy() read before
+    #: verify_request, to (header,) for finish_request (weakly held: a
+    #: connection closed unhandled is forgotten).
+    _fl_proxied: Any = None
+    _fl_local: Optional[threading.local] = None
+    _fl_forking = False         # handlers run in forked children
 
     proxy_header = _ProxyHeaderAttr()
 
@@ -761,16 +580,6 @@ class _FastLoop(_StdServer):
         if ready is not None and ready.proxy:
             return self._fl_read_proxy(request, client_address)
         return client_address
-
-    def _fl_filtering(self) -> Optional[Listener]:
-        """The server's Listener while it holds an accept filter over the
-        open ``self.socket`` (serve_queued() then accepts through it), else
-        None."""
-        listener, sock = self._fl_listener, getattr(self, "socket", None)
-        if (listener is None or self._fl_filter is None or listener.closed or sock is None
-                or listener.fileno() != sock.fileno()):
-            return None
-        return listener
 
     def _fl_read_proxy(self, request: socket.socket, client_address: Any) -> Any:
         """For a connection the accept filter handed over with its PROXY
@@ -863,18 +672,264 @@ class _FastLoop(_StdServer):
             return
         super().handle_error(request, client_address)
 
-    # -- internals -----------------------------------------------------
 
-    def _fl_interrupt(self) -> None:
-        """Called by shutdown(): cut short anything the loop may wait on."""
+class _GracefulStop(_FastLoopParts):
+    """The graceful stop after shutdown(): serve_queued() serves what the
+    loop kept from its handler and what the kernel queued, drain() waits
+    for the handlers, end_handlers() ends the rest (the pools' and the
+    children's versions live in ThreadingMixIn and ForkingMixIn)."""
+
+    _fl_ended: Any = ()         # connections end_handlers() shut down (weakly held)
+    #: Connections accepted but kept from their handler by shutdown()
+    #: ((request, client_address, verified)): serve_queued() serves them,
+    #: server_close() closes them.
+    _fl_unserved: Optional[List[Tuple[Any, Any, bool]]] = None
+    #: end_handlers() ran during a stop: serve_queued() hands no more
+    #: connections to handlers (it closes them), and a wait for room in the
+    #: pool (or for a child to exit) gives up, so a stop's grace and its
+    #: second signal reach a serve_queued() that waits for a stuck handler.
+    _fl_abandoned = False
+    #: A graceful stop is under way (_fl_stop_gracefully): the loop leaves
+    #: the connections waiting in the accept filter for serve_queued().
+    _fl_graceful = False
+
+    def _fl_stop_gracefully(self) -> None:
+        """Tell the serving loop, before it is stopped (shutdown(), or a
+        Workers worker's service_actions), that serve_queued() follows: the
+        connections waiting in the accept filter stay there for it, instead
+        of being closed when the loop returns.  server_close() closes them
+        if serve_queued() never comes."""
+        self._fl_graceful = True
+
+    def serve_queued(self, timeout: Optional[float] = None) -> int:
+        """After shutdown(), before server_close(): serve the connections
+        the loop had accepted but shutdown() kept from their handler, and
+        those the kernel has completed and queued on the listening socket;
+        return how many.  server_close() alone (the stdlib's behaviour,
+        kept) closes them unserved, and the kernel resets the queued ones:
+        the client reads ECONNRESET.  First the kernel is made to complete no
+        new connection (TCP: a socket filter drops new SYNs, so a client
+        that connects from now on is refused once the socket closes); each
+        queued connection then goes to ``process_request()`` as the serving
+        loop would hand it; drain() then waits for their handlers too.
+        ``fastlisten serve`` and :class:`fastlisten.Workers` call it on every
+        graceful stop.  A socket taken over with ``listen_config.fd`` (say
+        systemd's) outlives the server with its queue, for the next start:
+        its queue is left alone.  Call it from one thread, with no other
+        loop accepting on a blocking socket.
+
+        With an accept filter (``listen_config.ready_rule``), a graceful
+        stop (``fastlisten serve``'s, :func:`fastlisten.stop_serving`'s,
+        Workers') leaves the connections still waiting in the filter
+        (accepted, but their request has not arrived) to this call: those
+        that become ready within ``timeout`` seconds (the stop's grace) are
+        served, then the rest are closed (counted
+        ``dropped['shutdown']``).  The wait is in the core (no thread
+        spins); it ends once none waits, or when end_handlers() runs.
+        ``timeout`` None or 0, a bare shutdown() (which closes them at
+        once) or a socket taken over with ``fd``: none is waited for."""
+        kept = self._fl_serve_kept()
+        config = self._fl_config
+        if config is not None and config.fd is not None:
+            listener = self._fl_filtering()
+            if listener is not None:
+                listener.close_waiting()    # (waiting would take from the queue)
+            return kept
+        return kept + serve_queued(self, timeout=timeout)
+
+    def _fl_serve_kept(self) -> int:
+        """serve_queued()'s first half, alone: hand the connections
+        shutdown() kept from their handler to it, and return how many.  A
+        retiring worker whose socket stays open for its successor (a reload,
+        a recycle) calls it: the kernel's queue is the successor's."""
+        kept, self._fl_unserved = self._fl_unserved or [], None
+        for i, (request, client_address, verified) in enumerate(kept):
+            try:
+                hand_over(self, request, client_address, verified)
+            except BaseException:
+                for rest, _, _ in kept[i + 1:]:
+                    self.shutdown_request(rest)
+                raise
+        return len(kept)
+
+    def _fl_keep(self, request: Any, client_address: Any, verified: bool) -> None:
+        """A connection shutdown() kept from its handler (see serve_queued)."""
+        with _wake_lock:
+            if self._fl_unserved is None:
+                self._fl_unserved = []
+            self._fl_unserved.append((request, client_address, verified))
+
+    def drain(self, timeout: Optional[float] = None) -> int:
+        """After shutdown(): wait up to ``timeout`` seconds (None: for ever)
+        for the handlers still running, then end the rest (end_handlers()).
+        Returns how many handlers had to be ended (0: all finished).
+        Call it from any thread but a handler's."""
+        if self._fl_wait_handlers(timeout):
+            return 0
+        return _own_method(self, "end_handlers")()
+
+    def end_handlers(self) -> int:
+        """End the handlers running now, without waiting for them, and
+        return how many there were.  Threads: each connection is shut down
+        (SHUT_RDWR: reads see end of file, writes fail), so a handler that
+        talks to its client ends; a thread cannot be killed, so one that
+        waits on something else finishes on its own (with
+        ``daemon_threads`` the process can exit without it); requests
+        queued for a thread are closed unhandled.  Processes: SIGTERM, then
+        SIGKILL after ``fl_kill_timeout`` seconds.  What this does to a
+        connection is not reported to handle_error() as a handler's failure.
+        The synchronous server runs its handler in the serving thread: once
+        serve_forever() returned there is none to end.  Whatever the
+        server, serve_queued() hands no more connections to handlers from
+        then on: it closes them."""
+        self._fl_abandon()
+        return 0
+
+    def _fl_abandon(self) -> None:
+        """end_handlers() of a stop: see _fl_abandoned."""
+        self._fl_abandoned = True
+        self._fl_interrupt()
+        listener = self._fl_filtering()
+        if listener is not None:
+            listener.wakeup()       # serve_queued() waits no more for the filter
+
+    def _fl_wait_handlers(self, timeout: Optional[float]) -> bool:
+        """Wait for running handlers (drain()); True when none is left."""
+        return True
+
+
+class _Counters(_FastLoopParts):
+    """What the server reports: counters() and the handlers running."""
+
+    def counters(self) -> Dict[str, Any]:
+        """The server's counters: those of :meth:`Listener.counters` for the
+        listening socket (accepted, batches, accept errors, queue depth,
+        ListenOverflows ...) while the fast loop serves it, and
+        ``handlers_running``/``handlers_peak`` (handlers running now / at
+        most at once); with ``listen_config.handler_timeout``,
+        ``handler_timeouts`` (connections the handler deadline shut down)."""
+        listener = self._fl_listener
+        out: Dict[str, Any] = listener.counters() if listener is not None else {}
+        out["handlers_running"], out["handlers_peak"] = self._fl_handlers()
+        door = self._fl_frontdoor()
+        if door is not None:
+            out.update(door.counters())
+        dog = self._fl_watchdog()
+        if dog is not None:
+            out["handler_timeouts"] = dog.expired
+        return out
 
     def _fl_handlers(self) -> Tuple[int, int]:
         """(running, peak) handlers: the synchronous server runs one at a time."""
         return int(self._fl_in_batch), int(self._fl_handled)
 
-    def _fl_wait_handlers(self, timeout: Optional[float]) -> bool:
-        """Wait for running handlers (drain()); True when none is left."""
-        return True
+
+class _FastLoop(_Binding, _FrontDoorHooks, _GracefulStop, _Counters):
+    """The serve loop shared by every server and mixin here:
+    serve_forever() and shutdown(), the choice of loop
+    (_fl_choose_loop) and the loops themselves; the listening socket, the
+    front door, the graceful stop and the counters are its bases' jobs.
+
+    It keeps its state in the stdlib BaseServer's own private attributes
+    (``__shutdown_request``, ``__is_shut_down``), set by its ``__init__``, so
+    that it works over any stdlib server class, whoever's ``__init__`` ran.
+    Its bases come after it in every MRO (see ``__init_subclass__``): they
+    define neither serve_forever nor shutdown.
+    """
+
+    #: Connections taken from the core per wake-up (the GIL is taken once per
+    #: batch).  The connections of a batch wait, open, for their turn: a batch
+    #: is therefore cut to a quarter (HEADROOM_SHARE) of the descriptors the
+    #: process may still open when serve_forever() starts, so that handlers
+    #: keep the rest, and with ThreadingMixIn's fl_max_threads to the room in
+    #: its queue.
+    fl_accept_batch_size = DEFAULT_BATCH
+    _fl_waker: Any = None       # the running loop's wake-up source, if any
+    #: Which loop serve_forever runs now, a Loop's value: "batches" (the
+    #: serving thread takes batches from the core), "leader" (worker threads
+    #: accept: ThreadingMixIn's leader/follower), "selector" (the stdlib's
+    #: loop); None when not serving (and under a base class's own loop).
+    _fl_loop: Optional[str] = None
+    _fl_defer = False           # a base class below brings its own loop: use it
+    _fl_listener: Optional[Listener] = None    # over self.socket, for the server's life
+    #: The accept filter set on _fl_listener (None: none); its ``proxy``: the
+    #: PROXY header is complete in the kernel when a connection is handed over.
+    _fl_filter: Optional[ReadySettings] = None
+    _fl_in_batch = False        # the serving thread is handling connections
+    _fl_handled = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # class S(fastlisten.ThreadingMixIn, SomeServer): if SomeServer (or
+        # any class after this one in the MRO, short of the stdlib's
+        # BaseServer) has its own serve_forever or shutdown, keep its pair.
+        below = cls.__mro__[cls.__mro__.index(_FastLoop) + 1:]
+        cls._fl_defer = any(
+            name in vars(klass) for klass in below if klass is not _std.BaseServer
+            for name in ("serve_forever", "shutdown"))
+        # The stdlib's backlog of 5 overflows under a few dozen clients: use the
+        # kernel's somaxconn, unless some class between here and the stdlib's
+        # TCPServer chose its own value.
+        for klass in cls.__mro__:
+            if "request_queue_size" in vars(klass):
+                if klass is _std.TCPServer:
+                    cls.request_queue_size = default_backlog()
+                break
+
+    def serve_forever(self, poll_interval: Optional[float] = 0.5) -> None:
+        """Handle requests until shutdown() is called.
+
+        poll_interval is how often service_actions() runs while idle;
+        shutdown() does not wait for it.
+        """
+        if self._fl_defer:     # Loop.BASE (shutdown() asks the same, without choosing)
+            self._fl_refuse_ready_rule(self._fl_current_config(), "its class brings its "
+                                       "own serve_forever()")
+            return super().serve_forever(poll_interval)
+        self._fl_abandoned = self._fl_graceful = False
+        _shut_down_event(self).clear()
+        try:
+            self._fl_check_old_tls()    # (here: a warning raised as an error ends the loop cleanly)
+            self._fl_watchdog()         # (_fl_handle_inline reads _fl_dog)
+            choice = self._fl_choose_loop()
+            if choice.loop is Loop.SELECTOR:
+                self._fl_refuse_ready_rule(self._fl_current_config(), choice.why)
+            if choice.loop is Loop.SELECTOR or not self._fl_serve_fast(choice, poll_interval):
+                # (the fast loops return False on an error the stdlib's loop
+                # would ignore: it takes over and keeps the stdlib's behaviour)
+                self._fl_serve_selector(poll_interval)
+        finally:
+            _ask_stop(self, False)
+            _shut_down_event(self).set()
+
+    def shutdown(self) -> None:
+        """Stop the serve_forever loop and wait until it has returned.
+
+        The loop wakes at once, whatever its poll_interval.  Called from the
+        thread that runs serve_forever, this deadlocks (as in the stdlib).
+        Handlers already running go on: drain() waits for them.
+        """
+        if self._fl_defer:     # Loop.BASE: the base class's pair
+            return super().shutdown()
+        _ask_stop(self, True)
+        self._fl_wake()
+        self._fl_interrupt()
+        _shut_down_event(self).wait()
+
+    # -- internals -----------------------------------------------------
+
+    def _fl_filtering(self) -> Optional[Listener]:
+        """The server's Listener while it holds an accept filter over the
+        open ``self.socket`` (serve_queued() then accepts through it), else
+        None."""
+        listener, sock = self._fl_listener, getattr(self, "socket", None)
+        if (listener is None or self._fl_filter is None or listener.closed or sock is None
+                or listener.fileno() != sock.fileno()):
+            return None
+        return listener
+
+    def _fl_interrupt(self) -> None:
+        """Called by shutdown(): cut short anything the loop may wait on."""
 
     def _fl_wake(self) -> None:
         """Wake the running serving loop, if any: it checks for shutdown()
@@ -1248,7 +1303,7 @@ if hasattr(socket, "AF_UNIX"):
         """socketserver.UnixDatagramServer with an immediate shutdown()."""
 
 
-def _ender(server: _FastLoop) -> Callable[[Any], None]:
+def _ender(server: _FastLoopParts) -> Callable[[Any], None]:
     """The handler deadline's on_expire for ``server`` (held weakly): the
     connection it shut down is one the server ended (see handle_error)."""
     ref = weakref.ref(server)

@@ -14,11 +14,12 @@ import os
 import socketserver
 import sys
 import time
-from typing import Any, Callable, Dict, Type
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 from fastlisten.errors import user_traceback
 
-__all__ = ["DaytimeHandler", "EchoHandler", "DiscardHandler", "BUILTIN", "load_handler"]
+__all__ = ["DaytimeHandler", "EchoHandler", "DiscardHandler", "BUILTIN", "load_handler",
+           "default_ready_rule", "ready_rule_for"]
 
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July",
@@ -137,3 +138,41 @@ def _import_failed(spec: str, module_name: str, exc: BaseException) -> str:
     fastlisten's say nothing about it)."""
     return (f"handler {spec!r}: importing {module_name!r} raised "
             f"{type(exc).__name__}:\n{user_traceback(exc)}")
+
+
+def default_ready_rule(handler: Any, tls: bool) -> Tuple[str, str]:
+    """The accept-filter rule (``ListenConfig.ready_rule``) that suits
+    ``handler``'s protocol, and why, in a few words for a log line: one
+    that keeps a silent client from holding a thread while every client
+    of the protocol still reaches it (``fastlisten serve``'s default)."""
+    import http.server  # here: `import fastlisten` must not import the stdlib's socketserver users
+
+    if tls:
+        return "tls", "TLS clients speak first"
+    if isinstance(handler, type):
+        if issubclass(handler, DaytimeHandler):
+            return "none", "the server speaks first"
+        if issubclass(handler, http.server.BaseHTTPRequestHandler):
+            return "http", "an HTTP handler"
+    return "data", "--ready-rule none if the server speaks first"
+
+
+def ready_rule_for(handler: Any, given: Optional[str], tls: bool,
+                   other_ready_options: bool) -> Tuple[Optional[str], str]:
+    """The ``ready_rule`` to serve ``handler`` with, and where it came from
+    (for a log line): ``given`` if not None; else default_ready_rule's,
+    except that its 'none' and 'tls' are left to the server classes' own
+    default (None: the PROXY header within ``proxy_timeout``, the
+    ClientHello within ``handshake_timeout``) unless ``other_ready_options``
+    (a ready_timeout, ready_max_bytes or max_waiting) ask for the filter.
+    ValueError for a rule that cannot see through TLS."""
+    if given is not None:
+        if tls and given in ("line", "http"):
+            raise ValueError(f"ready rule {given!r} cannot be seen through TLS (the client's "
+                             "bytes are encrypted after its ClientHello): use 'tls', the "
+                             "default with TLS, or 'data'")
+        return given, "--ready-rule"
+    rule, why = default_ready_rule(handler, tls)
+    if rule in ("none", "tls") and not other_ready_options:
+        return None, why
+    return rule, why

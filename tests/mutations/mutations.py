@@ -25,6 +25,7 @@ CORE_TESTS = ("tests/test_core_waits.py", "tests/test_core.py")
 DEADLINE = ("tests/test_handler_deadline.py",)
 FILTER_TESTS = ("tests/test_accept_filter.py",)
 HEADS = ("tests/test_accept_filter_heads.py",)
+FORK_TESTS = ("tests/test_filter_fork.py",)
 
 
 class Mutation(NamedTuple):
@@ -610,4 +611,35 @@ MUTATIONS = [
              'put("handler_timeout", check_seconds("handler_timeout", self.handler_timeout))',
              "pass",
              DEADLINE, BOTH),
+    # -- the accept filter across a fork (issue 19) ---------------------------
+    Mutation("filter: a drop closes without leaving the epoll set (C)", "csrc/fl_filter.c",
+             "    (void)epoll_ctl(f->epfd, EPOLL_CTL_DEL, fd, NULL);\n#endif\n    close(fd);",
+             "#endif\n    close(fd);",
+             FILTER_TESTS, COMPILED),
+    Mutation("filter: a drop closes without leaving the epoll set (Python)",
+             "src/fastlisten/_corepy.py",
+             "                self.ep.unregister(fd)\n            except (OSError, ValueError):",
+             "                pass\n            except (OSError, ValueError):",
+             FILTER_TESTS, PURE),
+    Mutation("filter: a forked child keeps the waiting connections (C)", "src/fastlisten/_core.pyx",
+             "_os.register_at_fork(after_in_child=_forget_filters_after_fork)", "pass",
+             FORK_TESTS, COMPILED),
+    Mutation("filter: a forked child keeps the waiting connections (Python)",
+             "src/fastlisten/_corepy.py",
+             "os.register_at_fork(after_in_child=_forget_filters_after_fork)", "pass",
+             FORK_TESTS, PURE),
+    Mutation("filter: a forked child takes the parent's registrations away (C)",
+             "csrc/fl_filter.c",
+             "        if (f->slots[i].c.fd >= 0) {\n            close(f->slots[i].c.fd);",
+             "        if (f->slots[i].c.fd >= 0) {\n"
+             "            (void)epoll_ctl(f->epfd, EPOLL_CTL_DEL, f->slots[i].c.fd, NULL);\n"
+             "            close(f->slots[i].c.fd);",
+             FORK_TESTS, COMPILED),
+    Mutation("filter: a forked child takes the parent's registrations away (Python)",
+             "src/fastlisten/_corepy.py",
+             "        for conn, _, _ in self.waiting.values():\n            conn.close()",
+             "        for fd, (conn, _, _) in self.waiting.items():\n"
+             "            self.ep.unregister(fd)  # type: ignore[union-attr]\n"
+             "            conn.close()",
+             FORK_TESTS, PURE),
 ]

@@ -23,16 +23,9 @@ real client.  --tls-cert/--tls-key serve TLS; handshakes run in the
 handler's thread or process, never in the accept loop.
 
 A connection reaches a thread (or process) only once it is ready by
---ready-rule; until then it waits in the core, holding no thread, for at
-most --ready-timeout seconds (default 10), at most --max-waiting of them at
-once.  Without --ready-rule: 'tls' (a whole ClientHello) with --tls-cert;
-else 'none' (at once) for daytime, where the server speaks first; 'http'
-(a whole request head) for an http.server.BaseHTTPRequestHandler
-subclass; 'data' (a first byte) for echo, discard and any other handler:
-give --ready-rule none to a handler whose protocol has the server speak
-first (a greeting, as SMTP and FTP have), or its clients wait
---ready-timeout and are closed.  With --proxy-protocol the PROXY header
-must be complete first, within --proxy-timeout, whatever the rule.  The
+--ready-rule (see its help for the default each handler gets; give 'none'
+to a handler of your own whose server speaks first); until then it waits
+in the core, holding no thread, for at most --ready-timeout seconds.  The
 startup log line says the rule in effect.
 
 The first line on stdout is "listening on ADDRESS" (with the port the kernel
@@ -58,21 +51,20 @@ an idle server gives sequential clients mostly to one worker).
 from __future__ import annotations
 
 import argparse
-import http.server
 import logging
 import socket
 import ssl
 import sys
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Dict, Optional, Type
 
 from fastlisten import server as _server
 from fastlisten._backend import compiled
 from fastlisten.address import format_address
 from fastlisten.commands import options
 from fastlisten.config import ListenConfig, check_int, check_seconds
-from fastlisten.listener import default_max_waiting
+from fastlisten.listener import describe_ready
 from fastlisten.running import format_counters, serve_until_signalled  # noqa: F401 (its home was here)
-from fastlisten.services import DaytimeHandler, load_handler
+from fastlisten.services import load_handler, ready_rule_for
 
 _log = logging.getLogger("fastlisten.serve")
 
@@ -87,21 +79,6 @@ READY_RULE_HELP = (
     "with --tls-cert; else 'none' for daytime, 'http' for an "
     "http.server.BaseHTTPRequestHandler subclass, 'data' for echo, discard and any "
     "other handler (give 'none' where the server speaks first, as in SMTP)")
-
-
-def default_ready_rule(handler: Any, tls: bool) -> Tuple[str, str]:
-    """The accept-filter rule ``fastlisten serve`` applies to ``handler``
-    when --ready-rule is not given, and why, in a few words for the log:
-    one that keeps a silent client from holding a thread while every
-    client of the handler's protocol still reaches it."""
-    if tls:
-        return "tls", "TLS clients speak first"
-    if isinstance(handler, type):
-        if issubclass(handler, DaytimeHandler):
-            return "none", "the server speaks first"
-        if issubclass(handler, http.server.BaseHTTPRequestHandler):
-            return "http", "an HTTP handler"
-    return "data", "--ready-rule none if the server speaks first"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -203,16 +180,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM; 0 on a clean shutdown."""
     try:
         handler = load_handler(args.handler)
-        why = "--ready-rule"
-        if args.ready_rule is None:
-            rule, why = default_ready_rule(handler, args.tls_cert is not None)
-            # 'none' and 'tls' are the server classes' own default (the
-            # PROXY header within --proxy-timeout, the ClientHello within
-            # --handshake-timeout) unless another --ready-* flag is given
-            if rule not in ("none", "tls") or any(
-                    getattr(args, name) is not None
-                    for name in ("ready_timeout", "ready_max_bytes", "max_waiting")):
-                args.ready_rule = rule
+        args.ready_rule, why = ready_rule_for(
+            handler, args.ready_rule, args.tls_cert is not None,
+            any(getattr(args, name) is not None
+                for name in ("ready_timeout", "ready_max_bytes", "max_waiting")))
         cfg = options.from_args(args)
         for name in ("threads", "processes", "workers"):
             if getattr(args, name) is not None:
@@ -222,16 +193,12 @@ def run(args: argparse.Namespace) -> int:
         check_seconds("--grace", args.grace, zero=True)
         check_seconds("--handshake-timeout", args.handshake_timeout)
         context = tls_context(args.tls_cert, args.tls_key)
-        if context is not None and args.ready_rule in ("line", "http"):
-            raise ValueError(f"--ready-rule {args.ready_rule} cannot be seen through TLS (the "
-                             "client's bytes are encrypted after its ClientHello): use "
-                             "--ready-rule tls, the default with --tls-cert, or data")
         cls = server_class(cfg, args.threads, args.processes, context, args.handshake_timeout)
     except (ValueError, TypeError, OverflowError, OSError) as exc:
         print(f"fastlisten serve: error: {exc}", file=sys.stderr)
         return 2
     if args.workers is not None:
-        return _run_workers(args, cls, handler, describe_ready(cls.listen_config, why))
+        return _run_workers(args, cls, handler, describe_ready(cls.listen_config.server_ready(), why))
     try:
         server = cls(cfg.address, handler)
     except OSError as exc:
@@ -246,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"listening on {address}", flush=True)
         _log.info("serving %s on %s (%s, %s core); %s; SIGUSR1 logs counters, "
                   "SIGINT/SIGTERM stop", args.handler, address, mode,
-                  "compiled" if compiled else "pure-Python", describe_ready(cls.listen_config, why))
+                  "compiled" if compiled else "pure-Python", describe_ready(cls.listen_config.server_ready(), why))
 
     try:
         serve_until_signalled(server, grace=args.grace, on_ready=ready, log_stats=True,
@@ -254,29 +221,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
-
-
-def describe_ready(config: ListenConfig, why: str) -> str:
-    """The accept filter in effect, for the startup log line: the rule (and
-    ``why``: where it came from), its deadline and its cap."""
-    ready = config.server_ready()
-    if ready is None or (ready.rule == "none" and not ready.proxy):
-        rule = ready.rule if ready is not None else "none"
-        return f"ready rule {rule!r} ({why}): connections go to a thread at once"
-    what = []
-    if ready.proxy:
-        what.append("a complete PROXY header")
-    if ready.rule != "none":
-        what.append(_READY_WORDS[ready.rule])
-    cap = ready.max_waiting if ready.max_waiting is not None else default_max_waiting()
-    return (f"ready rule {ready.rule!r} ({why}): a connection waits in the core, holding "
-            f"no thread or process, for {', then '.join(what)}, at most {ready.timeout:g} s from "
-            f"accept, at most {cap} at once")
-
-
-#: What each rule waits for, in the startup log line.
-_READY_WORDS = {"data": "a first byte", "line": "a whole line",
-                "http": "a whole request head", "tls": "a whole TLS ClientHello"}
 
 
 def _run_workers(args: argparse.Namespace, cls: Type[Any], handler: Any, ready: str) -> int:

@@ -40,6 +40,7 @@ cdef extern from "fl_filter.h" nogil:
     void fl_filter_set_min_rate(fl_filter *f, unsigned long long rate)
     void fl_filter_shut(fl_filter *f)
     void fl_filter_destroy(fl_filter *f)
+    int fl_filter_forget(fl_filter *f)
     void fl_filter_stats_read(const fl_filter *f, fl_filter_stats *out)
     unsigned long long fl_filter_drop_runs(const fl_filter *f)
     int fl_filter_wait_accept(fl_filter *f, int lfd, int wfd, int sig_fd, int timeout_ms,
