@@ -569,6 +569,28 @@ def test_close_waiting_closes_the_waiting_connections_and_keeps_listening(make):
     assert closed_by_server(silent)
 
 
+def test_not_accepting_takes_only_what_waits_in_the_filter(make):
+    """set_accepting(False): accept_many hands over the connections
+    waiting in the filter as they become ready, and leaves new ones in the
+    kernel's queue (for whoever else accepts on the socket); True again
+    takes them."""
+    lst = make("line", timeout=1000)
+    waiting = make.client(lst, b"no end of line yet")
+    wait_for(lambda: not lst.accept_many(timeout=0.02) and lst.stats()["waiting"] == 1,
+             timeout=10)
+    lst.set_accepting(False)
+    make.client(lst, b"new\n")                  # ready at once, but new
+    wait_for(lambda: lst.queue()[0] == 1, timeout=10)
+    waiting.sendall(b"!\n")
+    with take(lst) as conn:
+        assert read_exactly(conn, 20) == b"no end of line yet!\n"
+    assert lst.accept_many(timeout=0.05) == []   # the new one stays queued
+    assert lst.queue()[0] == 1 and lst.stats()["waiting"] == 0
+    lst.set_accepting(True)
+    with take(lst) as conn:
+        assert read_exactly(conn, 4) == b"new\n"
+
+
 def test_close_waiting_while_another_thread_waits_in_accept_many(make):
     """The waiting thread keeps waiting through it, on the same filter,
     and takes the next ready connection."""

@@ -366,6 +366,7 @@ cdef class RawListener:
     cdef int _backoff_ms
     cdef fl_filter *_filter     # the accept filter (NULL: none yet)
     cdef bint _filtering        # set_accept_filter gave a rule that waits
+    cdef bint _not_accepting    # set_accepting(False): the filter's connections only
     cdef object __weakref__     # _FILTERED (after a fork: forget_filter_after_fork)
 
     def __cinit__(self):
@@ -667,6 +668,15 @@ cdef class RawListener:
         fl_filter_set_min_rate(self._filter, rate)
         self._filtering = code != FL_RULE_NONE or versions != 0
 
+    def set_accepting(self, on):
+        """False: accept_many takes no new connection from the kernel's
+        queue, only those waiting in the accept filter as they become
+        ready (none without a filter, nor with a waiter: it returns an
+        empty batch at once); True again: as before.  For a graceful stop
+        on a socket others go on accepting from (a successor worker): it
+        waits for what its filter holds without taking theirs."""
+        self._not_accepting = not on
+
     def close_waiting(self):
         """Close every connection waiting in the accept filter, counted as
         dropped for 'shutdown', and return how many; the listener stays
@@ -772,6 +782,8 @@ cdef class RawListener:
         cdef bint main = PyThread_get_thread_ident() == _main_thread
         cdef int nmax
         self._check_open()
+        if self._not_accepting and (filt == NULL or waiter is not None):
+            return []           # nothing to take but what the filter holds
         if type(max) is int and 1 <= max <= _MAX_BATCH:
             nmax = max
         else:
@@ -858,7 +870,9 @@ cdef class RawListener:
                                                          gate, ms, wait_mask, conns, nmax, st,
                                                          &status, &err)
                         elif filt != NULL:
-                            n = fl_filter_wait_accept(filt, lfd, wake, sig_fd, ms, wait_mask,
+                            # (lfd -1: poll() skips it, nothing new is accepted)
+                            n = fl_filter_wait_accept(filt, -1 if self._not_accepting else lfd,
+                                                      wake, sig_fd, ms, wait_mask,
                                                       conns, nmax, st, &status, &err)
                         elif epfd >= 0:
                             n = fl_wait_accept_ep(epfd, lfd, wake, sig_fd, stop_fd, gate, ms,

@@ -308,6 +308,7 @@ class RawListener:
         self._errors: Dict[int, int] = {}
         self._filter: Optional[_Filter] = None     # set_accept_filter's
         self._filtering = False
+        self._accepting = True      # set_accepting's
         self._waker = Waker()
         try:
             # Made now, not at the first wait: a process out of descriptors
@@ -514,6 +515,13 @@ class RawListener:
             self._filter.min_rate = rate
         self._filtering = code != 0 or versions != 0
 
+    def set_accepting(self, on: bool) -> None:
+        """False: accept_many takes no new connection from the kernel's
+        queue, only those waiting in the accept filter as they become
+        ready (none without a filter, nor with a waiter); True again: as
+        before (see the compiled core: the same contract)."""
+        self._accepting = bool(on)
+
     def close_waiting(self) -> int:
         """Close every connection waiting in the accept filter ('shutdown')
         and return how many; the listener stays open (see the compiled
@@ -545,6 +553,9 @@ class RawListener:
         """Wait for connections and accept up to ``max`` of them (see the
         compiled core's docstring: the same contract)."""
         filt = self._filter if self._filtering else None
+        if not self._accepting and (filt is None or waiter is not None):
+            self._open_sock()
+            return []           # nothing to take but what the filter holds
         if waiter is not None:
             if filt is not None and not waiter._filtered:
                 raise ValueError("that waiter was made before set_accept_filter: make "
@@ -667,7 +678,8 @@ class RawListener:
         poller: Any
         if waiter is None:
             poller = select.poll()
-            poller.register(lfd, _POLLIN)
+            if self._accepting:     # (else the filter's connections only)
+                poller.register(lfd, _POLLIN)
             poller.register(wfd, _POLLIN)
             poller.register(filt.fileno(), _POLLIN)
         else:

@@ -77,8 +77,7 @@ def close_door(sock: socket.socket) -> bool:
     return True
 
 
-def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None,
-                 wait: Optional[bool] = None) -> int:
+def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None) -> int:
     """Hand every connection queued on ``server.socket`` to the server, as
     its serving loop would (``verify_request``, ``process_request``; their
     errors go to ``handle_error``), after :func:`close_door` (with
@@ -97,9 +96,9 @@ def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None
     stop's grace: None or 0, not at all), then the rest are closed
     (counted ``dropped['shutdown']``): nothing waits for a loop that has
     stopped.  The wait ends early once the server's end_handlers() ran.
-    It takes the new connections that arrive meanwhile too: ``wait``
-    (default: ``door``) says that none will (the door is closed, or the
-    socket is steered around), else none is waited for."""
+    Meanwhile it takes no new connection (Listener.set_accepting): on a
+    socket that others accept from too (a successor worker), those are
+    theirs."""
     sock = server.socket
     if sock is None or sock.fileno() < 0:
         return 0
@@ -113,10 +112,7 @@ def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None
     filtering = getattr(server, "_fl_filtering", None)
     listener = filtering() if filtering is not None else None
     if listener is not None:
-        # (where new connections keep coming, waiting would take them from
-        # whoever else accepts on the socket, and never see none waiting)
-        deadline = monotonic() + ((timeout or 0.0) if (door if wait is None else wait)
-                                  else 0.0)
+        deadline = monotonic() + (timeout or 0.0)
         return _serve_filtered(server, listener, sock, poller, limit, deadline)
     taken = 0
     while (limit is None or taken < limit) and poller.poll(0):
@@ -167,6 +163,10 @@ def _serve_filtered(server: Any, listener: Any, sock: socket.socket, poller: Any
             _log.info("stopping: %d connection(s) waiting in the accept filter of %s get up "
                       "to %.3g s to become ready", count, listener.address,
                       deadline - monotonic())
+        # (taking no new connection: where they keep coming, that would
+        # take them from whoever else accepts on the socket, and the wait
+        # would never see none waiting)
+        listener.set_accepting(False)
         while listener.stats()["waiting"] and not getattr(server, "_fl_abandoned", False):
             left = deadline - monotonic()
             if left <= 0:
@@ -179,6 +179,7 @@ def _serve_filtered(server: Any, listener: Any, sock: socket.socket, poller: Any
                 break
             taken += _hand_batch(server, batch)
     finally:
+        listener.set_accepting(True)
         listener.close_waiting()
         sock.settimeout(sock.gettimeout())
     return taken

@@ -302,12 +302,9 @@ class _WorkerLoop:
             # (one deadline for the queue, the accept filter's waiting
             # connections and the drain)
             deadline = time.monotonic() + self.graceful_timeout
-            # (the accept filter's waiting connections are waited for where
-            # no new connection comes: the door is closed, or the reuse-port
-            # slot is steered around; not on a socket a successor shares)
-            self._empty_queue(final=self.stop == "final",
-                              timeout=self.graceful_timeout
-                              if self.stop in ("final", "empty") else 0.0)
+            # (the accept filter's waiting connections too, as they become
+            # ready within the grace: taking no new one, a successor's)
+            self._empty_queue(final=self.stop == "final", timeout=self.graceful_timeout)
             # Stop listening before the handlers drain: this copy of the socket
             # must not hold connections nobody will accept.
             server.socket.close()
@@ -382,6 +379,6 @@ class _WorkerLoop:
                 own(timeout=timeout)
             else:
                 self._serve_kept()
-                serve_queued(self.server, door=final, timeout=timeout, wait=True)
+                serve_queued(self.server, door=final, timeout=timeout)
         except OSError as exc:
             _log.warning("worker %d: cannot empty the accept queue: %s", os.getpid(), exc)

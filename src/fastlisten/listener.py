@@ -419,6 +419,16 @@ class Listener:
             else proxy_max_v2, min_rate)
         self._filtered = rule != "none" or proxy != 0
 
+    def set_accepting(self, on: bool) -> None:
+        """``False``: accept_many() takes no new connection from the
+        kernel's queue, only the connections waiting in the accept filter,
+        as they become ready (none without a filter, nor with a
+        ``waiter``: an empty batch at once); ``True``: as before.  A
+        graceful stop on a socket that others go on accepting from (the
+        next worker after a reload) waits so for the clients its filter
+        holds, without taking the new ones meant for the others."""
+        self._raw.set_accepting(on)
+
     def close_waiting(self) -> int:
         """Close every connection waiting in the accept filter, counted in
         ``counters()['dropped']['shutdown']``, and return how many.  The
