@@ -375,6 +375,45 @@ def test_a_graceful_stop_closes_a_silent_client_at_its_grace(base, tmp_path):
     assert counters["dropped"] == {"shutdown": 1} and counters["waiting"] == 0
 
 
+def test_a_stop_that_leaves_the_socket_to_a_successor_waits_only_for_its_own(caplog, tmp_path):
+    # A worker retiring from a socket its successor shares (a reload):
+    # serve_queued(door=False, timeout) serves the client waiting in its
+    # filter once its request comes, and takes no new connection
+    # meanwhile: that one is the successor's, left in the kernel's queue.
+    from helpers import serve_in_thread
+
+    from fastlisten._queued import serve_queued
+
+    server = make(fastlisten.ThreadingTCPServer, tmp_path, ready_rule="line", ready_timeout=60)
+    loop = serve_in_thread(server, 0.05)
+    clients = []
+    try:
+        clients.append(connect(server))
+        waiting(server, 1)
+        server._fl_stop_gracefully()
+        server.shutdown()
+        loop.join(LIMIT)
+        taken = []
+        with caplog.at_level("INFO", logger="fastlisten"):
+            stop = threading.Thread(target=lambda: taken.append(
+                serve_queued(server, door=False, timeout=LIMIT)))
+            stop.start()
+            wait_for(lambda: "waiting in the accept filter" in caplog.text)
+            clients.append(connect(server))
+            clients[1].sendall(b"new\n")               # ready, but new
+            wait_for(lambda: server._fl_listener.queue()[0] == 1)
+            clients[0].sendall(b"late\n")
+            stop.join(LIMIT)
+        assert not stop.is_alive() and taken == [1]
+        assert json.loads(clients[0].recv(4096))["line"] == "late\n"
+        assert server._fl_listener.queue()[0] == 1     # left to the successor
+        server.drain(LIMIT)
+    finally:
+        for c in clients:
+            c.close()
+        server.server_close()
+
+
 # -- loops that cannot filter ------------------------------------------------------
 
 def test_an_explicit_rule_on_a_loop_that_cannot_filter_is_an_error(tmp_path):

@@ -525,6 +525,18 @@ MUTATIONS = [
              "ready.max_waiting, ready.proxy, ready.proxy_max_v2,\n"
              "                                   0)",
              FILTER_TESTS, BOTH),
+    Mutation("filter: not accepting still takes new connections (C)", "src/fastlisten/_core.pyx",
+             "-1 if self._not_accepting else lfd,", "lfd,",
+             FILTER_TESTS, COMPILED),
+    Mutation("filter: not accepting still takes new connections (Python)",
+             "src/fastlisten/_corepy.py",
+             "if self._accepting:     # (else the filter's connections only)",
+             "if True:",
+             FILTER_TESTS, PURE),
+    Mutation("a retiring worker's stop takes new connections while it waits",
+             "src/fastlisten/_queued.py",
+             "        listener.set_accepting(False)\n", "",
+             ("tests/test_server_accept_filter.py",), BOTH),
     # -- issue 21: names a subclass may use for itself; TLS twice ------------
     Mutation("an SSLSocket wrapped again", "src/fastlisten/_frontdoor.py",
              "if self.ssl_context is not None and not isinstance(request, ssl.SSLSocket):",
