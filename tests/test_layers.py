@@ -21,7 +21,7 @@ LAYERS = [
     ("core", ["_core", "_corepy", "_corepy_proxy", "_corepy_streams", "_backend"]),
     ("Python layer", ["sysinfo", "errors", "config", "listener", "_queued", "services",
                       "_reuseport"]),
-    ("drop-in", ["_frontdoor", "_deadline", "server", "_install"]),
+    ("drop-in", ["_childreports", "_frontdoor", "_deadline", "server", "_install"]),
     ("supervisor", ["workers", "running", "_worker_process", "_worker_counters",
                     "_supervisor_status", "_server_hooks"]),
     ("package", ["__init__"]),

@@ -36,7 +36,6 @@ was forked).
 
 from __future__ import annotations
 
-import errno
 import heapq
 import itertools
 import logging
@@ -47,6 +46,7 @@ import time
 import weakref
 from typing import Any, Callable, List, Optional
 
+from fastlisten._childreports import ChildReports
 from fastlisten.address import format_address
 
 _log = logging.getLogger("fastlisten")
@@ -103,9 +103,9 @@ class Watchdog:
         self.seconds = float(seconds)
         self._on_expire = on_expire
         self._pid = os.getpid()
-        self._report_r = self._report_w = -1
-        if forking:
-            self._report_r, self._report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: forked handlers' reports (None: handlers run in this process)
+        self._reports = ChildReports() if forking else None
+        self._lost_logged = 0       # lost reports logged so far
         self._expired = 0
         self._reset_state()
         _watchdogs.add(self)
@@ -283,32 +283,25 @@ class Watchdog:
     # -- forked children's reports ----------------------------------------------
 
     def _report(self, event: bytes) -> None:
-        if self._report_w < 0:
-            return
-        try:
-            os.write(self._report_w, event)
-        except BlockingIOError:
-            # a full pipe: the server process has not reaped its children
-            # for 64 KiB of reports
-            _log.warning("handler deadline: a forked handler's report was lost (the "
-                         "server process does not read them); handler_timeouts misses it")
-        except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.EBADF):
-                raise
+        if self._reports is not None:
+            self._reports.send(event[0])
 
     def collect(self) -> None:
         """In the server process: count (and log) what forked children
         reported."""
-        fd = self._report_r
-        if fd < 0 or os.getpid() != self._pid:
+        reports = self._reports
+        if reports is None or reports.in_child():
             return
-        while True:
-            try:
-                data = os.read(fd, 4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            if not data:
-                return
+        lost = reports.lost()
+        if lost > self._lost_logged:
+            # a full pipe: the server process has not reaped its children
+            # for 64 KiB of reports
+            _log.warning("handler deadline: %d report(s) of forked handlers were lost (the "
+                         "server process did not read them); handler_timeouts misses them",
+                         lost - self._lost_logged)
+            self._lost_logged = lost
+        data = reports.read()
+        if data:
             said: List[int] = []     # what to log, outside the lock: 0 for a first expiry
             with self._cond:
                 for event in data:
@@ -341,10 +334,9 @@ class Watchdog:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self.collect()
-        if os.getpid() == self._pid:
-            for fd in {self._report_r, self._report_w} - {-1}:
-                os.close(fd)
-        self._report_r = self._report_w = -1
+        reports, self._reports = self._reports, None
+        if reports is not None:
+            reports.close()
 
 
 def _peer(sock: Any) -> str:

@@ -21,18 +21,16 @@ and reported: ``counters()['reports_lost']``, and a warning.
 
 from __future__ import annotations
 
-import errno
 import logging
-import mmap
 import os
 import socket
 import ssl
-import struct
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from fastlisten import proxy as _proxy
 from fastlisten._backend import core
+from fastlisten._childreports import ChildReports
 from fastlisten.address import format_address
 from fastlisten.config import ProxySettings
 
@@ -95,18 +93,9 @@ class FrontDoor:
         self._proxy_episode = _Episode("PROXY protocol", "proxy_rejected")
         self._tls_episode = _Episode("TLS handshake", "tls_failures")
         self._pid = os.getpid()
-        self._report_r = self._report_w = -1
-        #: reports the children could not write (shared with them: a
-        #: uint64, which two children losing one at the same instant may
-        #: count once) and how many of those were logged
-        self._lost: Optional[mmap.mmap] = None
-        self._lost_logged = 0
-        if forking:
-            self._lost = mmap.mmap(-1, 8)       # MAP_SHARED: the children write it
-            self._report_r, self._report_w = os.pipe()
-            for fd in (self._report_r, self._report_w):
-                os.set_blocking(fd, False)
-                os.set_inheritable(fd, False)
+        #: the children's reports (None: handlers run in this process)
+        self._reports = ChildReports() if forking else None
+        self._lost_logged = 0       # lost reports logged so far
 
     # -- per connection (in the handler's thread or process) -------------
 
@@ -210,16 +199,8 @@ class FrontDoor:
     def _record(self, event: str, detail: str = "") -> None:
         if os.getpid() != self._pid:
             # a forked child: the server process counts and logs
-            if self._report_w >= 0:
-                try:
-                    os.write(self._report_w, bytes((_CODE[event],)))
-                except BlockingIOError:
-                    lost = self._lost
-                    if lost is not None:
-                        struct.pack_into("=Q", lost, 0, struct.unpack_from("=Q", lost)[0] + 1)
-                except OSError as exc:
-                    if exc.errno not in (errno.EPIPE, errno.EBADF):
-                        raise
+            if self._reports is not None:
+                self._reports.send(_CODE[event])
             return
         with self._lock:
             self._counts[_CODE[event]] += 1
@@ -234,26 +215,17 @@ class FrontDoor:
 
     def collect(self) -> None:
         """In the server process: count what forked children reported."""
-        fd = self._report_r
-        if fd < 0 or os.getpid() != self._pid:
+        if self._reports is None:
             return
-        while True:
-            try:
-                data = os.read(fd, 4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            if not data:
-                return
-            for code in data:
-                if code < len(_EVENTS):
-                    self._record(_EVENTS[code])
+        for code in self._reports.read():
+            if code < len(_EVENTS):
+                self._record(_EVENTS[code])
 
     def _reports_lost(self) -> int:
         """Children's reports lost so far (a warning when that grew)."""
-        lost = self._lost
-        if lost is None or os.getpid() != self._pid:
+        if self._reports is None:
             return 0
-        n: int = struct.unpack_from("=Q", lost)[0]
+        n = self._reports.lost()
         if n > self._lost_logged:
             _log.warning("%d counter report(s) of forked children were lost (their pipe to the "
                          "server process was full: the server did not reap its children); "
@@ -293,10 +265,6 @@ class FrontDoor:
         """Close the children's report pipe (after counting what is in it)."""
         self.collect()
         self._reports_lost()
-        for fd in (self._report_r, self._report_w):
-            if fd >= 0 and os.getpid() == self._pid:
-                os.close(fd)
-        self._report_r = self._report_w = -1
-        lost, self._lost = self._lost, None
-        if lost is not None and os.getpid() == self._pid:
-            lost.close()
+        reports, self._reports = self._reports, None
+        if reports is not None:
+            reports.close()
