@@ -15,22 +15,11 @@ import select
 import socket
 
 import pytest
-from test_accept_filter import _core_params
+from test_accept_filter import core  # noqa: F401  (autouse: every Listener on each core)
 from test_socketserver_diff import LIMIT, serving, wait_for
 
 import fastlisten
-from fastlisten import ListenConfig, _corepy
-
-
-@pytest.fixture(autouse=True, params=_core_params())
-def core(request, monkeypatch):
-    """Every Listener made by a test (the servers' too) runs on this core."""
-    if request.param == "compiled":
-        from fastlisten import _core as module
-    else:
-        module = _corepy
-    monkeypatch.setattr(fastlisten.listener, "RawListener", module.RawListener)
-    return module
+from fastlisten import ListenConfig
 
 
 def _inode_of_peer(client):
