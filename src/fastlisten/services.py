@@ -145,14 +145,16 @@ def default_ready_rule(handler: Any, tls: bool) -> Tuple[str, str]:
     ``handler``'s protocol, and why, in a few words for a log line: one
     that keeps a silent client from holding a thread while every client
     of the protocol still reaches it (``fastlisten serve``'s default)."""
-    import http.server  # here: `import fastlisten` must not import the stdlib's socketserver users
-
+    # (http.server is not imported here: `import fastlisten` must not
+    # import the stdlib's socketserver users; an HTTP handler's module has)
+    http_server = sys.modules.get("http.server")
     if tls:
         return "tls", "TLS clients speak first"
     if isinstance(handler, type):
         if issubclass(handler, DaytimeHandler):
             return "none", "the server speaks first"
-        if issubclass(handler, http.server.BaseHTTPRequestHandler):
+        if http_server is not None and issubclass(handler,
+                                                  http_server.BaseHTTPRequestHandler):
             return "http", "an HTTP handler"
     return "data", "--ready-rule none if the server speaks first"
 
