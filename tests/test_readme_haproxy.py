@@ -118,7 +118,11 @@ def show_stat(path):
                 break
             data += chunk
     rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
-    return [row for row in rows if row["svname"] not in ("FRONTEND", "BACKEND")]
+    servers = [row for row in rows if row["svname"] not in ("FRONTEND", "BACKEND")]
+    for row in servers:
+        # "* L4OK": a check is running now, and the last one passed
+        row["check_status"] = row["check_status"].removeprefix("* ")
+    return servers
 
 
 def passed_checks(path):
