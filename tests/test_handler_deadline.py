@@ -29,7 +29,7 @@ from fastlisten._deadline import THREAD_NAME, Watchdog
 SHORT = 0.2         # seconds: the deadline of a handler that never finishes
 #: The deadline where a handler must finish in time: long beside the few
 #: milliseconds it takes, short enough for a test that waits past it.
-IN_TIME = 2.0
+IN_TIME = 1.0
 LIMIT = 20.0        # seconds any wait of these tests may take at most
 
 

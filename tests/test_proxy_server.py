@@ -329,7 +329,9 @@ def tls_client_hello(ctx):
 
 @pytest.mark.parametrize("base", STREAM_CLASSES)
 def test_tls_handshake_in_the_worker_then_proxy_first(base, tmp_path, cert, caplog):
-    server = make_server(base, tmp_path, proxy_protocol="v1+v2",
+    # (the filter's deadline is the longer of the two timeouts: the silent
+    # client below expires after 0.5 s, not proxy_timeout's default 3 s)
+    server = make_server(base, tmp_path, proxy_protocol="v1+v2", proxy_timeout=0.5,
                          ssl_context=server_context(*cert), handshake_timeout=0.5)
     client = client_context(cert[0])
     with serving(server, 0.05):
