@@ -208,3 +208,21 @@ def test_c_loop_refuses_times_its_milliseconds_cannot_hold(field, value):
     with pytest.raises(ValueError, match=field):
         loadgen.native_module().loadgen_run(("127.0.0.1", 9), "daytime", 1, 1,
                                             times["duration"], times["timeout"])
+
+
+def test_listener_drops_is_unknown_under_tcp_defer_accept():
+    """With TCP_DEFER_ACCEPT, the kernel drops (and counts in sk_drops) the
+    bare ACK that ends each handshake: the count says nothing of a full
+    queue, so it is not given."""
+    from fastlisten.sysinfo import deferring, listener_drops
+    with socket.socket() as lst:
+        lst.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(16)
+        with socket.create_connection(lst.getsockname()) as c:
+            c.sendall(b"x")
+            conn, _ = lst.accept()
+            conn.close()
+        assert deferring(lst) and listener_drops(lst) is None
+        lst.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 0)
+        assert not deferring(lst) and listener_drops(lst) >= 1    # the ACK, counted

@@ -155,13 +155,29 @@ SK_MEMINFO_DROPS = 8
 
 
 def listener_drops(sock: Any) -> Optional[int]:
-    """Connections the listening socket sock has dropped, or None if unknown."""
+    """Connections the listening socket sock has dropped, or None if unknown.
+
+    Unknown with TCP_DEFER_ACCEPT on (as fastlisten's accept filter sets
+    it, see :meth:`fastlisten.Listener.set_accept_filter`): the kernel then
+    drops the bare ACK that ends every handshake, to wait for the client's
+    data, and counts each in the same sk_drops (and in TcpExt's
+    TCPDeferAcceptDrop), so the figure no longer tells a full queue."""
+    if deferring(sock):
+        return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
         return int.from_bytes(raw[4 * SK_MEMINFO_DROPS:4 * SK_MEMINFO_DROPS + 4],
                               sys.byteorder)
     except (OSError, AttributeError, TypeError, ValueError):
         return None
+
+
+def deferring(sock: Any) -> bool:
+    """True if the listening socket sock has TCP_DEFER_ACCEPT on."""
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT))
+    except (OSError, AttributeError, TypeError, ValueError):
+        return False     # a Unix socket, or no such option here
 
 
 def process_cpu_seconds(pid: int) -> float:
