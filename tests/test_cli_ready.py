@@ -8,6 +8,7 @@ must not hold it."""
 import http.server
 import signal
 import socket
+import time
 import socketserver
 import struct
 import textwrap
@@ -195,8 +196,26 @@ def test_ready_max_bytes_closes_a_line_that_is_too_long():
     assert "for a whole line, at most 10 s from accept" in err
 
 
+def test_ready_min_rate_closes_a_client_that_dribbles_below_it():
+    server = Served("echo", "--ready-rule", "line", "--ready-min-rate", "100",
+                    "--ready-timeout", "5")
+    try:
+        with connect(server.address) as c:
+            c.sendall(b"a")
+            time.sleep(1.1)     # (the rate is judged once a connection has waited 1 s)
+            c.sendall(b"b")     # 2 bytes in over a second: below 100 a second
+            assert read_all(c) == b""
+        with connect(server.address) as c:
+            c.sendall(b"quick\n")
+            assert c.recv(6) == b"quick\n"
+    finally:
+        err = stop(server)
+    assert "(slow: sent its head more slowly" in err and "(expired:" not in err, err
+
+
 @pytest.mark.parametrize("args, text", [
     (["--ready-rule", "lines"], "invalid choice: 'lines'"),
+    (["--ready-min-rate", "-1"], "ready_min_rate"),
     (["--ready-timeout", "0"], "ready_timeout"),
     (["--ready-max-bytes", "0"], "ready_max_bytes"),
     (["--max-waiting", "0"], "max_waiting"),

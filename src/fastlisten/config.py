@@ -391,7 +391,7 @@ class ListenConfig:
     ready_min_rate: Optional[int] = _option(
         None, "bytes per second a waiting connection must keep up once it has waited a "
               "second (default 0: none); a slower one is closed as it sends",
-        metavar="BYTES", cli=False)     # (no flag until the server classes apply it)
+        metavar="BYTES")
 
     ssl_context: Optional[ssl.SSLContext] = None
     handshake_timeout: Optional[float] = None

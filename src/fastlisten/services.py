@@ -166,7 +166,8 @@ def ready_rule_for(handler: Any, given: Optional[str], tls: bool,
     except that its 'none' and 'tls' are left to the server classes' own
     default (None: the PROXY header within ``proxy_timeout``, the
     ClientHello within ``handshake_timeout``) unless ``other_ready_options``
-    (a ready_timeout, ready_max_bytes or max_waiting) ask for the filter.
+    (a ready_timeout, ready_max_bytes, max_waiting or ready_min_rate) ask
+    for the filter.
     ValueError for a rule that cannot see through TLS."""
     if given is not None:
         if tls and given in ("line", "http"):
