@@ -8,10 +8,10 @@ must not hold it."""
 import http.server
 import signal
 import socket
-import time
 import socketserver
 import struct
 import textwrap
+import time
 
 import pytest
 from test_cli_info_serve import DAYTIME, Served, run

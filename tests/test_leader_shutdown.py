@@ -610,3 +610,50 @@ def test_interpreter_exit_reaches_every_worker_waiting_in_the_core(core):  # noq
     finally:
         end_child(proc)
     assert proc.returncode == 0 and int(out) >= 3
+
+
+@needs_syscall_table
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="Python runs signal handlers in the main thread only")
+def test_a_signal_another_thread_takes_ends_the_serving_threads_wait():
+    """Under leader/follower, serve_forever waits in poll() while the
+    workers accept.  A signal that another thread takes (one that arrives
+    just before that poll() begins is alike: the interpreter only notes it)
+    must end the wait, so that its handler runs at once, not after
+    poll_interval: here 60 s, so a wait that goes on is ended by
+    shutdown() after LIMIT instead (and noted: the handler then runs too)."""
+    from helpers import in_poll
+
+    class Poke(Exception):
+        pass
+
+    def poke(signum, frame):
+        raise Poke()
+
+    server = fastlisten.ThreadingTCPServer(LOOPBACK, EchoLine)
+    main_tid = threading.get_native_id()
+    done = threading.Event()
+    ended_by_shutdown = []
+
+    def kick():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})    # (inherited)
+        wait_for(lambda: in_poll(main_tid) or done.is_set())
+        os.kill(os.getpid(), signal.SIGUSR1)        # only this thread takes it
+        if not done.wait(LIMIT):
+            ended_by_shutdown.append(True)      # the wait went on: end it
+            server.shutdown()
+
+    old = signal.signal(signal.SIGUSR1, poke)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    kicker = threading.Thread(target=kick, name="kick", daemon=True)
+    try:
+        kicker.start()
+        with pytest.raises(Poke):
+            server.serve_forever(poll_interval=60)
+    finally:
+        done.set()
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        kicker.join(LIMIT)
+        signal.signal(signal.SIGUSR1, old)
+        server.server_close()
+    assert not ended_by_shutdown, "the signal did not end serve_forever's wait"

@@ -76,7 +76,7 @@ from fastlisten._deadline import Watchdog
 from fastlisten._frontdoor import FrontDoor
 from fastlisten._queued import hand_over, serve_queued
 from fastlisten._threadpool import LeaderPool
-from fastlisten._wakeup import Waker
+from fastlisten._wakeup import SignalWakeup, Waker
 from fastlisten.config import ListenConfig, ReadySettings, server_side_context
 from fastlisten.errors import (
     SERVER_REUSE_HINT,
@@ -1512,15 +1512,21 @@ class ThreadingMixIn(_FastLoop, _std.ThreadingMixIn):
             poller.register(waker.fileno(), select.POLLIN)
             poller.register(stop.fileno(), select.POLLIN)
             ms = None if timeout is None else int(timeout * 1000 + 0.999)
-            while True:
-                if (_stop_asked(self) or source.error is not None
-                        or pool.closed or stop.fenced):
-                    break
-                poller.poll(ms)
-                if (_stop_asked(self) or source.error is not None
-                        or pool.closed or stop.fenced):
-                    break
-                self.service_actions()
+            # (a signal just before poll() begins ends it too: Ctrl-C is not
+            # left waiting for poll_interval)
+            with SignalWakeup() as signals:
+                if signals.fd >= 0:
+                    poller.register(signals.fd, select.POLLIN)
+                while True:
+                    if (_stop_asked(self) or source.error is not None
+                            or pool.closed or stop.fenced):
+                        break
+                    if poller.poll(ms):
+                        signals.drain()
+                    if (_stop_asked(self) or source.error is not None
+                            or pool.closed or stop.fenced):
+                        break
+                    self.service_actions()
         finally:
             # Once fence() returns, no worker touches the listening
             # descriptor any more (it waits only for a worker in the middle
