@@ -183,8 +183,7 @@ def run(args: argparse.Namespace) -> int:
         args.ready_rule, why = ready_rule_for(
             handler, args.ready_rule, args.tls_cert is not None,
             any(getattr(args, name) is not None
-                for name in ("ready_timeout", "ready_max_bytes", "max_waiting",
-                             "ready_min_rate")))
+                for name in ("ready_timeout", "ready_max_bytes", "max_waiting", "ready_min_rate")))
         cfg = options.from_args(args)
         for name in ("threads", "processes", "workers"):
             if getattr(args, name) is not None:
