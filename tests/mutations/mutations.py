@@ -438,8 +438,8 @@ MUTATIONS = [
              "        while False and not",
              ("tests/test_server_accept_filter.py", "tests/test_graceful_stop.py"), BOTH),
     Mutation("servers: serve_queued bypasses the filter", "src/fastlisten/_queued.py",
-             "    if listener is not None:\n        # (where new connections",
-             "    if False:\n        # (where new connections",
+             "    if listener is not None:\n        deadline = monotonic()",
+             "    if False:\n        deadline = monotonic()",
              ("tests/test_server_accept_filter.py",), BOTH),
     Mutation("servers: an explicit rule silently ignored on the selector loop",
              "src/fastlisten/server.py",
@@ -654,4 +654,11 @@ MUTATIONS = [
              "            self.ep.unregister(fd)  # type: ignore[union-attr]\n"
              "            conn.close()",
              FORK_TESTS, PURE),
+    Mutation("queue_drops: sk_drops believed under TCP_DEFER_ACCEPT", "src/fastlisten/sysinfo.py",
+             "    if deferring(sock):\n        return None\n", "",
+             ("tests/test_bench_loadgen.py",), BOTH),
+    Mutation("leader loop: a signal another thread took waits for poll_interval",
+             "src/fastlisten/server.py",
+             "                if signals.fd >= 0:\n", "                if False:\n",
+             ("tests/test_leader_shutdown.py",), BOTH),
 ]

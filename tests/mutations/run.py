@@ -167,8 +167,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--check", action="store_true",
                         help="only check that every snippet occurs exactly once")
-    parser.add_argument("--only", nargs="+", metavar="TEXT",
-                        help="run the mutations whose name contains one of these")
+    parser.add_argument("--only", nargs="+", action="extend", metavar="TEXT",
+                        help="run the mutations whose name contains one of these "
+                             "(repeatable)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip checking that the tests pass unmutated")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy")
