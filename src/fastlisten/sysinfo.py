@@ -157,11 +157,11 @@ SK_MEMINFO_DROPS = 8
 def listener_drops(sock: Any) -> Optional[int]:
     """Connections the listening socket sock has dropped, or None if unknown.
 
-    Unknown with TCP_DEFER_ACCEPT on (as fastlisten's accept filter sets
-    it, see :meth:`fastlisten.Listener.set_accept_filter`): the kernel then
-    drops the bare ACK that ends every handshake, to wait for the client's
-    data, and counts each in the same sk_drops (and in TcpExt's
-    TCPDeferAcceptDrop), so the figure no longer tells a full queue."""
+    Unknown with TCP_DEFER_ACCEPT on (``ListenConfig(defer_accept=...)``):
+    the kernel then drops the bare ACK that ends every handshake, to wait
+    for the client's data, and counts each in the same sk_drops (and in
+    TcpExt's TCPDeferAcceptDrop), so the figure no longer tells a full
+    queue."""
     if deferring(sock):
         return None
     try:
