@@ -29,6 +29,7 @@ class ChildReports:
         #: memory, which two children losing one at the same instant may
         #: count once)
         self._lost = mmap.mmap(-1, 8)
+        self._lost_seen = 0         # what newly_lost() reported so far
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def in_child(self) -> bool:
@@ -71,6 +72,13 @@ class ChildReports:
             return 0
         n: int = struct.unpack_from("=Q", self._lost)[0]
         return n
+
+    def newly_lost(self) -> int:
+        """Reports lost since the last call (for a warning when it is not
+        0); 0 in a child."""
+        n = self.lost()
+        new, self._lost_seen = max(0, n - self._lost_seen), max(n, self._lost_seen)
+        return new
 
     def close(self) -> None:
         """In the process that made it: close the pipe and the counter

@@ -105,7 +105,6 @@ class Watchdog:
         self._pid = os.getpid()
         #: forked handlers' reports (None: handlers run in this process)
         self._reports = ChildReports() if forking else None
-        self._lost_logged = 0       # lost reports logged so far
         self._expired = 0
         self._reset_state()
         _watchdogs.add(self)
@@ -292,14 +291,13 @@ class Watchdog:
         reports = self._reports
         if reports is None or reports.in_child():
             return
-        lost = reports.lost()
-        if lost > self._lost_logged:
+        lost = reports.newly_lost()
+        if lost:
             # a full pipe: the server process has not reaped its children
             # for 64 KiB of reports
             _log.warning("handler deadline: %d report(s) of forked handlers were lost (the "
                          "server process did not read them); handler_timeouts misses them",
-                         lost - self._lost_logged)
-            self._lost_logged = lost
+                         lost)
         data = reports.read()
         if data:
             said: List[int] = []     # what to log, outside the lock: 0 for a first expiry

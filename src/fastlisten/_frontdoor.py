@@ -95,7 +95,6 @@ class FrontDoor:
         self._pid = os.getpid()
         #: the children's reports (None: handlers run in this process)
         self._reports = ChildReports() if forking else None
-        self._lost_logged = 0       # lost reports logged so far
 
     # -- per connection (in the handler's thread or process) -------------
 
@@ -225,13 +224,11 @@ class FrontDoor:
         """Children's reports lost so far (a warning when that grew)."""
         if self._reports is None:
             return 0
-        n = self._reports.lost()
-        if n > self._lost_logged:
+        if self._reports.newly_lost():
             _log.warning("%d counter report(s) of forked children were lost (their pipe to the "
                          "server process was full: the server did not reap its children); "
-                         "counters() lacks them", n)
-            self._lost_logged = n
-        return n
+                         "counters() lacks them", self._reports.lost())
+        return self._reports.lost()
 
     def counters(self) -> Dict[str, Any]:
         """proxy_accepted (headers whose client became client_address),
