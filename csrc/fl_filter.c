@@ -211,11 +211,21 @@ out:
     return ret;
 }
 
-/* Unlink slot i from the FIFO list onto the free list (lock held). */
+/* Take slot i out of the epoll set, and from the FIFO list onto the free
+ * list (lock held); its descriptor stays open, for the caller.  Out of the
+ * epoll set before the caller closes it or hands it over: close() alone
+ * would leave the registration in place while another descriptor of the
+ * same file lives on (a process forked meanwhile, until fl_filter_forget
+ * runs in it, or the handler's), and its later events (the peer's FIN, the
+ * next request) would come under slot i, which a new connection may hold
+ * by then. */
 static void
 fl_unlink(fl_filter *f, int i)
 {
     fl_waiting *w = &f->slots[i];
+#ifdef __linux__
+    (void)epoll_ctl(f->epfd, EPOLL_CTL_DEL, w->c.fd, NULL);
+#endif
     if (w->prev >= 0)
         f->slots[w->prev].next = w->next;
     else
@@ -252,19 +262,13 @@ fl_count_drop(fl_filter *f, int why)
     fl_count(&f->st.run_drops, 1);
 }
 
-/* Close waiting slot i, counted as `why` (lock held).  Out of the epoll set
- * first: close() alone would leave the registration in place while another
- * descriptor of the same file lives on (a process forked meanwhile, until
- * fl_filter_forget runs in it), and its later events (the peer's FIN) would
- * come under slot i, which a new connection may hold by then. */
+/* Close waiting slot i, counted as `why` (lock held; out of the epoll set
+ * first: see fl_unlink). */
 static void
 fl_drop(fl_filter *f, int i, int why)
 {
     int fd = f->slots[i].c.fd;
     fl_unlink(f, i);
-#ifdef __linux__
-    (void)epoll_ctl(f->epfd, EPOLL_CTL_DEL, fd, NULL);
-#endif
     close(fd);
     fl_count_drop(f, why);
 }
@@ -429,7 +433,6 @@ fl_filter_events(fl_filter *f, fl_conn *out, int n, int max, long long now)
                 fl_drop(f, i, fl_drop_reason(verdict, sock_err));
                 continue;
             }
-            (void)epoll_ctl(f->epfd, EPOLL_CTL_DEL, fd, NULL);
             out[n++] = f->slots[i].c;
             fl_unlink(f, i);
         }

@@ -458,20 +458,6 @@ fl_now_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-int
-fl_waiter_forget(int epfd, int lfd)
-{
-#ifdef __linux__
-    struct epoll_event ev;      /* ignored; kernels before 2.6.9 wanted one */
-    memset(&ev, 0, sizeof ev);
-    return epoll_ctl(epfd, EPOLL_CTL_DEL, lfd, &ev);
-#else
-    (void)epfd; (void)lfd;
-    errno = ENOSYS;
-    return -1;
-#endif
-}
-
 /* Contract: called WITHOUT the GIL; touches no Python object.  As
  * fl_wait_accept, but waits on epfd (from fl_waiter_open), and a readable
  * stop_fd ends the wait with FL_WAIT_STOPPED (before the wake-up descriptor

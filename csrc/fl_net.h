@@ -136,15 +136,6 @@ void fl_gate_wait(fl_gate *g);         /* Contract: WITHOUT the GIL; after fl_ga
  * says whether EPOLLEXCLUSIVE was accepted. */
 int fl_waiter_open(int lfd, int wfd, int stop_fd, fl_gate *gate, int *exclusive);
 
-/* Take the listener off a waiter's epoll set (a fenced Stop's waiters).
- * With EPOLLEXCLUSIVE the kernel wakes ONE epoll instance per new
- * connection, the first registered, whether or not a thread waits on it:
- * a waiter that will never accept again (its thread busy in a handler, or
- * about to leave) would take that one wake-up from the waiters that still
- * accept, in this process or in another sharing the socket (Workers), and
- * the connection would wait for the next one.  Returns 0, or -1 with errno
- * (ENOENT: not in the set). */
-int fl_waiter_forget(int epfd, int lfd);
 int fl_wait_accept_ep(int epfd, int lfd, int wfd, int sig_fd, int stop_fd, fl_gate *gate,
                       int timeout_ms, const sigset_t *wait_mask, fl_conn *out, int max,
                       fl_stats *st, int *status, int *err);

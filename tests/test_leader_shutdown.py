@@ -657,3 +657,29 @@ def test_a_signal_another_thread_takes_ends_the_serving_threads_wait():
         signal.signal(signal.SIGUSR1, old)
         server.server_close()
     assert not ended_by_shutdown, "the signal did not end serve_forever's wait"
+
+
+def test_a_waiter_and_its_stop_collected_in_a_cycle_close_every_descriptor(core):  # noqa: F811
+    """A waiter whose stop goes away with it in a reference cycle still
+    closes its epoll descriptor: the collector must not take the stop's
+    state away first (the compiled Stop is not tracked by it at all)."""
+    import gc
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    lst = fastlisten.listen(LOOPBACK)
+    try:
+        before = open_fds()
+        for _ in range(20):
+            stop = lst.new_stop()
+            holder = [lst.waiter(stop), stop]
+            holder.append(holder)       # a cycle: only the collector frees it
+            del stop, holder
+        gc.collect()
+        assert open_fds() == before
+    finally:
+        lst.close()
+    if core.name == "compiled":
+        from fastlisten import _core
+        assert not gc.is_tracked(_core.Stop())

@@ -34,7 +34,7 @@ from fastlisten.includes.fl_net cimport (
     fl_stats, fl_stats_read, fl_conn, fl_socket, fl_set_nonblocking, fl_wakeup_open,
     fl_wakeup_signal, fl_wakeup_drain, fl_wakeup_close, fl_wait_accept, fl_capacity_backoff,
     fl_tcp_queue, fl_accept_error_class, fl_block_signals, fl_restore_signals,
-    fl_waiter_open, fl_waiter_forget, fl_wait_accept_ep, fl_epoll_watch, fl_format_ipv4,
+    fl_waiter_open, fl_wait_accept_ep, fl_epoll_watch, fl_format_ipv4,
     fl_gate, fl_gate_init, fl_gate_destroy, fl_gate_close, fl_gate_closed, fl_gate_busy,
     fl_gate_wait,
     FL_ERRNO_SLOTS, FL_ERR_CAPACITY,
@@ -183,6 +183,7 @@ def _accept_error_class(int err):
 
 
 @cython.final
+@cython.no_gc      # _watching holds ints only: no cycle; a GC clear would leave Waiter._close without it
 cdef class Stop:
     """The stop of a group of leader/follower waiters (``RawListener.waiter(stop)``).
 
@@ -250,12 +251,18 @@ cdef class Stop:
         if fl_gate_busy(&self._gate):
             with nogil:
                 fl_gate_wait(&self._gate)
-        # Off the listener's wait queue too: see fl_waiter_forget.  (Under
-        # the GIL, as Waiter._close and waiter() are: no descriptor in the
-        # dict is closed or reused meanwhile.)
+        # Off the listener's wait queue too.  With EPOLLEXCLUSIVE the kernel
+        # gives a new connection's one wake-up to the first epoll set that
+        # has a thread blocked in it: a thread of ours still asleep there
+        # after this fence (not woken yet, or never: fence() alone) would
+        # take it from the waiters that still accept, in this process or
+        # another sharing the socket (Workers), and the connection would
+        # wait for the next one.  (Under the GIL, as Waiter._close and
+        # waiter() are: no descriptor in the dict is closed or reused
+        # meanwhile.)
         watching, self._watching = self._watching, {}
         for epfd, lfd in watching.items():
-            fl_waiter_forget(epfd, lfd)
+            fl_epoll_watch(epfd, lfd, 0)
 
     def set(self):
         """fence(), and wake every waiting one."""

@@ -113,9 +113,10 @@ class Stop:
             self._fenced = True
             while self._inside:
                 self._out.wait()
-            # Off the listener's wait queue too (see fl_waiter_forget in
-            # csrc/fl_net.h): a fenced waiter must not take the one wake-up
-            # EPOLLEXCLUSIVE gives a new connection from one that accepts.
+            # Off the listener's wait queue too (see the compiled core's
+            # Stop.fence): a thread still asleep in a fenced waiter must not
+            # take the one wake-up EPOLLEXCLUSIVE gives a new connection
+            # from one that accepts.
             watching, self._watching = self._watching, {}
         for ep, lfd in watching.values():
             try:

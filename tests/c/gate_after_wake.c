@@ -2,7 +2,7 @@
  * closed must accept nothing (fl_wait_accept_ep's check after the wait):
  * once fence() returned, the listening descriptor may be blocking, closed
  * or reused.  The core also takes a fenced waiter off the listener
- * (fl_waiter_forget), which leaves this check only a race to cover: here
+ * (Stop.fence), which leaves this check only a race to cover: here
  * the listener stays in the epoll set, so the wake-up comes for sure.
  * Built and run by tests/test_core_c.py.  Exit status 0: nothing accepted,
  * the connection still queued. */

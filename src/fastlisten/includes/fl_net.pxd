@@ -53,7 +53,6 @@ cdef extern from "fl_net.h" nogil:
     int fl_gate_busy(const fl_gate *g)
     void fl_gate_wait(fl_gate *g)
     int fl_waiter_open(int lfd, int wfd, int stop_fd, fl_gate *gate, int *exclusive)
-    int fl_waiter_forget(int epfd, int lfd)
     int fl_wait_accept_ep(int epfd, int lfd, int wfd, int sig_fd, int stop_fd, fl_gate *gate,
                           int timeout_ms, const sigset_t *wait_mask, fl_conn *out, int max,
                           fl_stats *st, int *status, int *err)
