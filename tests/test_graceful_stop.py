@@ -247,3 +247,17 @@ def test_the_bench_stop_scenario_counts_no_loss():
     assert row["refused_once_closed"] == 16, row
     assert "refused once the port closed: 16" in restarts.to_text(
         {"concurrency": 8, "cpus": 2, "events": {"stop/one process": row}, "balance": {}})
+
+
+def test_the_grace_left_counts_from_the_start_of_the_stop():
+    """serve_queued(timeout) gives the connections waiting in the accept
+    filter what is left of the grace once the kept ones were handed over
+    (a wait for room in a bounded pool uses it up too), never more."""
+    from time import monotonic
+
+    from fastlisten._queued import grace_left
+
+    assert grace_left(None, monotonic()) is None and grace_left(0, monotonic()) == 0
+    assert grace_left(5.0, monotonic() - 2.0) <= 3.0
+    assert grace_left(5.0, monotonic() - 9.0) == 0.0
+    assert 4.0 < grace_left(5.0, monotonic()) <= 5.0

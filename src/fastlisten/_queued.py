@@ -21,7 +21,7 @@ import struct
 from time import monotonic
 from typing import Any, Optional
 
-__all__ = ["close_door", "hand_over", "serve_queued"]
+__all__ = ["close_door", "grace_left", "hand_over", "serve_queued"]
 
 _log = logging.getLogger("fastlisten")
 
@@ -129,6 +129,14 @@ def serve_queued(server: Any, door: bool = True, timeout: Optional[float] = None
         taken += 1
         hand_over(server, request, client_address)
     return taken
+
+
+def grace_left(timeout: Optional[float], start: float) -> Optional[float]:
+    """What is left now of a grace of ``timeout`` seconds that began at
+    the monotonic ``start`` (at least 0); None or 0 (no grace) as given."""
+    if not timeout:
+        return timeout
+    return max(0.0, timeout - (monotonic() - start))
 
 
 def _serve_filtered(server: Any, listener: Any, sock: socket.socket, poller: Any,

@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from fastlisten._heartbeat import Record
-from fastlisten._queued import serve_queued
+from fastlisten._queued import grace_left, serve_queued
 from fastlisten._server_hooks import FastServer, PeriodicActions
 from fastlisten.config import ListenConfig
 from fastlisten.errors import user_error_line, user_traceback
-from fastlisten.running import Outcome, Signals
-from fastlisten.server import _own_method
+from fastlisten.running import Outcome, Signals, _method
 from fastlisten.services import load_handler
 
 __all__ = ["WorkerJob", "worker_main", "READY", "RECYCLE", "FAILED", "FAILURE_MAX"]
@@ -171,10 +170,7 @@ def _tell_failure(status_fd: int, exc: BaseException) -> None:
 def _fastlisten_drain(server: Any) -> Optional[Callable[[float], int]]:
     """fastlisten's drain() of a server built on its classes (not a drain
     a subclass defines for its own purposes), or None for another server."""
-    try:
-        return _own_method(server, "drain")
-    except AttributeError:
-        return None
+    return _method(server, "drain")
 
 
 def _adopt_socket(server: Any, sock: socket.socket) -> None:
@@ -342,21 +338,17 @@ class _WorkerLoop:
         """Before the loop stops: a fastlisten server leaves the
         connections waiting in its accept filter to _empty_queue(), which
         serves those that become ready within the grace."""
-        try:
-            graceful: Callable[[], None] = _own_method(self.server, "_fl_stop_gracefully")
-        except AttributeError:
-            return
-        graceful()
+        graceful = _method(self.server, "_fl_stop_gracefully")
+        if graceful is not None:
+            graceful()
 
     def _serve_kept(self) -> None:
         """The connections a fastlisten loop had accepted when it stopped
         still reach a handler (else they would wait unanswered until this
         worker exits)."""
-        try:
-            serve_kept: Callable[[], int] = _own_method(self.server, "_fl_serve_kept")
-        except AttributeError:
-            return
-        serve_kept()
+        serve_kept = _method(self.server, "_fl_serve_kept")
+        if serve_kept is not None:
+            serve_kept()
 
     def _empty_queue(self, final: bool, timeout: float) -> None:
         """Serve the connections still queued on this worker's socket: no
@@ -370,15 +362,13 @@ class _WorkerLoop:
         the rest are closed."""
         # a fastlisten server's own call also serves what its loop kept
         # (fastlisten's implementation: a subclass's serve_queued is its own)
-        try:
-            own: Optional[Callable[..., int]] = _own_method(self.server, "serve_queued")
-        except AttributeError:
-            own = None
+        own = _method(self.server, "serve_queued")
+        start = time.monotonic()
         try:
             if own is not None and final:
                 own(timeout=timeout)
             else:
-                self._serve_kept()
-                serve_queued(self.server, door=final, timeout=timeout)
+                self._serve_kept()      # (the grace counts from the start)
+                serve_queued(self.server, door=final, timeout=grace_left(timeout, start))
         except OSError as exc:
             _log.warning("worker %d: cannot empty the accept queue: %s", os.getpid(), exc)

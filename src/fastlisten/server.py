@@ -74,7 +74,7 @@ from fastlisten._backend import SocketReader, SocketWriter
 from fastlisten._coreshared import DEFAULT_BATCH
 from fastlisten._deadline import Watchdog
 from fastlisten._frontdoor import FrontDoor
-from fastlisten._queued import hand_over, serve_queued
+from fastlisten._queued import grace_left, hand_over, serve_queued
 from fastlisten._threadpool import LeaderPool
 from fastlisten._wakeup import SignalWakeup, Waker
 from fastlisten.config import ListenConfig, ReadySettings, server_side_context
@@ -727,7 +727,10 @@ class _GracefulStop(_FastLoopParts):
         ``dropped['shutdown']``).  The wait is in the core (no thread
         spins); it ends once none waits, or when end_handlers() runs.
         ``timeout`` None or 0, a bare shutdown() (which closes them at
-        once) or a socket taken over with ``fd``: none is waited for."""
+        once) or a socket taken over with ``fd``: none is waited for.  The
+        grace counts from this call: handing the kept connections over
+        (waiting for room in a bounded pool) uses it up too."""
+        start = time.monotonic()
         kept = self._fl_serve_kept()
         config = self._fl_config
         if config is not None and config.fd is not None:
@@ -735,7 +738,7 @@ class _GracefulStop(_FastLoopParts):
             if listener is not None:
                 listener.close_waiting()    # (waiting would take from the queue)
             return kept
-        return kept + serve_queued(self, timeout=timeout)
+        return kept + serve_queued(self, timeout=grace_left(timeout, start))
 
     def _fl_serve_kept(self) -> int:
         """serve_queued()'s first half, alone: hand the connections
