@@ -262,22 +262,23 @@ fl_count_drop(fl_filter *f, int why)
     fl_count(&f->st.run_drops, 1);
 }
 
-/* Close waiting slot i, counted as `why` (lock held; out of the epoll set
- * first: see fl_unlink). */
+/* Close fd, counted as `why` (lock held).  Counted first: a peer that
+ * sees its connection closed finds the drop in the counters already. */
+static void
+fl_drop_fd(fl_filter *f, int fd, int why)
+{
+    fl_count_drop(f, why);
+    close(fd);
+}
+
+/* Drop waiting slot i (lock held; out of the epoll set first: see
+ * fl_unlink). */
 static void
 fl_drop(fl_filter *f, int i, int why)
 {
     int fd = f->slots[i].c.fd;
     fl_unlink(f, i);
-    close(fd);
-    fl_count_drop(f, why);
-}
-
-static void
-fl_drop_fd(fl_filter *f, int fd, int why)
-{
-    close(fd);
-    fl_count_drop(f, why);
+    fl_drop_fd(f, fd, why);
 }
 
 /* A free slot (lock held; count < cap): -1 if memory ran out. */

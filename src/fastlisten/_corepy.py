@@ -1043,17 +1043,17 @@ class _Filter:
 
     def drop(self, conn: _socket.socket, why: int) -> None:
         """Close conn, counted as ``why``, and the run of drops it begins
-        or extends (fl_count_drop)."""
-        conn.close()
+        or extends (fl_count_drop).  Counted first, as fl_drop_fd: a peer
+        that sees its connection closed finds the drop counted."""
         self.dropped[why] += 1
-        if why in _NO_RUN:
-            return
-        if not self.dropping:
-            self.dropping = True
-            self.run_reason = why
-            self.run_drops = 0
-            self.drop_runs += 1
-        self.run_drops += 1
+        if why not in _NO_RUN:
+            if not self.dropping:
+                self.dropping = True
+                self.run_reason = why
+                self.run_drops = 0
+                self.drop_runs += 1
+            self.run_drops += 1
+        conn.close()
 
     def drop_waiting(self, fd: int, conn: _socket.socket, why: int) -> None:
         """drop() a connection that waited (already out of self.waiting):

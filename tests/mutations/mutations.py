@@ -550,7 +550,7 @@ MUTATIONS = [
              'return _own_method(self, "end_handlers")()', "return self.end_handlers()",
              ("tests/test_added_names.py",), BOTH),
     Mutation("Workers calls a subclass's drain", "src/fastlisten/_worker_process.py",
-             'return _own_method(server, "drain")', 'return getattr(server, "drain")',
+             'return _method(server, "drain")', 'return getattr(server, "drain")',
              ("tests/test_added_names.py",), BOTH),
     Mutation("the old ssl_context attribute not warned", "src/fastlisten/server.py",
              "        self._fl_tls_warned = True\n", "        return\n",
